@@ -1,0 +1,29 @@
+//! `GET /_matrix/app/v1/users/{userId}` ([spec](https://spec.matrix.org/v1.18/application-service-api/#get_matrixappv1usersuserid))
+//!
+//! The homeserver asks whether a user in our namespace exists (someone invited or looked
+//! up `@coder:server`). A configured agent is registered on the spot; anyone else does not
+//! exist.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use ruma::UserId;
+
+use super::ApiError;
+use crate::AppState;
+
+pub async fn get_user(
+    State(state): State<Arc<AppState>>,
+    Path(user_id): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let not_found = || ApiError::new(StatusCode::NOT_FOUND, "M_NOT_FOUND", "No such user");
+    let user = UserId::parse(&user_id).map_err(|_| not_found())?;
+    let agent = state.config.agent_by_user(&user).ok_or_else(not_found)?;
+    state.matrix.ensure_registered(&agent.id).await.map_err(|e| {
+        tracing::error!(agent = %agent.id, error = %e, "could not register agent on user query");
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "M_UNKNOWN", format!("could not register {user}: {e}"))
+    })?;
+    Ok(Json(serde_json::json!({})))
+}

@@ -1,0 +1,609 @@
+//! The `agentbus.yaml` configuration: its shape, defaults, environment overrides and
+//! validation.
+//!
+//! Every error names the key that is wrong and what to do about it, e.g.
+//! `agents[2].provider: unknown provider "openai2"; known: echo, local`. This module reads
+//! the file and nothing else; secrets that are generated on first run are persisted by
+//! [`crate::appservice::registration`].
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ruma::{OwnedUserId, ServerName, UserId};
+use serde::Deserialize;
+use url::Url;
+
+/// Environment variable that overrides `appservice.as_token`.
+pub const ENV_AS_TOKEN: &str = "AGENTBUS_AS_TOKEN";
+/// Environment variable that overrides `appservice.hs_token`.
+pub const ENV_HS_TOKEN: &str = "AGENTBUS_HS_TOKEN";
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The homeserver agentbus is an appservice of.
+    pub homeserver: HomeserverConfig,
+    /// How the homeserver reaches us, and our identity towards it.
+    pub appservice: AppserviceConfig,
+    /// Where durable state lives.
+    #[serde(default)]
+    pub store: StoreConfig,
+    /// Model providers, by name; agents refer to them with `provider:`.
+    #[serde(default)]
+    pub providers: BTreeMap<String, ProviderConfig>,
+    /// The agents, each one virtual Matrix user.
+    pub agents: Vec<AgentConfig>,
+}
+
+/// `homeserver:`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HomeserverConfig {
+    /// Client-server API base URL, e.g. `http://127.0.0.1:8008`.
+    pub url: Url,
+    /// The server name in user IDs (`@damon:<server_name>`).
+    pub server_name: String,
+}
+
+/// `appservice:`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AppserviceConfig {
+    /// Registration ID (default `agentbus`); also used in the ping endpoint path.
+    #[serde(default = "default_appservice_id")]
+    pub id: String,
+    /// Address the appservice HTTP server listens on (default `127.0.0.1:9000`).
+    #[serde(default = "default_bind")]
+    pub bind: SocketAddr,
+    /// URL the homeserver uses to reach us (default `http://<bind>`).
+    #[serde(default)]
+    pub url: Option<Url>,
+    /// Localpart of the appservice's own bot user (default `agentbus`).
+    #[serde(default = "default_sender_localpart")]
+    pub sender_localpart: String,
+    /// Token we present to the homeserver. Generated and saved on first run when absent;
+    /// `AGENTBUS_AS_TOKEN` overrides it.
+    #[serde(default)]
+    pub as_token: Option<String>,
+    /// Token the homeserver presents to us. Generated and saved on first run when absent;
+    /// `AGENTBUS_HS_TOKEN` overrides it.
+    #[serde(default)]
+    pub hs_token: Option<String>,
+    /// Localpart prefix reserved for puppet users of bridged platforms (default `_bridge_`).
+    #[serde(default = "default_puppet_prefix")]
+    pub puppet_prefix: String,
+}
+
+/// `store:`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    /// Data directory (default `./data`, relative to the config file): the sled database
+    /// and generated tokens live here.
+    #[serde(default = "default_store_path")]
+    pub path: PathBuf,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            path: default_store_path(),
+        }
+    }
+}
+
+/// Wire format a provider speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ProviderApi {
+    /// OpenAI Chat Completions (`POST {base_url}/chat/completions`); DashScope, DeepSeek,
+    /// SiliconFlow, Moonshot, vLLM, llama.cpp and Ollama's `/v1` all speak it.
+    OpenaiCompletions,
+    /// Built-in diagnostic provider that answers with what it was sent; no network.
+    Echo,
+}
+
+/// `providers.<name>:`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderConfig {
+    /// Wire format: `openai-completions` or `echo`.
+    pub api: ProviderApi,
+    /// Base URL up to and including the version segment, e.g. `https://api.openai.com/v1`.
+    #[serde(default)]
+    pub base_url: Option<Url>,
+    /// Name of the environment variable holding the API key.
+    #[serde(default)]
+    pub api_key_env: Option<String>,
+    /// Extra HTTP headers sent with every request.
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// Request timeout (default `60s`).
+    #[serde(default = "default_provider_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+/// One entry of `agents:`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// Matrix localpart: the agent is `@<id>:<server_name>`.
+    pub id: String,
+    /// Display name shown in clients (default: the id).
+    #[serde(default)]
+    pub display_name: Option<String>,
+    /// Other names people type after `@` to mention the agent (e.g. `戴蒙`).
+    #[serde(default)]
+    pub aliases: Vec<String>,
+    /// Avatar as an `mxc://` URI.
+    #[serde(default)]
+    pub avatar: Option<String>,
+    /// Name of an entry in `providers:`.
+    pub provider: String,
+    /// Model name passed to the provider (required unless the provider is `echo`).
+    #[serde(default)]
+    pub model: Option<String>,
+    /// System prompt.
+    #[serde(default)]
+    pub system_prompt: Option<String>,
+    /// How many earlier messages between the sender and this agent are sent as context
+    /// (default 6).
+    #[serde(default = "default_context_messages")]
+    pub context_messages: usize,
+}
+
+impl AgentConfig {
+    /// The name people see.
+    pub fn display_name(&self) -> &str {
+        self.display_name.as_deref().unwrap_or(&self.id)
+    }
+}
+
+fn default_appservice_id() -> String {
+    "agentbus".to_owned()
+}
+fn default_bind() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9000))
+}
+fn default_sender_localpart() -> String {
+    "agentbus".to_owned()
+}
+fn default_puppet_prefix() -> String {
+    "_bridge_".to_owned()
+}
+fn default_store_path() -> PathBuf {
+    PathBuf::from("./data")
+}
+fn default_provider_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_context_messages() -> usize {
+    6
+}
+
+/// Why a configuration could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The YAML does not have the expected shape; `message` starts with the key path.
+    #[error("{}{message}", if path.as_os_str().is_empty() { String::new() } else { format!("{}: ", path.display()) })]
+    Parse { path: PathBuf, message: String },
+    /// The YAML parsed but some values are unusable.
+    #[error("{}", .0.join("\n"))]
+    Invalid(Vec<String>),
+}
+
+impl Config {
+    /// Reads, parses, overrides from the process environment, and validates `path`.
+    /// Relative paths inside the file are resolved against the file's directory.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let mut config = Self::parse(&text).map_err(|e| match e {
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: path.to_owned(),
+                message,
+            },
+            other => other,
+        })?;
+        if config.store.path.is_relative() {
+            let base = path
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
+            config.store.path = base.join(&config.store.path);
+        }
+        config.apply_env(|name| std::env::var(name).ok());
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses YAML text, naming the offending key on error (serde_yaml tracks the path,
+    /// e.g. `agents[0]: unknown field …`). Does not validate.
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        serde_yaml::from_str(text).map_err(|err| ConfigError::Parse {
+            path: PathBuf::new(),
+            message: err.to_string(),
+        })
+    }
+
+    /// Applies environment overrides for secrets; `env` looks a variable up.
+    pub fn apply_env(&mut self, env: impl Fn(&str) -> Option<String>) {
+        if let Some(token) = env(ENV_AS_TOKEN).filter(|t| !t.is_empty()) {
+            self.appservice.as_token = Some(token);
+        }
+        if let Some(token) = env(ENV_HS_TOKEN).filter(|t| !t.is_empty()) {
+            self.appservice.hs_token = Some(token);
+        }
+    }
+
+    /// Checks cross-references and value shapes; collects every problem, one line each.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut problems = Vec::new();
+        let mut problem = |key: String, what: String| problems.push(format!("{key}: {what}"));
+
+        if self.homeserver.url.scheme() != "http" && self.homeserver.url.scheme() != "https" {
+            problem(
+                "homeserver.url".into(),
+                "must be an http:// or https:// URL".into(),
+            );
+        }
+        if ServerName::parse(&self.homeserver.server_name).is_err() {
+            problem(
+                "homeserver.server_name".into(),
+                format!(
+                    "{:?} is not a valid server name (a host name or IP, optionally with :port)",
+                    self.homeserver.server_name
+                ),
+            );
+        }
+        let appservice = &self.appservice;
+        if appservice.id.is_empty() {
+            problem("appservice.id".into(), "must not be empty".into());
+        }
+        if !is_valid_localpart(&appservice.sender_localpart) {
+            problem(
+                "appservice.sender_localpart".into(),
+                format!(
+                    "{:?} is not a valid Matrix localpart (use a-z, 0-9, . _ = - /)",
+                    appservice.sender_localpart
+                ),
+            );
+        }
+        if !is_valid_localpart(&appservice.puppet_prefix) {
+            problem(
+                "appservice.puppet_prefix".into(),
+                format!(
+                    "{:?} is not a valid Matrix localpart prefix",
+                    appservice.puppet_prefix
+                ),
+            );
+        }
+        for (key, token) in [
+            ("appservice.as_token", &appservice.as_token),
+            ("appservice.hs_token", &appservice.hs_token),
+        ] {
+            if token.as_deref().is_some_and(str::is_empty) {
+                problem(
+                    key.into(),
+                    "must not be empty (remove the key to have one generated)".into(),
+                );
+            }
+        }
+        if appservice.as_token.is_some() && appservice.as_token == appservice.hs_token {
+            problem(
+                "appservice.hs_token".into(),
+                "must differ from as_token".into(),
+            );
+        }
+
+        for (name, provider) in &self.providers {
+            if provider.api == ProviderApi::OpenaiCompletions && provider.base_url.is_none() {
+                problem(
+                    format!("providers.{name}.base_url"),
+                    "is required for api: openai-completions".into(),
+                );
+            }
+        }
+
+        let known: Vec<&str> = self.providers.keys().map(String::as_str).collect();
+        let mut seen = std::collections::HashSet::new();
+        if self.agents.is_empty() {
+            problem("agents".into(), "at least one agent is required".into());
+        }
+        for (i, agent) in self.agents.iter().enumerate() {
+            let at = format!("agents[{i}]");
+            if !is_valid_localpart(&agent.id) {
+                problem(
+                    format!("{at}.id"),
+                    format!(
+                        "{:?} is not a valid Matrix localpart (use a-z, 0-9, . _ = - /)",
+                        agent.id
+                    ),
+                );
+            } else if !seen.insert(agent.id.as_str()) {
+                problem(
+                    format!("{at}.id"),
+                    format!("duplicate agent id {:?}", agent.id),
+                );
+            }
+            if agent.id == appservice.sender_localpart {
+                problem(
+                    format!("{at}.id"),
+                    format!("{:?} is the appservice's own sender_localpart", agent.id),
+                );
+            }
+            if agent.id.starts_with(&appservice.puppet_prefix) {
+                problem(
+                    format!("{at}.id"),
+                    format!(
+                        "{:?} starts with the reserved puppet prefix {:?}",
+                        agent.id, appservice.puppet_prefix
+                    ),
+                );
+            }
+            match self.providers.get(&agent.provider) {
+                None => problem(
+                    format!("{at}.provider"),
+                    format!(
+                        "unknown provider {:?}; known: {}",
+                        agent.provider,
+                        if known.is_empty() {
+                            "(none configured)".to_owned()
+                        } else {
+                            known.join(", ")
+                        }
+                    ),
+                ),
+                Some(p)
+                    if p.api != ProviderApi::Echo
+                        && agent.model.as_deref().unwrap_or("").is_empty() =>
+                {
+                    problem(
+                        format!("{at}.model"),
+                        format!("is required for provider {:?}", agent.provider),
+                    );
+                }
+                Some(_) => {}
+            }
+            if let Some(avatar) = &agent.avatar
+                && !avatar.starts_with("mxc://")
+            {
+                problem(
+                    format!("{at}.avatar"),
+                    format!("{avatar:?} must be an mxc:// URI (upload the image first)"),
+                );
+            }
+            for (j, alias) in agent.aliases.iter().enumerate() {
+                if alias.trim().is_empty() {
+                    problem(format!("{at}.aliases[{j}]"), "must not be empty".into());
+                }
+            }
+        }
+
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(problems))
+        }
+    }
+
+    /// The URL the homeserver should use to reach the appservice.
+    pub fn appservice_url(&self) -> Url {
+        self.appservice.url.clone().unwrap_or_else(|| {
+            Url::parse(&format!("http://{}", self.appservice.bind))
+                .expect("socket address forms a URL")
+        })
+    }
+
+    /// `@<localpart>:<server_name>`.
+    pub fn user_id(&self, localpart: &str) -> OwnedUserId {
+        UserId::parse(format!("@{localpart}:{}", self.homeserver.server_name))
+            .expect("localparts are validated")
+    }
+
+    /// The appservice's own bot user.
+    pub fn sender_user_id(&self) -> OwnedUserId {
+        self.user_id(&self.appservice.sender_localpart)
+    }
+
+    /// Whether `user` belongs to our namespace (an agent, the bot, or a puppet), i.e. one of
+    /// our own virtual users sent it.
+    pub fn is_own_user(&self, user: &UserId) -> bool {
+        if user.server_name().as_str() != self.homeserver.server_name {
+            return false;
+        }
+        let local = user.localpart();
+        local == self.appservice.sender_localpart
+            || local.starts_with(&self.appservice.puppet_prefix)
+            || self.agents.iter().any(|a| a.id == local)
+    }
+
+    /// The agent whose user ID is `user`.
+    pub fn agent_by_user(&self, user: &UserId) -> Option<&AgentConfig> {
+        if user.server_name().as_str() != self.homeserver.server_name {
+            return None;
+        }
+        self.agents.iter().find(|a| a.id == user.localpart())
+    }
+}
+
+/// Matrix user ID grammar for localparts we create: `[a-z0-9._=\-/]+`.
+pub fn is_valid_localpart(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'.' | b'_' | b'=' | b'-' | b'/'))
+}
+
+impl fmt::Display for ProviderApi {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ProviderApi::OpenaiCompletions => "openai-completions",
+            ProviderApi::Echo => "echo",
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+homeserver: { url: "http://127.0.0.1:8008", server_name: localhost }
+appservice: { id: agentbus, bind: "127.0.0.1:9000" }
+providers:
+  local: { api: openai-completions, base_url: "http://127.0.0.1:8080/v1", api_key_env: LOCAL_KEY }
+  dashscope: { api: openai-completions, base_url: "https://dashscope.aliyuncs.com/compatible-mode/v1" }
+agents:
+  - { id: damon, display_name: Damon, aliases: ["戴蒙"], provider: local, model: smol }
+  - { id: coder, provider: dashscope, model: qwen-max }
+  - { id: researcher, provider: local, model: smol }
+"#;
+
+    fn error_of(text: &str) -> String {
+        match Config::parse(text).and_then(|c| c.validate().map(|()| c)) {
+            Ok(_) => panic!("expected an error for:\n{text}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn a_good_config_parses_with_defaults() {
+        let config = Config::parse(GOOD).unwrap();
+        config.validate().unwrap();
+        assert_eq!(config.agents.len(), 3);
+        assert_eq!(config.agents[1].display_name(), "coder");
+        assert_eq!(config.agents[0].context_messages, 6);
+        assert_eq!(config.appservice.sender_localpart, "agentbus");
+        assert_eq!(config.appservice.puppet_prefix, "_bridge_");
+        assert_eq!(config.providers["local"].timeout, Duration::from_secs(60));
+        assert_eq!(config.appservice_url().as_str(), "http://127.0.0.1:9000/");
+        assert_eq!(config.user_id("damon").as_str(), "@damon:localhost");
+    }
+
+    #[test]
+    fn unknown_provider_names_the_key_and_the_known_ones() {
+        let text = GOOD.replace(
+            "{ id: researcher, provider: local",
+            "{ id: researcher, provider: openai2",
+        );
+        assert_eq!(
+            error_of(&text),
+            r#"agents[2].provider: unknown provider "openai2"; known: dashscope, local"#
+        );
+    }
+
+    #[test]
+    fn a_misspelt_key_is_named() {
+        let text = GOOD.replace("display_name: Damon", "dispaly_name: Damon");
+        let err = error_of(&text);
+        assert!(
+            err.starts_with("agents[0]: unknown field `dispaly_name`"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_wrongly_typed_value_is_named() {
+        let text = GOOD.replace(r#"bind: "127.0.0.1:9000""#, "bind: nine-thousand");
+        let err = error_of(&text);
+        assert!(
+            err.starts_with("appservice.bind: invalid socket address"),
+            "{err}"
+        );
+        let text = GOOD.replace("server_name: localhost", "server_name: \"bad name!\"");
+        assert_eq!(
+            error_of(&text),
+            r#"homeserver.server_name: "bad name!" is not a valid server name (a host name or IP, optionally with :port)"#
+        );
+    }
+
+    #[test]
+    fn every_problem_is_reported_once_per_line() {
+        let text = GOOD
+            .replace(
+                "{ id: coder, provider: dashscope, model: qwen-max }",
+                "{ id: Coder, provider: dashscope }",
+            )
+            .replace("{ id: researcher,", "{ id: damon,");
+        let err = error_of(&text);
+        let lines: Vec<&str> = err.lines().collect();
+        assert_eq!(
+            lines,
+            [
+                r#"agents[1].id: "Coder" is not a valid Matrix localpart (use a-z, 0-9, . _ = - /)"#,
+                r#"agents[1].model: is required for provider "dashscope""#,
+                r#"agents[2].id: duplicate agent id "damon""#,
+            ]
+        );
+    }
+
+    #[test]
+    fn openai_provider_needs_a_base_url_and_avatars_must_be_mxc() {
+        let text = GOOD
+            .replace(r#"base_url: "http://127.0.0.1:8080/v1", "#, "")
+            .replace(
+                "aliases: [\"戴蒙\"]",
+                "avatar: \"https://example.org/a.png\"",
+            );
+        let err = error_of(&text);
+        assert!(
+            err.contains("providers.local.base_url: is required for api: openai-completions"),
+            "{err}"
+        );
+        assert!(
+            err.contains("agents[0].avatar: \"https://example.org/a.png\" must be an mxc:// URI"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn environment_overrides_secrets() {
+        let mut config =
+            Config::parse(&GOOD.replace("bind:", "as_token: from-file, bind:")).unwrap();
+        config.apply_env(|name| match name {
+            ENV_AS_TOKEN => Some("from-env-as".into()),
+            ENV_HS_TOKEN => Some("from-env-hs".into()),
+            _ => None,
+        });
+        assert_eq!(config.appservice.as_token.as_deref(), Some("from-env-as"));
+        assert_eq!(config.appservice.hs_token.as_deref(), Some("from-env-hs"));
+    }
+
+    #[test]
+    fn own_users_are_recognised() {
+        let config = Config::parse(GOOD).unwrap();
+        let user = |s: &str| UserId::parse(s).unwrap();
+        assert!(config.is_own_user(&user("@damon:localhost")));
+        assert!(config.is_own_user(&user("@agentbus:localhost")));
+        assert!(config.is_own_user(&user("@_bridge_tg_42:localhost")));
+        assert!(!config.is_own_user(&user("@damon:elsewhere.org")));
+        assert!(!config.is_own_user(&user("@alice:localhost")));
+        assert_eq!(
+            config.agent_by_user(&user("@coder:localhost")).unwrap().id,
+            "coder"
+        );
+    }
+
+    #[test]
+    fn missing_file_is_named() {
+        let err = Config::load(Path::new("/nonexistent/agentbus.yaml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("cannot read config file /nonexistent/agentbus.yaml"),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,45 @@
+//! agentbus: a Matrix application service in which every AI agent is a virtual Matrix user.
+//!
+//! # Layout
+//!
+//! A message travels through the modules in this order:
+//!
+//! - [`appservice`] — the inbound homeserver API. `PUT /transactions/{txnId}` checks the
+//!   hs_token, dedupes the txnId and journals the events durably, then answers 200 at once.
+//! - [`inbox`] — per-room ordered workers that drain the journal: each event at most once,
+//!   invites joined, our own users' events skipped, the rest routed. (This glue between the
+//!   journal and the agents is its own module so that neither `appservice` nor `agents` has
+//!   to wait on the other.)
+//! - [`router`] — pure routing: (message, room facts, agents) → `RouteDecision` with a reason.
+//! - [`agents`] — the agent runtime: history as context, the model call, the reply.
+//! - [`llm`] — model providers behind one trait (OpenAI-compatible, built-in echo).
+//! - [`matrix`] — the outbound client-server API as any of our users, with retries.
+//! - [`store`] — durable state behind a narrow trait; sled is the embedded backend.
+//! - [`config`] — `agentbus.yaml`, its defaults, env overrides and validation.
+//! - [`ops`] — startup checks and, later, scheduler, monitors, metrics and the admin API.
+//! - [`server`] — wires the services together and runs them until shutdown.
+//! - [`client`] — the human side: a matrix-sdk client behind `agentbus say`.
+
+pub mod agents;
+pub mod appservice;
+pub mod client;
+pub mod config;
+pub mod inbox;
+pub mod llm;
+pub mod matrix;
+pub mod ops;
+pub mod router;
+pub mod server;
+pub mod store;
+
+use std::sync::Arc;
+
+/// State shared by every HTTP handler, passed through axum's `State`.
+pub struct AppState {
+    pub config: Arc<config::Config>,
+    /// SHA-256 of the hs_token, for constant-time comparison.
+    pub hs_token_digest: [u8; 32],
+    pub store: Arc<dyn store::Store>,
+    pub inbox: inbox::InboxSender,
+    pub matrix: Arc<matrix::MatrixClient>,
+}

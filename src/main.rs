@@ -1,0 +1,289 @@
+//! The `agentbus` command: parse the CLI, load the config, run the chosen command.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use agentbus::appservice::registration::{self, Registration};
+use agentbus::client::{SayRequest, say};
+use agentbus::config::Config;
+use agentbus::ops::checks::{self, CheckFailure, EXIT_CONFIG, EXIT_LOCAL_SETUP};
+use agentbus::server::{Services, serve};
+use clap::{Parser, Subcommand, ValueEnum};
+use tokio_util::sync::CancellationToken;
+
+/// A Matrix application service that makes Matrix the bus for a team of AI agents:
+/// every agent is a virtual Matrix user you can DM or @mention from any Matrix client.
+#[derive(Parser)]
+#[command(name = "agentbus", version, propagate_version = true)]
+struct Cli {
+    /// Configuration file.
+    #[arg(
+        short,
+        long,
+        global = true,
+        env = "AGENTBUS_CONFIG",
+        default_value = "agentbus.yaml"
+    )]
+    config: PathBuf,
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "AGENTBUS_LOG_FORMAT")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the appservice: check the homeserver, set up the agents, answer messages.
+    Serve,
+    /// Write the registration file the homeserver loads (app_service_config_files).
+    Registration {
+        /// Where to write it; `-` for standard output.
+        #[arg(short, long, default_value = "registration.yaml")]
+        output: PathBuf,
+    },
+    /// Validate the config and run the startup checks, then exit (0 when all pass).
+    ///
+    /// Exit codes: 2 config invalid, 3 homeserver unreachable, 4 as_token rejected,
+    /// 5 homeserver cannot reach agentbus, 6 local setup (store, port, token file).
+    Check,
+    /// Post a message as a human user and print the agents' replies as they arrive.
+    ///
+    /// Example: agentbus say --room '#project:localhost' --as demo "@coder hello"
+    Say {
+        /// Room ID (!…) or alias (#…:server).
+        #[arg(long)]
+        room: String,
+        /// The human user to log in as: a localpart or full user ID.
+        #[arg(long = "as", value_name = "USER")]
+        user: String,
+        /// Password of that user.
+        #[arg(long, env = "AGENTBUS_PASSWORD", hide_env_values = true)]
+        password: String,
+        /// Homeserver URL (default: homeserver.url from the config).
+        #[arg(long)]
+        homeserver: Option<String>,
+        /// Exit after this many replies.
+        #[arg(long, default_value_t = 1)]
+        replies: usize,
+        /// Give up waiting for replies after this long.
+        #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+        /// The message.
+        text: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let default_filter = match cli.command {
+        Command::Say { .. } => "warn",
+        _ => "warn,agentbus=info",
+    };
+    init_tracing(cli.log_format, default_filter);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("the tokio runtime starts");
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(failure) => {
+            eprintln!("{failure}");
+            ExitCode::from(u8::try_from(failure.code).unwrap_or(1))
+        }
+    }
+}
+
+fn init_tracing(format: LogFormat, default_filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+async fn run(cli: Cli) -> Result<(), CheckFailure> {
+    match cli.command {
+        Command::Serve => {
+            let config = load_config(&cli.config)?;
+            let listener = bind(&config).await?;
+            tracing::info!(address = %config.appservice.bind, "appservice API listening");
+            let services = Services::build(config)?;
+            let shutdown = CancellationToken::new();
+            tokio::spawn(cancel_on_signal(shutdown.clone()));
+            serve(services, listener, shutdown).await
+        }
+        Command::Registration { output } => {
+            let config = load_config(&cli.config)?;
+            let yaml = Registration::from_config(&config).to_yaml();
+            if output.as_os_str() == "-" {
+                print!("{yaml}");
+            } else {
+                registration::write_private(&output, yaml.as_bytes()).map_err(|e| {
+                    CheckFailure::new(
+                        EXIT_LOCAL_SETUP,
+                        format!("✗ cannot write {}: {e}", output.display()),
+                    )
+                })?;
+                eprintln!(
+                    "wrote {} — add it to the homeserver's app_service_config_files and restart the homeserver",
+                    output.display()
+                );
+            }
+            Ok(())
+        }
+        Command::Check => check(&cli.config).await,
+        Command::Say {
+            room,
+            user,
+            password,
+            homeserver,
+            replies,
+            timeout,
+            text,
+        } => {
+            let homeserver = match homeserver {
+                Some(url) => url,
+                None => Config::load(&cli.config)
+                    .map_err(|e| {
+                        CheckFailure::new(EXIT_CONFIG, format!("✗ {e}\n(or pass --homeserver URL)"))
+                    })?
+                    .homeserver
+                    .url
+                    .to_string(),
+            };
+            let room = room.as_str().try_into().map_err(|e| {
+                CheckFailure::new(
+                    EXIT_CONFIG,
+                    format!("✗ --room {room:?} is not a room ID or alias: {e}"),
+                )
+            })?;
+            let request = SayRequest {
+                homeserver,
+                user,
+                password,
+                room,
+                text,
+                replies,
+                timeout,
+            };
+            let seen = say(&request, |reply| {
+                println!("{}: {}", reply.sender, reply.body)
+            })
+            .await
+            .map_err(|e| CheckFailure::new(1, format!("✗ {e}")))?;
+            if seen.is_empty() {
+                return Err(CheckFailure::new(
+                    1,
+                    format!("✗ no reply within {}", humantime::format_duration(timeout)),
+                ));
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Loads and validates the config and resolves the appservice tokens.
+fn load_config(path: &Path) -> Result<Config, CheckFailure> {
+    let mut config = Config::load(path)
+        .map_err(|e| CheckFailure::new(EXIT_CONFIG, format!("✗ config invalid: {e}")))?;
+    registration::ensure_tokens(&mut config).map_err(|e| {
+        CheckFailure::new(
+            EXIT_LOCAL_SETUP,
+            format!("✗ cannot load or save the appservice tokens: {e}"),
+        )
+    })?;
+    Ok(config)
+}
+
+async fn bind(config: &Config) -> Result<tokio::net::TcpListener, CheckFailure> {
+    tokio::net::TcpListener::bind(config.appservice.bind)
+        .await
+        .map_err(|e| {
+            CheckFailure::new(
+                EXIT_LOCAL_SETUP,
+                format!(
+                    "✗ cannot listen on {} (appservice.bind): {e}",
+                    config.appservice.bind
+                ),
+            )
+        })
+}
+
+/// `agentbus check`: the config, then the homeserver checks. When no agentbus is running,
+/// a temporary one listens for the homeserver's ping (journaling, not answering, anything
+/// the homeserver delivers meanwhile, so nothing is lost).
+async fn check(path: &Path) -> Result<(), CheckFailure> {
+    let config = load_config(path)?;
+    println!(
+        "✓ config valid ({} agents, {} providers)",
+        config.agents.len(),
+        config.providers.len()
+    );
+    let shutdown = CancellationToken::new();
+    let (matrix, server) = match tokio::net::TcpListener::bind(config.appservice.bind).await {
+        Ok(listener) => {
+            let services = Services::build(config.clone())?;
+            let matrix = services.state.matrix.clone();
+            let app = agentbus::appservice::router(services.state.clone());
+            let stop = shutdown.clone();
+            let server = tokio::spawn(async move {
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(stop.cancelled_owned())
+                    .await
+            });
+            (matrix, Some(server))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+            println!(
+                "· {} is in use — assuming agentbus serve is running there",
+                config.appservice.bind
+            );
+            let as_token = config.appservice.as_token.as_deref().unwrap_or_default();
+            (
+                agentbus::matrix::MatrixClient::new(
+                    config.homeserver.url.as_str(),
+                    as_token,
+                    Default::default(),
+                ),
+                None,
+            )
+        }
+        Err(e) => {
+            return Err(CheckFailure::new(
+                EXIT_LOCAL_SETUP,
+                format!("✗ cannot listen on {}: {e}", config.appservice.bind),
+            ));
+        }
+    };
+    let result = checks::run_homeserver_checks(&config, &matrix).await;
+    shutdown.cancel();
+    if let Some(server) = server {
+        let _ = server.await;
+    }
+    for line in result? {
+        println!("{line}");
+    }
+    Ok(())
+}
+
+async fn cancel_on_signal(shutdown: CancellationToken) {
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler installs");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate.recv() => {}
+    }
+    shutdown.cancel();
+}

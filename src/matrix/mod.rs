@@ -1,0 +1,474 @@
+//! Outbound client-server API as any of our virtual users.
+//!
+//! Requests are ruma request types sent over one shared reqwest client, with the as_token
+//! and `?user_id=` (the appservice way of acting as a user; matrix-sdk no longer supports
+//! it). Failures are classified so callers know whether to retry: network errors, 5xx and
+//! `M_LIMIT_EXCEEDED` are retried here with backoff; everything else is [`MatrixError::Permanent`].
+
+use std::borrow::Cow;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use ruma::api::auth_scheme::{AuthScheme, SendAccessToken};
+use ruma::api::client::{account, appservice, discovery, membership, message, profile, typing};
+use ruma::api::path_builder::{PathBuilder, SinglePath, VersionHistory};
+use ruma::api::{
+    AppserviceUserIdentity, IncomingResponse, MatrixVersion, OutgoingRequest, SupportedVersions,
+};
+use ruma::events::MessageLikeEventType;
+use ruma::serde::Raw;
+use ruma::{OwnedEventId, OwnedMxcUri, OwnedUserId, RoomId, TransactionId, UserId};
+use serde::Deserialize;
+
+/// How an outbound request failed, and therefore whether retrying can help.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum MatrixError {
+    /// The homeserver could not be reached (connection refused, reset, timeout).
+    #[error("homeserver unreachable: {0}")]
+    Network(String),
+    /// The homeserver asked us to come back later (429 / 5xx).
+    #[error("homeserver busy (HTTP {status}{}): {message}", errcode.as_deref().map(|c| format!(", {c}")).unwrap_or_default())]
+    Transient {
+        status: u16,
+        errcode: Option<String>,
+        message: String,
+        retry_after: Option<Duration>,
+    },
+    /// The request is wrong or not allowed; retrying will not help.
+    #[error("HTTP {status} {errcode}: {message}")]
+    Permanent {
+        status: u16,
+        errcode: String,
+        message: String,
+    },
+}
+
+impl MatrixError {
+    /// The Matrix errcode, when the homeserver sent one.
+    pub fn errcode(&self) -> Option<&str> {
+        match self {
+            MatrixError::Network(_) => None,
+            MatrixError::Transient { errcode, .. } => errcode.as_deref(),
+            MatrixError::Permanent { errcode, .. } => Some(errcode),
+        }
+    }
+}
+
+/// Classifies a non-success response from its status and JSON body.
+pub fn classify_error(status: u16, body: &[u8]) -> MatrixError {
+    #[derive(Deserialize)]
+    struct ErrorBody {
+        errcode: Option<String>,
+        error: Option<String>,
+        retry_after_ms: Option<u64>,
+    }
+    let parsed: Option<ErrorBody> = serde_json::from_slice(body).ok();
+    let errcode = parsed.as_ref().and_then(|b| b.errcode.clone());
+    let message = parsed
+        .as_ref()
+        .and_then(|b| b.error.clone())
+        .unwrap_or_else(|| String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned());
+    let retry_after = parsed
+        .as_ref()
+        .and_then(|b| b.retry_after_ms)
+        .map(Duration::from_millis);
+    if status == 429 || errcode.as_deref() == Some("M_LIMIT_EXCEEDED") || status >= 500 {
+        MatrixError::Transient {
+            status,
+            errcode,
+            message,
+            retry_after,
+        }
+    } else {
+        MatrixError::Permanent {
+            status,
+            errcode: errcode.unwrap_or_else(|| "M_UNKNOWN".to_owned()),
+            message,
+        }
+    }
+}
+
+/// Retry schedule for transient failures.
+#[derive(Debug, Clone)]
+pub struct RetryPolicy {
+    /// Attempts in total, including the first.
+    pub attempts: u32,
+    /// Delay before the first retry; doubles each time.
+    pub initial_backoff: Duration,
+    /// Upper bound for any single delay, including a server's `retry_after_ms`.
+    pub max_backoff: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            attempts: 6,
+            initial_backoff: Duration::from_millis(500),
+            max_backoff: Duration::from_secs(30),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// The delay before retry number `retry` (0-based) after `error`, or `None` to give up.
+    pub fn delay(&self, retry: u32, error: &MatrixError) -> Option<Duration> {
+        if retry + 1 >= self.attempts {
+            return None;
+        }
+        let backoff = self
+            .initial_backoff
+            .saturating_mul(1 << retry.min(16))
+            .min(self.max_backoff);
+        match error {
+            MatrixError::Permanent { .. } => None,
+            MatrixError::Network(_) => Some(backoff),
+            MatrixError::Transient { retry_after, .. } => {
+                Some(retry_after.unwrap_or(backoff).min(self.max_backoff))
+            }
+        }
+    }
+}
+
+/// Supplies the path-builder input a request type needs, from what the homeserver supports.
+pub trait PathInput: PathBuilder {
+    /// The input for this builder.
+    fn input(versions: &SupportedVersions) -> Self::Input<'_>;
+}
+
+impl PathInput for VersionHistory {
+    fn input(versions: &SupportedVersions) -> Self::Input<'_> {
+        Cow::Borrowed(versions)
+    }
+}
+
+impl PathInput for SinglePath {
+    fn input(_: &SupportedVersions) -> Self::Input<'_> {}
+}
+
+/// The homeserver as seen by the appservice: one HTTP client, acting as any of our users.
+pub struct MatrixClient {
+    http: reqwest::Client,
+    base_url: String,
+    as_token: String,
+    versions: RwLock<SupportedVersions>,
+    retry: RetryPolicy,
+}
+
+impl MatrixClient {
+    /// A client for the homeserver at `base_url`, authenticating with `as_token`.
+    pub fn new(base_url: &str, as_token: &str, retry: RetryPolicy) -> Arc<Self> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .timeout(Duration::from_secs(60))
+            .user_agent(concat!("agentbus/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .expect("a reqwest client with static settings builds");
+        // Until /versions answers, assume a homeserver that speaks v1.1+ paths (every
+        // homeserver released since 2021).
+        let assumed = SupportedVersions {
+            versions: [MatrixVersion::V1_1].into(),
+            features: Default::default(),
+        };
+        Arc::new(Self {
+            http,
+            base_url: base_url.trim_end_matches('/').to_owned(),
+            as_token: as_token.to_owned(),
+            versions: RwLock::new(assumed),
+            retry,
+        })
+    }
+
+    /// Sends `request` as `user` (or as the appservice bot when `None`), retrying transient
+    /// failures according to the retry policy.
+    pub async fn send<R>(
+        &self,
+        request: R,
+        user: Option<&UserId>,
+    ) -> Result<R::IncomingResponse, MatrixError>
+    where
+        R: OutgoingRequest,
+        R::PathBuilder: PathInput,
+        for<'a> R::Authentication: AuthScheme<Input<'a> = SendAccessToken<'a>>,
+    {
+        let mut retry = 0;
+        loop {
+            match self.send_once(request.clone(), user).await {
+                Ok(response) => return Ok(response),
+                Err(error) => match self.retry.delay(retry, &error) {
+                    Some(delay) => {
+                        tracing::debug!(%error, ?delay, retry, endpoint = std::any::type_name::<R>(), "retrying Matrix request");
+                        tokio::time::sleep(delay).await;
+                        retry += 1;
+                    }
+                    None => return Err(error),
+                },
+            }
+        }
+    }
+
+    async fn send_once<R>(
+        &self,
+        request: R,
+        user: Option<&UserId>,
+    ) -> Result<R::IncomingResponse, MatrixError>
+    where
+        R: OutgoingRequest,
+        R::PathBuilder: PathInput,
+        for<'a> R::Authentication: AuthScheme<Input<'a> = SendAccessToken<'a>>,
+    {
+        let http_request = {
+            let versions = self
+                .versions
+                .read()
+                .expect("versions lock is never poisoned");
+            let mut http_request = request
+                .try_into_http_request::<Vec<u8>>(
+                    &self.base_url,
+                    SendAccessToken::Appservice(&self.as_token),
+                    <R::PathBuilder as PathInput>::input(&versions),
+                )
+                .map_err(|e| MatrixError::Permanent {
+                    status: 0,
+                    errcode: "M_INVALID_REQUEST".into(),
+                    message: e.to_string(),
+                })?;
+            if let Some(user) = user {
+                AppserviceUserIdentity::new(user)
+                    .maybe_add_to_uri(http_request.uri_mut())
+                    .map_err(|e| MatrixError::Permanent {
+                        status: 0,
+                        errcode: "M_INVALID_REQUEST".into(),
+                        message: e.to_string(),
+                    })?;
+            }
+            http_request
+        };
+        let request = reqwest::Request::try_from(http_request)
+            .map_err(|e| MatrixError::Network(e.to_string()))?;
+        let response = self
+            .http
+            .execute(request)
+            .await
+            .map_err(|e| MatrixError::Network(error_chain(&e)))?;
+        let status = response.status();
+        let headers = response.headers().clone();
+        let body = response
+            .bytes()
+            .await
+            .map_err(|e| MatrixError::Network(error_chain(&e)))?;
+        if !status.is_success() {
+            return Err(classify_error(status.as_u16(), &body));
+        }
+        let mut http_response = http::Response::builder().status(status);
+        if let Some(h) = http_response.headers_mut() {
+            *h = headers;
+        }
+        let http_response = http_response
+            .body(body)
+            .expect("status and headers come from a valid response");
+        R::IncomingResponse::try_from_http_response(http_response).map_err(|e| {
+            MatrixError::Permanent {
+                status: status.as_u16(),
+                errcode: "M_BAD_JSON".into(),
+                message: format!("unexpected response body: {e}"),
+            }
+        })
+    }
+
+    /// `GET /_matrix/client/versions`; remembers the answer for path selection.
+    pub async fn get_versions(&self) -> Result<Vec<String>, MatrixError> {
+        let response = self
+            .send_once(discovery::get_supported_versions::Request::new(), None)
+            .await?;
+        *self
+            .versions
+            .write()
+            .expect("versions lock is never poisoned") =
+            SupportedVersions::from_parts(&response.versions, &response.unstable_features);
+        Ok(response.versions)
+    }
+
+    /// `GET /_matrix/client/v3/account/whoami` as the appservice bot.
+    pub async fn whoami(&self) -> Result<OwnedUserId, MatrixError> {
+        Ok(self
+            .send_once(account::whoami::v3::Request::new(), None)
+            .await?
+            .user_id)
+    }
+
+    /// `POST /_matrix/client/v1/appservice/{id}/ping`: asks the homeserver to call us.
+    pub async fn ping_appservice(&self, appservice_id: &str) -> Result<Duration, MatrixError> {
+        let mut request = appservice::request_ping::v1::Request::new(appservice_id.to_owned());
+        request.transaction_id = Some(TransactionId::new());
+        Ok(self.send_once(request, None).await?.duration)
+    }
+
+    /// Registers `localpart` as one of our users; an existing user is fine.
+    pub async fn ensure_registered(&self, localpart: &str) -> Result<(), MatrixError> {
+        let mut request = account::register::v3::Request::new();
+        request.username = Some(localpart.to_owned());
+        request.inhibit_login = true;
+        request.login_type = Some(account::register::LoginType::ApplicationService);
+        match self.send(request, None).await {
+            Ok(_) => Ok(()),
+            Err(e) if e.errcode() == Some("M_USER_IN_USE") => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Sets `user`'s display name.
+    #[allow(deprecated)] // set_profile_field needs Matrix 1.16; this endpoint works everywhere.
+    pub async fn set_display_name(&self, user: &UserId, name: &str) -> Result<(), MatrixError> {
+        let request =
+            profile::set_display_name::v3::Request::new(user.to_owned(), Some(name.to_owned()));
+        self.send(request, Some(user)).await.map(|_| ())
+    }
+
+    /// Sets `user`'s avatar.
+    #[allow(deprecated)] // as above
+    pub async fn set_avatar_url(&self, user: &UserId, url: OwnedMxcUri) -> Result<(), MatrixError> {
+        let request = profile::set_avatar_url::v3::Request::new(user.to_owned(), Some(url));
+        self.send(request, Some(user)).await.map(|_| ())
+    }
+
+    /// Joins `room_id` as `user`.
+    pub async fn join_room(&self, user: &UserId, room_id: &RoomId) -> Result<(), MatrixError> {
+        let request = membership::join_room_by_id::v3::Request::new(room_id.to_owned());
+        self.send(request, Some(user)).await.map(|_| ())
+    }
+
+    /// The users joined to `room_id`, asked as `user` (who must be in the room).
+    pub async fn joined_members(
+        &self,
+        user: &UserId,
+        room_id: &RoomId,
+    ) -> Result<Vec<OwnedUserId>, MatrixError> {
+        let request = membership::joined_members::v3::Request::new(room_id.to_owned());
+        Ok(self
+            .send(request, Some(user))
+            .await?
+            .joined
+            .into_keys()
+            .collect())
+    }
+
+    /// Sends a message event as `user`. `txn_id` makes retries idempotent: derive it from
+    /// what triggered the send, never from the clock.
+    pub async fn send_message(
+        &self,
+        user: &UserId,
+        room_id: &RoomId,
+        txn_id: &TransactionId,
+        content: &serde_json::Value,
+    ) -> Result<OwnedEventId, MatrixError> {
+        let body = Raw::from_json(
+            serde_json::value::to_raw_value(content).expect("a JSON value serialises"),
+        );
+        let request = message::send_message_event::v3::Request::new_raw(
+            room_id.to_owned(),
+            txn_id.to_owned(),
+            MessageLikeEventType::RoomMessage,
+            body,
+        );
+        Ok(self.send(request, Some(user)).await?.event_id)
+    }
+
+    /// Shows or hides `user`'s typing notice in `room_id`.
+    pub async fn set_typing(
+        &self,
+        user: &UserId,
+        room_id: &RoomId,
+        typing: Option<Duration>,
+    ) -> Result<(), MatrixError> {
+        use typing::create_typing_event::v3::{Request, Typing};
+        let state = match typing {
+            Some(timeout) => Typing::Yes(
+                ruma::api::client::typing::create_typing_event::v3::TypingInfo::new(timeout),
+            ),
+            None => Typing::No,
+        };
+        // Typing is cosmetic: one attempt, no retries.
+        self.send_once(
+            Request::new(user.to_owned(), room_id.to_owned(), state),
+            Some(user),
+        )
+        .await
+        .map(|_| ())
+    }
+}
+
+/// An error and its causes on one line (reqwest hides the useful part in `source()`).
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limit_exceeded_is_transient_with_its_delay() {
+        let body =
+            br#"{"errcode":"M_LIMIT_EXCEEDED","error":"Too many requests","retry_after_ms":1500}"#;
+        let error = classify_error(429, body);
+        assert!(
+            matches!(error, MatrixError::Transient { retry_after: Some(d), .. } if d == Duration::from_millis(1500))
+        );
+        assert_eq!(
+            RetryPolicy::default().delay(0, &error),
+            Some(Duration::from_millis(1500))
+        );
+    }
+
+    #[test]
+    fn server_errors_retry_with_doubling_backoff_until_attempts_run_out() {
+        let policy = RetryPolicy {
+            attempts: 4,
+            initial_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_millis(250),
+        };
+        let error = classify_error(502, b"<html>bad gateway</html>");
+        assert_eq!(error.errcode(), None);
+        let delays: Vec<_> = (0..4).map(|n| policy.delay(n, &error)).collect();
+        assert_eq!(
+            delays,
+            [
+                Some(Duration::from_millis(100)),
+                Some(Duration::from_millis(200)),
+                Some(Duration::from_millis(250)),
+                None
+            ]
+        );
+        let network = MatrixError::Network("connection refused".into());
+        assert_eq!(policy.delay(0, &network), Some(Duration::from_millis(100)));
+    }
+
+    #[test]
+    fn a_huge_retry_after_is_capped() {
+        let error = classify_error(
+            429,
+            br#"{"errcode":"M_LIMIT_EXCEEDED","retry_after_ms":99999999}"#,
+        );
+        assert_eq!(
+            RetryPolicy::default().delay(0, &error),
+            Some(Duration::from_secs(30))
+        );
+    }
+
+    #[test]
+    fn client_errors_are_permanent_and_keep_the_errcode() {
+        let error = classify_error(403, br#"{"errcode":"M_FORBIDDEN","error":"not in room"}"#);
+        assert_eq!(error.errcode(), Some("M_FORBIDDEN"));
+        assert_eq!(RetryPolicy::default().delay(0, &error), None);
+        assert_eq!(error.to_string(), "HTTP 403 M_FORBIDDEN: not in room");
+        let error = classify_error(404, b"not json");
+        assert_eq!(error.to_string(), "HTTP 404 M_UNKNOWN: not json");
+    }
+}
