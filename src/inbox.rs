@@ -41,6 +41,13 @@ pub fn channel() -> (InboxSender, InboxReceiver) {
     (InboxSender(tx), InboxReceiver(rx))
 }
 
+impl InboxReceiver {
+    /// The next submitted batch; `None` once every sender is gone.
+    pub async fn recv(&mut self) -> Option<Vec<JournaledEvent>> {
+        self.0.recv().await
+    }
+}
+
 impl InboxSender {
     /// Queues journaled events for processing. If the inbox has stopped (shutdown), they
     /// stay in the journal and are processed on the next start.

@@ -1,0 +1,265 @@
+//! The appservice HTTP API driven through its axum router (no socket), with a real sled
+//! store on disk: status codes, errcodes, and what ends up in the journal.
+
+use std::sync::Arc;
+
+use agentbus::AppState;
+use agentbus::appservice::{router, token_digest};
+use agentbus::config::Config;
+use agentbus::inbox::{self, InboxReceiver};
+use agentbus::matrix::MatrixClient;
+use agentbus::store::{SledStore, Store};
+use axum::body::Body;
+use axum::http::{Method, Request, StatusCode};
+use http_body_util::BodyExt;
+use serde_json::{Value, json};
+use tower::ServiceExt;
+
+const HS_TOKEN: &str = "hs-secret";
+
+struct Harness {
+    app: axum::Router,
+    store: Arc<SledStore>,
+    _receiver: InboxReceiver,
+    _dir: tempfile::TempDir,
+}
+
+fn harness() -> Harness {
+    let dir = tempfile::tempdir().unwrap();
+    let config = Config::parse(
+        r#"
+homeserver: { url: "http://127.0.0.1:1", server_name: hs }
+appservice: { as_token: as-secret, hs_token: hs-secret }
+providers: { echo: { api: echo } }
+agents: [ { id: damon, provider: echo } ]
+"#,
+    )
+    .unwrap();
+    let store = Arc::new(SledStore::open(dir.path()).unwrap());
+    let (sender, receiver) = inbox::channel();
+    let state = Arc::new(AppState {
+        config: Arc::new(config),
+        hs_token_digest: token_digest(HS_TOKEN),
+        store: store.clone(),
+        inbox: sender,
+        matrix: MatrixClient::new("http://127.0.0.1:1", "as-secret", Default::default()),
+    });
+    Harness {
+        app: router(state),
+        store,
+        _receiver: receiver,
+        _dir: dir,
+    }
+}
+
+async fn call(
+    app: &axum::Router,
+    method: Method,
+    uri: &str,
+    auth: Option<&str>,
+    body: &str,
+) -> (StatusCode, Value) {
+    let mut request = Request::builder()
+        .method(method)
+        .uri(uri)
+        .header("content-type", "application/json");
+    if let Some(token) = auth {
+        request = request.header("authorization", format!("Bearer {token}"));
+    }
+    let response = app
+        .clone()
+        .oneshot(request.body(Body::from(body.to_owned())).unwrap())
+        .await
+        .unwrap();
+    let status = response.status();
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
+}
+
+fn transaction(event_ids: &[&str]) -> String {
+    let events: Vec<Value> = event_ids
+        .iter()
+        .map(|id| json!({"type": "m.room.message", "room_id": "!room:hs", "sender": "@alice:hs", "event_id": id,
+                         "origin_server_ts": 1, "content": {"msgtype": "m.text", "body": "hi"}}))
+        .collect();
+    json!({ "events": events }).to_string()
+}
+
+fn journaled(store: &SledStore) -> Vec<String> {
+    store
+        .pending_events()
+        .unwrap()
+        .into_iter()
+        .map(|e| e.event_id.to_string())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_transaction_is_journaled_once_however_often_it_is_delivered() {
+    let h = harness();
+    let body = transaction(&["$a", "$b"]);
+    for _ in 0..3 {
+        let (status, answer) = call(
+            &h.app,
+            Method::PUT,
+            "/_matrix/app/v1/transactions/t1",
+            Some(HS_TOKEN),
+            &body,
+        )
+        .await;
+        assert_eq!((status, answer), (StatusCode::OK, json!({})));
+    }
+    assert_eq!(journaled(&h.store), ["$a", "$b"]);
+    // The legacy unprefixed path and the query-string token work too.
+    let (status, _) = call(
+        &h.app,
+        Method::PUT,
+        &format!("/transactions/t2?access_token={HS_TOKEN}"),
+        None,
+        &transaction(&["$c"]),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(journaled(&h.store), ["$a", "$b", "$c"]);
+}
+
+#[tokio::test]
+async fn bad_tokens_are_refused_with_the_spec_errcodes_and_journal_nothing() {
+    let h = harness();
+    let body = transaction(&["$a"]);
+    let uri = "/_matrix/app/v1/transactions/t1";
+    let cases: &[(&str, Option<&str>, StatusCode, &str)] = &[
+        (uri, None, StatusCode::UNAUTHORIZED, "M_MISSING_TOKEN"),
+        (uri, Some("wrong"), StatusCode::FORBIDDEN, "M_FORBIDDEN"),
+        (uri, Some(""), StatusCode::FORBIDDEN, "M_FORBIDDEN"),
+        (
+            "/_matrix/app/v1/transactions/t1?access_token=wrong",
+            None,
+            StatusCode::FORBIDDEN,
+            "M_FORBIDDEN",
+        ),
+        // Both present and disagreeing, even if one is right.
+        (
+            "/_matrix/app/v1/transactions/t1?access_token=wrong",
+            Some(HS_TOKEN),
+            StatusCode::FORBIDDEN,
+            "M_FORBIDDEN",
+        ),
+    ];
+    for (uri, auth, status, errcode) in cases {
+        let (got, answer) = call(&h.app, Method::PUT, uri, *auth, &body).await;
+        assert_eq!(
+            (got, answer["errcode"].as_str()),
+            (*status, Some(*errcode)),
+            "{uri} with {auth:?}"
+        );
+    }
+    assert!(journaled(&h.store).is_empty());
+    // The refusals did not record the txnId: the real delivery is journaled.
+    let (status, _) = call(&h.app, Method::PUT, uri, Some(HS_TOKEN), &body).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(journaled(&h.store), ["$a"]);
+}
+
+#[tokio::test]
+async fn malformed_bodies_are_refused_and_journal_nothing() {
+    let h = harness();
+    let cases = [
+        ("{\"events\": [", "M_NOT_JSON"),
+        ("", "M_NOT_JSON"),
+        ("{\"events\": 5}", "M_BAD_JSON"),
+        ("[1, 2]", "M_BAD_JSON"),
+    ];
+    for (body, errcode) in cases {
+        let (status, answer) = call(
+            &h.app,
+            Method::PUT,
+            "/_matrix/app/v1/transactions/t1",
+            Some(HS_TOKEN),
+            body,
+        )
+        .await;
+        assert_eq!(
+            (status, answer["errcode"].as_str()),
+            (StatusCode::BAD_REQUEST, Some(errcode)),
+            "body {body:?}"
+        );
+    }
+    assert!(journaled(&h.store).is_empty());
+    let (status, _) = call(
+        &h.app,
+        Method::PUT,
+        "/_matrix/app/v1/transactions/t1",
+        Some(HS_TOKEN),
+        &transaction(&["$ok"]),
+    )
+    .await;
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "the txnId of a refused body is still free"
+    );
+}
+
+#[tokio::test]
+async fn queries_ping_and_unknown_routes() {
+    let h = harness();
+    let (status, answer) = call(
+        &h.app,
+        Method::GET,
+        "/_matrix/app/v1/users/@stranger:hs",
+        Some(HS_TOKEN),
+        "",
+    )
+    .await;
+    assert_eq!(
+        (status, answer["errcode"].as_str()),
+        (StatusCode::NOT_FOUND, Some("M_NOT_FOUND"))
+    );
+    let (status, _) = call(
+        &h.app,
+        Method::GET,
+        "/_matrix/app/v1/users/@damon:elsewhere",
+        Some(HS_TOKEN),
+        "",
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, answer) = call(
+        &h.app,
+        Method::GET,
+        "/_matrix/app/v1/rooms/%23project:hs",
+        Some(HS_TOKEN),
+        "",
+    )
+    .await;
+    assert_eq!(
+        (status, answer["errcode"].as_str()),
+        (StatusCode::NOT_FOUND, Some("M_NOT_FOUND"))
+    );
+    let (status, answer) = call(
+        &h.app,
+        Method::POST,
+        "/_matrix/app/v1/ping",
+        Some(HS_TOKEN),
+        r#"{"transaction_id":"p1"}"#,
+    )
+    .await;
+    assert_eq!((status, answer), (StatusCode::OK, json!({})));
+    let (status, answer) = call(&h.app, Method::POST, "/_matrix/app/v1/ping", None, "{}").await;
+    assert_eq!(
+        (status, answer["errcode"].as_str()),
+        (StatusCode::UNAUTHORIZED, Some("M_MISSING_TOKEN"))
+    );
+    for uri in ["/_matrix/app/v1/thirdparty/protocol/irc", "/nothing/here"] {
+        let (status, answer) = call(&h.app, Method::GET, uri, Some(HS_TOKEN), "").await;
+        assert_eq!(
+            (status, answer["errcode"].as_str()),
+            (StatusCode::NOT_FOUND, Some("M_UNRECOGNIZED")),
+            "{uri}"
+        );
+    }
+}

@@ -1,0 +1,618 @@
+//! End-to-end harness: one real Synapse per test binary (started by our own
+//! `scripts/dev-homeserver.sh`), the real `agentbus` binary per test, real human users
+//! driven by matrix-sdk, and a wire-level OpenAI Chat Completions stub.
+//!
+//! Tests share one Synapse, whose registration fixes one appservice URL, so they take
+//! [`exclusive`] and run one agentbus at a time; each test makes its own users and rooms.
+#![allow(dead_code)] // each test binary uses a different part of the harness
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use agentbus::appservice::registration::Registration;
+use agentbus::config::Config;
+use axum::Json;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::post;
+use matrix_sdk::Client;
+use matrix_sdk::config::SyncSettings;
+use matrix_sdk::ruma::api::client::room::create_room::v3::{
+    Request as CreateRoomRequest, RoomPreset,
+};
+use matrix_sdk::ruma::events::room::message::{
+    OriginalSyncRoomMessageEvent, RoomMessageEventContent,
+};
+use matrix_sdk::ruma::{OwnedEventId, OwnedRoomId, OwnedUserId};
+use serde_json::{Value, json};
+use tokio::sync::Notify;
+
+pub const SERVER_NAME: &str = "localhost";
+pub const AGENTS: [&str; 3] = ["damon", "coder", "researcher"];
+const AS_TOKEN: &str = "e2e-as-token-0123456789abcdef";
+const HS_TOKEN: &str = "e2e-hs-token-fedcba9876543210";
+pub const WAIT: Duration = Duration::from_secs(60);
+
+/// The shared homeserver of this test binary.
+pub struct Synapse {
+    pub url: String,
+    pub dir: PathBuf,
+    /// The port the registration tells Synapse to find the appservice on.
+    pub appservice_port: u16,
+}
+
+fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Starts Synapse once per test binary and returns it. The process is spawned from a
+/// thread that lives as long as the test binary, with a parent-death signal, so it goes
+/// away with the tests however they end.
+pub fn synapse() -> &'static Synapse {
+    static SYNAPSE: OnceLock<Synapse> = OnceLock::new();
+    SYNAPSE.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("agentbus-e2e-synapse-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let (port, appservice_port) = (free_port(), free_port());
+        let registration = dir.join("registration.yaml");
+        std::fs::write(
+            &registration,
+            Registration::from_config(&base_config(appservice_port, &dir)).to_yaml(),
+        )
+        .unwrap();
+
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (thread_dir, thread_registration) = (dir.clone(), registration.clone());
+        std::thread::spawn(move || {
+            let mut command =
+                std::process::Command::new(repo_root().join("scripts/dev-homeserver.sh"));
+            command
+                .args(["start", "--foreground", "--server-name", SERVER_NAME])
+                .arg("--dir")
+                .arg(&thread_dir)
+                .args(["--port", &port.to_string()])
+                .arg("--registration")
+                .arg(&thread_registration)
+                .stdout(std::fs::File::create(thread_dir.join("stdout.log")).unwrap())
+                .stderr(std::fs::File::create(thread_dir.join("stderr.log")).unwrap());
+            die_with_parent(&mut command);
+            let mut child = command.spawn().expect("scripts/dev-homeserver.sh starts");
+            tx.send(()).unwrap();
+            let status = child.wait();
+            eprintln!("synapse exited: {status:?}");
+        });
+        rx.recv().unwrap();
+        let url = format!("http://127.0.0.1:{port}");
+        // First runs install Synapse into a venv, which takes about a minute.
+        wait_until(Duration::from_secs(600), || {
+            reqwest::blocking_get_ok(&format!("{url}/_matrix/client/versions"))
+        })
+        .unwrap_or_else(|| {
+            let log = std::fs::read_to_string(dir.join("stderr.log")).unwrap_or_default();
+            panic!("Synapse did not come up at {url}; script stderr:\n{log}")
+        });
+        Synapse {
+            url,
+            dir,
+            appservice_port,
+        }
+    })
+}
+
+/// A blocking "does this URL answer 200" without pulling in reqwest's blocking feature.
+mod reqwest {
+    pub fn blocking_get_ok(url: &str) -> bool {
+        let url = url.strip_prefix("http://").unwrap();
+        let (host, path) = url.split_once('/').unwrap();
+        let Ok(mut stream) = std::net::TcpStream::connect(host) else {
+            return false;
+        };
+        use std::io::{Read, Write};
+        let _ = stream.set_read_timeout(Some(std::time::Duration::from_secs(5)));
+        if write!(
+            stream,
+            "GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+        )
+        .is_err()
+        {
+            return false;
+        }
+        let mut response = String::new();
+        let _ = stream.read_to_string(&mut response);
+        response.starts_with("HTTP/1.1 200")
+    }
+}
+
+fn wait_until(timeout: Duration, mut ready: impl FnMut() -> bool) -> Option<()> {
+    let deadline = std::time::Instant::now() + timeout;
+    while std::time::Instant::now() < deadline {
+        if ready() {
+            return Some(());
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    None
+}
+
+/// Makes the child receive SIGKILL when the spawning thread's process dies.
+fn die_with_parent(command: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        command.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+}
+
+/// The config every agentbus in these tests shares; providers are filled in per test.
+fn base_config(appservice_port: u16, store: &Path) -> Config {
+    let yaml = format!(
+        r#"
+homeserver: {{ url: "http://127.0.0.1:1", server_name: {SERVER_NAME} }}
+appservice: {{ id: agentbus-e2e, bind: "127.0.0.1:{appservice_port}", as_token: {AS_TOKEN}, hs_token: {HS_TOKEN} }}
+store: {{ path: "{}" }}
+providers: {{ echo: {{ api: echo }} }}
+agents:
+  - {{ id: damon, display_name: Damon, aliases: ["戴蒙"], provider: echo }}
+  - {{ id: coder, display_name: Coder, provider: echo }}
+  - {{ id: researcher, display_name: Researcher, provider: echo }}
+"#,
+        store.display()
+    );
+    Config::parse(&yaml).unwrap()
+}
+
+/// Only one agentbus can own the appservice port at a time.
+pub async fn exclusive() -> tokio::sync::MutexGuard<'static, ()> {
+    static LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    LOCK.lock().await
+}
+
+/// The hs_token Synapse uses, for tests that call the appservice directly.
+pub fn hs_token() -> &'static str {
+    HS_TOKEN
+}
+
+/// A running `agentbus serve` (the real binary).
+pub struct Agentbus {
+    pub dir: tempfile::TempDir,
+    child: Option<std::process::Child>,
+    pub url: String,
+}
+
+impl Agentbus {
+    /// Starts agentbus with every agent on an OpenAI-compatible provider at `llm_url`
+    /// (model = the agent id), and waits until it reports it is running.
+    pub async fn start(llm_url: &str) -> Agentbus {
+        let synapse = synapse();
+        let dir = tempfile::tempdir().unwrap();
+        let config = format!(
+            r#"
+homeserver: {{ url: "{}", server_name: {SERVER_NAME} }}
+appservice: {{ id: agentbus-e2e, bind: "127.0.0.1:{}", as_token: {AS_TOKEN}, hs_token: {HS_TOKEN} }}
+store: {{ path: data }}
+providers:
+  stub: {{ api: openai-completions, base_url: "{llm_url}", timeout: 30s }}
+agents:
+  - {{ id: damon, display_name: Damon, aliases: ["戴蒙"], provider: stub, model: damon-model, system_prompt: "You are Damon." }}
+  - {{ id: coder, display_name: Coder, provider: stub, model: coder-model }}
+  - {{ id: researcher, display_name: Researcher, provider: stub, model: researcher-model }}
+"#,
+            synapse.url, synapse.appservice_port
+        );
+        std::fs::write(dir.path().join("agentbus.yaml"), config).unwrap();
+        let mut bus = Agentbus {
+            dir,
+            child: None,
+            url: format!("http://127.0.0.1:{}", synapse.appservice_port),
+        };
+        bus.spawn().await;
+        bus
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join("agentbus.log")
+    }
+
+    /// The log so far (all runs of this instance).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    async fn spawn(&mut self) {
+        let runs_before = self.log().matches("agentbus is running").count();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .unwrap();
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_agentbus"));
+        command
+            .arg("--config")
+            .arg(self.dir.path().join("agentbus.yaml"))
+            .arg("serve")
+            .env("RUST_LOG", "warn,agentbus=debug")
+            .stdout(Stdio::null())
+            .stderr(log);
+        die_with_parent(&mut command);
+        self.child = Some(command.spawn().expect("the agentbus binary starts"));
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while self.log().matches("agentbus is running").count() == runs_before {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!(
+                    "agentbus exited with {status} during startup:\n{}",
+                    self.log()
+                );
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "agentbus did not start:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// SIGKILL: no shutdown, no flushing beyond what was already durable.
+    /// Waits for the process to be gone, so its port is free for the next instance.
+    pub async fn kill(&mut self) {
+        self.kill_now();
+    }
+
+    fn kill_now(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the same instance (same config and store) again.
+    pub async fn restart(&mut self) {
+        self.kill().await;
+        self.spawn().await;
+    }
+}
+
+impl Drop for Agentbus {
+    fn drop(&mut self) {
+        self.kill_now();
+        if std::thread::panicking() {
+            eprintln!("---- agentbus log ----\n{}", self.log());
+        }
+    }
+}
+
+/// How the model stub behaves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LlmMode {
+    /// Answer `[<model>] <last user message>`.
+    Answer,
+    /// Answer HTTP 500 with an OpenAI-style error body.
+    Fail,
+    /// Never answer (until the mode changes).
+    Hang,
+}
+
+/// A wire-level OpenAI Chat Completions stub
+/// ([API reference](https://platform.openai.com/docs/api-reference/chat/create)).
+#[derive(Clone)]
+pub struct LlmStub {
+    pub url: String,
+    mode: Arc<Mutex<LlmMode>>,
+    changed: Arc<Notify>,
+    requests: Arc<Mutex<Vec<Value>>>,
+}
+
+impl LlmStub {
+    pub async fn start(mode: LlmMode) -> LlmStub {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let stub = LlmStub {
+            url: format!("http://{}/v1", listener.local_addr().unwrap()),
+            mode: Arc::new(Mutex::new(mode)),
+            changed: Arc::new(Notify::new()),
+            requests: Arc::default(),
+        };
+        let state = stub.clone();
+        let app = axum::Router::new().route(
+            "/v1/chat/completions",
+            post(move |Json(request): Json<Value>| {
+                let state = state.clone();
+                async move { state.respond(request).await }
+            }),
+        );
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        stub
+    }
+
+    async fn respond(&self, request: Value) -> axum::response::Response {
+        self.requests.lock().unwrap().push(request.clone());
+        loop {
+            let changed = self.changed.notified();
+            let mode = *self.mode.lock().unwrap();
+            match mode {
+                LlmMode::Hang => changed.await,
+                LlmMode::Fail => {
+                    let body = json!({"error": {"message": "the stub model is down", "type": "server_error"}});
+                    return (StatusCode::INTERNAL_SERVER_ERROR, Json(body)).into_response();
+                }
+                LlmMode::Answer => {
+                    let model = request["model"].as_str().unwrap_or("?");
+                    let last = request["messages"]
+                        .as_array()
+                        .and_then(|m| m.last())
+                        .and_then(|m| m["content"].as_str())
+                        .unwrap_or("");
+                    let body = json!({
+                        "id": "chatcmpl-stub", "object": "chat.completion", "model": model,
+                        "choices": [{"index": 0, "finish_reason": "stop",
+                                     "message": {"role": "assistant", "content": format!("[{model}] {last}")}}],
+                    });
+                    return Json(body).into_response();
+                }
+            }
+        }
+    }
+
+    pub fn set_mode(&self, mode: LlmMode) {
+        *self.mode.lock().unwrap() = mode;
+        self.changed.notify_waiters();
+    }
+
+    /// Every request body received so far.
+    pub fn requests(&self) -> Vec<Value> {
+        self.requests.lock().unwrap().clone()
+    }
+
+    /// Waits until at least `n` requests have arrived.
+    pub async fn wait_for_requests(&self, n: usize) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while self.requests.lock().unwrap().len() < n {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the model stub saw fewer than {n} requests"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// A message a human saw in a room.
+#[derive(Clone, Debug)]
+pub struct Seen {
+    pub room_id: OwnedRoomId,
+    pub event_id: OwnedEventId,
+    pub sender: OwnedUserId,
+    pub content: Value,
+}
+
+impl Seen {
+    pub fn body(&self) -> &str {
+        self.content["body"].as_str().unwrap_or("")
+    }
+    pub fn in_reply_to(&self) -> Option<&str> {
+        self.content["m.relates_to"]["m.in_reply_to"]["event_id"].as_str()
+    }
+}
+
+/// A real person on the homeserver, with a matrix-sdk client that syncs in the background.
+pub struct Human {
+    pub client: Client,
+    pub user_id: OwnedUserId,
+    pub access_token: String,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    arrived: Arc<Notify>,
+    sync: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Human {
+    fn drop(&mut self) {
+        self.sync.abort();
+    }
+}
+
+/// Registers `localpart` through Synapse's shared-secret admin API and returns its password.
+pub async fn register_user(localpart: &str) -> String {
+    use hmac::{Hmac, Mac};
+    let synapse = synapse();
+    let secret = std::fs::read_to_string(synapse.dir.join("shared_secret")).unwrap();
+    let password = format!("pw-{localpart}-secret");
+    let http = ::reqwest::Client::new();
+    let url = format!("{}/_synapse/admin/v1/register", synapse.url);
+    let nonce: Value = http.get(&url).send().await.unwrap().json().await.unwrap();
+    let nonce = nonce["nonce"].as_str().unwrap();
+    let mut mac = Hmac::<sha1::Sha1>::new_from_slice(secret.trim().as_bytes()).unwrap();
+    mac.update(format!("{nonce}\0{localpart}\0{password}\0notadmin").as_bytes());
+    let body = json!({
+        "nonce": nonce, "username": localpart, "password": password, "admin": false,
+        "mac": hex::encode(mac.finalize().into_bytes()),
+    });
+    let response = http.post(&url).json(&body).send().await.unwrap();
+    assert!(
+        response.status().is_success(),
+        "registering {localpart}: {}",
+        response.text().await.unwrap()
+    );
+    password
+}
+
+/// A unique localpart for this test run.
+pub fn unique(prefix: &str) -> String {
+    static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("{prefix}{}x{n}", std::process::id())
+}
+
+impl Human {
+    /// A fresh user, logged in and syncing.
+    pub async fn new(prefix: &str) -> Human {
+        let localpart = unique(prefix);
+        let password = register_user(&localpart).await;
+        let client = Client::builder()
+            .homeserver_url(&synapse().url)
+            .build()
+            .await
+            .unwrap();
+        let login = client
+            .matrix_auth()
+            .login_username(&localpart, &password)
+            .send()
+            .await
+            .unwrap();
+        client.sync_once(SyncSettings::default()).await.unwrap();
+        let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
+        let arrived = Arc::new(Notify::new());
+        let (record, notify) = (seen.clone(), arrived.clone());
+        client.add_event_handler(
+            move |event: OriginalSyncRoomMessageEvent, room: matrix_sdk::Room| {
+                let (record, notify) = (record.clone(), notify.clone());
+                async move {
+                    record.lock().unwrap().push(Seen {
+                        room_id: room.room_id().to_owned(),
+                        event_id: event.event_id.clone(),
+                        sender: event.sender.clone(),
+                        content: serde_json::to_value(&event.content).unwrap(),
+                    });
+                    notify.notify_waiters();
+                }
+            },
+        );
+        let sync_client = client.clone();
+        let sync = tokio::spawn(async move {
+            let _ = sync_client
+                .sync(SyncSettings::default().timeout(Duration::from_secs(2)))
+                .await;
+        });
+        Human {
+            client,
+            user_id: login.user_id,
+            access_token: login.access_token,
+            seen,
+            arrived,
+            sync,
+        }
+    }
+
+    /// Creates a room with `agents` invited; a DM when `direct`.
+    pub async fn create_room(&self, agents: &[&str], direct: bool) -> OwnedRoomId {
+        let mut request = CreateRoomRequest::new();
+        request.invite = agents.iter().map(|a| agent_id(a)).collect();
+        request.is_direct = direct;
+        request.preset = Some(if direct {
+            RoomPreset::TrustedPrivateChat
+        } else {
+            RoomPreset::PrivateChat
+        });
+        request.name = (!direct).then(|| "e2e project".to_owned());
+        self.client
+            .create_room(request)
+            .await
+            .unwrap()
+            .room_id()
+            .to_owned()
+    }
+
+    /// Waits until `user` is joined to `room` (asked over the REST API).
+    pub async fn wait_joined(&self, room: &OwnedRoomId, user: &OwnedUserId) {
+        let url = format!(
+            "{}/_matrix/client/v3/rooms/{room}/joined_members",
+            synapse().url
+        );
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let members: Value = ::reqwest::Client::new()
+                .get(&url)
+                .bearer_auth(&self.access_token)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            if members["joined"].get(user.as_str()).is_some() {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{user} never joined {room}: {members}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Sends a plain-text message and returns its event ID.
+    pub async fn send(&self, room: &OwnedRoomId, text: &str) -> OwnedEventId {
+        self.send_content(room, RoomMessageEventContent::text_plain(text))
+            .await
+    }
+
+    pub async fn send_content(
+        &self,
+        room: &OwnedRoomId,
+        content: RoomMessageEventContent,
+    ) -> OwnedEventId {
+        let room = self
+            .client
+            .get_room(room)
+            .expect("the human is in the room");
+        room.send(content).await.unwrap().response.event_id
+    }
+
+    /// Waits for a message matching `matches` and returns it.
+    pub async fn wait_for(&self, what: &str, matches: impl Fn(&Seen) -> bool) -> Seen {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let arrived = self.arrived.notified();
+            if let Some(found) = self.seen.lock().unwrap().iter().find(|s| matches(s)) {
+                return found.clone();
+            }
+            if tokio::time::timeout_at(deadline, arrived).await.is_err() {
+                let seen: Vec<String> = self
+                    .seen
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .map(|s| format!("{} in {}: {}", s.sender, s.room_id, s.body()))
+                    .collect();
+                panic!("timed out waiting for {what}; seen:\n{}", seen.join("\n"));
+            }
+        }
+    }
+
+    /// Every message seen so far that matches.
+    pub fn seen(&self, matches: impl Fn(&Seen) -> bool) -> Vec<Seen> {
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|s| matches(s))
+            .cloned()
+            .collect()
+    }
+
+    /// Waits for the reply of `agent` to `event` in `room`.
+    pub async fn wait_reply(&self, room: &OwnedRoomId, agent: &str, event: &OwnedEventId) -> Seen {
+        let agent = agent_id(agent);
+        self.wait_for(&format!("a reply from {agent} to {event}"), |s| {
+            &s.room_id == room && s.sender == agent && s.in_reply_to() == Some(event.as_str())
+        })
+        .await
+    }
+}
+
+/// `@<agent>:localhost`.
+pub fn agent_id(agent: &str) -> OwnedUserId {
+    format!("@{agent}:{SERVER_NAME}").try_into().unwrap()
+}
