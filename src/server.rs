@@ -146,8 +146,9 @@ pub async fn provision_agents(config: &Config, matrix: &MatrixClient) {
             tracing::warn!(agent = %agent.id, error = %e, "could not set display name");
         }
         if let Some(avatar) = &agent.avatar {
-            match ruma::OwnedMxcUri::try_from(avatar.as_str()) {
-                Ok(url) => {
+            let url = ruma::OwnedMxcUri::from(avatar.as_str());
+            match url.validate() {
+                Ok(_) => {
                     if let Err(e) = matrix.set_avatar_url(&user, url).await {
                         tracing::warn!(agent = %agent.id, error = %e, "could not set avatar");
                     }

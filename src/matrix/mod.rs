@@ -216,6 +216,22 @@ impl MatrixClient {
         R::PathBuilder: PathInput,
         for<'a> R::Authentication: AuthScheme<Input<'a> = SendAccessToken<'a>>,
     {
+        self.send_once_with(request, user, SendAccessToken::Appservice(&self.as_token))
+            .await
+    }
+
+    /// One attempt, authenticated with `token`.
+    async fn send_once_with<R>(
+        &self,
+        request: R,
+        user: Option<&UserId>,
+        token: SendAccessToken<'_>,
+    ) -> Result<R::IncomingResponse, MatrixError>
+    where
+        R: OutgoingRequest,
+        R::PathBuilder: PathInput,
+        for<'a> R::Authentication: AuthScheme<Input<'a> = SendAccessToken<'a>>,
+    {
         let http_request = {
             let versions = self
                 .versions
@@ -224,7 +240,7 @@ impl MatrixClient {
             let mut http_request = request
                 .try_into_http_request::<Vec<u8>>(
                     &self.base_url,
-                    SendAccessToken::Appservice(&self.as_token),
+                    token,
                     <R::PathBuilder as PathInput>::input(&versions),
                 )
                 .map_err(|e| MatrixError::Permanent {
@@ -278,7 +294,12 @@ impl MatrixClient {
     /// `GET /_matrix/client/versions`; remembers the answer for path selection.
     pub async fn get_versions(&self) -> Result<Vec<String>, MatrixError> {
         let response = self
-            .send_once(discovery::get_supported_versions::Request::new(), None)
+            // Anonymous: reachability must not depend on the token being right.
+            .send_once_with(
+                discovery::get_supported_versions::Request::new(),
+                None,
+                SendAccessToken::None,
+            )
             .await?;
         *self
             .versions
@@ -470,5 +491,108 @@ mod tests {
         assert_eq!(error.to_string(), "HTTP 403 M_FORBIDDEN: not in room");
         let error = classify_error(404, b"not json");
         assert_eq!(error.to_string(), "HTTP 404 M_UNKNOWN: not json");
+    }
+
+    type Seen = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
+    type Script = std::sync::Arc<std::sync::Mutex<std::vec::IntoIter<(u16, &'static str)>>>;
+
+    /// A homeserver stub for the send endpoint that answers with `responses` in turn and
+    /// records each request's URI.
+    async fn send_stub(responses: Vec<(u16, &'static str)>) -> (String, Seen) {
+        use axum::extract::{OriginalUri, State};
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let responses = std::sync::Arc::new(std::sync::Mutex::new(responses.into_iter()));
+        let app = axum::Router::new()
+            .route(
+                "/_matrix/client/v3/rooms/{room}/send/{event_type}/{txn}",
+                axum::routing::put(
+                    |State((seen, responses)): State<(Seen, Script)>,
+                     OriginalUri(uri): OriginalUri| async move {
+                        seen.lock().unwrap().push(uri.to_string());
+                        let (status, body) =
+                            responses.lock().unwrap().next().unwrap_or((500, "{}"));
+                        (axum::http::StatusCode::from_u16(status).unwrap(), body)
+                    },
+                ),
+            )
+            .with_state((seen.clone(), responses));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        (url, seen)
+    }
+
+    fn fast_retries() -> RetryPolicy {
+        RetryPolicy {
+            attempts: 4,
+            initial_backoff: Duration::from_millis(10),
+            max_backoff: Duration::from_millis(50),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_rate_limited_send_is_retried_with_the_same_transaction_id_as_the_agent() {
+        let (url, seen) = send_stub(vec![
+            (
+                429,
+                r#"{"errcode":"M_LIMIT_EXCEEDED","error":"slow down","retry_after_ms":20}"#,
+            ),
+            (502, "bad gateway"),
+            (200, r#"{"event_id":"$sent"}"#),
+        ])
+        .await;
+        let client = MatrixClient::new(&url, "as-token", fast_retries());
+        let user = ruma::user_id!("@damon:hs");
+        let room = ruma::room_id!("!room:hs");
+        let txn = <&TransactionId>::from("agentbus-abc");
+        let event_id = client
+            .send_message(
+                user,
+                room,
+                txn,
+                &serde_json::json!({"msgtype": "m.text", "body": "hi"}),
+            )
+            .await
+            .unwrap();
+        assert_eq!(event_id.as_str(), "$sent");
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.len(), 3);
+        for uri in seen.iter() {
+            assert_eq!(
+                uri,
+                "/_matrix/client/v3/rooms/!room:hs/send/m.room.message/agentbus-abc?user_id=%40damon%3Ahs"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_permanent_error_is_not_retried() {
+        let (url, seen) = send_stub(vec![(
+            403,
+            r#"{"errcode":"M_FORBIDDEN","error":"not in room"}"#,
+        )])
+        .await;
+        let client = MatrixClient::new(&url, "as-token", fast_retries());
+        let error = client
+            .send_message(
+                ruma::user_id!("@damon:hs"),
+                ruma::room_id!("!room:hs"),
+                "t1".into(),
+                &serde_json::json!({}),
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(error.errcode(), Some("M_FORBIDDEN"));
+        assert_eq!(seen.lock().unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_homeserver_gives_up_after_the_attempts_as_a_network_error() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        drop(listener);
+        let client = MatrixClient::new(&url, "as-token", fast_retries());
+        let error = client.ensure_registered("damon").await.unwrap_err();
+        assert!(matches!(error, MatrixError::Network(_)), "{error}");
     }
 }

@@ -194,9 +194,9 @@ pub struct Agentbus {
 }
 
 impl Agentbus {
-    /// Starts agentbus with every agent on an OpenAI-compatible provider at `llm_url`
-    /// (model = the agent id), and waits until it reports it is running.
-    pub async fn start(llm_url: &str) -> Agentbus {
+    /// A directory holding `agentbus.yaml` with every agent on an OpenAI-compatible
+    /// provider at `llm_url` (model `<agent>-model`).
+    pub fn write_config(llm_url: &str) -> tempfile::TempDir {
         let synapse = synapse();
         let dir = tempfile::tempdir().unwrap();
         let config = format!(
@@ -214,13 +214,28 @@ agents:
             synapse.url, synapse.appservice_port
         );
         std::fs::write(dir.path().join("agentbus.yaml"), config).unwrap();
-        let mut bus = Agentbus {
-            dir,
-            child: None,
-            url: format!("http://127.0.0.1:{}", synapse.appservice_port),
-        };
+        dir
+    }
+
+    /// Starts agentbus with every agent on an OpenAI-compatible provider at `llm_url`
+    /// (model = the agent id), and waits until it reports it is running.
+    pub async fn start(llm_url: &str) -> Agentbus {
+        let mut bus = Agentbus::configured(Self::write_config(llm_url));
         bus.spawn().await;
         bus
+    }
+
+    /// An instance for a written config, not started (for CLI tests).
+    pub fn configured(dir: tempfile::TempDir) -> Agentbus {
+        Agentbus {
+            dir,
+            child: None,
+            url: format!("http://127.0.0.1:{}", synapse().appservice_port),
+        }
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("agentbus.yaml")
     }
 
     fn log_path(&self) -> PathBuf {
@@ -412,6 +427,8 @@ pub struct Human {
     pub client: Client,
     pub user_id: OwnedUserId,
     pub access_token: String,
+    pub localpart: String,
+    pub password: String,
     seen: Arc<Mutex<Vec<Seen>>>,
     arrived: Arc<Notify>,
     sync: tokio::task::JoinHandle<()>,
@@ -499,6 +516,8 @@ impl Human {
             client,
             user_id: login.user_id,
             access_token: login.access_token,
+            localpart,
+            password,
             seen,
             arrived,
             sync,
