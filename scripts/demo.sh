@@ -84,7 +84,7 @@ YAML
 fi
 CONFIG="$STATE/agentbus.yaml"
 # Validates the config too: a mistake stops the demo here with the key that is wrong.
-"$BIN" --config "$CONFIG" registration --output "$STATE/registration.yaml" >/dev/null
+"$BIN" --config "$CONFIG" registration --output "$STATE/registration.yaml" 2>/dev/null
 
 step "starting Synapse on $HS_URL"
 "$HS" start --dir "$STATE/synapse" --port "$HS_PORT" --server-name "$SERVER_NAME" --registration "$STATE/registration.yaml"
@@ -108,7 +108,8 @@ if [ ! -f "$STATE/demo-password" ]; then
     python3 -c 'import secrets; print(secrets.token_urlsafe(12))' > "$STATE/demo-password"
 fi
 PASSWORD="$(cat "$STATE/demo-password")"
-"$HS" register --dir "$STATE/synapse" --user demo --password "$PASSWORD" >/dev/null
+"$HS" register --dir "$STATE/synapse" --user demo --password "$PASSWORD" >/dev/null 2>&1 \
+    || die "cannot create the demo user (see $STATE/synapse/synapse.log)"
 
 json() { python3 -c 'import json,sys; print(json.load(sys.stdin)'"$1"')'; }
 TOKEN="$(curl -sf -X POST "$HS_URL/_matrix/client/v3/login" -H 'content-type: application/json' \
