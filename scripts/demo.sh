@@ -84,7 +84,8 @@ YAML
 fi
 CONFIG="$STATE/agentbus.yaml"
 # Validates the config too: a mistake stops the demo here with the key that is wrong.
-"$BIN" --config "$CONFIG" registration --output "$STATE/registration.yaml" 2>/dev/null
+"$BIN" --config "$CONFIG" registration --output "$STATE/registration.yaml" 2>"$STATE/registration.err" \
+    || { cat "$STATE/registration.err" >&2; exit 2; }
 
 step "starting Synapse on $HS_URL"
 "$HS" start --dir "$STATE/synapse" --port "$HS_PORT" --server-name "$SERVER_NAME" --registration "$STATE/registration.yaml"

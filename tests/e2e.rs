@@ -13,8 +13,7 @@ async fn a_dm_gets_a_reply_that_points_at_the_message_with_context() {
     let llm = LlmStub::start(LlmMode::Answer).await;
     let _bus = Agentbus::start(&llm.url).await;
     let alice = Human::new("alice").await;
-    let dm = alice.create_room(&["damon"], true).await;
-    alice.wait_joined(&dm, &agent_id("damon")).await;
+    let dm = alice.dm_with("damon").await;
 
     let first = alice.send(&dm, "hello damon").await;
     let reply = alice.wait_reply(&dm, "damon", &first).await;
@@ -110,16 +109,10 @@ async fn the_same_transaction_delivered_twice_is_answered_once() {
     let llm = LlmStub::start(LlmMode::Answer).await;
     let bus = Agentbus::start(&llm.url).await;
     let dave = Human::new("dave").await;
-    let dm = dave.create_room(&["damon"], true).await;
-    dave.wait_joined(&dm, &agent_id("damon")).await;
+    let dm = dave.dm_with("damon").await;
 
     // An event as the homeserver would deliver it, PUT twice under one txnId.
-    let fake_id = format!("$redelivered-{}", support::unique("ev"));
-    let body = json!({"events": [{
-        "type": "m.room.message", "room_id": dm, "sender": dave.user_id, "event_id": fake_id,
-        "origin_server_ts": 1_700_000_000_000u64,
-        "content": {"msgtype": "m.text", "body": "delivered twice"},
-    }]});
+    let (fake_id, body) = support::delivered_message(&dm, &dave.user_id, "delivered twice");
     let http = reqwest::Client::new();
     let url = format!(
         "{}/_matrix/app/v1/transactions/redelivery-{}",
@@ -140,7 +133,6 @@ async fn the_same_transaction_delivered_twice_is_answered_once() {
             json!({})
         );
     }
-    let fake_id: matrix_sdk::ruma::OwnedEventId = fake_id.try_into().unwrap();
     dave.wait_reply(&dm, "damon", &fake_id).await;
     let sentinel = dave.send(&dm, "sentinel").await;
     dave.wait_reply(&dm, "damon", &sentinel).await;
@@ -158,14 +150,9 @@ async fn bad_tokens_and_bodies_are_refused_and_journal_nothing() {
     let llm = LlmStub::start(LlmMode::Answer).await;
     let bus = Agentbus::start(&llm.url).await;
     let erin = Human::new("erin").await;
-    let dm = erin.create_room(&["damon"], true).await;
-    erin.wait_joined(&dm, &agent_id("damon")).await;
+    let dm = erin.dm_with("damon").await;
 
-    let event_id = format!("$refused-{}", support::unique("ev"));
-    let body = json!({"events": [{
-        "type": "m.room.message", "room_id": dm, "sender": erin.user_id, "event_id": event_id,
-        "origin_server_ts": 1_700_000_000_000u64, "content": {"msgtype": "m.text", "body": "let me in"},
-    }]});
+    let (event_id, body) = support::delivered_message(&dm, &erin.user_id, "let me in");
     let url = format!(
         "{}/_matrix/app/v1/transactions/{}",
         bus.url,
@@ -228,7 +215,6 @@ async fn bad_tokens_and_bodies_are_refused_and_journal_nothing() {
         .await
         .unwrap();
     assert_eq!(ok.status(), 200);
-    let event_id: matrix_sdk::ruma::OwnedEventId = event_id.try_into().unwrap();
     let reply = erin.wait_reply(&dm, "damon", &event_id).await;
     assert_eq!(reply.body(), "[damon-model] let me in");
     assert_eq!(
@@ -246,9 +232,7 @@ async fn a_killed_agentbus_answers_every_journaled_message_exactly_once_after_re
     let frank = Human::new("frank").await;
     let mut rooms = Vec::new();
     for agent in ["damon", "coder", "researcher"] {
-        let dm = frank.create_room(&[agent], true).await;
-        frank.wait_joined(&dm, &agent_id(agent)).await;
-        rooms.push((agent, dm));
+        rooms.push((agent, frank.dm_with(agent).await));
     }
     let mut asked = Vec::new();
     for (agent, dm) in &rooms {
@@ -299,8 +283,7 @@ async fn a_failing_provider_leaves_a_clear_notice_in_the_room() {
     let llm = LlmStub::start(LlmMode::Fail).await;
     let _bus = Agentbus::start(&llm.url).await;
     let gina = Human::new("gina").await;
-    let dm = gina.create_room(&["coder"], true).await;
-    gina.wait_joined(&dm, &agent_id("coder")).await;
+    let dm = gina.dm_with("coder").await;
 
     let question = gina.send(&dm, "are you there?").await;
     let notice = gina.wait_reply(&dm, "coder", &question).await;
@@ -308,5 +291,47 @@ async fn a_failing_provider_leaves_a_clear_notice_in_the_room() {
     assert_eq!(
         notice.body(),
         "⚠️ Coder could not answer: the model provider returned HTTP 500: the stub model is down"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_encrypted_message_gets_a_notice_instead_of_silence() {
+    let _one_at_a_time = exclusive().await;
+    let llm = LlmStub::start(LlmMode::Answer).await;
+    let bus = Agentbus::start(&llm.url).await;
+    let hana = Human::new("hana").await;
+    let dm = hana.dm_with("researcher").await;
+
+    // What Element sends in an encrypted room, delivered as the homeserver would.
+    let (event_id, mut body) = support::delivered_message(&dm, &hana.user_id, "");
+    body["events"][0]["type"] = json!("m.room.encrypted");
+    body["events"][0]["content"] = json!({
+        "algorithm": "m.megolm.v1.aes-sha2", "ciphertext": "AwgAEnACgAkLmt6qF84IK++J7UDH2Za1YVchHyprqTqsg",
+        "sender_key": "IlRMeOPX2e0MurIyfWEucYBRVOEEUMrOHqn/8mLqMjA", "session_id": "X3lUlvLELLYxeTx4yOVu6UDpasGEVO0Jbu+QFnm0cKQ",
+    });
+    let url = format!(
+        "{}/_matrix/app/v1/transactions/{}",
+        bus.url,
+        support::unique("t")
+    );
+    let response = reqwest::Client::new()
+        .put(&url)
+        .bearer_auth(hs_token())
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+
+    let notice = hana.wait_reply(&dm, "researcher", &event_id).await;
+    assert_eq!(notice.content["msgtype"], "m.notice");
+    assert!(
+        notice.body().contains("end-to-end encrypted"),
+        "{}",
+        notice.body()
+    );
+    assert!(
+        llm.requests().is_empty(),
+        "nothing unreadable was sent to the model"
     );
 }

@@ -543,6 +543,13 @@ impl Human {
             .to_owned()
     }
 
+    /// A direct chat with `agent`, once the agent has joined it.
+    pub async fn dm_with(&self, agent: &str) -> OwnedRoomId {
+        let dm = self.create_room(&[agent], true).await;
+        self.wait_joined(&dm, &agent_id(agent)).await;
+        dm
+    }
+
     /// Waits until `user` is joined to `room` (asked over the REST API).
     pub async fn wait_joined(&self, room: &OwnedRoomId, user: &OwnedUserId) {
         let url = format!(
@@ -629,6 +636,21 @@ impl Human {
         })
         .await
     }
+}
+
+/// A fresh text message by `sender` in `room` as the homeserver would deliver it in a
+/// transaction body (for tests that PUT transactions themselves): its event ID and the body.
+pub fn delivered_message(
+    room: &OwnedRoomId,
+    sender: &OwnedUserId,
+    text: &str,
+) -> (OwnedEventId, Value) {
+    let event_id: OwnedEventId = format!("$made-up-{}", unique("ev")).try_into().unwrap();
+    let body = json!({"events": [{
+        "type": "m.room.message", "room_id": room, "sender": sender, "event_id": event_id,
+        "origin_server_ts": 1_700_000_000_000u64, "content": {"msgtype": "m.text", "body": text},
+    }]});
+    (event_id, body)
 }
 
 /// `@<agent>:localhost`.
