@@ -61,6 +61,7 @@ fn free_port() -> u16 {
 pub fn synapse() -> &'static Synapse {
     static SYNAPSE: OnceLock<Synapse> = OnceLock::new();
     SYNAPSE.get_or_init(|| {
+        remove_stale_homeservers();
         let dir = std::env::temp_dir().join(format!("agentbus-e2e-synapse-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
@@ -108,6 +109,23 @@ pub fn synapse() -> &'static Synapse {
             appservice_port,
         }
     })
+}
+
+/// Deletes the homeserver directories of earlier test runs whose process is gone.
+fn remove_stale_homeservers() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if let Some(pid) = name
+            .strip_prefix("agentbus-e2e-synapse-")
+            .and_then(|p| p.parse::<u32>().ok())
+            && !Path::new(&format!("/proc/{pid}")).exists()
+        {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
 }
 
 /// A blocking "does this URL answer 200" without pulling in reqwest's blocking feature.
