@@ -19,6 +19,8 @@ use crate::ops::checks::{self, CheckFailure, EXIT_LOCAL_SETUP};
 use crate::store::{SledStore, Store};
 use crate::{AppState, appservice, llm};
 
+/// How long txnIds and processed event_ids are remembered for deduplication.
+const DEDUPE_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
 /// How long shutdown waits for in-flight answers before leaving them to the journal.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
 
@@ -99,6 +101,7 @@ pub async fn serve(
     }
     provision_agents(&config, &state.matrix).await;
 
+    tokio::spawn(prune_daily(state.store.clone(), shutdown.clone()));
     let pending = state.store.pending_events().map_err(|e| {
         CheckFailure::new(EXIT_LOCAL_SETUP, format!("✗ cannot read the journal: {e}"))
     })?;
@@ -131,6 +134,25 @@ pub async fn serve(
         );
     }
     Ok(())
+}
+
+/// Prunes old dedupe records now and once a day until shutdown.
+async fn prune_daily(store: Arc<dyn Store>, shutdown: CancellationToken) {
+    loop {
+        let pruning = store.clone();
+        match tokio::task::spawn_blocking(move || pruning.prune_dedupe_records(DEDUPE_RETENTION))
+            .await
+        {
+            Ok(Ok(0)) => {}
+            Ok(Ok(n)) => tracing::info!(records = n, "pruned old txnId / event_id dedupe records"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "could not prune dedupe records"),
+            Err(e) => tracing::warn!(error = %e, "dedupe pruning task failed"),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(24 * 3600)) => {}
+        }
+    }
 }
 
 /// Registers every agent and sets its profile. Failures are logged, not fatal: an agent

@@ -73,6 +73,10 @@ pub trait Store: Send + Sync {
     /// Removes journal entry `seq` and records `event_id` as processed, atomically.
     fn finish_event(&self, seq: u64, event_id: &ruma::EventId) -> Result<(), StoreError>;
 
+    /// Forgets txnIds and processed event_ids recorded more than `age` ago; returns how
+    /// many records were removed. Homeservers redeliver within minutes, not days.
+    fn prune_dedupe_records(&self, age: std::time::Duration) -> Result<usize, StoreError>;
+
     /// Appends a line to a room's history.
     fn append_history(&self, room_id: &RoomId, entry: &HistoryEntry) -> Result<(), StoreError>;
 
@@ -180,6 +184,22 @@ macro_rules! store_conformance_tests {
                 panic!("expected Journaled")
             };
             assert!(later[0].seq > seqs[1]);
+        }
+
+        #[test]
+        fn pruning_forgets_only_old_dedupe_records() {
+            let (store, _guard) = $fresh;
+            let JournalOutcome::Journaled(journaled) = store.journal_transaction("t1", vec![event(1, "!a")]).unwrap()
+            else {
+                panic!("expected Journaled")
+            };
+            store.finish_event(journaled[0].seq, &journaled[0].event_id).unwrap();
+            assert_eq!(store.prune_dedupe_records(std::time::Duration::from_secs(3600)).unwrap(), 0);
+            assert!(store.is_processed(&journaled[0].event_id).unwrap());
+            std::thread::sleep(std::time::Duration::from_millis(5));
+            assert_eq!(store.prune_dedupe_records(std::time::Duration::ZERO).unwrap(), 2);
+            assert!(!store.is_processed(&journaled[0].event_id).unwrap());
+            assert!(matches!(store.journal_transaction("t1", vec![]).unwrap(), JournalOutcome::Journaled(_)));
         }
 
         #[test]

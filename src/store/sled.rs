@@ -147,6 +147,29 @@ impl Store for SledStore {
         self.flush()
     }
 
+    fn prune_dedupe_records(&self, age: std::time::Duration) -> Result<usize, StoreError> {
+        let cutoff = u64::from_be_bytes(now_ms()).saturating_sub(age.as_millis() as u64);
+        let mut removed = 0;
+        for tree in [&self.txns, &self.processed] {
+            for item in tree.iter() {
+                let (key, stamp) =
+                    item.map_err(|e| StoreError(format!("cannot scan dedupe records: {e}")))?;
+                let recorded = stamp
+                    .as_ref()
+                    .try_into()
+                    .map(u64::from_be_bytes)
+                    .unwrap_or(0);
+                if recorded < cutoff {
+                    tree.remove(key)
+                        .map_err(|e| StoreError(format!("cannot prune dedupe records: {e}")))?;
+                    removed += 1;
+                }
+            }
+        }
+        self.flush()?;
+        Ok(removed)
+    }
+
     fn append_history(&self, room_id: &RoomId, entry: &HistoryEntry) -> Result<(), StoreError> {
         let seq = self
             .db
