@@ -204,62 +204,87 @@ async fn malformed_bodies_are_refused_and_journal_nothing() {
     );
 }
 
+/// (method, uri, token, body, expected status, expected errcode)
+type Case<'a> = (
+    Method,
+    &'a str,
+    Option<&'a str>,
+    &'a str,
+    StatusCode,
+    Option<&'a str>,
+);
+
 #[tokio::test]
 async fn queries_ping_and_unknown_routes() {
     let h = harness();
-    let (status, answer) = call(
-        &h.app,
-        Method::GET,
-        "/_matrix/app/v1/users/@stranger:hs",
-        Some(HS_TOKEN),
-        "",
-    )
-    .await;
-    assert_eq!(
-        (status, answer["errcode"].as_str()),
-        (StatusCode::NOT_FOUND, Some("M_NOT_FOUND"))
-    );
-    let (status, _) = call(
-        &h.app,
-        Method::GET,
-        "/_matrix/app/v1/users/@damon:elsewhere",
-        Some(HS_TOKEN),
-        "",
-    )
-    .await;
-    assert_eq!(status, StatusCode::NOT_FOUND);
-    let (status, answer) = call(
-        &h.app,
-        Method::GET,
-        "/_matrix/app/v1/rooms/%23project:hs",
-        Some(HS_TOKEN),
-        "",
-    )
-    .await;
-    assert_eq!(
-        (status, answer["errcode"].as_str()),
-        (StatusCode::NOT_FOUND, Some("M_NOT_FOUND"))
-    );
-    let (status, answer) = call(
-        &h.app,
-        Method::POST,
-        "/_matrix/app/v1/ping",
-        Some(HS_TOKEN),
-        r#"{"transaction_id":"p1"}"#,
-    )
-    .await;
-    assert_eq!((status, answer), (StatusCode::OK, json!({})));
-    let (status, answer) = call(&h.app, Method::POST, "/_matrix/app/v1/ping", None, "{}").await;
-    assert_eq!(
-        (status, answer["errcode"].as_str()),
-        (StatusCode::UNAUTHORIZED, Some("M_MISSING_TOKEN"))
-    );
-    for uri in ["/_matrix/app/v1/thirdparty/protocol/irc", "/nothing/here"] {
-        let (status, answer) = call(&h.app, Method::GET, uri, Some(HS_TOKEN), "").await;
+    let ping = r#"{"transaction_id":"p1"}"#;
+    let cases: &[Case] = &[
+        (
+            Method::GET,
+            "/_matrix/app/v1/users/@stranger:hs",
+            Some(HS_TOKEN),
+            "",
+            StatusCode::NOT_FOUND,
+            Some("M_NOT_FOUND"),
+        ),
+        (
+            Method::GET,
+            "/_matrix/app/v1/users/@damon:elsewhere",
+            Some(HS_TOKEN),
+            "",
+            StatusCode::NOT_FOUND,
+            Some("M_NOT_FOUND"),
+        ),
+        (
+            Method::GET,
+            "/_matrix/app/v1/rooms/%23project:hs",
+            Some(HS_TOKEN),
+            "",
+            StatusCode::NOT_FOUND,
+            Some("M_NOT_FOUND"),
+        ),
+        (
+            Method::POST,
+            "/_matrix/app/v1/ping",
+            Some(HS_TOKEN),
+            ping,
+            StatusCode::OK,
+            None,
+        ),
+        (
+            Method::POST,
+            "/_matrix/app/v1/ping",
+            None,
+            "{}",
+            StatusCode::UNAUTHORIZED,
+            Some("M_MISSING_TOKEN"),
+        ),
+        (
+            Method::GET,
+            "/_matrix/app/v1/thirdparty/protocol/irc",
+            Some(HS_TOKEN),
+            "",
+            StatusCode::NOT_FOUND,
+            Some("M_UNRECOGNIZED"),
+        ),
+        (
+            Method::GET,
+            "/nothing/here",
+            Some(HS_TOKEN),
+            "",
+            StatusCode::NOT_FOUND,
+            Some("M_UNRECOGNIZED"),
+        ),
+    ];
+    for (method, uri, token, body, status, errcode) in cases {
+        let (got, answer) = call(&h.app, method.clone(), uri, *token, body).await;
         assert_eq!(
-            (status, answer["errcode"].as_str()),
-            (StatusCode::NOT_FOUND, Some("M_UNRECOGNIZED")),
-            "{uri}"
+            (got, answer["errcode"].as_str()),
+            (*status, *errcode),
+            "{method} {uri}"
         );
+        if *status == StatusCode::OK {
+            assert_eq!(answer, json!({}), "{method} {uri}");
+        }
     }
 }

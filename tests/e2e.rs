@@ -113,25 +113,9 @@ async fn the_same_transaction_delivered_twice_is_answered_once() {
 
     // An event as the homeserver would deliver it, PUT twice under one txnId.
     let (fake_id, body) = support::delivered_message(&dm, &dave.user_id, "delivered twice");
-    let http = reqwest::Client::new();
-    let url = format!(
-        "{}/_matrix/app/v1/transactions/redelivery-{}",
-        bus.url,
-        support::unique("t")
-    );
+    let txn_id = support::unique("redelivery-");
     for _ in 0..2 {
-        let response = http
-            .put(&url)
-            .bearer_auth(hs_token())
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), 200);
-        assert_eq!(
-            response.json::<serde_json::Value>().await.unwrap(),
-            json!({})
-        );
+        assert_eq!(bus.deliver(&txn_id, &body).await, (200, json!({})));
     }
     dave.wait_reply(&dm, "damon", &fake_id).await;
     let sentinel = dave.send(&dm, "sentinel").await;
@@ -309,19 +293,10 @@ async fn an_encrypted_message_gets_a_notice_instead_of_silence() {
         "algorithm": "m.megolm.v1.aes-sha2", "ciphertext": "AwgAEnACgAkLmt6qF84IK++J7UDH2Za1YVchHyprqTqsg",
         "sender_key": "IlRMeOPX2e0MurIyfWEucYBRVOEEUMrOHqn/8mLqMjA", "session_id": "X3lUlvLELLYxeTx4yOVu6UDpasGEVO0Jbu+QFnm0cKQ",
     });
-    let url = format!(
-        "{}/_matrix/app/v1/transactions/{}",
-        bus.url,
-        support::unique("t")
+    assert_eq!(
+        bus.deliver(&support::unique("t"), &body).await,
+        (200, json!({}))
     );
-    let response = reqwest::Client::new()
-        .put(&url)
-        .bearer_auth(hs_token())
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
 
     let notice = hana.wait_reply(&dm, "researcher", &event_id).await;
     assert_eq!(notice.content["msgtype"], "m.notice");

@@ -252,6 +252,21 @@ agents:
         }
     }
 
+    /// PUTs a transaction body straight at the appservice, as the homeserver would (with
+    /// its hs_token), under `txn_id`; returns the status and the JSON answer.
+    pub async fn deliver(&self, txn_id: &str, body: &Value) -> (u16, Value) {
+        let url = format!("{}/_matrix/app/v1/transactions/{txn_id}", self.url);
+        let response = ::reqwest::Client::new()
+            .put(url)
+            .bearer_auth(HS_TOKEN)
+            .json(body)
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
     pub fn config_path(&self) -> PathBuf {
         self.dir.path().join("agentbus.yaml")
     }
