@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use agentbus::AppState;
-use agentbus::appservice::{router, token_digest};
+use agentbus::appservice::router;
 use agentbus::config::Config;
 use agentbus::inbox;
 use agentbus::matrix::MatrixClient;
@@ -26,19 +26,14 @@ fn app(dir: &std::path::Path) -> (axum::Router, inbox::InboxReceiver) {
         r#"
 homeserver: { url: "http://127.0.0.1:1", server_name: example.org }
 appservice: { as_token: as-secret, hs_token: hs-secret }
+admin: { token: admin-secret }
 providers: { echo: { api: echo } }
 agents: [ { id: damon, provider: echo } ]
 "#,
     )
     .unwrap();
-    let (sender, receiver) = inbox::channel();
-    let state = Arc::new(AppState {
-        config: Arc::new(config),
-        hs_token_digest: token_digest("hs-secret"),
-        store: Arc::new(SledStore::open(dir).unwrap()),
-        inbox: sender,
-        matrix: MatrixClient::new("http://127.0.0.1:1", "as-secret", Default::default()),
-    });
+    let matrix = MatrixClient::new("http://127.0.0.1:1", "as-secret", Default::default());
+    let (state, receiver) = AppState::new(config, Arc::new(SledStore::open(dir).unwrap()), matrix);
     (router(state), receiver)
 }
 

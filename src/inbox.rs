@@ -8,25 +8,33 @@
 //! startup the journal's unprocessed events are replayed first.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use ruma::events::Mentions;
 use ruma::{OwnedEventId, OwnedRoomId, OwnedUserId, RoomId};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::agents::{AgentRuntime, Trigger};
 use crate::config::Config;
 use crate::matrix::MatrixClient;
-use crate::router::{Candidate, MessageFacts, RoomFacts, route_message};
+use crate::router::{
+    LoopGuard, MATRIX, MessageFacts, RoomFacts, RouteDecision, RouteInput, Router, Strategy,
+};
 use crate::store::{HistoryEntry, JournaledEvent, Store};
 
 /// Events queued per room before the dispatcher waits.
 const ROOM_QUEUE: usize = 256;
 /// A room worker with nothing to do for this long exits; the next event starts a new one.
 const WORKER_IDLE: Duration = Duration::from_secs(300);
+/// Recent room history handed to the router (threads and replies are looked up in it).
+pub const ROUTING_HISTORY: usize = 100;
+/// How long a pairing code stays valid.
+pub const PAIRING_TTL: Duration = Duration::from_secs(3600);
+/// Content key of the agent-to-agent hop counter.
+pub const HOPS_KEY: &str = "io.agentbus.hops";
 
 /// The handle the transaction handler submits journaled events through.
 #[derive(Clone)]
@@ -58,14 +66,89 @@ impl InboxSender {
     }
 }
 
+/// Resolves the room aliases the config names (group settings, binding peers) to rooms,
+/// so routing can match a room by either. An alias that does not resolve is logged and
+/// left out.
+pub async fn resolve_config_aliases(
+    config: &Config,
+    matrix: &MatrixClient,
+) -> HashMap<OwnedRoomId, Vec<String>> {
+    let named = config
+        .channels
+        .values()
+        .flat_map(|c| c.groups.keys())
+        .chain(
+            config
+                .bindings
+                .iter()
+                .filter_map(|b| b.matches.peer.as_ref()),
+        )
+        .filter(|key| key.starts_with('#'))
+        .collect::<std::collections::BTreeSet<_>>();
+    let mut rooms: HashMap<OwnedRoomId, Vec<String>> = HashMap::new();
+    for alias in named {
+        let parsed = match ruma::RoomAliasId::parse(alias.as_str()) {
+            Ok(parsed) => parsed,
+            Err(e) => {
+                tracing::warn!(alias = %alias, error = %e, "not a valid room alias; ignored");
+                continue;
+            }
+        };
+        match matrix.resolve_alias(&parsed).await {
+            Ok(room_id) => rooms.entry(room_id).or_default().push(alias.clone()),
+            Err(e) => {
+                tracing::warn!(alias = %alias, error = %e, "room alias from the config does not resolve; ignored")
+            }
+        }
+    }
+    rooms
+}
+
 /// Processes events: the per-room logic every worker runs.
 pub struct Inbox {
     config: Arc<Config>,
     store: Arc<dyn Store>,
     matrix: Arc<MatrixClient>,
     runtime: AgentRuntime,
-    candidates: Vec<Candidate>,
+    router: Router,
+    guard: Mutex<LoopGuard>,
     rooms: Mutex<HashMap<OwnedRoomId, RoomFacts>>,
+    /// Aliases named in the config, by the room they resolved to at startup.
+    aliases: RwLock<HashMap<OwnedRoomId, Vec<String>>>,
+}
+
+/// A routing question from the CLI or the admin API: who would answer if `sender` said
+/// `text` in `room`? Nothing is sent or recorded.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteQuery {
+    /// Room ID or alias.
+    pub room: String,
+    /// The sender's user ID.
+    pub sender: String,
+    pub text: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub formatted_body: Option<String>,
+    /// User IDs for `m.mentions.user_ids` (as a client that inserts pills would send).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mentions: Option<Vec<String>>,
+    /// `m.mentions.room` (an `@room` pill).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub room_mention: bool,
+    /// The event replied to (`$…`), or directly the user whose message it was (`@…`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reply_to: Option<String>,
+    /// Thread root event ID.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub thread: Option<String>,
+}
+
+/// Why a [`RouteQuery`] could not be answered.
+#[derive(Debug, thiserror::Error)]
+pub enum ExplainError {
+    /// The query itself is wrong (a malformed ID, an alias that does not exist).
+    #[error("{0}")]
+    BadQuery(String),
 }
 
 /// The fields of an event the inbox looks at.
@@ -89,15 +172,121 @@ impl Inbox {
         matrix: Arc<MatrixClient>,
         runtime: AgentRuntime,
     ) -> Arc<Self> {
-        let candidates = Candidate::all_from_config(&config);
         Arc::new(Self {
+            router: Router::new(&config),
             config,
             store,
             matrix,
             runtime,
-            candidates,
+            guard: Mutex::new(LoopGuard::default()),
             rooms: Mutex::new(HashMap::new()),
+            aliases: RwLock::new(HashMap::new()),
         })
+    }
+
+    /// Sets the config's room aliases, resolved (see [`resolve_config_aliases`]).
+    pub fn set_aliases(&self, aliases: HashMap<OwnedRoomId, Vec<String>>) {
+        *self.aliases.write().expect("alias lock") = aliases;
+        self.rooms.lock().expect("room cache lock").clear();
+    }
+
+    /// Routes `message` in `room_id` under the current loop-guard state.
+    fn decide(
+        &self,
+        room_id: &RoomId,
+        room: &RoomFacts,
+        recent: &[HistoryEntry],
+        message: MessageFacts<'_>,
+    ) -> RouteDecision {
+        let sender_paired = self
+            .store
+            .is_paired(MATRIX, message.sender.as_str())
+            .unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "cannot read pairing approvals; treating sender as unpaired");
+                false
+            });
+        let guard = self.guard.lock().expect("loop guard lock");
+        self.router.route(&RouteInput {
+            channel: MATRIX,
+            room_id,
+            room,
+            message,
+            recent,
+            sender_paired,
+            guard: &guard,
+        })
+    }
+
+    /// Answers a [`RouteQuery`] the way a real message would be routed now, without
+    /// sending or recording anything.
+    pub async fn explain(&self, query: &RouteQuery) -> Result<RouteDecision, ExplainError> {
+        let bad = |what: &str, value: &str, e: &dyn std::fmt::Display| {
+            ExplainError::BadQuery(format!("{what} {value:?}: {e}"))
+        };
+        let room_id: OwnedRoomId = if query.room.starts_with('#') {
+            let alias = ruma::RoomAliasId::parse(query.room.as_str())
+                .map_err(|e| bad("invalid room alias", &query.room, &e))?;
+            self.matrix
+                .resolve_alias(&alias)
+                .await
+                .map_err(|e| bad("cannot resolve room alias", &query.room, &e))?
+        } else {
+            RoomId::parse(query.room.as_str())
+                .map_err(|e| bad("invalid room ID", &query.room, &e))?
+        };
+        let sender = ruma::UserId::parse(query.sender.as_str())
+            .map_err(|e| bad("invalid sender user ID", &query.sender, &e))?;
+        let mentions = match &query.mentions {
+            None if !query.room_mention => None,
+            listed => {
+                let mut mentions = Mentions::new();
+                for user in listed.iter().flatten() {
+                    mentions.user_ids.insert(
+                        ruma::UserId::parse(user.as_str())
+                            .map_err(|e| bad("invalid mentioned user ID", user, &e))?,
+                    );
+                }
+                mentions.room = query.room_mention;
+                Some(mentions)
+            }
+        };
+        let thread_root = query
+            .thread
+            .as_deref()
+            .map(|t| {
+                ruma::EventId::parse(t).map_err(|e| bad("invalid thread root event ID", t, &e))
+            })
+            .transpose()?;
+        let room = self.room_facts(&room_id).await;
+        let recent = self
+            .store
+            .recent_history(&room_id, ROUTING_HISTORY)
+            .unwrap_or_default();
+        let reply_to_sender = match query.reply_to.as_deref() {
+            None => None,
+            Some(user) if user.starts_with('@') => Some(
+                ruma::UserId::parse(user).map_err(|e| bad("invalid reply_to user ID", user, &e))?,
+            ),
+            Some(event) => {
+                let event_id = ruma::EventId::parse(event)
+                    .map_err(|e| bad("invalid reply_to event ID", event, &e))?;
+                self.sender_of(&room_id, &room, &recent, &event_id).await
+            }
+        };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let message = MessageFacts {
+            sender: &sender,
+            body: &query.text,
+            formatted_body: query.formatted_body.as_deref(),
+            mentions: mentions.as_ref(),
+            reply_to_sender: reply_to_sender.as_deref(),
+            thread_root: thread_root.as_deref(),
+            hops: 0,
+            ts: now,
+        };
+        Ok(self.decide(&room_id, &room, &recent, message))
     }
 
     /// Drains `pending` (the journal at startup) and then everything submitted through the
@@ -247,7 +436,7 @@ impl Inbox {
 
     async fn on_message(&self, event: &JournaledEvent, envelope: &Envelope) {
         let from_own_user = self.config.is_own_user(&envelope.sender);
-        if from_own_user {
+        if from_own_user && !self.config.routing.agent_to_agent.enabled {
             return;
         }
         let content = &envelope.content;
@@ -266,32 +455,6 @@ impl Inbox {
         let Some(body) = content.get("body").and_then(|b| b.as_str()) else {
             return;
         };
-        let entry = HistoryEntry {
-            event_id: event.event_id.clone(),
-            sender: envelope.sender.clone(),
-            body: body.to_owned(),
-            ts: envelope.origin_server_ts,
-        };
-        if let Err(e) = self.store.append_history(&event.room_id, &entry) {
-            tracing::warn!(room_id = %event.room_id, error = %e, "could not record message in history");
-        }
-
-        let mentions: Option<Mentions> = content
-            .get("m.mentions")
-            .and_then(|m| serde_json::from_value(m.clone()).ok());
-        let room = self.room_facts(&event.room_id).await;
-        let facts = MessageFacts {
-            sender: &envelope.sender,
-            body,
-            formatted_body: content.get("formatted_body").and_then(|f| f.as_str()),
-            mentions: mentions.as_ref(),
-            from_own_user,
-        };
-        let decision = route_message(&facts, &room, &self.candidates);
-        tracing::info!(
-            room_id = %event.room_id, sender = %envelope.sender, event_id = %event.event_id,
-            targets = ?decision.targets, reason = %decision.reason, "routed"
-        );
         let thread_root: Option<OwnedEventId> = (rel_type == Some("m.thread"))
             .then(|| {
                 relation
@@ -300,13 +463,99 @@ impl Inbox {
             })
             .flatten()
             .and_then(|e| ruma::EventId::parse(e).ok());
+        let reply_to: Option<OwnedEventId> = relation
+            .and_then(|r| r.get("m.in_reply_to"))
+            .and_then(|r| r.get("event_id"))
+            .and_then(|e| e.as_str())
+            .and_then(|e| ruma::EventId::parse(e).ok())
+            // In a thread, clients point m.in_reply_to at the latest event as a fallback.
+            .filter(|_| {
+                relation
+                    .and_then(|r| r.get("is_falling_back"))
+                    .and_then(|f| f.as_bool())
+                    != Some(true)
+            });
+        let hops = content
+            .get(HOPS_KEY)
+            .and_then(|h| h.as_u64())
+            .map_or(0, |h| h.min(u64::from(u32::MAX)) as u32);
+        let mentions: Option<Mentions> = content
+            .get("m.mentions")
+            .and_then(|m| serde_json::from_value(m.clone()).ok());
+
+        let room = self.room_facts(&event.room_id).await;
+        let recent = self
+            .store
+            .recent_history(&event.room_id, ROUTING_HISTORY)
+            .unwrap_or_else(|e| {
+                tracing::warn!(room_id = %event.room_id, error = %e, "could not read history; routing without context");
+                Vec::new()
+            });
+        let reply_to_sender = match &reply_to {
+            Some(id) => self.sender_of(&event.room_id, &room, &recent, id).await,
+            None => None,
+        };
+        let message = MessageFacts {
+            sender: &envelope.sender,
+            body,
+            formatted_body: content.get("formatted_body").and_then(|f| f.as_str()),
+            mentions: mentions.as_ref(),
+            reply_to_sender: reply_to_sender.as_deref(),
+            thread_root: thread_root.as_deref(),
+            hops,
+            ts: envelope.origin_server_ts,
+        };
+        let decision = self.decide(&event.room_id, &room, &recent, message);
+        tracing::info!(
+            room_id = %event.room_id, sender = %envelope.sender, event_id = %event.event_id,
+            targets = ?decision.targets, strategy = ?decision.strategy, reason = %decision.reason, "routed"
+        );
+
+        // Our agents' answers are recorded by the runtime as they are sent.
+        if !from_own_user {
+            let entry = HistoryEntry {
+                event_id: event.event_id.clone(),
+                sender: envelope.sender.clone(),
+                body: body.to_owned(),
+                ts: envelope.origin_server_ts,
+                thread_root: thread_root.clone(),
+                routed_to: decision.targets.clone(),
+            };
+            if let Err(e) = self.store.append_history(&event.room_id, &entry) {
+                tracing::warn!(room_id = %event.room_id, error = %e, "could not record message in history");
+            }
+        }
+        if let Some(from) = self.router.agent_of(&envelope.sender) {
+            let a2a = &self.config.routing.agent_to_agent;
+            let mut guard = self.guard.lock().expect("loop guard lock");
+            for target in &decision.targets {
+                if guard.record(
+                    &from.id,
+                    target,
+                    envelope.origin_server_ts,
+                    a2a.pair_limit,
+                    a2a.pair_window,
+                    a2a.cooldown,
+                ) {
+                    tracing::warn!(room_id = %event.room_id, from = %from.id, to = %target, "loop guard: agent pair cooled down");
+                }
+            }
+        }
+
         let trigger = Trigger {
             room_id: &event.room_id,
             event_id: &event.event_id,
             sender: &envelope.sender,
             body,
             thread_root: thread_root.as_deref(),
+            hops: hops + 1,
         };
+        if decision.strategy == Strategy::Pairing {
+            if let Some(agent) = &decision.pairing_agent {
+                self.send_pairing_code(agent, &trigger).await;
+            }
+            return;
+        }
         let answers = decision
             .targets
             .iter()
@@ -321,6 +570,79 @@ impl Inbox {
         futures::future::join_all(answers).await;
     }
 
+    /// Who sent `event_id`: from recent history, else asked of the homeserver as an agent
+    /// in the room.
+    async fn sender_of(
+        &self,
+        room_id: &RoomId,
+        room: &RoomFacts,
+        recent: &[HistoryEntry],
+        event_id: &ruma::EventId,
+    ) -> Option<OwnedUserId> {
+        if let Some(entry) = recent.iter().find(|e| e.event_id == event_id) {
+            return Some(entry.sender.clone());
+        }
+        let reader = self
+            .router
+            .candidates()
+            .iter()
+            .find(|c| room.joined.contains(&c.user_id))?;
+        match self
+            .matrix
+            .event_sender(&reader.user_id, room_id, event_id)
+            .await
+        {
+            Ok(sender) => Some(sender),
+            Err(e) => {
+                tracing::debug!(room_id = %room_id, event_id = %event_id, error = %e, "cannot read the replied-to event");
+                None
+            }
+        }
+    }
+
+    /// Tells an unknown DM sender their pairing code, and nothing else.
+    async fn send_pairing_code(&self, agent_id: &str, trigger: &Trigger<'_>) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let request = match self.store.pairing_request(
+            MATRIX,
+            trigger.sender.as_str(),
+            now,
+            PAIRING_TTL,
+        ) {
+            Ok((request, created)) => {
+                if created {
+                    tracing::info!(sender = %trigger.sender, code = %request.code, "pairing requested; approve with `agentbus pairing approve {}`", request.code);
+                }
+                request
+            }
+            Err(e) => {
+                tracing::error!(sender = %trigger.sender, error = %e, "could not issue a pairing code");
+                return;
+            }
+        };
+        let Some(agent) = self.router.candidates().iter().find(|c| c.id == agent_id) else {
+            return;
+        };
+        let text = format!(
+            "🔐 I don't know you yet, so I can't answer. Your pairing code is {code}. \
+             Ask an admin of this agentbus to approve it with: agentbus pairing approve {code} \
+             (the code expires in {ttl}).",
+            code = request.code,
+            ttl = humantime::format_duration(PAIRING_TTL),
+        );
+        let content = crate::agents::reply_content("m.notice", &text, trigger);
+        let txn = crate::agents::derived_txn_id(trigger.event_id, &agent.id, "pairing");
+        if let Err(e) = self
+            .matrix
+            .send_message(&agent.user_id, trigger.room_id, &txn, &content)
+            .await
+        {
+            tracing::error!(agent = %agent.id, room_id = %trigger.room_id, error = %e, "could not send the pairing code");
+        }
+    }
+
     /// An encrypted message cannot be read; the room's first agent says so rather than
     /// staying silent.
     async fn on_encrypted(&self, event: &JournaledEvent, envelope: &Envelope) {
@@ -329,7 +651,8 @@ impl Inbox {
         }
         let room = self.room_facts(&event.room_id).await;
         let Some(agent) = self
-            .candidates
+            .router
+            .candidates()
             .iter()
             .find(|c| room.joined.contains(&c.user_id))
         else {
@@ -341,6 +664,7 @@ impl Inbox {
             sender: &envelope.sender,
             body: "",
             thread_root: None,
+            hops: 1,
         };
         let text = "🔒 This message is end-to-end encrypted and agents cannot read it. \
                     Please talk to agents in an unencrypted room (in Element: start the chat with encryption turned off).";
@@ -361,7 +685,7 @@ impl Inbox {
             return facts.clone();
         }
         // Ask as each agent in turn; only one that is in the room may see its members.
-        for candidate in &self.candidates {
+        for candidate in self.router.candidates() {
             match self
                 .matrix
                 .joined_members(&candidate.user_id, room_id)
@@ -370,6 +694,13 @@ impl Inbox {
                 Ok(members) => {
                     let facts = RoomFacts {
                         joined: members.into_iter().collect(),
+                        aliases: self
+                            .aliases
+                            .read()
+                            .expect("alias lock")
+                            .get(room_id)
+                            .cloned()
+                            .unwrap_or_default(),
                     };
                     self.rooms
                         .lock()

@@ -7,6 +7,8 @@ use std::time::Duration;
 use agentbus::appservice::registration::{self, Registration};
 use agentbus::client::{SayRequest, say};
 use agentbus::config::Config;
+use agentbus::inbox::RouteQuery;
+use agentbus::ops::admin;
 use agentbus::ops::checks::{self, CheckFailure, EXIT_CONFIG, EXIT_LOCAL_SETUP};
 use agentbus::server::{Services, serve};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -79,12 +81,62 @@ enum Command {
         /// The message.
         text: String,
     },
+    /// Explain who would answer a message, and why, without sending anything.
+    ///
+    /// Asks the running agentbus (admin API); when none is running, routes with the store
+    /// and the homeserver directly. Example:
+    /// agentbus route --room '#project:localhost' --sender @alice:localhost "帮我看看这段代码"
+    Route {
+        /// Room ID (!…) or alias (#…:server).
+        #[arg(long)]
+        room: String,
+        /// The sender's user ID.
+        #[arg(long)]
+        sender: String,
+        /// A user the message mentions with a pill (m.mentions); repeatable.
+        #[arg(long = "mention", value_name = "USER")]
+        mentions: Vec<String>,
+        /// The message replies to this event ($…) or to a message of this user (@…).
+        #[arg(long)]
+        reply_to: Option<String>,
+        /// The message is in the thread with this root event.
+        #[arg(long)]
+        thread: Option<String>,
+        /// Print the decision as JSON (the admin API's answer).
+        #[arg(long)]
+        json: bool,
+        /// The message text.
+        text: String,
+    },
+    /// DM pairing: list requests, approve a code, revoke an approval.
+    Pairing {
+        #[command(subcommand)]
+        command: PairingCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum PairingCommand {
+    /// Pending pairing requests and approved senders.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Approve the sender who was given CODE.
+    Approve { code: String },
+    /// Forget an approval: the sender has to pair again.
+    Revoke {
+        /// The sender's ID, e.g. @eve:example.org.
+        sender: String,
+        #[arg(long, default_value = "matrix")]
+        channel: String,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let default_filter = match cli.command {
-        Command::Say { .. } => "warn",
+        Command::Say { .. } | Command::Route { .. } | Command::Pairing { .. } => "warn",
         _ => "warn,agentbus=info",
     };
     init_tracing(cli.log_format, default_filter);
@@ -145,6 +197,53 @@ async fn run(cli: Cli) -> Result<(), CheckFailure> {
             Ok(())
         }
         Command::Check => check(&cli.config).await,
+        Command::Route {
+            room,
+            sender,
+            mentions,
+            reply_to,
+            thread,
+            json,
+            text,
+        } => {
+            let config = load_config(&cli.config)?;
+            let query = RouteQuery {
+                room,
+                sender,
+                text,
+                formatted_body: None,
+                mentions: (!mentions.is_empty()).then_some(mentions),
+                room_mention: false,
+                reply_to,
+                thread,
+            };
+            let decision = admin::route(&config, &query).await?;
+            if json {
+                print_json(&decision);
+            } else {
+                let targets = if decision.targets.is_empty() {
+                    "(nobody)".to_owned()
+                } else {
+                    decision
+                        .targets
+                        .iter()
+                        .map(|t| format!("@{t}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                };
+                println!("targets:  {targets}");
+                println!(
+                    "strategy: {}",
+                    serde_json::to_value(decision.strategy)
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_owned))
+                        .unwrap_or_default()
+                );
+                println!("reason:   {}", decision.reason);
+            }
+            Ok(())
+        }
+        Command::Pairing { command } => pairing(&cli.config, command).await,
         Command::Say {
             room,
             user,
@@ -193,6 +292,49 @@ async fn run(cli: Cli) -> Result<(), CheckFailure> {
             Ok(())
         }
     }
+}
+
+fn print_json(value: &impl serde::Serialize) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(value).expect("answers serialise")
+    );
+}
+
+async fn pairing(path: &Path, command: PairingCommand) -> Result<(), CheckFailure> {
+    let config = load_config(path)?;
+    match command {
+        PairingCommand::List { json } => {
+            let state = admin::pairing_list(&config).await?;
+            if json {
+                print_json(&state);
+                return Ok(());
+            }
+            println!("pending ({}):", state.pending.len());
+            for request in &state.pending {
+                println!(
+                    "  {}  {} on {}",
+                    request.code, request.sender, request.channel
+                );
+            }
+            println!("approved ({}):", state.approved.len());
+            for paired in &state.approved {
+                println!("  {} on {}", paired.sender, paired.channel);
+            }
+        }
+        PairingCommand::Approve { code } => {
+            let request = admin::pairing_approve(&config, &code).await?;
+            println!(
+                "✓ approved {} on {}; agents now answer their direct messages",
+                request.sender, request.channel
+            );
+        }
+        PairingCommand::Revoke { sender, channel } => {
+            admin::pairing_revoke(&config, &channel, &sender).await?;
+            println!("✓ revoked {sender} on {channel}");
+        }
+    }
+    Ok(())
 }
 
 /// Loads and validates the config and resolves the appservice tokens.

@@ -10,14 +10,12 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::agents::AgentRuntime;
-use crate::appservice::token_digest;
 use crate::config::Config;
-use crate::inbox::{self, Inbox, InboxReceiver};
+use crate::inbox::{self, InboxReceiver};
 use crate::matrix::{MatrixClient, RetryPolicy};
 use crate::ops::checks::{self, CheckFailure, EXIT_LOCAL_SETUP};
 use crate::store::{SledStore, Store};
-use crate::{AppState, appservice, llm};
+use crate::{AppState, appservice};
 
 /// How long txnIds and processed event_ids are remembered for deduplication.
 const DEDUPE_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
@@ -46,24 +44,12 @@ impl Services {
             .as_token
             .as_deref()
             .expect("tokens are resolved before building services");
-        let hs_token = config
-            .appservice
-            .hs_token
-            .as_deref()
-            .expect("tokens are resolved before building services");
         let matrix = MatrixClient::new(
             config.homeserver.url.as_str(),
             as_token,
             RetryPolicy::default(),
         );
-        let (sender, receiver) = inbox::channel();
-        let state = Arc::new(AppState {
-            hs_token_digest: token_digest(hs_token),
-            config: Arc::new(config),
-            store,
-            inbox: sender,
-            matrix,
-        });
+        let (state, receiver) = AppState::new(config, store, matrix);
         Ok(Self { state, receiver })
     }
 }
@@ -105,19 +91,15 @@ pub async fn serve(
     let pending = state.store.pending_events().map_err(|e| {
         CheckFailure::new(EXIT_LOCAL_SETUP, format!("✗ cannot read the journal: {e}"))
     })?;
-    let runtime = AgentRuntime::new(
-        config.clone(),
-        state.matrix.clone(),
-        state.store.clone(),
-        llm::build_providers(&config),
+    state
+        .processor
+        .set_aliases(inbox::resolve_config_aliases(&config, &state.matrix).await);
+    let inbox_task = tokio::spawn(
+        state
+            .processor
+            .clone()
+            .run(pending, receiver, shutdown.clone()),
     );
-    let inbox = Inbox::new(
-        config.clone(),
-        state.store.clone(),
-        state.matrix.clone(),
-        runtime,
-    );
-    let inbox_task = tokio::spawn(inbox.run(pending, receiver, shutdown.clone()));
     tracing::info!(agents = config.agents.len(), "agentbus is running");
 
     shutdown.cancelled().await;

@@ -4,9 +4,9 @@
 use std::sync::Arc;
 
 use agentbus::AppState;
-use agentbus::appservice::{router, token_digest};
+use agentbus::appservice::router;
 use agentbus::config::Config;
-use agentbus::inbox::{self, InboxReceiver};
+use agentbus::inbox::InboxReceiver;
 use agentbus::matrix::MatrixClient;
 use agentbus::store::{SledStore, Store};
 use axum::body::Body;
@@ -30,20 +30,15 @@ fn harness() -> Harness {
         r#"
 homeserver: { url: "http://127.0.0.1:1", server_name: hs }
 appservice: { as_token: as-secret, hs_token: hs-secret }
+admin: { token: admin-secret }
 providers: { echo: { api: echo } }
 agents: [ { id: damon, provider: echo } ]
 "#,
     )
     .unwrap();
     let store = Arc::new(SledStore::open(dir.path()).unwrap());
-    let (sender, receiver) = inbox::channel();
-    let state = Arc::new(AppState {
-        config: Arc::new(config),
-        hs_token_digest: token_digest(HS_TOKEN),
-        store: store.clone(),
-        inbox: sender,
-        matrix: MatrixClient::new("http://127.0.0.1:1", "as-secret", Default::default()),
-    });
+    let matrix = MatrixClient::new("http://127.0.0.1:1", "as-secret", Default::default());
+    let (state, receiver) = AppState::new(config, store.clone(), matrix);
     Harness {
         app: router(state),
         store,

@@ -8,10 +8,7 @@ use std::process::Output;
 use support::{Agentbus, Human, LlmMode, LlmStub, agent_id, exclusive, synapse};
 
 fn agentbus(args: &[&str]) -> Output {
-    std::process::Command::new(env!("CARGO_BIN_EXE_agentbus"))
-        .args(args)
-        .output()
-        .unwrap()
+    support::cli(args)
 }
 
 fn text(bytes: &[u8]) -> String {

@@ -28,6 +28,8 @@ pub struct Trigger<'a> {
     pub body: &'a str,
     /// Root of the thread the message was sent in, if any.
     pub thread_root: Option<&'a EventId>,
+    /// Hop counter the answer carries (`io.agentbus.hops`): one more than the trigger's.
+    pub hops: u32,
 }
 
 /// Runs agents: history, model call, reply.
@@ -90,6 +92,8 @@ impl AgentRuntime {
                 sender: agent_user,
                 body: text,
                 ts: now_ms(),
+                thread_root: trigger.thread_root.map(ToOwned::to_owned),
+                routed_to: Vec::new(),
             };
             if let Err(e) = self.store.append_history(trigger.room_id, &entry) {
                 tracing::warn!(room_id = %trigger.room_id, error = %e, "could not record the answer in history");
@@ -187,6 +191,7 @@ pub fn reply_content(msgtype: &str, body: &str, trigger: &Trigger<'_>) -> serde_
         "body": body,
         "m.mentions": { "user_ids": [trigger.sender] },
         "m.relates_to": relates_to,
+        crate::inbox::HOPS_KEY: trigger.hops,
     })
 }
 
@@ -223,6 +228,8 @@ mod tests {
             sender: sender.clone(),
             body: body.into(),
             ts: 0,
+            thread_root: None,
+            routed_to: Vec::new(),
         }
     }
 
@@ -249,6 +256,7 @@ mod tests {
             sender: &alice,
             body: "the question",
             thread_root: None,
+            hops: 1,
         };
         let messages = build_messages(&agent(), &damon, &trigger, &history);
         assert_eq!(
@@ -272,6 +280,7 @@ mod tests {
             sender: &alice,
             body: "hi",
             thread_root: None,
+            hops: 1,
         };
         let plain = reply_content("m.text", "hello", &trigger);
         assert_eq!(
@@ -279,6 +288,7 @@ mod tests {
             json!({ "m.in_reply_to": { "event_id": "$e" } })
         );
         assert_eq!(plain["m.mentions"], json!({ "user_ids": ["@alice:hs"] }));
+        assert_eq!(plain["io.agentbus.hops"], 1);
         trigger.thread_root = Some(&root);
         let threaded = reply_content("m.notice", "oops", &trigger);
         assert_eq!(threaded["msgtype"], "m.notice");

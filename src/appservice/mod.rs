@@ -45,7 +45,8 @@ pub fn router(state: Arc<AppState>) -> Router {
             state.clone(),
             require_hs_token,
         ));
-    api.fallback(unrecognized)
+    api.merge(crate::ops::api::routes(state.clone()))
+        .fallback(unrecognized)
         .layer(DefaultBodyLimit::max(MAX_TRANSACTION_BYTES))
         .with_state(state)
 }

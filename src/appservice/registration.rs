@@ -89,6 +89,8 @@ impl Registration {
 struct SavedTokens {
     as_token: Option<String>,
     hs_token: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    admin_token: Option<String>,
 }
 
 /// Where generated tokens are kept.
@@ -97,10 +99,14 @@ pub fn tokens_path(config: &Config) -> PathBuf {
 }
 
 /// Fills `appservice.as_token` / `hs_token` when neither the config nor the environment
-/// set them: from the saved tokens file, or freshly generated and saved there.
+/// set them: from the saved tokens file, or freshly generated and saved there. The admin
+/// API token (`admin.token`) is handled the same way.
 pub fn ensure_tokens(config: &mut Config) -> io::Result<()> {
     let appservice = &config.appservice;
-    if appservice.as_token.is_some() && appservice.hs_token.is_some() {
+    if appservice.as_token.is_some()
+        && appservice.hs_token.is_some()
+        && config.admin.token.is_some()
+    {
         return Ok(());
     }
     let path = tokens_path(config);
@@ -119,6 +125,7 @@ pub fn ensure_tokens(config: &mut Config) -> io::Result<()> {
     for (slot, saved) in [
         (&mut appservice.as_token, &mut saved.as_token),
         (&mut appservice.hs_token, &mut saved.hs_token),
+        (&mut config.admin.token, &mut saved.admin_token),
     ] {
         if slot.is_none() {
             if saved.is_none() {
@@ -236,6 +243,10 @@ agents: [ { id: damon, provider: echo }, { id: code.r, provider: echo } ]
             Some(as_token.as_str())
         );
         assert_eq!(second.appservice.hs_token, first.appservice.hs_token);
+        let admin = first.admin.token.clone().unwrap();
+        assert_eq!(admin.len(), 64);
+        assert_ne!(first.admin.token, first.appservice.hs_token);
+        assert_eq!(second.admin.token.as_deref(), Some(admin.as_str()));
         let mode = std::fs::metadata(tokens_path(&second))
             .unwrap()
             .permissions();

@@ -10,14 +10,19 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use ruma::api::auth_scheme::{AuthScheme, SendAccessToken};
-use ruma::api::client::{account, appservice, discovery, membership, message, profile, typing};
+use ruma::api::client::{
+    account, alias, appservice, discovery, membership, message, profile, room, typing,
+};
 use ruma::api::path_builder::{PathBuilder, SinglePath, VersionHistory};
 use ruma::api::{
     AppserviceUserIdentity, IncomingResponse, MatrixVersion, OutgoingRequest, SupportedVersions,
 };
 use ruma::events::MessageLikeEventType;
 use ruma::serde::Raw;
-use ruma::{OwnedEventId, OwnedMxcUri, OwnedUserId, RoomId, TransactionId, UserId};
+use ruma::{
+    EventId, OwnedEventId, OwnedMxcUri, OwnedRoomId, OwnedUserId, RoomAliasId, RoomId,
+    TransactionId, UserId,
+};
 use serde::Deserialize;
 
 /// How an outbound request failed, and therefore whether retrying can help.
@@ -371,6 +376,37 @@ impl MatrixClient {
             .joined
             .into_keys()
             .collect())
+    }
+
+    /// The sender of event `event_id` in `room_id`, read as `user` (who must be able to
+    /// see it).
+    pub async fn event_sender(
+        &self,
+        user: &UserId,
+        room_id: &RoomId,
+        event_id: &EventId,
+    ) -> Result<OwnedUserId, MatrixError> {
+        #[derive(Deserialize)]
+        struct Sender {
+            sender: OwnedUserId,
+        }
+        let request =
+            room::get_room_event::v3::Request::new(room_id.to_owned(), event_id.to_owned());
+        let event = self.send(request, Some(user)).await?.event;
+        event
+            .deserialize_as_unchecked::<Sender>()
+            .map(|s| s.sender)
+            .map_err(|e| MatrixError::Permanent {
+                status: 200,
+                errcode: "M_BAD_JSON".to_owned(),
+                message: format!("event {event_id} has no readable sender: {e}"),
+            })
+    }
+
+    /// The room an alias points to.
+    pub async fn resolve_alias(&self, alias: &RoomAliasId) -> Result<OwnedRoomId, MatrixError> {
+        let request = alias::get_alias::v3::Request::new(alias.to_owned());
+        Ok(self.send(request, None).await?.room_id)
     }
 
     /// Sends a message event as `user`. `txn_id` makes retries idempotent: derive it from

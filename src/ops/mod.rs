@@ -1,3 +1,6 @@
-//! Operations: the startup checks (more — scheduler, monitors, metrics, admin API — to come).
+//! Operations: the startup checks and the admin API (scheduler, monitors and metrics to
+//! come).
 
+pub mod admin;
+pub mod api;
 pub mod checks;

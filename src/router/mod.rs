@@ -1,18 +1,51 @@
-//! Pure routing: who answers a message. No I/O and no async, so every rule is unit-tested.
+//! Pure routing: who answers a message, and why. No I/O, no clock, no async: the inbox
+//! gathers the facts (room members, recent history, pairing state), [`Router::route`]
+//! decides, and the same call explains a route from the CLI and the admin API.
 //!
-//! This is the first routing: in a DM (two members) the agent in the room answers every
-//! message; in a group room an agent answers when mentioned — through `m.mentions`, a
-//! matrix.to pill, or a typed `@localpart` / `@display name` / `@alias` (CJK included).
+//! # Order of decision
+//!
+//! 1. **Who sent it.** The appservice bot never routes. An agent's message routes only
+//!    when `routing.agent_to_agent` is on, both agents are allowed, the hop counter is under
+//!    `max_hops`, the pair is not cooling down — and then only by explicit mention.
+//! 2. **Policy.** DMs: `channels.<ch>.dm_policy` (`pairing`, `allowlist`, `open`,
+//!    `disabled`). Group rooms: `group_policy` (`open`, `allowlist`, `disabled`) and
+//!    `group_allow_from`. A refused message is never answered.
+//! 3. **Strategies**, the first that names an agent allowed in the room wins:
+//!    explicit mention > reply to an agent / thread an agent answered in > broadcast
+//!    (`@all`, `@room`) > keyword > context (follow-up with the last agent) > the DM's agent
+//!    or, with `auto_reply`, the room's bound agent > nobody. In group rooms that
+//!    `require_mention` (the default) only addressed messages route: mention, reply,
+//!    thread, broadcast and keyword rules, not context or auto-reply.
+//!
+//! An agent is *allowed* in a room when it is joined and, in a group room with an
+//! `agents:` list, listed there. Nothing routes to any other agent.
 
-use std::collections::BTreeSet;
+mod bindings;
+mod guard;
+mod keyword;
+mod mention;
 
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use regex::Regex;
 use ruma::events::Mentions;
-use ruma::{OwnedUserId, UserId};
-use serde::Serialize;
+use ruma::{EventId, OwnedUserId, RoomId, UserId};
+use serde::{Deserialize, Serialize};
+use wildmatch::WildMatch;
 
-use crate::config::Config;
+pub use self::bindings::{BindingHit, Conversation, Tier};
+pub use self::guard::LoopGuard;
+use self::keyword::KeywordMatcher;
+use self::mention::{contains_at_name, pill_targets, strip_reply_fallback, strip_reply_html};
+use crate::config::{ChannelPolicyConfig, Config, DmPolicy, GroupPolicy, RoutingConfig};
+use crate::store::HistoryEntry;
 
-/// An agent as the router sees it: its user and the names people type for it.
+/// The channel name of Matrix itself.
+pub const MATRIX: &str = "matrix";
+
+/// An agent as the router sees it: its user, the names people type for it and its
+/// mention patterns.
 #[derive(Debug, Clone)]
 pub struct Candidate {
     /// Agent id (= localpart).
@@ -20,6 +53,7 @@ pub struct Candidate {
     pub user_id: OwnedUserId,
     /// Lower-cased names that may follow an `@`: localpart, display name, aliases.
     names: Vec<String>,
+    patterns: Vec<Regex>,
 }
 
 impl Candidate {
@@ -37,6 +71,7 @@ impl Candidate {
             id: id.to_owned(),
             user_id,
             names: all,
+            patterns: Vec::new(),
         }
     }
 
@@ -51,7 +86,13 @@ impl Candidate {
                     .iter()
                     .cloned()
                     .chain(a.aliases.iter().cloned());
-                Candidate::new(&a.id, config.user_id(&a.id), names)
+                let mut candidate = Candidate::new(&a.id, config.user_id(&a.id), names);
+                candidate.patterns = a
+                    .mention_patterns
+                    .iter()
+                    .filter_map(|p| Regex::new(&format!("(?i:{p})")).ok())
+                    .collect();
+                candidate
             })
             .collect()
     }
@@ -64,8 +105,14 @@ pub struct MessageFacts<'a> {
     pub body: &'a str,
     pub formatted_body: Option<&'a str>,
     pub mentions: Option<&'a Mentions>,
-    /// Whether the sender is one of our own virtual users.
-    pub from_own_user: bool,
+    /// Sender of the event this message replies to (`m.in_reply_to`), if known.
+    pub reply_to_sender: Option<&'a UserId>,
+    /// Root of the thread the message is in.
+    pub thread_root: Option<&'a EventId>,
+    /// Agent-to-agent hop counter carried in the content (`io.agentbus.hops`); 0 from people.
+    pub hops: u32,
+    /// origin_server_ts, in milliseconds.
+    pub ts: u64,
 }
 
 /// What we know about the room the message is in.
@@ -73,340 +120,641 @@ pub struct MessageFacts<'a> {
 pub struct RoomFacts {
     /// Users whose membership is `join`.
     pub joined: BTreeSet<OwnedUserId>,
+    /// Aliases the room is known by in the config (resolved to this room at startup).
+    pub aliases: Vec<String>,
+}
+
+/// Everything one decision looks at.
+#[derive(Debug, Clone, Copy)]
+pub struct RouteInput<'a> {
+    /// `matrix`, or the bridged platform the room is a portal of.
+    pub channel: &'a str,
+    pub room_id: &'a RoomId,
+    pub room: &'a RoomFacts,
+    pub message: MessageFacts<'a>,
+    /// Recent room history, oldest first, without this message.
+    pub recent: &'a [HistoryEntry],
+    /// Whether the sender was approved by pairing on this channel.
+    pub sender_paired: bool,
+    pub guard: &'a LoopGuard,
 }
 
 /// The rule that decided.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Strategy {
     Mention,
+    Reply,
+    Thread,
+    Broadcast,
+    Keyword,
+    Context,
     DirectMessage,
+    AutoReply,
+    /// An unknown DM sender: the agent sends a pairing code and nothing else.
+    Pairing,
+    /// A policy or the loop guard refused the message.
+    Refused,
     Nobody,
 }
 
 /// Who answers and why.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RouteDecision {
     /// Agent ids, in config order.
     pub targets: Vec<String>,
     pub strategy: Strategy,
     /// One line a person can read, naming the rule.
     pub reason: String,
+    /// With [`Strategy::Pairing`]: the agent that sends the pairing code.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pairing_agent: Option<String>,
 }
 
 impl RouteDecision {
     fn nobody(reason: impl Into<String>) -> Self {
+        Self::without_targets(Strategy::Nobody, reason)
+    }
+
+    fn refused(reason: impl Into<String>) -> Self {
+        Self::without_targets(Strategy::Refused, reason)
+    }
+
+    fn without_targets(strategy: Strategy, reason: impl Into<String>) -> Self {
         Self {
             targets: Vec::new(),
-            strategy: Strategy::Nobody,
+            strategy,
             reason: reason.into(),
+            pairing_agent: None,
         }
     }
 }
 
-/// Decides which of `candidates` answer `message` in a room described by `room`.
-pub fn route_message(
-    message: &MessageFacts<'_>,
-    room: &RoomFacts,
-    candidates: &[Candidate],
-) -> RouteDecision {
-    if message.from_own_user {
-        return RouteDecision::nobody(
-            "sender is one of our own virtual users (agent-to-agent is off)",
-        );
-    }
-    let present: Vec<&Candidate> = candidates
-        .iter()
-        .filter(|c| room.joined.contains(&c.user_id))
-        .collect();
-    if present.is_empty() {
-        return RouteDecision::nobody("no agent is joined to this room");
+/// Sender globs, compiled.
+#[derive(Debug, Clone)]
+struct Globs(Vec<WildMatch>);
+
+impl Globs {
+    fn new(globs: &[String]) -> Self {
+        Self(
+            globs
+                .iter()
+                .map(|g| WildMatch::new_case_insensitive(g.trim()))
+                .collect(),
+        )
     }
 
-    let (mentioned, how) = find_mentions(message, &present);
-    if !mentioned.is_empty() {
-        let names: Vec<String> = mentioned.iter().map(|c| format!("@{}", c.id)).collect();
-        return RouteDecision {
-            reason: format!("mentioned {} ({how})", names.join(", ")),
-            targets: mentioned.into_iter().map(|c| c.id.clone()).collect(),
-            strategy: Strategy::Mention,
-        };
+    fn matches(&self, sender: &str) -> bool {
+        self.0.iter().any(|g| g.matches(sender))
     }
-
-    if room.joined.len() == 2 && present.len() == 1 && room.joined.contains(message.sender) {
-        return RouteDecision {
-            targets: vec![present[0].id.clone()],
-            strategy: Strategy::DirectMessage,
-            reason: format!("direct message with @{}", present[0].id),
-        };
-    }
-    RouteDecision::nobody("group room and no agent was mentioned")
 }
 
-/// The candidates a message mentions, in candidate order, and how they were found.
-fn find_mentions<'c>(
-    message: &MessageFacts<'_>,
-    present: &[&'c Candidate],
-) -> (Vec<&'c Candidate>, &'static str) {
-    // m.mentions is authoritative when it names any of our agents; clients that send an
-    // empty m.mentions for a typed "@damon" still get the text rules below.
-    if let Some(mentions) = message.mentions {
-        let found: Vec<&Candidate> = present
-            .iter()
-            .copied()
-            .filter(|c| mentions.user_ids.contains(&c.user_id))
-            .collect();
-        if !found.is_empty() {
-            return (found, "m.mentions");
-        }
-    }
-    if let Some(html) = message.formatted_body {
-        let pilled = pill_targets(&strip_reply_html(html));
-        let found: Vec<&Candidate> = present
-            .iter()
-            .copied()
-            .filter(|c| pilled.contains(&c.user_id))
-            .collect();
-        if !found.is_empty() {
-            return (found, "matrix.to pill");
-        }
-    }
-    let text = strip_reply_fallback(message.body).to_lowercase();
-    let found: Vec<&Candidate> = present
-        .iter()
-        .copied()
-        .filter(|c| c.names.iter().any(|name| contains_at_name(&text, name)))
-        .collect();
-    (found, "typed @name")
+#[derive(Debug, Clone)]
+struct ChannelRules {
+    policy: ChannelPolicyConfig,
+    allow_from: Globs,
+    group_allow_from: Globs,
 }
 
-/// Whether `text` (lower-cased) contains `@name` as a mention: not glued to a preceding
-/// Latin word (so `bob@damon.org` does not count), and — for a name ending in a Latin letter or
-/// digit — not followed by another one (so `@damon` does not match `@damonx`). CJK names
-/// have no word boundaries and match wherever they appear.
-fn contains_at_name(text: &str, name: &str) -> bool {
-    let needle_len = 1 + name.len();
-    let mut from = 0;
-    while let Some(pos) = text[from..].find('@') {
-        let at = from + pos;
-        from = at + 1;
-        if !text[at + 1..].starts_with(name) {
-            continue;
+impl ChannelRules {
+    fn new(policy: ChannelPolicyConfig) -> Self {
+        Self {
+            allow_from: Globs::new(&policy.allow_from),
+            group_allow_from: Globs::new(&policy.group_allow_from),
+            policy,
         }
-        // Only a Latin word glued to the `@` (an e-mail address) disqualifies it; CJK text
-        // runs straight into mentions.
-        let before_ok = text[..at]
-            .chars()
-            .next_back()
-            .is_none_or(|c| !(c.is_ascii_alphanumeric() || c == '_'));
-        let after_ok = match (
-            name.chars().next_back(),
-            text[at + needle_len..].chars().next(),
-        ) {
-            (Some(last), Some(next)) if is_word_char(last) && last.is_ascii() => {
-                !is_word_char(next)
+    }
+}
+
+/// The settings of one group room after merging its own entry over `*`.
+#[derive(Debug)]
+struct RoomSettings<'c> {
+    /// Whether the room has an entry of its own (for `group_policy: allowlist`).
+    listed: bool,
+    require_mention: bool,
+    auto_reply: bool,
+    agents: Option<&'c [String]>,
+}
+
+/// Who sent a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SenderKind {
+    Person,
+    Agent(usize),
+    Bot,
+}
+
+/// The routing rules of a config, compiled once and then asked per message.
+#[derive(Debug, Clone)]
+pub struct Router {
+    candidates: Vec<Candidate>,
+    bot: OwnedUserId,
+    routing: RoutingConfig,
+    keywords: KeywordMatcher,
+    bindings: bindings::Bindings,
+    channels: BTreeMap<String, ChannelRules>,
+    default_channel: ChannelRules,
+    /// Per candidate: listed in `routing.agent_to_agent.allow`.
+    agent_to_agent: Vec<bool>,
+    broadcast_trigger: String,
+}
+
+impl Router {
+    /// Compiles the routing rules of a validated config.
+    pub fn new(config: &Config) -> Self {
+        let candidates = Candidate::all_from_config(config);
+        let index = |id: &str| candidates.iter().position(|c| c.id == id);
+        let default_agent = config.agents.iter().position(|a| a.default).unwrap_or(0);
+        Self {
+            keywords: KeywordMatcher::new(&config.routing.keyword.rules, index),
+            bindings: bindings::Bindings::new(&config.bindings, default_agent, index),
+            agent_to_agent: candidates
+                .iter()
+                .map(|c| config.routing.agent_to_agent.allow.contains(&c.id))
+                .collect(),
+            channels: config
+                .channels
+                .iter()
+                .map(|(name, policy)| (name.clone(), ChannelRules::new(policy.clone())))
+                .collect(),
+            default_channel: ChannelRules::new(ChannelPolicyConfig::default()),
+            broadcast_trigger: config.routing.broadcast.trigger.trim().to_lowercase(),
+            routing: config.routing.clone(),
+            bot: config.sender_user_id(),
+            candidates,
+        }
+    }
+
+    /// The agents, in config order.
+    pub fn candidates(&self) -> &[Candidate] {
+        &self.candidates
+    }
+
+    /// The candidate whose user is `user`.
+    pub fn agent_of(&self, user: &UserId) -> Option<&Candidate> {
+        self.candidates.iter().find(|c| c.user_id == user)
+    }
+
+    /// Decides who answers.
+    pub fn route(&self, input: &RouteInput<'_>) -> RouteDecision {
+        let message = &input.message;
+        let kind = self.sender_kind(message.sender);
+        let a2a = &self.routing.agent_to_agent;
+        if let SenderKind::Bot = kind {
+            return RouteDecision::nobody("sent by the appservice's own bot user");
+        }
+        if let SenderKind::Agent(from) = kind {
+            let id = &self.candidates[from].id;
+            if !a2a.enabled {
+                return RouteDecision::nobody(format!(
+                    "sent by our agent @{id}; routing.agent_to_agent is off"
+                ));
             }
-            _ => true,
+            if !self.agent_to_agent[from] {
+                return RouteDecision::refused(format!(
+                    "sent by @{id}, which is not in routing.agent_to_agent.allow"
+                ));
+            }
+            if message.hops >= a2a.max_hops {
+                return RouteDecision::refused(format!(
+                    "loop guard: hop {} reached routing.agent_to_agent.max_hops = {}",
+                    message.hops, a2a.max_hops
+                ));
+            }
+        }
+
+        let joined: Vec<usize> = (0..self.candidates.len())
+            .filter(|&i| input.room.joined.contains(&self.candidates[i].user_id))
+            .collect();
+        if joined.is_empty() {
+            return RouteDecision::nobody("no agent is joined to this room");
+        }
+        let is_dm = kind == SenderKind::Person
+            && joined.len() == 1
+            && input.room.joined.len() == 2
+            && input.room.joined.contains(message.sender);
+        let rules = self
+            .channels
+            .get(input.channel)
+            .unwrap_or(&self.default_channel);
+        let settings = (!is_dm).then(|| self.room_settings(rules, input));
+
+        // Who may answer here.
+        let mut allowed = vec![false; self.candidates.len()];
+        let mut cooled = Vec::new();
+        for &i in &joined {
+            let id = &self.candidates[i].id;
+            let listed = settings
+                .as_ref()
+                .and_then(|s| s.agents)
+                .is_none_or(|agents| agents.contains(id));
+            allowed[i] = listed
+                && match kind {
+                    SenderKind::Agent(from) => {
+                        let warm =
+                            !input
+                                .guard
+                                .is_cooled(&self.candidates[from].id, id, message.ts);
+                        if !warm {
+                            cooled.push(format!("@{id}"));
+                        }
+                        i != from && self.agent_to_agent[i] && warm
+                    }
+                    _ => true,
+                };
+        }
+        if !allowed.contains(&true) {
+            return if cooled.is_empty() {
+                RouteDecision::nobody("no agent in this room may answer here")
+            } else {
+                RouteDecision::refused(format!(
+                    "loop guard: {} cooling down after too many agent-to-agent events",
+                    cooled.join(", ")
+                ))
+            };
+        }
+
+        if kind == SenderKind::Person
+            && let Some(refusal) =
+                self.check_policy(input, rules, settings.as_ref(), is_dm, &joined)
+        {
+            return refusal;
+        }
+
+        let lowered = strip_reply_fallback(message.body).to_lowercase();
+        let routing = &self.routing;
+
+        if routing.mention.enabled {
+            let (mentioned, how) = self.find_mentions(message, &lowered, &allowed);
+            if !mentioned.is_empty() {
+                let names = self.names(&mentioned);
+                return self.decide(
+                    mentioned,
+                    Strategy::Mention,
+                    format!("mentioned {names} ({how})"),
+                );
+            }
+        }
+        if let SenderKind::Agent(from) = kind {
+            return RouteDecision::nobody(format!(
+                "a message from @{} routes only by explicit mention",
+                self.candidates[from].id
+            ));
+        }
+
+        if routing.context.enabled {
+            if let Some(agent) = message
+                .reply_to_sender
+                .and_then(|user| self.index_of(user))
+                .filter(|&i| allowed[i])
+            {
+                let reason = format!("reply to a message of @{}", self.candidates[agent].id);
+                return self.decide(vec![agent], Strategy::Reply, reason);
+            }
+            if let Some(root) = message.thread_root
+                && let Some(agent) = self.thread_agent(root, input.recent, &allowed)
+            {
+                let reason = format!(
+                    "thread continues with @{}, who answered in it",
+                    self.candidates[agent].id
+                );
+                return self.decide(vec![agent], Strategy::Thread, reason);
+            }
+        }
+
+        if routing.broadcast.enabled
+            && let Some(how) = self.broadcast_trigger(message, &lowered)
+        {
+            let everyone: Vec<usize> = (0..allowed.len()).filter(|&i| allowed[i]).collect();
+            let reason = format!(
+                "broadcast ({how}) to every agent allowed here: {}",
+                self.names(&everyone)
+            );
+            return self.decide(everyone, Strategy::Broadcast, reason);
+        }
+
+        if routing.keyword.enabled
+            && let Some(hit) = self.keywords.best(&lowered, message.body, |i| allowed[i])
+        {
+            let reason = format!(
+                "keyword {:?} → @{} (routing.keyword.rules[{}])",
+                hit.matched, self.candidates[hit.agent].id, hit.rule
+            );
+            return self.decide(vec![hit.agent], Strategy::Keyword, reason);
+        }
+
+        let unaddressed_ok = settings.as_ref().is_none_or(|s| !s.require_mention);
+        if routing.context.enabled
+            && unaddressed_ok
+            && let Some((agent, idle)) = self.continuation(input, &allowed)
+        {
+            let reason = format!(
+                "follow-up: continues with @{} (last exchange {} ago; lookback {}, idle_timeout {})",
+                self.candidates[agent].id,
+                humantime::format_duration(round_secs(idle)),
+                routing.context.lookback,
+                humantime::format_duration(routing.context.idle_timeout),
+            );
+            return self.decide(vec![agent], Strategy::Context, reason);
+        }
+
+        match &settings {
+            None => {
+                let agent = joined[0];
+                let reason = format!("direct message with @{}", self.candidates[agent].id);
+                self.decide(vec![agent], Strategy::DirectMessage, reason)
+            }
+            Some(s) if s.auto_reply => {
+                let hit = self
+                    .bindings
+                    .resolve(&self.conversation(input), |i| allowed[i]);
+                if allowed[hit.agent] {
+                    let reason = format!(
+                        "auto_reply: @{} owns this room by {}",
+                        self.candidates[hit.agent].id,
+                        hit.describe()
+                    );
+                    self.decide(vec![hit.agent], Strategy::AutoReply, reason)
+                } else {
+                    RouteDecision::nobody(format!(
+                        "auto_reply is on but the owning agent @{} ({}) is not allowed in this room",
+                        self.candidates[hit.agent].id,
+                        hit.describe()
+                    ))
+                }
+            }
+            Some(s) if s.require_mention => RouteDecision::nobody(
+                "group room that requires a mention, and nothing addressed an agent",
+            ),
+            Some(_) => RouteDecision::nobody("no routing rule matched"),
+        }
+    }
+
+    /// Which agent owns the conversation `input` is in, by `bindings:`.
+    pub fn binding(&self, input: &RouteInput<'_>) -> BindingHit {
+        self.bindings.resolve(&self.conversation(input), |_| true)
+    }
+
+    fn decide(&self, mut agents: Vec<usize>, strategy: Strategy, reason: String) -> RouteDecision {
+        agents.sort_unstable();
+        agents.dedup();
+        RouteDecision {
+            targets: agents
+                .into_iter()
+                .map(|i| self.candidates[i].id.clone())
+                .collect(),
+            strategy,
+            reason,
+            pairing_agent: None,
+        }
+    }
+
+    fn names(&self, agents: &[usize]) -> String {
+        agents
+            .iter()
+            .map(|&i| format!("@{}", self.candidates[i].id))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    fn index_of(&self, user: &UserId) -> Option<usize> {
+        self.candidates.iter().position(|c| c.user_id == user)
+    }
+
+    fn sender_kind(&self, sender: &UserId) -> SenderKind {
+        if sender == self.bot {
+            SenderKind::Bot
+        } else if let Some(i) = self.index_of(sender) {
+            SenderKind::Agent(i)
+        } else {
+            // People, including the puppets of bridged people.
+            SenderKind::Person
+        }
+    }
+
+    fn room_settings<'c>(
+        &self,
+        rules: &'c ChannelRules,
+        input: &RouteInput<'_>,
+    ) -> RoomSettings<'c> {
+        let groups = &rules.policy.groups;
+        let own = std::iter::once(input.room_id.as_str())
+            .chain(input.room.aliases.iter().map(String::as_str))
+            .find_map(|key| groups.get(key));
+        let star = groups.get("*");
+        let pick = |f: &dyn Fn(&'c crate::config::GroupRoomConfig) -> Option<bool>| {
+            own.and_then(f).or_else(|| star.and_then(f))
         };
-        if before_ok && after_ok {
-            return true;
+        let auto_reply = pick(&|g| g.auto_reply).unwrap_or(false);
+        RoomSettings {
+            listed: own.is_some(),
+            require_mention: pick(&|g| g.require_mention).unwrap_or(!auto_reply),
+            auto_reply,
+            agents: own
+                .and_then(|g| g.agents.as_deref())
+                .or_else(|| star.and_then(|g| g.agents.as_deref())),
         }
     }
-    false
-}
 
-fn is_word_char(c: char) -> bool {
-    c.is_alphanumeric() || c == '_'
-}
+    /// DM and group policies for a person's message; `Some` refuses (or asks to pair).
+    fn check_policy(
+        &self,
+        input: &RouteInput<'_>,
+        rules: &ChannelRules,
+        settings: Option<&RoomSettings<'_>>,
+        is_dm: bool,
+        joined: &[usize],
+    ) -> Option<RouteDecision> {
+        let channel = input.channel;
+        let sender = input.message.sender.as_str();
+        let policy = &rules.policy;
+        if is_dm {
+            return match policy.dm_policy {
+                DmPolicy::Open => None,
+                DmPolicy::Disabled => Some(RouteDecision::refused(format!(
+                    "direct messages are off (channels.{channel}.dm_policy: disabled)"
+                ))),
+                DmPolicy::Allowlist if rules.allow_from.matches(sender) => None,
+                DmPolicy::Allowlist => Some(RouteDecision::refused(format!(
+                    "{sender} is not in channels.{channel}.allow_from (dm_policy: allowlist)"
+                ))),
+                DmPolicy::Pairing if input.sender_paired || rules.allow_from.matches(sender) => {
+                    None
+                }
+                DmPolicy::Pairing => Some(RouteDecision {
+                    targets: Vec::new(),
+                    strategy: Strategy::Pairing,
+                    reason: format!(
+                        "{sender} is not paired yet (channels.{channel}.dm_policy: pairing); a pairing code is sent instead"
+                    ),
+                    pairing_agent: Some(self.candidates[joined[0]].id.clone()),
+                }),
+            };
+        }
+        match policy.group_policy {
+            GroupPolicy::Disabled => {
+                return Some(RouteDecision::refused(format!(
+                    "group rooms are off (channels.{channel}.group_policy: disabled)"
+                )));
+            }
+            GroupPolicy::Allowlist if !settings.is_some_and(|s| s.listed) => {
+                return Some(RouteDecision::refused(format!(
+                    "room is not listed under channels.{channel}.groups (group_policy: allowlist)"
+                )));
+            }
+            _ => {}
+        }
+        if !rules.group_allow_from.0.is_empty() && !rules.group_allow_from.matches(sender) {
+            return Some(RouteDecision::refused(format!(
+                "{sender} is not in channels.{channel}.group_allow_from"
+            )));
+        }
+        None
+    }
 
-/// User IDs linked with `https://matrix.to/#/@user:server` pills.
-fn pill_targets(html: &str) -> BTreeSet<OwnedUserId> {
-    const PREFIX: &str = "matrix.to/#/";
-    let mut found = BTreeSet::new();
-    let mut rest = html;
-    while let Some(pos) = rest.find(PREFIX) {
-        rest = &rest[pos + PREFIX.len()..];
-        let end = rest.find(['"', '\'', '?', '>', ' ']).unwrap_or(rest.len());
-        let raw = &rest[..end];
-        let decoded = percent_encoding::percent_decode_str(raw).decode_utf8_lossy();
-        if let Ok(user) = UserId::parse(decoded.as_ref()) {
-            found.insert(user);
+    /// The allowed candidates a message explicitly mentions, and how they were found.
+    /// A reply's `m.mentions` names the replied-to user; that alone is a reply, not an
+    /// explicit mention.
+    fn find_mentions(
+        &self,
+        message: &MessageFacts<'_>,
+        lowered: &str,
+        allowed: &[bool],
+    ) -> (Vec<usize>, &'static str) {
+        let allowed_ids = || (0..self.candidates.len()).filter(|&i| allowed[i]);
+        let reply_target = message.reply_to_sender;
+        if let Some(mentions) = message.mentions {
+            let found: Vec<usize> = allowed_ids()
+                .filter(|&i| {
+                    let user = &self.candidates[i].user_id;
+                    mentions.user_ids.contains(user) && reply_target != Some(user.as_ref())
+                })
+                .collect();
+            if !found.is_empty() {
+                return (found, "m.mentions");
+            }
+        }
+        if let Some(html) = message.formatted_body {
+            let pilled = pill_targets(&strip_reply_html(html));
+            let found: Vec<usize> = allowed_ids()
+                .filter(|&i| pilled.contains(&self.candidates[i].user_id))
+                .collect();
+            if !found.is_empty() {
+                return (found, "matrix.to pill");
+            }
+        }
+        let typed: Vec<usize> = allowed_ids()
+            .filter(|&i| {
+                self.candidates[i]
+                    .names
+                    .iter()
+                    .any(|name| contains_at_name(lowered, name))
+            })
+            .collect();
+        if !typed.is_empty() {
+            return (typed, "typed @name");
+        }
+        let patterned: Vec<usize> = allowed_ids()
+            .filter(|&i| {
+                self.candidates[i]
+                    .patterns
+                    .iter()
+                    .any(|p| p.is_match(lowered))
+            })
+            .collect();
+        (patterned, "mention pattern")
+    }
+
+    fn broadcast_trigger(&self, message: &MessageFacts<'_>, lowered: &str) -> Option<&str> {
+        if message.mentions.is_some_and(|m| m.room) {
+            return Some("m.mentions.room");
+        }
+        let trigger = &self.broadcast_trigger;
+        let typed = match trigger.strip_prefix('@') {
+            Some(name) => contains_at_name(lowered, name),
+            None => lowered.contains(trigger.as_str()),
+        };
+        if typed {
+            Some(self.routing.broadcast.trigger.as_str())
+        } else if contains_at_name(lowered, "room") {
+            Some("@room")
+        } else {
+            None
         }
     }
-    found
-}
 
-/// Drops the `<mx-reply>…</mx-reply>` quote older clients prepend to replies, so quoting
-/// an agent's message is not a mention of it.
-fn strip_reply_html(html: &str) -> String {
-    match (html.find("<mx-reply>"), html.find("</mx-reply>")) {
-        (Some(start), Some(end)) if end > start => {
-            format!("{}{}", &html[..start], &html[end + "</mx-reply>".len()..])
+    /// The agent that last answered in the thread rooted at `root`, or wrote its root.
+    fn thread_agent(
+        &self,
+        root: &EventId,
+        recent: &[HistoryEntry],
+        allowed: &[bool],
+    ) -> Option<usize> {
+        recent
+            .iter()
+            .rev()
+            .filter(|e| e.thread_root.as_deref() == Some(root) || e.event_id == root)
+            .find_map(|e| self.index_of(&e.sender).filter(|&i| allowed[i]))
+    }
+
+    /// The agent the sender was just talking to (in the same thread or main timeline):
+    /// their last routed message within the last `lookback` messages went to exactly one
+    /// agent, and the exchange is not older than `idle_timeout`.
+    fn continuation(&self, input: &RouteInput<'_>, allowed: &[bool]) -> Option<(usize, Duration)> {
+        let context = &self.routing.context;
+        let message = &input.message;
+        let window = &input.recent[input.recent.len().saturating_sub(context.lookback)..];
+        let same_line = |e: &&HistoryEntry| e.thread_root.as_deref() == message.thread_root;
+        let (position, last) = window
+            .iter()
+            .enumerate()
+            .rev()
+            .filter(|(_, e)| same_line(e))
+            .find(|(_, e)| e.sender == message.sender && !e.routed_to.is_empty())?;
+        let [agent_id] = last.routed_to.as_slice() else {
+            return None;
+        };
+        let agent = self.candidates.iter().position(|c| &c.id == agent_id)?;
+        if !allowed[agent] {
+            return None;
         }
-        _ => html.to_owned(),
+        let agent_user = &self.candidates[agent].user_id;
+        let latest = window[position..]
+            .iter()
+            .filter(|e| &e.sender == agent_user)
+            .map(|e| e.ts)
+            .chain([last.ts])
+            .max()
+            .unwrap_or(last.ts);
+        let idle = Duration::from_millis(message.ts.saturating_sub(latest));
+        (idle <= context.idle_timeout).then_some((agent, idle))
+    }
+
+    /// The conversation as bindings see it.
+    fn conversation(&self, input: &RouteInput<'_>) -> Conversation {
+        let mut room_peers: Vec<String> = std::iter::once(input.room_id.to_string())
+            .chain(input.room.aliases.iter().cloned())
+            .collect();
+        let is_dm = input.room.joined.len() == 2;
+        if is_dm {
+            room_peers.push(input.message.sender.to_string());
+        }
+        let (peers, parent_peers) = match input.message.thread_root {
+            Some(root) => (vec![root.to_string()], room_peers),
+            None => (room_peers, Vec::new()),
+        };
+        Conversation {
+            channel: input.channel.to_owned(),
+            peers,
+            parent_peers,
+            ..Conversation::default()
+        }
     }
 }
 
-/// Drops leading `> ` quote lines of a plain-text reply fallback.
-fn strip_reply_fallback(body: &str) -> &str {
-    if !body.starts_with("> ") {
-        return body;
-    }
-    let mut rest = body;
-    while rest.starts_with('>') {
-        rest = rest.split_once('\n').map_or("", |(_, tail)| tail);
-    }
-    rest.trim_start_matches('\n')
+fn round_secs(d: Duration) -> Duration {
+    Duration::from_secs(d.as_secs())
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn user(s: &str) -> OwnedUserId {
-        UserId::parse(s).unwrap()
-    }
-
-    fn candidates() -> Vec<Candidate> {
-        vec![
-            Candidate::new(
-                "damon",
-                user("@damon:hs"),
-                ["Damon".to_owned(), "戴蒙".to_owned()],
-            ),
-            Candidate::new("coder", user("@coder:hs"), ["Code Monkey".to_owned()]),
-            Candidate::new("researcher", user("@researcher:hs"), []),
-        ]
-    }
-
-    fn room(members: &[&str]) -> RoomFacts {
-        RoomFacts {
-            joined: members.iter().map(|m| user(m)).collect(),
-        }
-    }
-
-    fn route(body: &str, room_facts: &RoomFacts) -> RouteDecision {
-        let alice = user("@alice:hs");
-        let message = MessageFacts {
-            sender: &alice,
-            body,
-            formatted_body: None,
-            mentions: None,
-            from_own_user: false,
-        };
-        route_message(&message, room_facts, &candidates())
-    }
-
-    #[test]
-    fn in_a_dm_the_agent_answers_everything() {
-        let decision = route("hello there", &room(&["@alice:hs", "@damon:hs"]));
-        assert_eq!(decision.targets, ["damon"]);
-        assert_eq!(decision.strategy, Strategy::DirectMessage);
-        assert_eq!(decision.reason, "direct message with @damon");
-    }
-
-    #[test]
-    fn in_a_group_only_the_mentioned_agent_answers() {
-        let group = room(&["@alice:hs", "@bob:hs", "@damon:hs", "@coder:hs"]);
-        let cases: &[(&str, &[&str])] = &[
-            ("hello there", &[]),
-            ("@coder fix this", &["coder"]),
-            ("hey @Coder, fix this", &["coder"]),
-            ("@damon:hs what's up", &["damon"]),
-            ("@戴蒙 你好", &["damon"]),
-            ("你好@戴蒙帮我看看", &["damon"]),
-            ("@code monkey please", &["coder"]),
-            ("@damon and @coder both", &["damon", "coder"]),
-            ("@damonx is not damon", &[]),
-            ("mail bob@damon.org", &[]),
-            ("@researcher is not in this room", &[]),
-            ("> <@alice:hs> @damon said\n\nthanks all", &[]),
-        ];
-        for (body, expected) in cases {
-            let decision = route(body, &group);
-            assert_eq!(
-                decision.targets, *expected,
-                "body {body:?}: {}",
-                decision.reason
-            );
-            let strategy = if expected.is_empty() {
-                Strategy::Nobody
-            } else {
-                Strategy::Mention
-            };
-            assert_eq!(decision.strategy, strategy, "body {body:?}");
-        }
-    }
-
-    #[test]
-    fn a_two_member_room_without_the_sender_is_not_a_dm() {
-        let decision = route("hi", &room(&["@damon:hs", "@coder:hs"]));
-        assert!(decision.targets.is_empty());
-    }
-
-    #[test]
-    fn m_mentions_are_authoritative_when_they_name_an_agent() {
-        let group = room(&["@alice:hs", "@damon:hs", "@coder:hs"]);
-        let alice = user("@alice:hs");
-        let mut mentions = Mentions::new();
-        mentions.user_ids.insert(user("@coder:hs"));
-        let message = MessageFacts {
-            sender: &alice,
-            body: "Damon's idea: @damon look",
-            formatted_body: None,
-            mentions: Some(&mentions),
-            from_own_user: false,
-        };
-        let decision = route_message(&message, &group, &candidates());
-        assert_eq!(decision.targets, ["coder"]);
-        assert_eq!(decision.reason, "mentioned @coder (m.mentions)");
-
-        // An empty m.mentions falls back to the text rules.
-        let empty = Mentions::new();
-        let message = MessageFacts {
-            mentions: Some(&empty),
-            ..message
-        };
-        assert_eq!(
-            route_message(&message, &group, &candidates()).targets,
-            ["damon"]
-        );
-    }
-
-    #[test]
-    fn a_pill_mentions_its_user() {
-        let group = room(&["@alice:hs", "@damon:hs", "@coder:hs"]);
-        let alice = user("@alice:hs");
-        let message = MessageFacts {
-            sender: &alice,
-            body: "Coder: look",
-            formatted_body: Some(r#"<a href="https://matrix.to/#/%40coder%3Ahs">Coder</a>: look"#),
-            mentions: None,
-            from_own_user: false,
-        };
-        let decision = route_message(&message, &group, &candidates());
-        assert_eq!(decision.targets, ["coder"]);
-        assert_eq!(decision.reason, "mentioned @coder (matrix.to pill)");
-    }
-
-    #[test]
-    fn our_own_users_never_route() {
-        let damon = user("@damon:hs");
-        let message = MessageFacts {
-            sender: &damon,
-            body: "@coder hi",
-            formatted_body: None,
-            mentions: None,
-            from_own_user: true,
-        };
-        let decision = route_message(&message, &room(&["@damon:hs", "@coder:hs"]), &candidates());
-        assert!(decision.targets.is_empty());
-        assert_eq!(decision.strategy, Strategy::Nobody);
-    }
-
-    #[test]
-    fn no_agent_in_the_room_means_nobody() {
-        let decision = route("@damon hi", &room(&["@alice:hs", "@bob:hs"]));
-        assert_eq!(decision.reason, "no agent is joined to this room");
-    }
-}
+mod tests;

@@ -1,10 +1,12 @@
 //! Durable state behind one narrow trait: the transaction journal, the processed-event
-//! record and room history.
+//! record, room history and DM pairing (pending requests and approved senders).
 //!
 //! Callers hold an `Arc<dyn Store>`; [`SledStore`] is the embedded default. Every backend
 //! runs the same [`store_conformance_tests!`] so a second one is provably equivalent.
 
 mod sled;
+
+use std::time::Duration;
 
 use ruma::{OwnedEventId, OwnedRoomId, OwnedUserId, RoomId};
 use serde::{Deserialize, Serialize};
@@ -47,6 +49,71 @@ pub struct HistoryEntry {
     pub body: String,
     /// Milliseconds since the epoch (origin_server_ts).
     pub ts: u64,
+    /// Root of the thread the line was said in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub thread_root: Option<OwnedEventId>,
+    /// Agents the line was routed to (for a person's message).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub routed_to: Vec<String>,
+}
+
+/// The characters of a pairing code: no 0/O/1/I lookalikes.
+pub const PAIRING_CODE_ALPHABET: &str = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789";
+
+/// How many characters a pairing code has.
+pub const PAIRING_CODE_LEN: usize = 8;
+
+/// A person waiting for an admin to approve them (DM policy `pairing`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PairingRequest {
+    /// 8 characters from `ABCDEFGHJKLMNPQRSTUVWXYZ23456789` (no 0/O/1/I lookalikes).
+    pub code: String,
+    /// Channel the sender wrote on, e.g. `matrix`, `telegram`.
+    pub channel: String,
+    /// The sender's id on that channel, e.g. `@eve:example.org`.
+    pub sender: String,
+    /// Unix milliseconds the code was issued.
+    pub created_ms: u64,
+}
+
+impl PairingRequest {
+    /// Whether the request is still live at `now_ms`: it is not older than `ttl`. (A clock
+    /// that went backwards makes a request look new, not expired.)
+    pub fn is_live(&self, now_ms: u64, ttl: Duration) -> bool {
+        let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
+        now_ms.saturating_sub(self.created_ms) <= ttl_ms
+    }
+}
+
+/// An approved sender.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PairedSender {
+    /// Channel the sender was approved on.
+    pub channel: String,
+    /// The sender's id on that channel.
+    pub sender: String,
+    /// Unix milliseconds of the approval.
+    pub approved_ms: u64,
+}
+
+/// A pairing code as an admin typed it, in the form it was issued: upper case, without
+/// whitespace or `-` (`abcd-efgh` → `ABCDEFGH`).
+pub fn normalize_pairing_code(input: &str) -> String {
+    input
+        .chars()
+        .filter(|c| !c.is_whitespace() && *c != '-')
+        .flat_map(char::to_uppercase)
+        .collect()
+}
+
+/// A fresh random pairing code; backends check it against the live ones.
+pub(crate) fn random_pairing_code() -> String {
+    use rand::Rng;
+    let alphabet = PAIRING_CODE_ALPHABET.as_bytes();
+    let mut rng = rand::thread_rng();
+    (0..PAIRING_CODE_LEN)
+        .map(|_| char::from(alphabet[rng.gen_range(0..alphabet.len())]))
+        .collect()
 }
 
 /// A storage failure; the message names what was being done.
@@ -86,6 +153,43 @@ pub trait Store: Send + Sync {
         room_id: &RoomId,
         limit: usize,
     ) -> Result<Vec<HistoryEntry>, StoreError>;
+
+    /// The sender's live pairing request, or a new one with a fresh unique code. A request
+    /// older than `ttl` (relative to `now_ms`) is expired and replaced. Returns the request
+    /// and whether it was created by this call. Callers check [`Store::is_paired`] first.
+    fn pairing_request(
+        &self,
+        channel: &str,
+        sender: &str,
+        now_ms: u64,
+        ttl: Duration,
+    ) -> Result<(PairingRequest, bool), StoreError>;
+
+    /// Approves the live request with `code` (case-insensitive; spaces and `-` ignored):
+    /// removes it and records the sender as paired, atomically. `None` when no live request
+    /// has that code.
+    fn approve_pairing(
+        &self,
+        code: &str,
+        now_ms: u64,
+        ttl: Duration,
+    ) -> Result<Option<PairingRequest>, StoreError>;
+
+    /// Live (unexpired) requests, oldest first.
+    fn pending_pairings(
+        &self,
+        now_ms: u64,
+        ttl: Duration,
+    ) -> Result<Vec<PairingRequest>, StoreError>;
+
+    /// Whether `sender` on `channel` was approved.
+    fn is_paired(&self, channel: &str, sender: &str) -> Result<bool, StoreError>;
+
+    /// Every approved sender, ordered by channel then sender.
+    fn paired_senders(&self) -> Result<Vec<PairedSender>, StoreError>;
+
+    /// Forgets an approval; returns whether there was one.
+    fn revoke_pairing(&self, channel: &str, sender: &str) -> Result<bool, StoreError>;
 }
 
 /// The tests every [`Store`] backend must pass. Invoke with an expression that builds a
@@ -94,7 +198,7 @@ pub trait Store: Send + Sync {
 #[macro_export]
 macro_rules! store_conformance_tests {
     ($fresh:expr, $reopen:expr) => {
-        use $crate::store::{HistoryEntry, IncomingEvent, JournalOutcome, Store};
+        use $crate::store::{HistoryEntry, IncomingEvent, JournalOutcome, PairedSender, Store};
 
         fn event(n: u32, room: &str) -> IncomingEvent {
             IncomingEvent {
@@ -170,6 +274,8 @@ macro_rules! store_conformance_tests {
                 sender: ruma::UserId::parse("@alice:x").unwrap(),
                 body: "hello".into(),
                 ts: 1,
+                thread_root: Some(ruma::EventId::parse("$root").unwrap()),
+                routed_to: vec!["damon".into()],
             };
             store.append_history(&room, &entry).unwrap();
             let store = ($reopen)(store, &guard);
@@ -213,6 +319,8 @@ macro_rules! store_conformance_tests {
                     sender: ruma::UserId::parse("@alice:x").unwrap(),
                     body: format!("line {n}"),
                     ts: n,
+                    thread_root: None,
+                    routed_to: Vec::new(),
                 };
                 store.append_history(&a, &entry).unwrap();
             }
@@ -222,6 +330,8 @@ macro_rules! store_conformance_tests {
                     sender: ruma::UserId::parse("@bob:x").unwrap(),
                     body: "elsewhere".into(),
                     ts: 9,
+                    thread_root: None,
+                    routed_to: Vec::new(),
                 })
                 .unwrap();
             let bodies: Vec<String> = store.recent_history(&a, 3).unwrap().into_iter().map(|e| e.body).collect();
@@ -229,5 +339,207 @@ macro_rules! store_conformance_tests {
             assert_eq!(store.recent_history(&b, 3).unwrap().len(), 1);
             assert!(store.recent_history(&ruma::RoomId::parse("!none").unwrap(), 3).unwrap().is_empty());
         }
+
+        /// Pairing requests live an hour in these tests; `T0` is an arbitrary unix ms.
+        const PAIRING_TTL: std::time::Duration = std::time::Duration::from_secs(3600);
+        const PAIRING_TTL_MS: u64 = 3_600_000;
+        const T0: u64 = 1_700_000_000_000;
+
+        fn assert_pairing_code(code: &str) {
+            assert_eq!(code.chars().count(), 8, "code {code:?} must have 8 characters");
+            assert!(
+                code.chars().all(|c| "ABCDEFGHJKLMNPQRSTUVWXYZ23456789".contains(c)),
+                "code {code:?} must use only the unambiguous alphabet"
+            );
+        }
+
+        /// Issues a request for `sender` on `channel` at `now` and approves it.
+        fn pair<S: Store>(store: &S, channel: &str, sender: &str, now: u64) {
+            let (request, _) = store.pairing_request(channel, sender, now, PAIRING_TTL).unwrap();
+            assert!(store.approve_pairing(&request.code, now, PAIRING_TTL).unwrap().is_some());
+        }
+
+        #[test]
+        fn a_pairing_request_is_reused_while_live() {
+            let (store, _guard) = $fresh;
+            let (first, created) = store.pairing_request("matrix", "@eve:x", T0, PAIRING_TTL).unwrap();
+            assert!(created);
+            assert_pairing_code(&first.code);
+            assert_eq!((first.channel.as_str(), first.sender.as_str(), first.created_ms), ("matrix", "@eve:x", T0));
+            // Still live at exactly `ttl` old: the same request, not a new one.
+            let (again, created) =
+                store.pairing_request("matrix", "@eve:x", T0 + PAIRING_TTL_MS, PAIRING_TTL).unwrap();
+            assert!(!created);
+            assert_eq!(again, first);
+            assert_eq!(store.pending_pairings(T0 + 1, PAIRING_TTL).unwrap(), vec![first]);
+        }
+
+        #[test]
+        fn each_sender_gets_its_own_code() {
+            let (store, _guard) = $fresh;
+            let mut codes = std::collections::HashSet::new();
+            for n in 0..40 {
+                let (request, created) =
+                    store.pairing_request("matrix", &format!("@user{n}:x"), T0 + n, PAIRING_TTL).unwrap();
+                assert!(created);
+                assert_pairing_code(&request.code);
+                assert!(codes.insert(request.code), "codes must be unique");
+            }
+            // The same id on another channel is another person.
+            let (other, created) = store.pairing_request("telegram", "@user0:x", T0, PAIRING_TTL).unwrap();
+            assert!(created);
+            assert!(!codes.contains(&other.code));
+            assert_eq!(store.pending_pairings(T0 + 100, PAIRING_TTL).unwrap().len(), 41);
+        }
+
+        #[test]
+        fn an_expired_pairing_request_is_replaced() {
+            let (store, _guard) = $fresh;
+            let (old, _) = store.pairing_request("matrix", "@eve:x", T0, PAIRING_TTL).unwrap();
+            let later = T0 + PAIRING_TTL_MS + 1;
+            let (new, created) = store.pairing_request("matrix", "@eve:x", later, PAIRING_TTL).unwrap();
+            assert!(created);
+            assert_pairing_code(&new.code);
+            assert_ne!(new.code, old.code);
+            assert_eq!(new.created_ms, later);
+            assert_eq!(store.pending_pairings(later, PAIRING_TTL).unwrap(), vec![new.clone()]);
+            // The old code is dead; the new one works.
+            assert_eq!(store.approve_pairing(&old.code, later, PAIRING_TTL).unwrap(), None);
+            assert!(!store.is_paired("matrix", "@eve:x").unwrap());
+            assert_eq!(store.approve_pairing(&new.code, later, PAIRING_TTL).unwrap(), Some(new));
+        }
+
+        #[test]
+        fn approving_pairs_the_sender_once() {
+            let (store, _guard) = $fresh;
+            let (request, _) = store.pairing_request("matrix", "@eve:x", T0, PAIRING_TTL).unwrap();
+            let (bystander, _) = store.pairing_request("matrix", "@bob:x", T0, PAIRING_TTL).unwrap();
+            assert!(!store.is_paired("matrix", "@eve:x").unwrap());
+            // As an admin might type it: lower case, dashed, padded.
+            let typed = format!(" {}-{} ", request.code[..4].to_lowercase(), request.code[4..].to_lowercase());
+            let approved = store.approve_pairing(&typed, T0 + 10, PAIRING_TTL).unwrap();
+            assert_eq!(approved, Some(request.clone()));
+            assert!(store.is_paired("matrix", "@eve:x").unwrap());
+            assert!(!store.is_paired("matrix", "@bob:x").unwrap());
+            assert_eq!(store.pending_pairings(T0 + 10, PAIRING_TTL).unwrap(), vec![bystander]);
+            assert_eq!(
+                store.paired_senders().unwrap(),
+                vec![PairedSender { channel: "matrix".into(), sender: "@eve:x".into(), approved_ms: T0 + 10 }]
+            );
+            assert_eq!(store.approve_pairing(&request.code, T0 + 20, PAIRING_TTL).unwrap(), None);
+            assert_eq!(store.paired_senders().unwrap()[0].approved_ms, T0 + 10);
+        }
+
+        #[test]
+        fn an_unknown_or_expired_code_approves_nothing() {
+            let (store, _guard) = $fresh;
+            let (request, _) = store.pairing_request("matrix", "@eve:x", T0, PAIRING_TTL).unwrap();
+            // A valid-looking code that differs from the issued one in its first character.
+            let wrong: String = std::iter::once(if request.code.starts_with('A') { 'B' } else { 'A' })
+                .chain(request.code.chars().skip(1))
+                .collect();
+            for code in [wrong.as_str(), "", "-", &request.code[..7]] {
+                assert_eq!(store.approve_pairing(code, T0, PAIRING_TTL).unwrap(), None, "code {code:?}");
+            }
+            assert_eq!(store.approve_pairing(&request.code, T0 + PAIRING_TTL_MS + 1, PAIRING_TTL).unwrap(), None);
+            assert!(!store.is_paired("matrix", "@eve:x").unwrap());
+            assert!(store.paired_senders().unwrap().is_empty());
+            assert_eq!(store.pending_pairings(T0, PAIRING_TTL).unwrap(), vec![request]);
+        }
+
+        #[test]
+        fn pending_pairings_are_live_and_oldest_first() {
+            let (store, _guard) = $fresh;
+            let (a, _) = store.pairing_request("matrix", "@a:x", T0, PAIRING_TTL).unwrap();
+            let (b, _) = store.pairing_request("matrix", "@b:x", T0 + 10, PAIRING_TTL).unwrap();
+            let (c, _) = store.pairing_request("telegram", "42", T0 + 5, PAIRING_TTL).unwrap();
+            assert_eq!(store.pending_pairings(T0 + 10, PAIRING_TTL).unwrap(), vec![a, c.clone(), b.clone()]);
+            // `a` is now older than the ttl; `c` is exactly ttl old and still live.
+            assert_eq!(store.pending_pairings(T0 + 5 + PAIRING_TTL_MS, PAIRING_TTL).unwrap(), vec![c, b]);
+            assert!(store.pending_pairings(T0 + 11 + PAIRING_TTL_MS, PAIRING_TTL).unwrap().is_empty());
+        }
+
+        #[test]
+        fn pairing_is_per_channel_and_ordered() {
+            let (store, _guard) = $fresh;
+            pair(&store, "matrix", "@z:x", T0);
+            pair(&store, "m", "@b:x", T0 + 1);
+            pair(&store, "matrix", "@a:x", T0 + 2);
+            pair(&store, "telegram", "@a:x", T0 + 3);
+            assert!(store.is_paired("matrix", "@z:x").unwrap());
+            assert!(!store.is_paired("telegram", "@z:x").unwrap());
+            assert!(!store.is_paired("m", "@a:x").unwrap());
+            assert!(!store.is_paired("matrix", "@z").unwrap());
+            let listed: Vec<(String, String)> =
+                store.paired_senders().unwrap().into_iter().map(|p| (p.channel, p.sender)).collect();
+            let expected = [("m", "@b:x"), ("matrix", "@a:x"), ("matrix", "@z:x"), ("telegram", "@a:x")];
+            assert_eq!(listed, expected.map(|(c, s)| (c.to_string(), s.to_string())));
+        }
+
+        #[test]
+        fn revoking_forgets_an_approval() {
+            let (store, _guard) = $fresh;
+            pair(&store, "matrix", "@eve:x", T0);
+            pair(&store, "matrix", "@bob:x", T0);
+            assert!(!store.revoke_pairing("telegram", "@eve:x").unwrap());
+            assert!(store.revoke_pairing("matrix", "@eve:x").unwrap());
+            assert!(!store.is_paired("matrix", "@eve:x").unwrap());
+            assert!(!store.revoke_pairing("matrix", "@eve:x").unwrap());
+            let left: Vec<String> = store.paired_senders().unwrap().into_iter().map(|p| p.sender).collect();
+            assert_eq!(left, ["@bob:x"]);
+            // A revoked sender can pair again with a new request.
+            let (request, created) = store.pairing_request("matrix", "@eve:x", T0 + 1, PAIRING_TTL).unwrap();
+            assert!(created);
+            assert!(store.approve_pairing(&request.code, T0 + 1, PAIRING_TTL).unwrap().is_some());
+            assert!(store.is_paired("matrix", "@eve:x").unwrap());
+        }
+
+        #[test]
+        fn pairings_survive_reopening() {
+            let (store, guard) = $fresh;
+            pair(&store, "matrix", "@eve:x", T0);
+            let (waiting, _) = store.pairing_request("matrix", "@bob:x", T0 + 1, PAIRING_TTL).unwrap();
+            let store = ($reopen)(store, &guard);
+            assert!(store.is_paired("matrix", "@eve:x").unwrap());
+            assert_eq!(
+                store.paired_senders().unwrap(),
+                vec![PairedSender { channel: "matrix".into(), sender: "@eve:x".into(), approved_ms: T0 }]
+            );
+            assert_eq!(store.pending_pairings(T0 + 2, PAIRING_TTL).unwrap(), vec![waiting.clone()]);
+            let (again, created) = store.pairing_request("matrix", "@bob:x", T0 + 2, PAIRING_TTL).unwrap();
+            assert!(!created);
+            assert_eq!(again, waiting);
+            assert_eq!(store.approve_pairing(&waiting.code, T0 + 3, PAIRING_TTL).unwrap(), Some(waiting));
+            let store = ($reopen)(store, &guard);
+            assert!(store.is_paired("matrix", "@bob:x").unwrap());
+            assert!(store.pending_pairings(T0 + 3, PAIRING_TTL).unwrap().is_empty());
+        }
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{
+        PAIRING_CODE_ALPHABET, PAIRING_CODE_LEN, normalize_pairing_code, random_pairing_code,
+    };
+
+    #[test]
+    fn pairing_codes_are_normalized_as_typed() {
+        assert_eq!(normalize_pairing_code("abcd-efgh"), "ABCDEFGH");
+        assert_eq!(normalize_pairing_code(" Ab Cd - 2345 "), "ABCD2345");
+        assert_eq!(normalize_pairing_code("ABCDEFGH"), "ABCDEFGH");
+        assert_eq!(normalize_pairing_code(" - "), "");
+    }
+
+    #[test]
+    fn random_pairing_codes_use_the_alphabet() {
+        for _ in 0..200 {
+            let code = random_pairing_code();
+            assert_eq!(code.len(), PAIRING_CODE_LEN);
+            assert!(
+                code.chars().all(|c| PAIRING_CODE_ALPHABET.contains(c)),
+                "{code}"
+            );
+        }
+    }
 }

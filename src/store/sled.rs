@@ -1,17 +1,27 @@
 //! The embedded sled backend of [`Store`].
 //!
 //! Trees: `txns` (txnId → unix ms), `journal` (seq, big-endian → [`JournaledEvent`] JSON),
-//! `processed` (event_id → unix ms), `history` (room_id ‖ 0xFF ‖ seq → [`HistoryEntry`] JSON).
-//! 0xFF never occurs in UTF-8, so a room's history is one contiguous prefix.
+//! `processed` (event_id → unix ms), `history` (room_id ‖ 0xFF ‖ seq → [`HistoryEntry`] JSON),
+//! `pairing_requests` (channel ‖ 0xFF ‖ sender → [`PairingRequest`] JSON) and `paired`
+//! (channel ‖ 0xFF ‖ sender → [`PairedSender`] JSON).
+//! 0xFF never occurs in UTF-8, so a room's history is one contiguous prefix and a
+//! (channel, sender) key is unambiguous.
+//!
+//! A code is found by scanning `pairing_requests`: it holds one entry per person waiting for
+//! an admin, and expired entries are dropped whenever a new request is written.
 
+use std::collections::HashSet;
 use std::path::Path;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ::sled::transaction::{ConflictableTransactionError, TransactionError};
 use ::sled::{Db, Transactional, Tree};
 use ruma::{EventId, RoomId};
 
-use super::{HistoryEntry, IncomingEvent, JournalOutcome, JournaledEvent, Store, StoreError};
+use super::{
+    HistoryEntry, IncomingEvent, JournalOutcome, JournaledEvent, PairedSender, PairingRequest,
+    Store, StoreError, normalize_pairing_code, random_pairing_code,
+};
 
 /// sled-backed [`Store`]; one directory on disk.
 pub struct SledStore {
@@ -20,6 +30,8 @@ pub struct SledStore {
     journal: Tree,
     processed: Tree,
     history: Tree,
+    pairing_requests: Tree,
+    paired: Tree,
 }
 
 impl SledStore {
@@ -40,6 +52,8 @@ impl SledStore {
             journal: tree("journal")?,
             processed: tree("processed")?,
             history: tree("history")?,
+            pairing_requests: tree("pairing_requests")?,
+            paired: tree("paired")?,
             db,
         })
     }
@@ -49,6 +63,18 @@ impl SledStore {
             .flush()
             .map(|_| ())
             .map_err(|e| StoreError(format!("flush failed: {e}")))
+    }
+
+    /// Every stored pairing request with its key, expired ones included.
+    fn all_pairing_requests(&self) -> Result<Vec<(::sled::IVec, PairingRequest)>, StoreError> {
+        self.pairing_requests
+            .iter()
+            .map(|item| {
+                let (key, value) =
+                    item.map_err(|e| StoreError(format!("cannot read pairing requests: {e}")))?;
+                Ok((key, decode_pairing_request(&value)?))
+            })
+            .collect()
     }
 }
 
@@ -66,6 +92,23 @@ fn history_key(room_id: &RoomId, seq: u64) -> Vec<u8> {
     key.push(0xFF);
     key.extend_from_slice(&seq.to_be_bytes());
     key
+}
+
+/// channel ‖ 0xFF ‖ sender: the key of both pairing trees.
+fn pairing_key(channel: &str, sender: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(channel.len() + 1 + sender.len());
+    key.extend_from_slice(channel.as_bytes());
+    key.push(0xFF);
+    key.extend_from_slice(sender.as_bytes());
+    key
+}
+
+fn decode_pairing_request(bytes: &[u8]) -> Result<PairingRequest, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError(format!("corrupt pairing request: {e}")))
+}
+
+fn encode<T: serde::Serialize>(value: &T, what: &str) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(value).map_err(|e| StoreError(format!("cannot encode {what}: {e}")))
 }
 
 impl Store for SledStore {
@@ -204,6 +247,194 @@ impl Store for SledStore {
             .collect::<Result<Vec<HistoryEntry>, _>>()?;
         entries.reverse();
         Ok(entries)
+    }
+
+    fn pairing_request(
+        &self,
+        channel: &str,
+        sender: &str,
+        now_ms: u64,
+        ttl: Duration,
+    ) -> Result<(PairingRequest, bool), StoreError> {
+        let key = pairing_key(channel, sender);
+        let existing = self
+            .pairing_requests
+            .get(&key)
+            .map_err(|e| StoreError(format!("cannot read pairing requests: {e}")))?;
+        if let Some(bytes) = existing {
+            let request = decode_pairing_request(&bytes)?;
+            if request.is_live(now_ms, ttl) {
+                return Ok((request, false));
+            }
+        }
+        // A new code must differ from every stored one: live codes must stay unique, and
+        // never reusing an expired code keeps a stale code from approving someone else.
+        let stored = self.all_pairing_requests()?;
+        let taken: HashSet<&str> = stored.iter().map(|(_, r)| r.code.as_str()).collect();
+        let code = loop {
+            let code = random_pairing_code();
+            if !taken.contains(code.as_str()) {
+                break code;
+            }
+        };
+        let expired: Vec<&[u8]> = stored
+            .iter()
+            .filter(|(k, r)| !r.is_live(now_ms, ttl) && k.as_ref() != key.as_slice())
+            .map(|(k, _)| k.as_ref())
+            .collect();
+        let request = PairingRequest {
+            code,
+            channel: channel.to_owned(),
+            sender: sender.to_owned(),
+            created_ms: now_ms,
+        };
+        let bytes = encode(&request, "pairing request")?;
+        // Another caller may have issued a request for this sender since the read above:
+        // re-check inside the transaction and keep theirs if it is live.
+        let outcome = self
+            .pairing_requests
+            .transaction(|tree| {
+                if let Some(current) = tree.get(&key)? {
+                    let current = decode_pairing_request(&current)
+                        .map_err(ConflictableTransactionError::Abort)?;
+                    if current.is_live(now_ms, ttl) {
+                        return Ok(Some(current));
+                    }
+                }
+                for old in &expired {
+                    // Only drop it if nobody replaced it meanwhile.
+                    if let Some(current) = tree.get(old)? {
+                        let current = decode_pairing_request(&current)
+                            .map_err(ConflictableTransactionError::Abort)?;
+                        if !current.is_live(now_ms, ttl) {
+                            tree.remove(*old)?;
+                        }
+                    }
+                }
+                tree.insert(key.as_slice(), bytes.as_slice())?;
+                Ok(None)
+            })
+            .map_err(|e| match e {
+                TransactionError::Abort(e) => e,
+                TransactionError::Storage(e) => StoreError(format!(
+                    "cannot issue pairing code for {sender} on {channel}: {e}"
+                )),
+            })?;
+        match outcome {
+            Some(current) => Ok((current, false)),
+            None => {
+                self.flush()?;
+                Ok((request, true))
+            }
+        }
+    }
+
+    fn approve_pairing(
+        &self,
+        code: &str,
+        now_ms: u64,
+        ttl: Duration,
+    ) -> Result<Option<PairingRequest>, StoreError> {
+        let code = normalize_pairing_code(code);
+        if code.is_empty() {
+            return Ok(None);
+        }
+        let Some((key, request)) = self
+            .all_pairing_requests()?
+            .into_iter()
+            .find(|(_, r)| r.code == code && r.is_live(now_ms, ttl))
+        else {
+            return Ok(None);
+        };
+        let paired = encode(
+            &PairedSender {
+                channel: request.channel.clone(),
+                sender: request.sender.clone(),
+                approved_ms: now_ms,
+            },
+            "paired sender",
+        )?;
+        // The request may have been approved or replaced since the scan: approve only if the
+        // same live code is still there.
+        let approved = (&self.pairing_requests, &self.paired)
+            .transaction(|(requests, paired_tree)| {
+                let Some(current) = requests.get(&key)? else {
+                    return Ok(false);
+                };
+                let current = decode_pairing_request(&current)
+                    .map_err(ConflictableTransactionError::Abort)?;
+                if current.code != code || !current.is_live(now_ms, ttl) {
+                    return Ok(false);
+                }
+                requests.remove(&key)?;
+                paired_tree.insert(&key, paired.as_slice())?;
+                Ok(true)
+            })
+            .map_err(|e| match e {
+                TransactionError::Abort(e) => e,
+                TransactionError::Storage(e) => {
+                    StoreError(format!("cannot approve pairing code {code}: {e}"))
+                }
+            })?;
+        if !approved {
+            return Ok(None);
+        }
+        self.flush()?;
+        Ok(Some(request))
+    }
+
+    fn pending_pairings(
+        &self,
+        now_ms: u64,
+        ttl: Duration,
+    ) -> Result<Vec<PairingRequest>, StoreError> {
+        let mut live: Vec<PairingRequest> = self
+            .all_pairing_requests()?
+            .into_iter()
+            .map(|(_, request)| request)
+            .filter(|request| request.is_live(now_ms, ttl))
+            .collect();
+        live.sort_by(|a, b| {
+            (a.created_ms, &a.channel, &a.sender).cmp(&(b.created_ms, &b.channel, &b.sender))
+        });
+        Ok(live)
+    }
+
+    fn is_paired(&self, channel: &str, sender: &str) -> Result<bool, StoreError> {
+        self.paired
+            .contains_key(pairing_key(channel, sender))
+            .map_err(|e| StoreError(format!("cannot read paired senders: {e}")))
+    }
+
+    fn paired_senders(&self) -> Result<Vec<PairedSender>, StoreError> {
+        let mut senders = self
+            .paired
+            .iter()
+            .map(|item| {
+                let (_, value) =
+                    item.map_err(|e| StoreError(format!("cannot read paired senders: {e}")))?;
+                serde_json::from_slice(&value)
+                    .map_err(|e| StoreError(format!("corrupt paired sender: {e}")))
+            })
+            .collect::<Result<Vec<PairedSender>, _>>()?;
+        // Key order puts channel `ab` before `a` (0xFF sorts last), so sort by the strings.
+        senders.sort_by(|a, b| (&a.channel, &a.sender).cmp(&(&b.channel, &b.sender)));
+        Ok(senders)
+    }
+
+    fn revoke_pairing(&self, channel: &str, sender: &str) -> Result<bool, StoreError> {
+        let removed = self
+            .paired
+            .remove(pairing_key(channel, sender))
+            .map_err(|e| {
+                StoreError(format!(
+                    "cannot revoke pairing of {sender} on {channel}: {e}"
+                ))
+            })?;
+        if removed.is_some() {
+            self.flush()?;
+        }
+        Ok(removed.is_some())
     }
 }
 

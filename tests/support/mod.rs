@@ -33,6 +33,11 @@ pub const SERVER_NAME: &str = "localhost";
 pub const AGENTS: [&str; 3] = ["damon", "coder", "researcher"];
 const AS_TOKEN: &str = "e2e-as-token-0123456789abcdef";
 const HS_TOKEN: &str = "e2e-hs-token-fedcba9876543210";
+/// Bearer token of the admin API in the test config.
+pub const ADMIN_TOKEN: &str = "e2e-admin-token-5a5a5a5a5a";
+/// The test config's `channels:` unless a test says otherwise: DMs open to the test server.
+pub const OPEN_DMS: &str =
+    r#"channels: { matrix: { dm_policy: allowlist, allow_from: ["@*:localhost"] } }"#;
 pub const WAIT: Duration = Duration::from_secs(60);
 
 /// The shared homeserver of this test binary.
@@ -214,13 +219,21 @@ pub struct Agentbus {
 impl Agentbus {
     /// A directory holding `agentbus.yaml` with every agent on an OpenAI-compatible
     /// provider at `llm_url` (model `<agent>-model`).
+    /// Writes the standard test config: three agents on the model stub, the two keyword
+    /// rules of the README, DMs open to everyone on the test server.
     pub fn write_config(llm_url: &str) -> tempfile::TempDir {
+        Self::write_config_with(llm_url, OPEN_DMS)
+    }
+
+    /// The standard config with `channels:` replaced by `channels` (YAML).
+    pub fn write_config_with(llm_url: &str, channels: &str) -> tempfile::TempDir {
         let synapse = synapse();
         let dir = tempfile::tempdir().unwrap();
         let config = format!(
             r#"
 homeserver: {{ url: "{}", server_name: {SERVER_NAME} }}
 appservice: {{ id: agentbus-e2e, bind: "127.0.0.1:{}", as_token: {AS_TOKEN}, hs_token: {HS_TOKEN} }}
+admin: {{ token: {ADMIN_TOKEN} }}
 store: {{ path: data }}
 providers:
   stub: {{ api: openai-completions, base_url: "{llm_url}", timeout: 30s }}
@@ -228,6 +241,12 @@ agents:
   - {{ id: damon, display_name: Damon, aliases: ["戴蒙"], provider: stub, model: damon-model, system_prompt: "You are Damon." }}
   - {{ id: coder, display_name: Coder, provider: stub, model: coder-model }}
   - {{ id: researcher, display_name: Researcher, provider: stub, model: researcher-model }}
+routing:
+  keyword:
+    rules:
+      - {{ keywords: ["代码", "编程", "debug"], agent: coder }}
+      - {{ keywords: ["搜索", "调研", "查资料"], agent: researcher }}
+{channels}
 "#,
             synapse.url, synapse.appservice_port
         );
@@ -235,8 +254,6 @@ agents:
         dir
     }
 
-    /// Starts agentbus with every agent on an OpenAI-compatible provider at `llm_url`
-    /// (model = the agent id), and waits until it reports it is running.
     pub async fn start(llm_url: &str) -> Agentbus {
         let mut bus = Agentbus::configured(Self::write_config(llm_url));
         bus.spawn().await;
@@ -267,6 +284,11 @@ agents:
         (status, response.json().await.unwrap_or(Value::Null))
     }
 
+    /// Base URL of its HTTP listener.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
     pub fn config_path(&self) -> PathBuf {
         self.dir.path().join("agentbus.yaml")
     }
@@ -280,7 +302,8 @@ agents:
         std::fs::read_to_string(self.log_path()).unwrap_or_default()
     }
 
-    async fn spawn(&mut self) {
+    /// Starts the process and waits until it says it is running.
+    pub async fn spawn(&mut self) {
         let runs_before = self.log().matches("agentbus is running").count();
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -496,6 +519,29 @@ pub async fn register_user(localpart: &str) -> String {
         response.text().await.unwrap()
     );
     password
+}
+
+/// Runs the `agentbus` binary with `args` to completion (blocking).
+pub fn cli(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_agentbus"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// Runs the `agentbus` binary off the async runtime; returns (exit code, stdout, stderr).
+pub async fn cli_async(args: &[&str]) -> (Option<i32>, String, String) {
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    let output = tokio::task::spawn_blocking(move || {
+        cli(&args.iter().map(String::as_str).collect::<Vec<_>>())
+    })
+    .await
+    .unwrap();
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
 }
 
 /// A unique localpart for this test run.

@@ -16,10 +16,20 @@ use ruma::{OwnedUserId, ServerName, UserId};
 use serde::Deserialize;
 use url::Url;
 
+mod routing;
+
+pub use self::routing::{
+    AdminConfig, AgentToAgentConfig, BindingConfig, BindingMatch, BroadcastConfig,
+    ChannelPolicyConfig, ContextConfig, DmPolicy, GroupPolicy, GroupRoomConfig, KNOWN_CHANNELS,
+    KeywordConfig, KeywordRule, MentionConfig, RoutingConfig,
+};
+
 /// Environment variable that overrides `appservice.as_token`.
 pub const ENV_AS_TOKEN: &str = "AGENTBUS_AS_TOKEN";
 /// Environment variable that overrides `appservice.hs_token`.
 pub const ENV_HS_TOKEN: &str = "AGENTBUS_HS_TOKEN";
+/// Environment variable that overrides `admin.token`.
+pub const ENV_ADMIN_TOKEN: &str = "AGENTBUS_ADMIN_TOKEN";
 
 /// The whole configuration file.
 #[derive(Debug, Clone, Deserialize)]
@@ -37,6 +47,18 @@ pub struct Config {
     pub providers: BTreeMap<String, ProviderConfig>,
     /// The agents, each one virtual Matrix user.
     pub agents: Vec<AgentConfig>,
+    /// Routing strategies: mention, keyword, context, broadcast, agent-to-agent.
+    #[serde(default)]
+    pub routing: RoutingConfig,
+    /// Which agent owns which conversation, most specific first.
+    #[serde(default)]
+    pub bindings: Vec<BindingConfig>,
+    /// DM and group policies per channel (`matrix`, and bridged platforms).
+    #[serde(default)]
+    pub channels: BTreeMap<String, ChannelPolicyConfig>,
+    /// The admin API.
+    #[serde(default)]
+    pub admin: AdminConfig,
 }
 
 /// `homeserver:`
@@ -139,6 +161,14 @@ pub struct AgentConfig {
     /// Other names people type after `@` to mention the agent (e.g. `戴蒙`).
     #[serde(default)]
     pub aliases: Vec<String>,
+    /// Regular expressions that also count as a mention (case-insensitive), e.g.
+    /// `^damon[,:]`.
+    #[serde(default)]
+    pub mention_patterns: Vec<String>,
+    /// The agent conversations fall back to when no binding names one (default: the
+    /// first agent).
+    #[serde(default)]
+    pub default: bool,
     /// Avatar as an `mxc://` URI.
     #[serde(default)]
     pub avatar: Option<String>,
@@ -245,6 +275,9 @@ impl Config {
         }
         if let Some(token) = env(ENV_HS_TOKEN).filter(|t| !t.is_empty()) {
             self.appservice.hs_token = Some(token);
+        }
+        if let Some(token) = env(ENV_ADMIN_TOKEN).filter(|t| !t.is_empty()) {
+            self.admin.token = Some(token);
         }
     }
 
@@ -390,7 +423,35 @@ impl Config {
                     problem(format!("{at}.aliases[{j}]"), "must not be empty".into());
                 }
             }
+            for (j, pattern) in agent.mention_patterns.iter().enumerate() {
+                if let Err(e) = regex::Regex::new(pattern) {
+                    problem(
+                        format!("{at}.mention_patterns[{j}]"),
+                        format!("invalid regex: {e}"),
+                    );
+                }
+            }
         }
+        let defaults: Vec<usize> = (0..self.agents.len())
+            .filter(|&i| self.agents[i].default)
+            .collect();
+        if let [_, second, ..] = defaults[..] {
+            problem(
+                format!("agents[{second}].default"),
+                format!(
+                    "only one agent may be the default; agents[{}] already is",
+                    defaults[0]
+                ),
+            );
+        }
+        routing::validate(
+            &self.routing,
+            &self.bindings,
+            &self.channels,
+            &self.admin,
+            &|id| self.agents.iter().any(|a| a.id == id),
+            &mut problem,
+        );
 
         if problems.is_empty() {
             Ok(())
@@ -428,6 +489,14 @@ impl Config {
         local == self.appservice.sender_localpart
             || local.starts_with(&self.appservice.puppet_prefix)
             || self.agents.iter().any(|a| a.id == local)
+    }
+
+    /// The policies of `channel` (defaults when the file has none for it).
+    pub fn channel_policy(&self, channel: &str) -> std::borrow::Cow<'_, ChannelPolicyConfig> {
+        match self.channels.get(channel) {
+            Some(policy) => std::borrow::Cow::Borrowed(policy),
+            None => std::borrow::Cow::Owned(ChannelPolicyConfig::default()),
+        }
     }
 
     /// The agent whose user ID is `user`.

@@ -1,0 +1,212 @@
+//! The admin side of the CLI (`agentbus route`, `agentbus pairing …`): it asks the running
+//! agentbus through the admin API, and when none is running it does the same work itself
+//! against the store and the homeserver. Either way the answer is the same.
+
+use std::net::SocketAddr;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use reqwest::Method;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::config::Config;
+use crate::inbox::{self, ExplainError, PAIRING_TTL, RouteQuery};
+use crate::ops::api::{ApproveRequest, PairingState, RevokeRequest};
+use crate::ops::checks::{CheckFailure, EXIT_LOCAL_SETUP};
+use crate::router::RouteDecision;
+use crate::server::Services;
+use crate::store::{PairingRequest, SledStore, Store};
+
+/// Exit code of an admin command whose request was refused (bad query, unknown code).
+pub const EXIT_REFUSED: i32 = 1;
+
+/// How a call to the admin API ended.
+enum Call<T> {
+    Done(T),
+    /// Nothing listens on `appservice.bind`: no agentbus is running.
+    NotRunning,
+}
+
+/// A client of the running agentbus's admin API.
+pub struct AdminClient {
+    http: reqwest::Client,
+    base: String,
+    token: String,
+}
+
+impl AdminClient {
+    /// A client for the agentbus `config` describes (its `appservice.bind`, with a wildcard
+    /// address replaced by loopback).
+    pub fn for_config(config: &Config) -> Self {
+        let mut addr: SocketAddr = config.appservice.bind;
+        if addr.ip().is_unspecified() {
+            addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+        }
+        Self {
+            http: reqwest::Client::new(),
+            base: format!("http://{addr}"),
+            token: config.admin.token.clone().unwrap_or_default(),
+        }
+    }
+
+    async fn call<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&(impl Serialize + ?Sized)>,
+    ) -> Result<Call<T>, CheckFailure> {
+        let mut request = self
+            .http
+            .request(method, format!("{}{path}", self.base))
+            .bearer_auth(&self.token);
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        let response = match request.send().await {
+            Ok(response) => response,
+            Err(e) if e.is_connect() => return Ok(Call::NotRunning),
+            Err(e) => {
+                return Err(CheckFailure::new(
+                    EXIT_LOCAL_SETUP,
+                    format!("✗ admin API at {} failed: {e}", self.base),
+                ));
+            }
+        };
+        let status = response.status();
+        let bytes = response.bytes().await.map_err(|e| {
+            CheckFailure::new(
+                EXIT_LOCAL_SETUP,
+                format!("✗ admin API answer unreadable: {e}"),
+            )
+        })?;
+        if !status.is_success() {
+            let message = serde_json::from_slice::<serde_json::Value>(&bytes)
+                .ok()
+                .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_owned))
+                .unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned());
+            let code = if status.as_u16() == 401 {
+                EXIT_LOCAL_SETUP
+            } else {
+                EXIT_REFUSED
+            };
+            return Err(CheckFailure::new(
+                code,
+                format!("✗ {message} (HTTP {status})"),
+            ));
+        }
+        serde_json::from_slice(&bytes).map(Call::Done).map_err(|e| {
+            CheckFailure::new(
+                EXIT_LOCAL_SETUP,
+                format!("✗ admin API answer unreadable: {e}"),
+            )
+        })
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn open_store(config: &Config) -> Result<SledStore, CheckFailure> {
+    SledStore::open(&config.store.path.join("sled")).map_err(|e| {
+        CheckFailure::new(
+            EXIT_LOCAL_SETUP,
+            format!("✗ {e} — is an agentbus running on another address with this store.path?"),
+        )
+    })
+}
+
+/// Explains how `query` would be routed.
+pub async fn route(config: &Config, query: &RouteQuery) -> Result<RouteDecision, CheckFailure> {
+    let client = AdminClient::for_config(config);
+    if let Call::Done(decision) = client
+        .call(Method::POST, "/api/v1/router/test", Some(query))
+        .await?
+    {
+        return Ok(decision);
+    }
+    // No agentbus running: route with our own store and the homeserver.
+    let services = Services::build(config.clone())?;
+    let processor = services.state.processor.clone();
+    processor.set_aliases(inbox::resolve_config_aliases(config, &services.state.matrix).await);
+    processor
+        .explain(query)
+        .await
+        .map_err(|ExplainError::BadQuery(e)| CheckFailure::new(EXIT_REFUSED, format!("✗ {e}")))
+}
+
+/// Pending pairing requests and approved senders.
+pub async fn pairing_list(config: &Config) -> Result<PairingState, CheckFailure> {
+    let client = AdminClient::for_config(config);
+    if let Call::Done(state) = client
+        .call(Method::GET, "/api/v1/pairing", None::<&()>)
+        .await?
+    {
+        return Ok(state);
+    }
+    let store = open_store(config)?;
+    let failed =
+        |e: crate::store::StoreError| CheckFailure::new(EXIT_LOCAL_SETUP, format!("✗ {e}"));
+    Ok(PairingState {
+        pending: store
+            .pending_pairings(now_ms(), PAIRING_TTL)
+            .map_err(failed)?,
+        approved: store.paired_senders().map_err(failed)?,
+    })
+}
+
+/// Approves the pairing request with `code`.
+pub async fn pairing_approve(config: &Config, code: &str) -> Result<PairingRequest, CheckFailure> {
+    let client = AdminClient::for_config(config);
+    let body = ApproveRequest {
+        code: code.to_owned(),
+    };
+    if let Call::Done(request) = client
+        .call(Method::POST, "/api/v1/pairing/approve", Some(&body))
+        .await?
+    {
+        return Ok(request);
+    }
+    let store = open_store(config)?;
+    store
+        .approve_pairing(code, now_ms(), PAIRING_TTL)
+        .map_err(|e| CheckFailure::new(EXIT_LOCAL_SETUP, format!("✗ {e}")))?
+        .ok_or_else(|| {
+            CheckFailure::new(
+                EXIT_REFUSED,
+                format!(
+                    "✗ no pending pairing request has code {code:?} (codes expire after an hour)"
+                ),
+            )
+        })
+}
+
+/// Forgets the approval of `sender` on `channel`.
+pub async fn pairing_revoke(
+    config: &Config,
+    channel: &str,
+    sender: &str,
+) -> Result<(), CheckFailure> {
+    let client = AdminClient::for_config(config);
+    let body = RevokeRequest {
+        channel: channel.to_owned(),
+        sender: sender.to_owned(),
+    };
+    if let Call::Done(_) = client
+        .call::<serde_json::Value>(Method::POST, "/api/v1/pairing/revoke", Some(&body))
+        .await?
+    {
+        return Ok(());
+    }
+    let store = open_store(config)?;
+    match store.revoke_pairing(channel, sender) {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(CheckFailure::new(
+            EXIT_REFUSED,
+            format!("✗ {sender} is not paired on {channel}"),
+        )),
+        Err(e) => Err(CheckFailure::new(EXIT_LOCAL_SETUP, format!("✗ {e}"))),
+    }
+}

@@ -1,0 +1,85 @@
+//! Finding mentions: `m.mentions`, matrix.to pills, typed `@name`s (CJK-aware) and
+//! per-agent patterns; reply fallbacks are never counted.
+
+use std::collections::BTreeSet;
+
+use ruma::{OwnedUserId, UserId};
+
+/// Whether `text` (lower-cased) contains `@name` as a mention: not glued to a preceding
+/// Latin word (so `bob@damon.org` does not count), and — for a name ending in a Latin letter or
+/// digit — not followed by another one (so `@damon` does not match `@damonx`). CJK names
+/// have no word boundaries and match wherever they appear.
+pub(super) fn contains_at_name(text: &str, name: &str) -> bool {
+    let needle_len = 1 + name.len();
+    let mut from = 0;
+    while let Some(pos) = text[from..].find('@') {
+        let at = from + pos;
+        from = at + 1;
+        if !text[at + 1..].starts_with(name) {
+            continue;
+        }
+        // Only a Latin word glued to the `@` (an e-mail address) disqualifies it; CJK text
+        // runs straight into mentions.
+        let before_ok = text[..at]
+            .chars()
+            .next_back()
+            .is_none_or(|c| !(c.is_ascii_alphanumeric() || c == '_'));
+        let after_ok = match (
+            name.chars().next_back(),
+            text[at + needle_len..].chars().next(),
+        ) {
+            (Some(last), Some(next)) if is_word_char(last) && last.is_ascii() => {
+                !is_word_char(next)
+            }
+            _ => true,
+        };
+        if before_ok && after_ok {
+            return true;
+        }
+    }
+    false
+}
+
+pub(super) fn is_word_char(c: char) -> bool {
+    c.is_alphanumeric() || c == '_'
+}
+
+/// User IDs linked with `https://matrix.to/#/@user:server` pills.
+pub(super) fn pill_targets(html: &str) -> BTreeSet<OwnedUserId> {
+    const PREFIX: &str = "matrix.to/#/";
+    let mut found = BTreeSet::new();
+    let mut rest = html;
+    while let Some(pos) = rest.find(PREFIX) {
+        rest = &rest[pos + PREFIX.len()..];
+        let end = rest.find(['"', '\'', '?', '>', ' ']).unwrap_or(rest.len());
+        let raw = &rest[..end];
+        let decoded = percent_encoding::percent_decode_str(raw).decode_utf8_lossy();
+        if let Ok(user) = UserId::parse(decoded.as_ref()) {
+            found.insert(user);
+        }
+    }
+    found
+}
+
+/// Drops the `<mx-reply>…</mx-reply>` quote older clients prepend to replies, so quoting
+/// an agent's message is not a mention of it.
+pub(super) fn strip_reply_html(html: &str) -> String {
+    match (html.find("<mx-reply>"), html.find("</mx-reply>")) {
+        (Some(start), Some(end)) if end > start => {
+            format!("{}{}", &html[..start], &html[end + "</mx-reply>".len()..])
+        }
+        _ => html.to_owned(),
+    }
+}
+
+/// Drops leading `> ` quote lines of a plain-text reply fallback.
+pub(super) fn strip_reply_fallback(body: &str) -> &str {
+    if !body.starts_with("> ") {
+        return body;
+    }
+    let mut rest = body;
+    while rest.starts_with('>') {
+        rest = rest.split_once('\n').map_or("", |(_, tail)| tail);
+    }
+    rest.trim_start_matches('\n')
+}
