@@ -80,6 +80,17 @@ agents:
     provider: $provider
     $model_line
     system_prompt: You find and summarise sources.
+routing:
+  keyword:
+    rules:
+      - { keywords: ["代码", "编程", "debug", "code", "bug"], agent: coder }
+      - { keywords: ["搜索", "调研", "查资料", "research", "paper"], agent: researcher }
+channels:
+  matrix:
+    dm_policy: pairing                    # strangers get a code: agentbus pairing approve CODE
+    allow_from: ["@*:$SERVER_NAME"]       # people on this homeserver need none
+    groups:
+      "#project:$SERVER_NAME": { require_mention: false }   # follow-ups continue without @
 YAML
 fi
 CONFIG="$STATE/agentbus.yaml"
@@ -121,7 +132,7 @@ if ! curl -sf "$HS_URL/_matrix/client/v3/directory/room/$ALIAS" -H "Authorizatio
     curl -sf -X POST "$HS_URL/_matrix/client/v3/createRoom" -H "Authorization: Bearer $TOKEN" \
         -H 'content-type: application/json' \
         -d "{\"name\":\"project\",\"room_alias_name\":\"project\",\"preset\":\"private_chat\",
-             \"topic\":\"agentbus demo: @damon, @coder and @researcher are here. Mention one to ask it.\",
+             \"topic\":\"agentbus demo: @damon, @coder and @researcher are here. Mention one, say @all, or just ask about code or research.\",
              \"invite\":[\"@damon:$SERVER_NAME\",\"@coder:$SERVER_NAME\",\"@researcher:$SERVER_NAME\"]}" >/dev/null \
         || die "cannot create #project"
 fi
@@ -150,6 +161,11 @@ Connect Element (or any Matrix client) to $HS_URL as "demo" with that password, 
 Or right here, in another terminal:
 
   $BIN --config $CONFIG say --room '#project:$SERVER_NAME' --as demo --password '$PASSWORD' "@coder hello"
+  $BIN --config $CONFIG say --room '#project:$SERVER_NAME' --as demo --password '$PASSWORD' --replies 3 "@all 大家好"
+
+Ask who would answer, and why, without sending anything:
+
+  $BIN --config $CONFIG route --room '#project:$SERVER_NAME' --sender @demo:$SERVER_NAME "帮我看看这段代码"
 
 $MODEL_NOTE
 

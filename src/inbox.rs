@@ -66,14 +66,9 @@ impl InboxSender {
     }
 }
 
-/// Resolves the room aliases the config names (group settings, binding peers) to rooms,
-/// so routing can match a room by either. An alias that does not resolve is logged and
-/// left out.
-pub async fn resolve_config_aliases(
-    config: &Config,
-    matrix: &MatrixClient,
-) -> HashMap<OwnedRoomId, Vec<String>> {
-    let named = config
+/// The room aliases the config names: group settings and binding peers.
+fn config_aliases(config: &Config) -> Vec<String> {
+    let named: std::collections::BTreeSet<&String> = config
         .channels
         .values()
         .flat_map(|c| c.groups.keys())
@@ -84,24 +79,8 @@ pub async fn resolve_config_aliases(
                 .filter_map(|b| b.matches.peer.as_ref()),
         )
         .filter(|key| key.starts_with('#'))
-        .collect::<std::collections::BTreeSet<_>>();
-    let mut rooms: HashMap<OwnedRoomId, Vec<String>> = HashMap::new();
-    for alias in named {
-        let parsed = match ruma::RoomAliasId::parse(alias.as_str()) {
-            Ok(parsed) => parsed,
-            Err(e) => {
-                tracing::warn!(alias = %alias, error = %e, "not a valid room alias; ignored");
-                continue;
-            }
-        };
-        match matrix.resolve_alias(&parsed).await {
-            Ok(room_id) => rooms.entry(room_id).or_default().push(alias.clone()),
-            Err(e) => {
-                tracing::warn!(alias = %alias, error = %e, "room alias from the config does not resolve; ignored")
-            }
-        }
-    }
-    rooms
+        .collect();
+    named.into_iter().cloned().collect()
 }
 
 /// Processes events: the per-room logic every worker runs.
@@ -113,8 +92,10 @@ pub struct Inbox {
     router: Router,
     guard: Mutex<LoopGuard>,
     rooms: Mutex<HashMap<OwnedRoomId, RoomFacts>>,
-    /// Aliases named in the config, by the room they resolved to at startup.
+    /// Aliases named in the config, by the room they resolved to.
     aliases: RwLock<HashMap<OwnedRoomId, Vec<String>>>,
+    /// Aliases named in the config that did not resolve yet (the room may not exist yet).
+    unresolved: Mutex<Vec<String>>,
 }
 
 /// A routing question from the CLI or the admin API: who would answer if `sender` said
@@ -174,20 +155,54 @@ impl Inbox {
     ) -> Arc<Self> {
         Arc::new(Self {
             router: Router::new(&config),
-            config,
             store,
             matrix,
             runtime,
             guard: Mutex::new(LoopGuard::default()),
             rooms: Mutex::new(HashMap::new()),
             aliases: RwLock::new(HashMap::new()),
+            unresolved: Mutex::new(config_aliases(&config)),
+            config,
         })
     }
 
-    /// Sets the config's room aliases, resolved (see [`resolve_config_aliases`]).
-    pub fn set_aliases(&self, aliases: HashMap<OwnedRoomId, Vec<String>>) {
-        *self.aliases.write().expect("alias lock") = aliases;
-        self.rooms.lock().expect("room cache lock").clear();
+    /// Resolves the config's room aliases (group settings, binding peers) that have not
+    /// resolved yet, so routing can match a room by either name. Called at startup and
+    /// again whenever a room's facts are fetched while some are still unresolved: a room
+    /// created after agentbus started is picked up.
+    pub async fn resolve_aliases(&self) {
+        let pending = std::mem::take(&mut *self.unresolved.lock().expect("alias lock"));
+        if pending.is_empty() {
+            return;
+        }
+        let mut still = Vec::new();
+        let mut resolved = false;
+        for alias in pending {
+            let Ok(parsed) = ruma::RoomAliasId::parse(alias.as_str()) else {
+                tracing::warn!(alias = %alias, "not a valid room alias; ignored");
+                continue;
+            };
+            match self.matrix.resolve_alias(&parsed).await {
+                Ok(room_id) => {
+                    tracing::debug!(alias = %alias, room_id = %room_id, "resolved room alias from the config");
+                    self.aliases
+                        .write()
+                        .expect("alias lock")
+                        .entry(room_id)
+                        .or_default()
+                        .push(alias);
+                    resolved = true;
+                }
+                Err(e) => {
+                    tracing::debug!(alias = %alias, error = %e, "room alias from the config does not resolve (yet)");
+                    still.push(alias);
+                }
+            }
+        }
+        self.unresolved.lock().expect("alias lock").extend(still);
+        if resolved {
+            self.rooms.lock().expect("room cache lock").clear();
+        }
     }
 
     /// Routes `message` in `room_id` under the current loop-guard state.
@@ -684,6 +699,7 @@ impl Inbox {
         if let Some(facts) = self.rooms.lock().expect("room cache lock").get(room_id) {
             return facts.clone();
         }
+        self.resolve_aliases().await;
         // Ask as each agent in turn; only one that is in the room may see its members.
         for candidate in self.router.candidates() {
             match self

@@ -11,7 +11,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::inbox::{self, InboxReceiver};
+use crate::inbox::InboxReceiver;
 use crate::matrix::{MatrixClient, RetryPolicy};
 use crate::ops::checks::{self, CheckFailure, EXIT_LOCAL_SETUP};
 use crate::store::{SledStore, Store};
@@ -91,9 +91,7 @@ pub async fn serve(
     let pending = state.store.pending_events().map_err(|e| {
         CheckFailure::new(EXIT_LOCAL_SETUP, format!("✗ cannot read the journal: {e}"))
     })?;
-    state
-        .processor
-        .set_aliases(inbox::resolve_config_aliases(&config, &state.matrix).await);
+    state.processor.resolve_aliases().await;
     let inbox_task = tokio::spawn(
         state
             .processor

@@ -427,7 +427,7 @@ impl Config {
                 if let Err(e) = regex::Regex::new(pattern) {
                     problem(
                         format!("{at}.mention_patterns[{j}]"),
-                        format!("invalid regex: {e}"),
+                        routing::regex_problem(&e),
                     );
                 }
             }
@@ -663,6 +663,86 @@ agents:
             config.agent_by_user(&user("@coder:localhost")).unwrap().id,
             "coder"
         );
+    }
+
+    #[test]
+    fn routing_mistakes_name_their_keys() {
+        let text = format!(
+            "{GOOD}{}",
+            r#"
+routing:
+  keyword:
+    rules:
+      - { keywords: ["代码"], agent: coderr }
+      - { regex: "fix(", agent: coder }
+      - { agent: damon }
+  agent_to_agent: { enabled: true, allow: [damon, ghost], max_hops: 0 }
+bindings:
+  - { agent: coder, match: {} }
+  - { agent: nobody, match: { channel: telegramm, roles: [admin] } }
+channels:
+  matrix:
+    dm_policy: allowlist
+    groups:
+      "!room:localhost": { agents: [coder, ghost], auto_reply: true, require_mention: true }
+  matrx: {}
+"#
+        );
+        let err = error_of(&text);
+        let lines: Vec<&str> = err.lines().collect();
+        let expected = [
+            r#"routing.keyword.rules[0].agent: unknown agent "coderr""#,
+            r#"routing.agent_to_agent.allow[1]: unknown agent "ghost""#,
+            r#"bindings[1].agent: unknown agent "nobody""#,
+            r#"channels.matrix.groups.!room:localhost.agents[1]: unknown agent "ghost""#,
+            "routing.keyword.rules[2]: needs `keywords` or `regex`",
+            "bindings[0].match: needs at least one of channel, account, peer, guild, team",
+            "bindings[1].match.roles: needs `guild`",
+            "channels.matrix.allow_from: is empty, so dm_policy: allowlist lets nobody in (use dm_policy: disabled for that)",
+            "channels.matrix.groups.!room:localhost.auto_reply: contradicts require_mention: true (auto_reply answers unaddressed messages)",
+            "routing.agent_to_agent.max_hops: must be at least 1",
+        ];
+        for line in expected {
+            assert!(lines.contains(&line), "missing {line:?} in:\n{err}");
+        }
+        assert!(
+            lines.contains(&"routing.keyword.rules[1].regex: invalid regex: unclosed group"),
+            "{err}"
+        );
+        assert!(
+            lines.iter().any(|l| l.starts_with(
+                r#"bindings[1].match.channel: unknown channel "telegramm"; known: matrix, telegram"#
+            )),
+            "{err}"
+        );
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.starts_with("channels.matrx: unknown channel; known: matrix")),
+            "{err}"
+        );
+        assert_eq!(lines.len(), expected.len() + 3, "{err}");
+    }
+
+    #[test]
+    fn routing_defaults() {
+        let config = Config::parse(GOOD).unwrap();
+        let routing = &config.routing;
+        assert!(routing.mention.enabled && routing.keyword.enabled && routing.broadcast.enabled);
+        assert_eq!(routing.broadcast.trigger, "@all");
+        assert_eq!(
+            (routing.context.lookback, routing.context.idle_timeout),
+            (5, Duration::from_secs(600))
+        );
+        let a2a = &routing.agent_to_agent;
+        assert!(!a2a.enabled);
+        assert_eq!((a2a.max_hops, a2a.pair_limit), (3, 20));
+        let matrix = config.channel_policy("matrix");
+        assert_eq!(matrix.dm_policy, DmPolicy::Pairing);
+        assert_eq!(matrix.group_policy, GroupPolicy::Open);
+        let mut config = config;
+        config.apply_env(|name| (name == ENV_ADMIN_TOKEN).then(|| "from-env".to_owned()));
+        assert_eq!(config.admin.token.as_deref(), Some("from-env"));
     }
 
     #[test]

@@ -261,6 +261,13 @@ pub struct AdminConfig {
     pub token: Option<String>,
 }
 
+/// A regex error on one line: `invalid regex: unclosed group`.
+pub(super) fn regex_problem(e: &regex::Error) -> String {
+    let text = e.to_string();
+    let last = text.lines().last().unwrap_or_default();
+    format!("invalid regex: {}", last.trim_start_matches("error: "))
+}
+
 fn yes() -> bool {
     true
 }
@@ -318,7 +325,7 @@ pub(super) fn validate(
         if let Some(regex) = &rule.regex
             && let Err(e) = regex::Regex::new(regex)
         {
-            later.push((format!("{at}.regex"), format!("invalid regex: {e}")));
+            later.push((format!("{at}.regex"), regex_problem(&e)));
         }
     }
     for (i, id) in routing.agent_to_agent.allow.iter().enumerate() {

@@ -10,7 +10,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::config::Config;
-use crate::inbox::{self, ExplainError, PAIRING_TTL, RouteQuery};
+use crate::inbox::{ExplainError, PAIRING_TTL, RouteQuery};
 use crate::ops::api::{ApproveRequest, PairingState, RevokeRequest};
 use crate::ops::checks::{CheckFailure, EXIT_LOCAL_SETUP};
 use crate::router::RouteDecision;
@@ -130,7 +130,7 @@ pub async fn route(config: &Config, query: &RouteQuery) -> Result<RouteDecision,
     // No agentbus running: route with our own store and the homeserver.
     let services = Services::build(config.clone())?;
     let processor = services.state.processor.clone();
-    processor.set_aliases(inbox::resolve_config_aliases(config, &services.state.matrix).await);
+    processor.resolve_aliases().await;
     processor
         .explain(query)
         .await

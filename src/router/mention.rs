@@ -3,6 +3,7 @@
 
 use std::collections::BTreeSet;
 
+use aho_corasick::{AhoCorasick, MatchKind};
 use ruma::{OwnedUserId, UserId};
 
 /// Whether `text` (lower-cased) contains `@name` as a mention: not glued to a preceding
@@ -10,34 +11,78 @@ use ruma::{OwnedUserId, UserId};
 /// digit — not followed by another one (so `@damon` does not match `@damonx`). CJK names
 /// have no word boundaries and match wherever they appear.
 pub(super) fn contains_at_name(text: &str, name: &str) -> bool {
-    let needle_len = 1 + name.len();
     let mut from = 0;
     while let Some(pos) = text[from..].find('@') {
         let at = from + pos;
         from = at + 1;
-        if !text[at + 1..].starts_with(name) {
-            continue;
-        }
-        // Only a Latin word glued to the `@` (an e-mail address) disqualifies it; CJK text
-        // runs straight into mentions.
-        let before_ok = text[..at]
-            .chars()
-            .next_back()
-            .is_none_or(|c| !(c.is_ascii_alphanumeric() || c == '_'));
-        let after_ok = match (
-            name.chars().next_back(),
-            text[at + needle_len..].chars().next(),
-        ) {
-            (Some(last), Some(next)) if is_word_char(last) && last.is_ascii() => {
-                !is_word_char(next)
-            }
-            _ => true,
-        };
-        if before_ok && after_ok {
+        if text[at + 1..].starts_with(name) && is_mention_at(text, at, at + 1 + name.len()) {
             return true;
         }
     }
     false
+}
+
+/// Whether `text[at..end]` (an `@` and a name) stands as a mention: see [`contains_at_name`].
+fn is_mention_at(text: &str, at: usize, end: usize) -> bool {
+    // Only a Latin word glued to the `@` (an e-mail address) disqualifies it; CJK text
+    // runs straight into mentions.
+    let before_ok = text[..at]
+        .chars()
+        .next_back()
+        .is_none_or(|c| !(c.is_ascii_alphanumeric() || c == '_'));
+    let after_ok = match (
+        text[at..end].chars().next_back(),
+        text[end..].chars().next(),
+    ) {
+        (Some(last), Some(next)) if is_word_char(last) && last.is_ascii() => !is_word_char(next),
+        _ => true,
+    };
+    before_ok && after_ok
+}
+
+/// Every typed `@name` of every agent in one Aho-Corasick automaton, so a message is scanned
+/// once however many agents there are.
+#[derive(Debug, Clone)]
+pub(super) struct TypedNames {
+    automaton: Option<AhoCorasick>,
+    /// Per pattern: the candidate it names.
+    owners: Vec<usize>,
+}
+
+impl TypedNames {
+    /// `names[i]` are the lower-cased names of candidate `i`.
+    pub fn new<'a>(names: impl IntoIterator<Item = &'a [String]>) -> Self {
+        let mut patterns = Vec::new();
+        let mut owners = Vec::new();
+        for (candidate, names) in names.into_iter().enumerate() {
+            for name in names {
+                patterns.push(format!("@{name}"));
+                owners.push(candidate);
+            }
+        }
+        let automaton = (!patterns.is_empty()).then(|| {
+            AhoCorasick::builder()
+                .match_kind(MatchKind::Standard)
+                .build(&patterns)
+                .expect("name automaton builds")
+        });
+        Self { automaton, owners }
+    }
+
+    /// Sets `found[i]` for every candidate `i` that `lowered` mentions by a typed name.
+    pub fn find(&self, lowered: &str, found: &mut [bool]) {
+        let Some(automaton) = &self.automaton else {
+            return;
+        };
+        if !lowered.contains('@') {
+            return;
+        }
+        for m in automaton.find_overlapping_iter(lowered) {
+            if is_mention_at(lowered, m.start(), m.end()) {
+                found[self.owners[m.pattern().as_usize()]] = true;
+            }
+        }
+    }
 }
 
 pub(super) fn is_word_char(c: char) -> bool {

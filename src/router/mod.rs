@@ -37,7 +37,9 @@ use wildmatch::WildMatch;
 pub use self::bindings::{BindingHit, Conversation, Tier};
 pub use self::guard::LoopGuard;
 use self::keyword::KeywordMatcher;
-use self::mention::{contains_at_name, pill_targets, strip_reply_fallback, strip_reply_html};
+use self::mention::{
+    TypedNames, contains_at_name, pill_targets, strip_reply_fallback, strip_reply_html,
+};
 use crate::config::{ChannelPolicyConfig, Config, DmPolicy, GroupPolicy, RoutingConfig};
 use crate::store::HistoryEntry;
 
@@ -251,6 +253,7 @@ pub struct Router {
     bot: OwnedUserId,
     routing: RoutingConfig,
     keywords: KeywordMatcher,
+    typed_names: TypedNames,
     bindings: bindings::Bindings,
     channels: BTreeMap<String, ChannelRules>,
     default_channel: ChannelRules,
@@ -267,6 +270,7 @@ impl Router {
         let default_agent = config.agents.iter().position(|a| a.default).unwrap_or(0);
         Self {
             keywords: KeywordMatcher::new(&config.routing.keyword.rules, index),
+            typed_names: TypedNames::new(candidates.iter().map(|c| c.names.as_slice())),
             bindings: bindings::Bindings::new(&config.bindings, default_agent, index),
             agent_to_agent: candidates
                 .iter()
@@ -510,11 +514,15 @@ impl Router {
     }
 
     fn names(&self, agents: &[usize]) -> String {
-        agents
-            .iter()
-            .map(|&i| format!("@{}", self.candidates[i].id))
-            .collect::<Vec<_>>()
-            .join(", ")
+        let mut names = String::with_capacity(agents.len() * 12);
+        for (n, &i) in agents.iter().enumerate() {
+            if n > 0 {
+                names.push_str(", ");
+            }
+            names.push('@');
+            names.push_str(&self.candidates[i].id);
+        }
+        names
     }
 
     fn index_of(&self, user: &UserId) -> Option<usize> {
@@ -643,14 +651,9 @@ impl Router {
                 return (found, "matrix.to pill");
             }
         }
-        let typed: Vec<usize> = allowed_ids()
-            .filter(|&i| {
-                self.candidates[i]
-                    .names
-                    .iter()
-                    .any(|name| contains_at_name(lowered, name))
-            })
-            .collect();
+        let mut named = vec![false; self.candidates.len()];
+        self.typed_names.find(lowered, &mut named);
+        let typed: Vec<usize> = allowed_ids().filter(|&i| named[i]).collect();
         if !typed.is_empty() {
             return (typed, "typed @name");
         }
