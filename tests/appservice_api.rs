@@ -119,6 +119,36 @@ async fn a_transaction_is_journaled_once_however_often_it_is_delivered() {
     .await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(journaled(&h.store), ["$a", "$b", "$c"]);
+
+    // A retry is re-serialised by the homeserver (`unsigned.age` changes); same events, same
+    // transaction.
+    let retried = body.replace(
+        r#""origin_server_ts":1"#,
+        r#""origin_server_ts":1,"unsigned":{"age":99}"#,
+    );
+    assert_ne!(retried, body);
+    let (status, _) = call(
+        &h.app,
+        Method::PUT,
+        "/_matrix/app/v1/transactions/t1",
+        Some(HS_TOKEN),
+        &retried,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(journaled(&h.store), ["$a", "$b", "$c"]);
+    // A homeserver whose database was reset counts txnIds from the start again: a reused
+    // txnId with other events is a new transaction, not a retry.
+    let (status, _) = call(
+        &h.app,
+        Method::PUT,
+        "/_matrix/app/v1/transactions/t1",
+        Some(HS_TOKEN),
+        &transaction(&["$d"]),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(journaled(&h.store), ["$a", "$b", "$c", "$d"]);
 }
 
 #[tokio::test]

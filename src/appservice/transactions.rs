@@ -19,6 +19,20 @@ use super::ApiError;
 use crate::AppState;
 use crate::store::{IncomingEvent, JournalOutcome};
 
+/// The key a transaction is deduplicated by: its txnId and a digest of its event IDs. A
+/// retry carries the same events (the homeserver re-serialises them, so the bytes differ,
+/// but the IDs do not); a homeserver whose database was reset starts counting txnIds from 1
+/// again, and those new transactions must not be mistaken for retries of old ones.
+fn dedupe_key(txn_id: &str, events: &[IncomingEvent]) -> String {
+    use sha2::{Digest, Sha256};
+    let mut digest = Sha256::new();
+    for event in events {
+        digest.update(event.event_id.as_bytes());
+        digest.update([0]);
+    }
+    format!("{txn_id}\0{}", &hex::encode(digest.finalize())[..16])
+}
+
 #[derive(Deserialize)]
 struct TransactionBody {
     events: Vec<Box<RawValue>>,
@@ -41,7 +55,7 @@ pub async fn put_transaction(
     let events = parse_transaction(&body)?;
     let count = events.len();
     let store = state.store.clone();
-    let txn = txn_id.clone();
+    let txn = dedupe_key(&txn_id, &events);
     let outcome = tokio::task::spawn_blocking(move || store.journal_transaction(&txn, events))
         .await
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "M_UNKNOWN", format!("journal task failed: {e}")))?
