@@ -273,10 +273,7 @@ impl Inbox {
             })
             .transpose()?;
         let room = self.room_facts(&room_id).await;
-        let recent = self
-            .store
-            .recent_history(&room_id, ROUTING_HISTORY)
-            .unwrap_or_default();
+        let recent = self.recent_history(&room_id);
         let reply_to_sender = match query.reply_to.as_deref() {
             None => None,
             Some(user) if user.starts_with('@') => Some(
@@ -288,9 +285,7 @@ impl Inbox {
                 self.sender_of(&room_id, &room, &recent, &event_id).await
             }
         };
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
+        let now = crate::unix_ms();
         let message = MessageFacts {
             sender: &sender,
             body: &query.text,
@@ -499,13 +494,7 @@ impl Inbox {
             .and_then(|m| serde_json::from_value(m.clone()).ok());
 
         let room = self.room_facts(&event.room_id).await;
-        let recent = self
-            .store
-            .recent_history(&event.room_id, ROUTING_HISTORY)
-            .unwrap_or_else(|e| {
-                tracing::warn!(room_id = %event.room_id, error = %e, "could not read history; routing without context");
-                Vec::new()
-            });
+        let recent = self.recent_history(&event.room_id);
         let reply_to_sender = match &reply_to {
             Some(id) => self.sender_of(&event.room_id, &room, &recent, id).await,
             None => None,
@@ -585,6 +574,16 @@ impl Inbox {
         futures::future::join_all(answers).await;
     }
 
+    /// The room history routing looks at; a store error means routing without context.
+    fn recent_history(&self, room_id: &RoomId) -> Vec<HistoryEntry> {
+        self.store
+            .recent_history(room_id, ROUTING_HISTORY)
+            .unwrap_or_else(|e| {
+                tracing::warn!(room_id = %room_id, error = %e, "could not read history; routing without context");
+                Vec::new()
+            })
+    }
+
     /// Who sent `event_id`: from recent history, else asked of the homeserver as an agent
     /// in the room.
     async fn sender_of(
@@ -617,9 +616,7 @@ impl Inbox {
 
     /// Tells an unknown DM sender their pairing code, and nothing else.
     async fn send_pairing_code(&self, agent_id: &str, trigger: &Trigger<'_>) {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
+        let now = crate::unix_ms();
         let request = match self.store.pairing_request(
             MATRIX,
             trigger.sender.as_str(),

@@ -34,6 +34,13 @@ pub mod store;
 
 use std::sync::Arc;
 
+/// Milliseconds since the Unix epoch (0 if the clock is before it).
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 /// State shared by every HTTP handler, passed through axum's `State`.
 pub struct AppState {
     pub config: Arc<config::Config>,

@@ -198,6 +198,20 @@ async fn an_unknown_dm_sender_gets_a_pairing_code_and_answers_after_approval() {
     let reply = ivy.wait_reply(&dm, "damon", &third).await;
     assert_eq!(reply.body(), "[damon-model] still there?");
     assert_eq!(llm.requests().len(), 2);
+
+    // Revoking the approval puts Ivy back to pairing.
+    let user = ivy.user_id.to_string();
+    let (status, stdout, stderr) =
+        cli_async(&["--config", config, "pairing", "revoke", &user]).await;
+    assert_eq!(status, Some(0), "{stdout}{stderr}");
+    let fourth = ivy.send(&dm, "hello?").await;
+    let notice = ivy.wait_reply(&dm, "damon", &fourth).await;
+    assert!(
+        notice.body().contains("Your pairing code is "),
+        "{}",
+        notice.body()
+    );
+    assert_eq!(llm.requests().len(), 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -91,7 +91,7 @@ impl AgentRuntime {
                 event_id: event_id.clone(),
                 sender: agent_user,
                 body: text,
-                ts: now_ms(),
+                ts: crate::unix_ms(),
                 thread_root: trigger.thread_root.map(ToOwned::to_owned),
                 routed_to: Vec::new(),
             };
@@ -200,13 +200,6 @@ pub fn reply_content(msgtype: &str, body: &str, trigger: &Trigger<'_>) -> serde_
 pub fn derived_txn_id(trigger: &EventId, agent: &str, purpose: &str) -> OwnedTransactionId {
     let digest = Sha256::digest(format!("{trigger}\0{agent}\0{purpose}").as_bytes());
     OwnedTransactionId::from(format!("agentbus-{}", &hex::encode(digest)[..32]))
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 #[cfg(test)]

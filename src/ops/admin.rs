@@ -3,15 +3,14 @@
 //! against the store and the homeserver. Either way the answer is the same.
 
 use std::net::SocketAddr;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use reqwest::Method;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::config::Config;
-use crate::inbox::{ExplainError, PAIRING_TTL, RouteQuery};
-use crate::ops::api::{ApproveRequest, PairingState, RevokeRequest};
+use crate::inbox::{ExplainError, RouteQuery};
+use crate::ops::api::{self, ApproveRequest, PairingState, RevokeRequest};
 use crate::ops::checks::{CheckFailure, EXIT_LOCAL_SETUP};
 use crate::router::RouteDecision;
 use crate::server::Services;
@@ -103,12 +102,6 @@ impl AdminClient {
     }
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
 fn open_store(config: &Config) -> Result<SledStore, CheckFailure> {
     SledStore::open(&config.store.path.join("sled")).map_err(|e| {
         CheckFailure::new(
@@ -146,15 +139,8 @@ pub async fn pairing_list(config: &Config) -> Result<PairingState, CheckFailure>
     {
         return Ok(state);
     }
-    let store = open_store(config)?;
-    let failed =
-        |e: crate::store::StoreError| CheckFailure::new(EXIT_LOCAL_SETUP, format!("✗ {e}"));
-    Ok(PairingState {
-        pending: store
-            .pending_pairings(now_ms(), PAIRING_TTL)
-            .map_err(failed)?,
-        approved: store.paired_senders().map_err(failed)?,
-    })
+    api::read_pairings(&open_store(config)?)
+        .map_err(|e| CheckFailure::new(EXIT_LOCAL_SETUP, format!("✗ {e}")))
 }
 
 /// Approves the pairing request with `code`.
@@ -169,18 +155,9 @@ pub async fn pairing_approve(config: &Config, code: &str) -> Result<PairingReque
     {
         return Ok(request);
     }
-    let store = open_store(config)?;
-    store
-        .approve_pairing(code, now_ms(), PAIRING_TTL)
+    api::approve(&open_store(config)?, code)
         .map_err(|e| CheckFailure::new(EXIT_LOCAL_SETUP, format!("✗ {e}")))?
-        .ok_or_else(|| {
-            CheckFailure::new(
-                EXIT_REFUSED,
-                format!(
-                    "✗ no pending pairing request has code {code:?} (codes expire after an hour)"
-                ),
-            )
-        })
+        .ok_or_else(|| CheckFailure::new(EXIT_REFUSED, format!("✗ {}", api::unknown_code(code))))
 }
 
 /// Forgets the approval of `sender` on `channel`.

@@ -8,7 +8,6 @@
 //! - `POST /api/v1/pairing/revoke` — `{"channel": "matrix", "sender": "@…"}`.
 
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Request, State};
@@ -23,7 +22,7 @@ use crate::AppState;
 use crate::appservice::{ApiError, token_digest};
 use crate::inbox::{ExplainError, PAIRING_TTL, RouteQuery};
 use crate::router::RouteDecision;
-use crate::store::{PairedSender, PairingRequest};
+use crate::store::{PairedSender, PairingRequest, Store, StoreError};
 
 /// The admin routes, authenticated by the admin token.
 pub fn routes(state: Arc<AppState>) -> Router<Arc<AppState>> {
@@ -97,20 +96,28 @@ pub struct PairingState {
     pub approved: Vec<PairedSender>,
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+/// The pairing state of `store` now: live requests and approved senders.
+pub fn read_pairings(store: &dyn Store) -> Result<PairingState, StoreError> {
+    Ok(PairingState {
+        pending: store.pending_pairings(crate::unix_ms(), PAIRING_TTL)?,
+        approved: store.paired_senders()?,
+    })
+}
+
+/// Approves the live request with `code`; `None` when there is none (say [`unknown_code`]).
+pub fn approve(store: &dyn Store, code: &str) -> Result<Option<PairingRequest>, StoreError> {
+    store.approve_pairing(code, crate::unix_ms(), PAIRING_TTL)
+}
+
+/// What to tell someone whose code matches no live request.
+pub fn unknown_code(code: &str) -> String {
+    format!("no pending pairing request has code {code:?} (codes expire after an hour)")
 }
 
 async fn pairing_list(State(state): State<Arc<AppState>>) -> Result<Json<PairingState>, ApiError> {
-    Ok(Json(PairingState {
-        pending: state
-            .store
-            .pending_pairings(now_ms(), PAIRING_TTL)
-            .map_err(store_error)?,
-        approved: state.store.paired_senders().map_err(store_error)?,
-    }))
+    read_pairings(state.store.as_ref())
+        .map(Json)
+        .map_err(store_error)
 }
 
 /// `POST /api/v1/pairing/approve`
@@ -125,11 +132,7 @@ async fn pairing_approve(
     body: Result<Json<ApproveRequest>, JsonRejection>,
 ) -> Result<Json<PairingRequest>, ApiError> {
     let Json(body) = body.map_err(bad_json)?;
-    match state
-        .store
-        .approve_pairing(&body.code, now_ms(), PAIRING_TTL)
-        .map_err(store_error)?
-    {
+    match approve(state.store.as_ref(), &body.code).map_err(store_error)? {
         Some(request) => {
             tracing::info!(channel = %request.channel, sender = %request.sender, "pairing approved");
             Ok(Json(request))
@@ -137,10 +140,7 @@ async fn pairing_approve(
         None => Err(ApiError::new(
             StatusCode::NOT_FOUND,
             "M_NOT_FOUND",
-            format!(
-                "no pending pairing request has code {:?} (codes expire after an hour)",
-                body.code
-            ),
+            unknown_code(&body.code),
         )),
     }
 }

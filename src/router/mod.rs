@@ -60,7 +60,7 @@ pub struct Candidate {
 
 impl Candidate {
     /// A candidate with the given names (matched case-insensitively after `@`).
-    pub fn new(id: &str, user_id: OwnedUserId, names: impl IntoIterator<Item = String>) -> Self {
+    fn new(id: &str, user_id: OwnedUserId, names: impl IntoIterator<Item = String>) -> Self {
         let mut all: Vec<String> = std::iter::once(id.to_owned())
             .chain(names)
             .map(|n| n.trim().to_lowercase())
@@ -471,7 +471,7 @@ impl Router {
             Some(s) if s.auto_reply => {
                 let hit = self
                     .bindings
-                    .resolve(&self.conversation(input), |i| allowed[i]);
+                    .resolve(&self.conversation(input, is_dm), |i| allowed[i]);
                 if allowed[hit.agent] {
                     let reason = format!(
                         "auto_reply: @{} owns this room by {}",
@@ -492,11 +492,6 @@ impl Router {
             ),
             Some(_) => RouteDecision::nobody("no routing rule matched"),
         }
-    }
-
-    /// Which agent owns the conversation `input` is in, by `bindings:`.
-    pub fn binding(&self, input: &RouteInput<'_>) -> BindingHit {
-        self.bindings.resolve(&self.conversation(input), |_| true)
     }
 
     fn decide(&self, mut agents: Vec<usize>, strategy: Strategy, reason: String) -> RouteDecision {
@@ -734,11 +729,10 @@ impl Router {
     }
 
     /// The conversation as bindings see it.
-    fn conversation(&self, input: &RouteInput<'_>) -> Conversation {
+    fn conversation(&self, input: &RouteInput<'_>, is_dm: bool) -> Conversation {
         let mut room_peers: Vec<String> = std::iter::once(input.room_id.to_string())
             .chain(input.room.aliases.iter().cloned())
             .collect();
-        let is_dm = input.room.joined.len() == 2;
         if is_dm {
             room_peers.push(input.message.sender.to_string());
         }

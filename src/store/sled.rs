@@ -12,7 +12,7 @@
 
 use std::collections::HashSet;
 use std::path::Path;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use ::sled::transaction::{ConflictableTransactionError, TransactionError};
 use ::sled::{Db, Transactional, Tree};
@@ -79,11 +79,7 @@ impl SledStore {
 }
 
 fn now_ms() -> [u8; 8] {
-    let ms = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0);
-    ms.to_be_bytes()
+    crate::unix_ms().to_be_bytes()
 }
 
 fn history_key(room_id: &RoomId, seq: u64) -> Vec<u8> {
