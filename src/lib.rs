@@ -75,7 +75,7 @@ impl AppState {
             config.clone(),
             matrix.clone(),
             store.clone(),
-            llm::build_providers(&config),
+            llm::LlmHub::new(config.clone(), llm::build_providers(&config)),
         );
         let processor = inbox::Inbox::new(config.clone(), store.clone(), matrix.clone(), runtime);
         let (sender, receiver) = inbox::channel();

@@ -9,7 +9,7 @@ use serde_json::json;
 use sha2::{Digest, Sha256};
 
 use crate::config::{AgentConfig, Config};
-use crate::llm::{ChatMessage, CompletionRequest, LlmError, ProviderRegistry, Role};
+use crate::llm::{ChatMessage, CompletionRequest, LlmError, LlmHub, Role};
 use crate::matrix::{MatrixClient, MatrixError};
 use crate::store::{HistoryEntry, Store};
 
@@ -37,7 +37,7 @@ pub struct AgentRuntime {
     config: Arc<Config>,
     matrix: Arc<MatrixClient>,
     store: Arc<dyn Store>,
-    providers: ProviderRegistry,
+    hub: LlmHub,
 }
 
 impl AgentRuntime {
@@ -45,13 +45,13 @@ impl AgentRuntime {
         config: Arc<Config>,
         matrix: Arc<MatrixClient>,
         store: Arc<dyn Store>,
-        providers: ProviderRegistry,
+        hub: LlmHub,
     ) -> Self {
         Self {
             config,
             matrix,
             store,
-            providers,
+            hub,
         }
     }
 
@@ -109,19 +109,24 @@ impl AgentRuntime {
         agent_user: &UserId,
         trigger: &Trigger<'_>,
     ) -> Result<String, LlmError> {
-        let provider = self
-            .providers
-            .get(&agent.provider)
-            .expect("config validation guarantees the provider exists");
         let history = self.store.recent_history(trigger.room_id, HISTORY_SCAN).unwrap_or_else(|e| {
             tracing::warn!(room_id = %trigger.room_id, error = %e, "could not read history; answering without context");
             Vec::new()
         });
         let request = CompletionRequest {
-            model: agent.model.clone().unwrap_or_default(),
+            model: String::new(),
             messages: build_messages(agent, agent_user, trigger, &history),
+            tools: Vec::new(),
+            max_tokens: 0,
         };
-        provider.complete(&request).await
+        match self.hub.stream(&agent.model_chain(), request).await {
+            Ok((_, stream)) => Ok(crate::llm::collect(stream).await?.text),
+            Err(failure) => Err(failure
+                .attempts
+                .last()
+                .map(|a| a.error.clone())
+                .unwrap_or(LlmError::BadResponse("no model configured".into()))),
+        }
     }
 
     /// Shows the agent typing, refreshed until the returned task is aborted.
@@ -161,7 +166,7 @@ pub fn build_messages(
             e.event_id != trigger.event_id && (e.sender == trigger.sender || e.sender == agent_user)
         })
         .collect();
-    let skip = context.len().saturating_sub(agent.context_messages);
+    let skip = context.len().saturating_sub(agent.memory.max_messages);
     for entry in &context[skip..] {
         let role = if entry.sender == agent_user {
             Role::Assistant
@@ -210,7 +215,7 @@ mod tests {
 
     fn agent() -> AgentConfig {
         serde_yaml::from_str(
-            "{ id: damon, provider: echo, system_prompt: You are Damon., context_messages: 2 }",
+            "{ id: damon, provider: echo, system_prompt: You are Damon., memory: { max_messages: 2 } }",
         )
         .unwrap()
     }

@@ -10,13 +10,18 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use ruma::{OwnedUserId, ServerName, UserId};
 use serde::Deserialize;
 use url::Url;
 
+mod llm;
 mod routing;
+
+pub use self::llm::{
+    BUILTIN_TOOLS, InputKind, LlmConfig, MemoryConfig, ModelConfig, ModelRef, ProviderApi,
+    ProviderConfig, QueueMode, ToolsConfig,
+};
 
 pub use self::routing::{
     AdminConfig, AgentToAgentConfig, BindingConfig, BindingMatch, BroadcastConfig,
@@ -45,6 +50,9 @@ pub struct Config {
     /// Model providers, by name; agents refer to them with `provider:`.
     #[serde(default)]
     pub providers: BTreeMap<String, ProviderConfig>,
+    /// Limits shared by every provider: concurrency and retries.
+    #[serde(default)]
+    pub llm: LlmConfig,
     /// The agents, each one virtual Matrix user.
     pub agents: Vec<AgentConfig>,
     /// Routing strategies: mention, keyword, context, broadcast, agent-to-agent.
@@ -118,37 +126,6 @@ impl Default for StoreConfig {
     }
 }
 
-/// Wire format a provider speaks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum ProviderApi {
-    /// OpenAI Chat Completions (`POST {base_url}/chat/completions`); DashScope, DeepSeek,
-    /// SiliconFlow, Moonshot, vLLM, llama.cpp and Ollama's `/v1` all speak it.
-    OpenaiCompletions,
-    /// Built-in diagnostic provider that answers with what it was sent; no network.
-    Echo,
-}
-
-/// `providers.<name>:`
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ProviderConfig {
-    /// Wire format: `openai-completions` or `echo`.
-    pub api: ProviderApi,
-    /// Base URL up to and including the version segment, e.g. `https://api.openai.com/v1`.
-    #[serde(default)]
-    pub base_url: Option<Url>,
-    /// Name of the environment variable holding the API key.
-    #[serde(default)]
-    pub api_key_env: Option<String>,
-    /// Extra HTTP headers sent with every request.
-    #[serde(default)]
-    pub headers: BTreeMap<String, String>,
-    /// Request timeout (default `60s`).
-    #[serde(default = "default_provider_timeout", with = "humantime_serde")]
-    pub timeout: Duration,
-}
-
 /// One entry of `agents:`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -180,16 +157,48 @@ pub struct AgentConfig {
     /// System prompt.
     #[serde(default)]
     pub system_prompt: Option<String>,
-    /// How many earlier messages between the sender and this agent are sent as context
-    /// (default 6).
-    #[serde(default = "default_context_messages")]
-    pub context_messages: usize,
+    /// Models tried in order when `model` fails, each as `provider/model`.
+    #[serde(default)]
+    pub fallbacks: Vec<String>,
+    /// The `provider/model` that answers images when `model` reads only text.
+    #[serde(default)]
+    pub image_model: Option<String>,
+    /// Messages arriving while the agent is busy in the same session: `queue` (answered
+    /// in order, default) or `collect` (answered together as the next turn).
+    #[serde(default)]
+    pub queue: QueueMode,
+    /// Most messages waiting per session; more get a "busy" notice (default 10).
+    #[serde(default = "default_queue_limit")]
+    pub queue_limit: usize,
+    /// How much of each session's history is kept and sent.
+    #[serde(default)]
+    pub memory: MemoryConfig,
+    /// Which built-in tools the agent may call.
+    #[serde(default)]
+    pub tools: ToolsConfig,
 }
 
 impl AgentConfig {
     /// The name people see.
     pub fn display_name(&self) -> &str {
         self.display_name.as_deref().unwrap_or(&self.id)
+    }
+
+    /// The agent's main model, then its fallbacks, in the order they are tried. Entries
+    /// that do not parse are skipped (validation reports them).
+    pub fn model_chain(&self) -> Vec<ModelRef> {
+        let main = ModelRef {
+            provider: self.provider.clone(),
+            model: self.model.clone().unwrap_or_default(),
+        };
+        std::iter::once(main)
+            .chain(self.fallbacks.iter().filter_map(|f| ModelRef::parse(f)))
+            .collect()
+    }
+
+    /// The model that reads images for this agent when its own does not, if any.
+    pub fn image_model_ref(&self) -> Option<ModelRef> {
+        self.image_model.as_deref().and_then(ModelRef::parse)
     }
 }
 
@@ -208,11 +217,8 @@ fn default_puppet_prefix() -> String {
 fn default_store_path() -> PathBuf {
     PathBuf::from("./data")
 }
-fn default_provider_timeout() -> Duration {
-    Duration::from_secs(60)
-}
-fn default_context_messages() -> usize {
-    6
+fn default_queue_limit() -> usize {
+    10
 }
 
 /// Why a configuration could not be used.
@@ -342,12 +348,10 @@ impl Config {
         }
 
         for (name, provider) in &self.providers {
-            if provider.api == ProviderApi::OpenaiCompletions && provider.base_url.is_none() {
-                problem(
-                    format!("providers.{name}.base_url"),
-                    "is required for api: openai-completions".into(),
-                );
-            }
+            llm::validate_provider(name, provider, &mut problem);
+        }
+        if self.llm.max_concurrency == 0 {
+            problem("llm.max_concurrency".into(), "must be at least 1".into());
         }
 
         let known: Vec<&str> = self.providers.keys().map(String::as_str).collect();
@@ -410,6 +414,7 @@ impl Config {
                 }
                 Some(_) => {}
             }
+            llm::validate_agent(&at, agent, &self.providers, &mut problem);
             if let Some(avatar) = &agent.avatar
                 && !avatar.starts_with("mxc://")
             {
@@ -517,15 +522,14 @@ pub fn is_valid_localpart(s: &str) -> bool {
 
 impl fmt::Display for ProviderApi {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            ProviderApi::OpenaiCompletions => "openai-completions",
-            ProviderApi::Echo => "echo",
-        })
+        f.write_str(self.as_str())
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     const GOOD: &str = r#"
@@ -553,7 +557,7 @@ agents:
         config.validate().unwrap();
         assert_eq!(config.agents.len(), 3);
         assert_eq!(config.agents[1].display_name(), "coder");
-        assert_eq!(config.agents[0].context_messages, 6);
+        assert_eq!(config.agents[0].memory.max_messages, 40);
         assert_eq!(config.appservice.sender_localpart, "agentbus");
         assert_eq!(config.appservice.puppet_prefix, "_bridge_");
         assert_eq!(config.providers["local"].timeout, Duration::from_secs(60));

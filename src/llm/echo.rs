@@ -1,18 +1,15 @@
-//! The built-in `echo` provider: answers with the last user message. No network, no model;
-//! for diagnostics and for the demo when no model endpoint is configured.
+//! The built-in `echo` provider: answers with the last user message, streamed a word at a
+//! time. No network, no model; for diagnostics and for demos without a model.
 
 use futures::future::BoxFuture;
 
-use super::{CompletionRequest, LlmError, Provider, Role};
+use super::{CompletionRequest, Delta, DeltaStream, FinishReason, LlmError, Provider, Role};
 
 /// Replies `echo: <what you said>`.
 pub struct EchoProvider;
 
 impl Provider for EchoProvider {
-    fn complete<'a>(
-        &'a self,
-        request: &'a CompletionRequest,
-    ) -> BoxFuture<'a, Result<String, LlmError>> {
+    fn stream(&self, request: CompletionRequest) -> BoxFuture<'_, Result<DeltaStream, LlmError>> {
         let last = request
             .messages
             .iter()
@@ -21,14 +18,19 @@ impl Provider for EchoProvider {
             .map(|m| m.content.as_str())
             .unwrap_or("");
         let answer = format!("echo: {last}");
-        Box::pin(async move { Ok(answer) })
+        let mut deltas: Vec<Result<Delta, LlmError>> = answer
+            .split_inclusive(' ')
+            .map(|word| Ok(Delta::Text(word.to_owned())))
+            .collect();
+        deltas.push(Ok(Delta::Finish(FinishReason::Stop)));
+        Box::pin(async move { Ok(Box::pin(futures::stream::iter(deltas)) as DeltaStream) })
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::llm::ChatMessage;
+    use crate::llm::{ChatMessage, collect};
 
     #[tokio::test]
     async fn echoes_the_last_user_message() {
@@ -38,12 +40,14 @@ mod tests {
                 ChatMessage::new(Role::System, "be nice"),
                 ChatMessage::new(Role::User, "first"),
                 ChatMessage::new(Role::Assistant, "echo: first"),
-                ChatMessage::new(Role::User, "second"),
+                ChatMessage::new(Role::User, "second one"),
             ],
+            tools: Vec::new(),
+            max_tokens: 100,
         };
-        assert_eq!(
-            EchoProvider.complete(&request).await.unwrap(),
-            "echo: second"
-        );
+        let stream = EchoProvider.stream(request).await.unwrap();
+        let completion = collect(stream).await.unwrap();
+        assert_eq!(completion.text, "echo: second one");
+        assert_eq!(completion.finish, Some(FinishReason::Stop));
     }
 }

@@ -1,9 +1,15 @@
-//! Model providers behind one [`Provider`] trait. Knows nothing about Matrix.
+//! Model providers behind one streaming [`Provider`] trait. Knows nothing about Matrix.
 //!
-//! For now: OpenAI-compatible Chat Completions (non-streaming) and a built-in `echo`
-//! provider for diagnostics and demos without a model.
+//! Three wire formats — OpenAI Chat Completions (`openai`), Anthropic Messages
+//! (`anthropic`) and Ollama's `/api/chat` (`ollama`) — plus the built-in `echo`. A
+//! provider turns a [`CompletionRequest`] into a stream of [`Delta`]s; [`collect`] folds a
+//! stream into one [`Completion`], merging tool-call fragments by index. Retries, fallbacks
+//! and concurrency caps live in [`hub`], above the providers.
 
+mod anthropic;
 mod echo;
+pub mod hub;
+mod ollama;
 mod openai;
 
 use std::collections::HashMap;
@@ -11,27 +17,68 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use serde::Serialize;
+use futures::stream::{BoxStream, StreamExt};
+use serde::{Deserialize, Serialize};
 
 use crate::config::{Config, ProviderApi};
 
+pub use anthropic::AnthropicProvider;
 pub use echo::EchoProvider;
+pub use hub::{Attempt, Failure, LlmHub};
+pub use ollama::OllamaProvider;
 pub use openai::OpenAiProvider;
 
 /// Who said a line of the conversation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     System,
     User,
     Assistant,
+    /// The result of a tool call, answering [`ChatMessage::tool_call_id`].
+    Tool,
+}
+
+/// An image sent to a vision model.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Image {
+    /// e.g. `image/png`.
+    pub mime: String,
+    /// The image bytes, base64-encoded (standard alphabet, padded).
+    pub base64: String,
+}
+
+/// One tool call a model asked for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ToolCall {
+    /// The provider's call ID, echoed back with the result (Ollama has none; we make one).
+    pub id: String,
+    pub name: String,
+    /// The arguments as JSON text, exactly as the model wrote them.
+    pub arguments: String,
+}
+
+/// A tool offered to the model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ToolSpec {
+    pub name: String,
+    pub description: String,
+    /// JSON Schema of the arguments object.
+    pub parameters: serde_json::Value,
 }
 
 /// One line of the conversation sent to a model.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChatMessage {
     pub role: Role,
+    /// The text (for `Role::Tool`: the tool's result).
     pub content: String,
+    /// Images attached to a user message.
+    pub images: Vec<Image>,
+    /// Tool calls an assistant message made.
+    pub tool_calls: Vec<ToolCall>,
+    /// For `Role::Tool`: the call this result answers.
+    pub tool_call_id: Option<String>,
 }
 
 impl ChatMessage {
@@ -39,6 +86,31 @@ impl ChatMessage {
         Self {
             role,
             content: content.into(),
+            images: Vec::new(),
+            tool_calls: Vec::new(),
+            tool_call_id: None,
+        }
+    }
+
+    /// A user message carrying images.
+    pub fn with_images(mut self, images: Vec<Image>) -> Self {
+        self.images = images;
+        self
+    }
+
+    /// An assistant message that asked for tool calls.
+    pub fn tool_request(content: impl Into<String>, calls: Vec<ToolCall>) -> Self {
+        Self {
+            tool_calls: calls,
+            ..Self::new(Role::Assistant, content)
+        }
+    }
+
+    /// The result of `call`.
+    pub fn tool_result(call: &ToolCall, result: impl Into<String>) -> Self {
+        Self {
+            tool_call_id: Some(call.id.clone()),
+            ..Self::new(Role::Tool, result)
         }
     }
 }
@@ -48,33 +120,194 @@ impl ChatMessage {
 pub struct CompletionRequest {
     pub model: String,
     pub messages: Vec<ChatMessage>,
+    /// Tools the model may call; empty means none are offered.
+    pub tools: Vec<ToolSpec>,
+    /// Most tokens in the answer.
+    pub max_tokens: u32,
 }
 
-/// Why a provider gave no answer. Messages are safe to show in a room: they never carry
-/// an API key.
-#[derive(Debug, thiserror::Error)]
+/// Why a model stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// It finished its answer.
+    Stop,
+    /// It hit `max_tokens`.
+    Length,
+    /// It wants tool results.
+    ToolCalls,
+    /// A content filter cut it off.
+    ContentFilter,
+    /// Something else the provider said.
+    Other,
+}
+
+/// Token counts the provider reported.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+}
+
+/// One piece of a streamed answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Delta {
+    /// More answer text.
+    Text(String),
+    /// A fragment of tool call `index`: the first fragment of a call carries its `id` and
+    /// `name`, later ones more `arguments` text to append.
+    ToolCall {
+        index: usize,
+        id: Option<String>,
+        name: Option<String>,
+        arguments: String,
+    },
+    /// Token usage (may come more than once; the last one counts).
+    Usage(Usage),
+    /// The model is done.
+    Finish(FinishReason),
+}
+
+/// Why a provider gave no (complete) answer. Messages are safe to show in a room: they
+/// never carry an API key.
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum LlmError {
     #[error("the model did not answer within {}s", .0.as_secs())]
     Timeout(Duration),
+    #[error("the model stopped sending for {}s in the middle of its answer", .0.as_secs())]
+    Stalled(Duration),
     #[error("the model provider returned HTTP {status}: {message}")]
-    Http { status: u16, message: String },
+    Http {
+        status: u16,
+        message: String,
+        /// `Retry-After`, when the provider sent one.
+        retry_after: Option<Duration>,
+    },
     #[error("the model provider could not be reached: {0}")]
     Network(String),
     #[error("the model provider sent an answer we could not read: {0}")]
     BadResponse(String),
+    #[error("the model is still warming up")]
+    WarmingUp,
 }
+
+impl LlmError {
+    /// Whether trying the same model again may help: 408, 409, 429, 5xx, network trouble,
+    /// timeouts.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            LlmError::Http { status, .. } => {
+                matches!(status, 408 | 409 | 425 | 429) || *status >= 500
+            }
+            LlmError::Timeout(_) | LlmError::Stalled(_) | LlmError::Network(_) => true,
+            LlmError::BadResponse(_) | LlmError::WarmingUp => false,
+        }
+    }
+
+    /// How long the provider asked us to wait, if it did.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            LlmError::Http { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+}
+
+/// A stream of answer pieces. It ends after `Finish`, or with an error.
+pub type DeltaStream = BoxStream<'static, Result<Delta, LlmError>>;
 
 /// A model endpoint.
 pub trait Provider: Send + Sync {
-    /// Asks for one complete answer.
-    fn complete<'a>(
-        &'a self,
-        request: &'a CompletionRequest,
-    ) -> BoxFuture<'a, Result<String, LlmError>>;
+    /// Starts an answer. The future resolves once the provider accepted the request (HTTP
+    /// status and headers read), so refusals such as 429 come back here, before any delta.
+    fn stream(&self, request: CompletionRequest) -> BoxFuture<'_, Result<DeltaStream, LlmError>>;
+}
+
+/// A whole answer, folded from a stream.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Completion {
+    pub text: String,
+    pub tool_calls: Vec<ToolCall>,
+    pub usage: Option<Usage>,
+    pub finish: Option<FinishReason>,
+}
+
+/// Folds deltas into a [`Completion`]: text appended, tool-call fragments merged by index
+/// (a call without an ID gets `call_<index>`).
+#[derive(Debug, Default)]
+pub struct Collector {
+    completion: Completion,
+    calls: std::collections::BTreeMap<usize, ToolCall>,
+}
+
+impl Collector {
+    pub fn push(&mut self, delta: Delta) {
+        match delta {
+            Delta::Text(text) => self.completion.text.push_str(&text),
+            Delta::ToolCall {
+                index,
+                id,
+                name,
+                arguments,
+            } => {
+                let call = self.calls.entry(index).or_insert_with(|| ToolCall {
+                    id: String::new(),
+                    name: String::new(),
+                    arguments: String::new(),
+                });
+                if let Some(id) = id.filter(|i| !i.is_empty()) {
+                    call.id = id;
+                }
+                if let Some(name) = name.filter(|n| !n.is_empty()) {
+                    call.name = name;
+                }
+                call.arguments.push_str(&arguments);
+            }
+            Delta::Usage(usage) => self.completion.usage = Some(usage),
+            Delta::Finish(reason) => self.completion.finish = Some(reason),
+        }
+    }
+
+    /// The text so far.
+    pub fn text(&self) -> &str {
+        &self.completion.text
+    }
+
+    pub fn finish(mut self) -> Completion {
+        self.completion.tool_calls = self
+            .calls
+            .into_iter()
+            .map(|(index, mut call)| {
+                if call.id.is_empty() {
+                    call.id = format!("call_{index}");
+                }
+                call
+            })
+            .collect();
+        self.completion
+    }
+}
+
+/// Reads a whole stream into one [`Completion`].
+pub async fn collect(mut stream: DeltaStream) -> Result<Completion, LlmError> {
+    let mut collector = Collector::default();
+    while let Some(delta) = stream.next().await {
+        collector.push(delta?);
+    }
+    Ok(collector.finish())
 }
 
 /// Providers by config name.
 pub type ProviderRegistry = HashMap<String, Arc<dyn Provider>>;
+
+/// The API key of a provider config, read from its environment variable.
+fn api_key(name: &str, env: Option<&str>) -> Option<String> {
+    let var = env?;
+    let key = std::env::var(var).ok().filter(|k| !k.is_empty());
+    if key.is_none() {
+        tracing::warn!(provider = %name, env = var, "API key variable is not set; sending requests without a key");
+    }
+    key
+}
 
 /// Builds every configured provider, reading API keys from their environment variables.
 pub fn build_providers(config: &Config) -> ProviderRegistry {
@@ -82,20 +315,160 @@ pub fn build_providers(config: &Config) -> ProviderRegistry {
         .providers
         .iter()
         .map(|(name, provider)| {
+            let key = || api_key(name, provider.api_key_env.as_deref());
             let built: Arc<dyn Provider> = match provider.api {
                 ProviderApi::Echo => Arc::new(EchoProvider),
-                ProviderApi::OpenaiCompletions => {
-                    let api_key = provider.api_key_env.as_deref().and_then(|var| {
-                        let key = std::env::var(var).ok().filter(|k| !k.is_empty());
-                        if key.is_none() {
-                            tracing::warn!(provider = %name, env = var, "API key variable is not set; sending requests without a key");
-                        }
-                        key
-                    });
-                    Arc::new(OpenAiProvider::new(provider, api_key))
+                ProviderApi::OpenaiCompletions => Arc::new(OpenAiProvider::new(provider, key())),
+                ProviderApi::AnthropicMessages => {
+                    Arc::new(AnthropicProvider::new(provider, key()))
                 }
+                ProviderApi::Ollama => Arc::new(OllamaProvider::new(provider, key())),
             };
             (name.clone(), built)
         })
         .collect()
+}
+
+/// Replaces every occurrence of `secret` in `text` (an error body may quote the key).
+pub fn redact(text: &str, secret: Option<&str>) -> String {
+    match secret {
+        Some(secret) if secret.len() >= 4 => text.replace(secret, "[redacted]"),
+        _ => text.to_owned(),
+    }
+}
+
+/// `error.message` (or `error` / `message`) of a JSON error body, else the start of the
+/// body; at most 200 characters, with `secret` redacted.
+pub fn error_message(body: &[u8], secret: Option<&str>) -> String {
+    let parsed: Option<serde_json::Value> = serde_json::from_slice(body).ok();
+    let message = parsed.as_ref().and_then(|v| {
+        v.pointer("/error/message")
+            .or_else(|| v.get("error"))
+            .or_else(|| v.get("message"))
+            .and_then(|m| m.as_str())
+    });
+    let text = match message {
+        Some(m) => m.to_owned(),
+        None => String::from_utf8_lossy(body).into_owned(),
+    };
+    let text = redact(text.trim(), secret);
+    if text.chars().count() > 200 {
+        format!("{}…", text.chars().take(200).collect::<String>())
+    } else {
+        text
+    }
+}
+
+/// `Retry-After` as seconds or an HTTP date, capped at 60 s.
+pub fn retry_after(headers: &http::HeaderMap) -> Option<Duration> {
+    let value = headers.get(http::header::RETRY_AFTER)?.to_str().ok()?.trim();
+    let wait = match value.parse::<f64>() {
+        Ok(secs) if secs.is_finite() && secs >= 0.0 => Duration::from_secs_f64(secs),
+        Ok(_) => return None,
+        Err(_) => httpdate_delay(value)?,
+    };
+    Some(wait.min(hub::MAX_BACKOFF))
+}
+
+fn httpdate_delay(value: &str) -> Option<Duration> {
+    let when = httpdate::parse_http_date(value).ok()?;
+    Some(
+        when.duration_since(std::time::SystemTime::now())
+            .unwrap_or_default(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tool_call_fragments_merge_by_index() {
+        let mut collector = Collector::default();
+        for delta in [
+            Delta::Text("Let me ".into()),
+            Delta::ToolCall {
+                index: 1,
+                id: Some("b".into()),
+                name: Some("fetch_url".into()),
+                arguments: "{\"url\":".into(),
+            },
+            Delta::ToolCall {
+                index: 0,
+                id: None,
+                name: Some("current_time".into()),
+                arguments: "{}".into(),
+            },
+            Delta::Text("check.".into()),
+            Delta::ToolCall {
+                index: 1,
+                id: None,
+                name: None,
+                arguments: "\"https://example.org\"}".into(),
+            },
+            Delta::Usage(Usage {
+                input_tokens: 3,
+                output_tokens: 4,
+            }),
+            Delta::Finish(FinishReason::ToolCalls),
+        ] {
+            collector.push(delta);
+        }
+        let completion = collector.finish();
+        assert_eq!(completion.text, "Let me check.");
+        assert_eq!(
+            completion.tool_calls,
+            vec![
+                ToolCall {
+                    id: "call_0".into(),
+                    name: "current_time".into(),
+                    arguments: "{}".into()
+                },
+                ToolCall {
+                    id: "b".into(),
+                    name: "fetch_url".into(),
+                    arguments: "{\"url\":\"https://example.org\"}".into()
+                },
+            ]
+        );
+        assert_eq!(completion.finish, Some(FinishReason::ToolCalls));
+        assert_eq!(completion.usage.unwrap().output_tokens, 4);
+    }
+
+    #[test]
+    fn error_messages_are_short_and_never_carry_the_key() {
+        let body = br#"{"error":{"message":"Incorrect API key provided: sk-secret-123"}}"#;
+        assert_eq!(
+            error_message(body, Some("sk-secret-123")),
+            "Incorrect API key provided: [redacted]"
+        );
+        let long = "x".repeat(500);
+        assert_eq!(error_message(long.as_bytes(), None).chars().count(), 201);
+    }
+
+    #[test]
+    fn retry_after_reads_seconds_and_is_capped() {
+        let mut headers = http::HeaderMap::new();
+        headers.insert("retry-after", "7".parse().unwrap());
+        assert_eq!(retry_after(&headers), Some(Duration::from_secs(7)));
+        headers.insert("retry-after", "3600".parse().unwrap());
+        assert_eq!(retry_after(&headers), Some(Duration::from_secs(60)));
+        headers.insert("retry-after", "soon".parse().unwrap());
+        assert_eq!(retry_after(&headers), None);
+    }
+
+    #[test]
+    fn retryable_errors_are_the_transient_ones() {
+        let http = |status| LlmError::Http {
+            status,
+            message: String::new(),
+            retry_after: None,
+        };
+        assert!(http(429).is_retryable());
+        assert!(http(503).is_retryable());
+        assert!(!http(400).is_retryable());
+        assert!(!http(401).is_retryable());
+        assert!(LlmError::Network("refused".into()).is_retryable());
+        assert!(!LlmError::BadResponse("?".into()).is_retryable());
+    }
 }

@@ -1,0 +1,20 @@
+//! Placeholder until the wire format lands.
+
+use futures::future::BoxFuture;
+
+use super::{CompletionRequest, DeltaStream, LlmError, Provider};
+use crate::config::ProviderConfig;
+
+pub struct OllamaProvider;
+
+impl OllamaProvider {
+    pub fn new(_config: &ProviderConfig, _api_key: Option<String>) -> Self {
+        Self
+    }
+}
+
+impl Provider for OllamaProvider {
+    fn stream(&self, _request: CompletionRequest) -> BoxFuture<'_, Result<DeltaStream, LlmError>> {
+        Box::pin(async { Err(LlmError::BadResponse("not implemented yet".into())) })
+    }
+}
