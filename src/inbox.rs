@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::agents::{AgentRuntime, Trigger};
+use crate::agents::{AgentRuntime, ImageRef, Job, Submitted, Trigger, Turn};
 use crate::config::Config;
 use crate::matrix::MatrixClient;
 use crate::router::{
@@ -88,10 +88,12 @@ pub struct Inbox {
     config: Arc<Config>,
     store: Arc<dyn Store>,
     matrix: Arc<MatrixClient>,
-    runtime: AgentRuntime,
+    runtime: Arc<AgentRuntime>,
     router: Router,
     guard: Mutex<LoopGuard>,
     rooms: Mutex<HashMap<OwnedRoomId, RoomFacts>>,
+    /// Display names of joined members, by room (cached with `rooms`).
+    names: Mutex<HashMap<OwnedRoomId, HashMap<OwnedUserId, String>>>,
     /// Aliases named in the config, by the room they resolved to.
     aliases: RwLock<HashMap<OwnedRoomId, Vec<String>>>,
     /// Aliases named in the config that did not resolve yet (the room may not exist yet).
@@ -151,7 +153,7 @@ impl Inbox {
         config: Arc<Config>,
         store: Arc<dyn Store>,
         matrix: Arc<MatrixClient>,
-        runtime: AgentRuntime,
+        runtime: Arc<AgentRuntime>,
     ) -> Arc<Self> {
         Arc::new(Self {
             router: Router::new(&config),
@@ -160,6 +162,7 @@ impl Inbox {
             runtime,
             guard: Mutex::new(LoopGuard::default()),
             rooms: Mutex::new(HashMap::new()),
+            names: Mutex::new(HashMap::new()),
             aliases: RwLock::new(HashMap::new()),
             unresolved: Mutex::new(config_aliases(&config)),
             config,
@@ -389,38 +392,57 @@ impl Inbox {
         }
     }
 
-    /// Processes one journaled event at most once, then removes it from the journal.
+    /// Processes one journaled event at most once: routes it and queues the answers in
+    /// their sessions. The event leaves the journal once every answer is done, so a crash
+    /// in between answers it again after the restart; the room worker does not wait.
     pub async fn process(&self, event: &JournaledEvent) {
-        match self.store.is_processed(&event.event_id) {
-            Ok(true) => tracing::debug!(event_id = %event.event_id, "already processed; skipping"),
+        let answers = match self.store.is_processed(&event.event_id) {
+            Ok(true) => {
+                tracing::debug!(event_id = %event.event_id, "already processed; skipping");
+                Vec::new()
+            }
             Ok(false) => self.process_new(event).await,
             Err(e) => {
-                tracing::error!(event_id = %event.event_id, error = %e, "cannot check the processed record; processing anyway")
+                tracing::error!(event_id = %event.event_id, error = %e, "cannot check the processed record; processing anyway");
+                self.process_new(event).await
             }
+        };
+        if answers.is_empty() {
+            self.finish(event);
+            return;
         }
-        if let Err(e) = self.store.finish_event(event.seq, &event.event_id) {
-            tracing::error!(event_id = %event.event_id, error = %e, "could not mark event processed");
-        }
+        let (store, event) = (self.store.clone(), event.clone());
+        tokio::spawn(async move {
+            // A dropped sender (a lane that died) counts as done: the error was logged.
+            futures::future::join_all(answers).await;
+            finish(store.as_ref(), &event);
+        });
     }
 
-    async fn process_new(&self, event: &JournaledEvent) {
+    fn finish(&self, event: &JournaledEvent) {
+        finish(self.store.as_ref(), event);
+    }
+
+    async fn process_new(&self, event: &JournaledEvent) -> Vec<tokio::sync::oneshot::Receiver<()>> {
         let envelope: Envelope = match serde_json::from_str(event.json.get()) {
             Ok(envelope) => envelope,
             Err(e) => {
                 tracing::warn!(event_id = %event.event_id, error = %e, "skipping an event we cannot read");
-                return;
+                return Vec::new();
             }
         };
         match envelope.kind.as_str() {
             "m.room.member" => self.on_member(&event.room_id, &envelope).await,
-            "m.room.message" => self.on_message(event, &envelope).await,
+            "m.room.message" => return self.on_message(event, &envelope).await,
             "m.room.encrypted" => self.on_encrypted(event, &envelope).await,
             _ => {}
         }
+        Vec::new()
     }
 
     async fn on_member(&self, room_id: &RoomId, envelope: &Envelope) {
         self.rooms.lock().expect("room cache lock").remove(room_id);
+        self.names.lock().expect("names lock").remove(room_id);
         let Some(target) = envelope
             .state_key
             .as_deref()
@@ -444,10 +466,14 @@ impl Inbox {
         }
     }
 
-    async fn on_message(&self, event: &JournaledEvent, envelope: &Envelope) {
+    async fn on_message(
+        &self,
+        event: &JournaledEvent,
+        envelope: &Envelope,
+    ) -> Vec<tokio::sync::oneshot::Receiver<()>> {
         let from_own_user = self.config.is_own_user(&envelope.sender);
         if from_own_user && !self.config.routing.agent_to_agent.enabled {
-            return;
+            return Vec::new();
         }
         let content = &envelope.content;
         let msgtype = content
@@ -460,11 +486,12 @@ impl Inbox {
             .and_then(|r| r.as_str());
         // Edits are not new questions, and by convention bots never answer notices.
         if rel_type == Some("m.replace") || msgtype == "m.notice" {
-            return;
+            return Vec::new();
         }
         let Some(body) = content.get("body").and_then(|b| b.as_str()) else {
-            return;
+            return Vec::new();
         };
+        let image = (msgtype == "m.image").then(|| image_ref(content)).flatten();
         let thread_root: Option<OwnedEventId> = (rel_type == Some("m.thread"))
             .then(|| {
                 relation
@@ -546,32 +573,67 @@ impl Inbox {
             }
         }
 
-        let trigger = Trigger {
-            room_id: &event.room_id,
-            event_id: &event.event_id,
-            sender: &envelope.sender,
-            body,
-            thread_root: thread_root.as_deref(),
+        let turn = Turn {
+            room_id: event.room_id.clone(),
+            event_id: event.event_id.clone(),
+            sender: envelope.sender.clone(),
+            sender_name: self.display_name(&event.room_id, &envelope.sender),
+            body: body.to_owned(),
+            image,
+            thread_root,
             hops: hops + 1,
+            group: room
+                .joined
+                .iter()
+                .filter(|u| !self.config.is_own_user(u))
+                .count()
+                > 1,
         };
         if decision.strategy == Strategy::Pairing {
             if let Some(agent) = &decision.pairing_agent {
-                self.send_pairing_code(agent, &trigger).await;
+                self.send_pairing_code(agent, &turn.trigger()).await;
             }
-            return;
+            return Vec::new();
         }
-        let answers = decision
+        let reset = is_reset(body);
+        let mut answers = Vec::new();
+        for agent in decision
             .targets
             .iter()
             .filter_map(|id| self.config.agents.iter().find(|a| &a.id == id))
-            .map(|agent| {
-                let trigger = &trigger;
-                async move {
-                    // Failures are logged inside `answer`; one agent's failure does not stop the others.
-                    let _ = self.runtime.answer(agent, trigger).await;
+        {
+            let job = if reset {
+                Job::Reset(turn.clone())
+            } else {
+                Job::Turn(turn.clone())
+            };
+            match self.runtime.submit(&agent.id, job) {
+                Submitted::Queued(done) => answers.push(done),
+                Submitted::Busy => {
+                    tracing::warn!(agent = %agent.id, room_id = %event.room_id, event_id = %event.event_id, "session queue full; message not queued");
+                    let text = format!(
+                        "⏳ {} is busy: {} messages here are already waiting for an answer. Please send this again in a little while.",
+                        agent.display_name(),
+                        agent.queue_limit
+                    );
+                    self.runtime
+                        .notice(agent, &turn.trigger(), "busy", &text)
+                        .await;
                 }
-            });
-        futures::future::join_all(answers).await;
+            }
+        }
+        answers
+    }
+
+    /// A member's display name in `room_id`, else their localpart.
+    fn display_name(&self, room_id: &RoomId, user: &ruma::UserId) -> String {
+        self.names
+            .lock()
+            .expect("names lock")
+            .get(room_id)
+            .and_then(|names| names.get(user))
+            .cloned()
+            .unwrap_or_else(|| user.localpart().to_owned())
     }
 
     /// The room history routing looks at; a store error means routing without context.
@@ -705,8 +767,16 @@ impl Inbox {
                 .await
             {
                 Ok(members) => {
+                    let names: HashMap<OwnedUserId, String> = members
+                        .iter()
+                        .filter_map(|(id, name)| Some((id.clone(), name.clone()?)))
+                        .collect();
+                    self.names
+                        .lock()
+                        .expect("names lock")
+                        .insert(room_id.to_owned(), names);
                     let facts = RoomFacts {
-                        joined: members.into_iter().collect(),
+                        joined: members.into_iter().map(|(id, _)| id).collect(),
                         aliases: self
                             .aliases
                             .read()
@@ -730,4 +800,38 @@ impl Inbox {
         }
         RoomFacts::default()
     }
+}
+
+/// Marks `event` processed and drops it from the journal.
+fn finish(store: &dyn Store, event: &JournaledEvent) {
+    if let Err(e) = store.finish_event(event.seq, &event.event_id) {
+        tracing::error!(event_id = %event.event_id, error = %e, "could not mark event processed");
+    }
+}
+
+/// Whether `body` is the `!reset` command (optionally followed by mentions).
+fn is_reset(body: &str) -> bool {
+    let body = body.trim();
+    body == "!reset" || body.starts_with("!reset ")
+}
+
+/// The image of an `m.image` content: `url` (unencrypted media only) and `info`.
+fn image_ref(content: &serde_json::Value) -> Option<ImageRef> {
+    let mxc = content.get("url")?.as_str()?;
+    let info = content.get("info");
+    let name = content
+        .get("filename")
+        .or_else(|| content.get("body"))
+        .and_then(|n| n.as_str())
+        .unwrap_or("image")
+        .to_owned();
+    Some(ImageRef {
+        mxc: mxc.into(),
+        mime: info
+            .and_then(|i| i.get("mimetype"))
+            .and_then(|m| m.as_str())
+            .map(str::to_owned),
+        size: info.and_then(|i| i.get("size")).and_then(|s| s.as_u64()),
+        name,
+    })
 }

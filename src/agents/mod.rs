@@ -1,25 +1,47 @@
-//! The agent runtime: turns "agent X answers event E" into a model call and a reply in the
-//! room, as the agent's own user. Knows nothing about which platform a message came from.
+//! The agent runtime: turns "agent X answers these messages" into model calls and a
+//! streamed reply in the room, as the agent's own user. Knows nothing about which platform
+//! a message came from.
+//!
+//! - [`session`]: one lane per session (agent + room + thread), queue or collect.
+//! - [`memory`]: the session's stored history, fitted to a token budget.
+//! - [`stream`]: the answer as a message plus throttled edits.
+//! - [`format`]: markdown → HTML, long answers split between paragraphs.
+//! - [`tools`]: the built-in tools and the allow/deny policy.
 
-use std::sync::Arc;
+pub mod format;
+pub mod memory;
+pub mod session;
+pub mod stream;
+pub mod tools;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use ruma::{EventId, OwnedEventId, OwnedTransactionId, RoomId, UserId};
+use base64::Engine as _;
+use futures::StreamExt;
+use ruma::{
+    EventId, OwnedEventId, OwnedMxcUri, OwnedRoomId, OwnedTransactionId, OwnedUserId, RoomId,
+    UserId,
+};
 use serde_json::json;
 use sha2::{Digest, Sha256};
+use tokio::sync::mpsc;
 
-use crate::config::{AgentConfig, Config};
-use crate::llm::{ChatMessage, CompletionRequest, LlmError, LlmHub, Role};
+use crate::config::{AgentConfig, Config, ModelRef};
+use crate::llm::{ChatMessage, Collector, CompletionRequest, Delta, Image, LlmError, LlmHub, Role};
 use crate::matrix::{MatrixClient, MatrixError};
-use crate::store::{HistoryEntry, Store};
+use crate::store::{HistoryEntry, SessionEntry, SessionRole, Store};
+
+pub use session::{Job, Submitted};
 
 /// How long one typing notice lasts; it is refreshed well before it runs out.
 const TYPING_TIMEOUT: Duration = Duration::from_secs(30);
 const TYPING_REFRESH: Duration = Duration::from_secs(20);
-/// How far back in room history to look for the sender↔agent conversation.
-const HISTORY_SCAN: usize = 100;
+/// The largest image passed to a model.
+pub const MAX_IMAGE_BYTES: usize = 10 * 1024 * 1024;
 
-/// The message an agent is answering.
+/// The message an agent is answering, borrowed (for replies and notices).
 #[derive(Debug, Clone, Copy)]
 pub struct Trigger<'a> {
     pub room_id: &'a RoomId,
@@ -32,12 +54,77 @@ pub struct Trigger<'a> {
     pub hops: u32,
 }
 
-/// Runs agents: history, model call, reply.
+/// An image attached to a message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageRef {
+    pub mxc: OwnedMxcUri,
+    /// `info.mimetype`, when the sender gave one.
+    pub mime: Option<String>,
+    /// `info.size`, when the sender gave one.
+    pub size: Option<u64>,
+    /// The file name.
+    pub name: String,
+}
+
+/// A message an agent is to answer, owned so it can wait in a session's queue.
+#[derive(Debug, Clone)]
+pub struct Turn {
+    pub room_id: OwnedRoomId,
+    pub event_id: OwnedEventId,
+    pub sender: OwnedUserId,
+    /// The sender's display name (prefixed to their lines in group rooms).
+    pub sender_name: String,
+    /// The text (for an image: its caption, if any).
+    pub body: String,
+    pub image: Option<ImageRef>,
+    pub thread_root: Option<OwnedEventId>,
+    /// Hop counter the answer carries.
+    pub hops: u32,
+    /// Whether the room has more people than the sender and agents (names are prefixed).
+    pub group: bool,
+}
+
+impl Turn {
+    /// The borrowed view used for replies and notices.
+    pub fn trigger(&self) -> Trigger<'_> {
+        Trigger {
+            room_id: &self.room_id,
+            event_id: &self.event_id,
+            sender: &self.sender,
+            body: &self.body,
+            thread_root: self.thread_root.as_deref(),
+            hops: self.hops,
+        }
+    }
+
+    /// The line stored in memory and sent to the model for this message.
+    fn line(&self) -> String {
+        let mut text = match &self.image {
+            Some(image) if self.body.trim().is_empty() || self.body == image.name => {
+                format!("[image: {}]", image.name)
+            }
+            Some(image) => format!("[image: {}] {}", image.name, self.body),
+            None => self.body.clone(),
+        };
+        if self.group {
+            text = format!("{}: {text}", self.sender_name);
+        }
+        text
+    }
+}
+
+/// Why a turn ended without a (whole) answer: shown to the room as one notice.
+#[derive(Debug)]
+struct Notice(String);
+
+/// Runs agents: sessions, memory, model calls with tools, streamed replies.
 pub struct AgentRuntime {
     config: Arc<Config>,
     matrix: Arc<MatrixClient>,
     store: Arc<dyn Store>,
     hub: LlmHub,
+    tools: tools::Tools,
+    lanes: Mutex<HashMap<String, mpsc::Sender<session::Queued>>>,
 }
 
 impl AgentRuntime {
@@ -46,86 +133,342 @@ impl AgentRuntime {
         matrix: Arc<MatrixClient>,
         store: Arc<dyn Store>,
         hub: LlmHub,
-    ) -> Self {
-        Self {
+    ) -> Arc<Self> {
+        Arc::new(Self {
             config,
             matrix,
             store,
             hub,
-        }
+            tools: tools::Tools::new(),
+            lanes: Mutex::new(HashMap::new()),
+        })
     }
 
-    /// Has `agent` answer `trigger` in its room: typing while the model thinks, then the
-    /// answer as a reply — or, when the model fails, a short notice saying so.
-    pub async fn answer(
-        &self,
-        agent: &AgentConfig,
-        trigger: &Trigger<'_>,
-    ) -> Result<OwnedEventId, MatrixError> {
+    /// The model hub (for health and metrics).
+    pub fn hub(&self) -> &LlmHub {
+        &self.hub
+    }
+
+    /// Answers `turns` (one, or several collected) in their session: typing while the
+    /// model thinks, the answer streamed as a reply to the last one — or one notice saying
+    /// why there is none.
+    async fn run_turns(&self, agent: &AgentConfig, session: &str, turns: &[Turn]) {
+        let last = turns.last().expect("a run has at least one turn");
         let agent_user = self.config.user_id(&agent.id);
-        let typing = self.keep_typing(&agent_user, trigger.room_id);
-        let outcome = self.think(agent, &agent_user, trigger).await;
+        let typing = self.keep_typing(&agent_user, &last.room_id);
+        let outcome = self.converse(agent, &agent_user, session, turns).await;
         typing.abort();
         if let Err(e) = self
             .matrix
-            .set_typing(&agent_user, trigger.room_id, None)
+            .set_typing(&agent_user, &last.room_id, None)
             .await
         {
-            tracing::debug!(agent = %agent.id, room_id = %trigger.room_id, error = %e, "could not clear typing");
+            tracing::debug!(agent = %agent.id, room_id = %last.room_id, error = %e, "could not clear typing");
         }
-
-        let (content, purpose, answer) = match outcome {
-            Ok(text) => (reply_content("m.text", &text, trigger), "reply", Some(text)),
-            Err(error) => {
-                tracing::warn!(agent = %agent.id, room_id = %trigger.room_id, event_id = %trigger.event_id, %error, "model call failed");
-                let notice = format!("⚠️ {} could not answer: {error}", agent.display_name());
-                (reply_content("m.notice", &notice, trigger), "notice", None)
-            }
-        };
-        let txn_id = derived_txn_id(trigger.event_id, &agent.id, purpose);
-        let event_id = self.matrix.send_message(&agent_user, trigger.room_id, &txn_id, &content).await.inspect_err(|e| {
-            tracing::error!(agent = %agent.id, room_id = %trigger.room_id, error = %e, "could not send the answer");
-        })?;
-        if let Some(text) = answer {
-            let entry = HistoryEntry {
-                event_id: event_id.clone(),
-                sender: agent_user,
-                body: text,
-                ts: crate::unix_ms(),
-                thread_root: trigger.thread_root.map(ToOwned::to_owned),
-                routed_to: Vec::new(),
-            };
-            if let Err(e) = self.store.append_history(trigger.room_id, &entry) {
-                tracing::warn!(room_id = %trigger.room_id, error = %e, "could not record the answer in history");
-            }
+        if let Err(Notice(text)) = outcome {
+            self.notice(agent, &last.trigger(), "notice", &text).await;
         }
-        Ok(event_id)
     }
 
-    /// Builds the prompt from the recent sender↔agent conversation and asks the model.
-    async fn think(
+    /// Sends `text` as an `m.notice` reply from `agent`.
+    pub async fn notice(
+        &self,
+        agent: &AgentConfig,
+        trigger: &Trigger<'_>,
+        purpose: &str,
+        text: &str,
+    ) {
+        let agent_user = self.config.user_id(&agent.id);
+        let content = reply_content("m.notice", text, trigger);
+        let txn = derived_txn_id(trigger.event_id, &agent.id, purpose);
+        if let Err(e) = self
+            .matrix
+            .send_message(&agent_user, trigger.room_id, &txn, &content)
+            .await
+        {
+            tracing::error!(agent = %agent.id, room_id = %trigger.room_id, error = %e, "could not send a notice");
+        }
+    }
+
+    /// `!reset`: forgets the session and says so.
+    async fn reset(&self, agent: &AgentConfig, session: &str, turn: &Turn) {
+        let text = match self.store.clear_session(session) {
+            Ok(lines) => {
+                tracing::info!(agent = %agent.id, room_id = %turn.room_id, lines, "session reset");
+                format!(
+                    "🧹 {} has forgotten this conversation ({lines} messages); the next message starts afresh.",
+                    agent.display_name()
+                )
+            }
+            Err(e) => {
+                tracing::error!(agent = %agent.id, room_id = %turn.room_id, error = %e, "could not reset the session");
+                format!(
+                    "⚠️ {} could not forget this conversation: the store failed.",
+                    agent.display_name()
+                )
+            }
+        };
+        self.notice(agent, &turn.trigger(), "reset", &text).await;
+    }
+
+    /// The model chain for these turns: the agent's own models, or — for images the main
+    /// model cannot read — the image-capable ones or the agent's `image_model`.
+    fn chain_for(&self, agent: &AgentConfig, images: bool) -> Result<Vec<ModelRef>, Notice> {
+        let chain = agent.model_chain();
+        if !images || self.accepts_images(&chain[0]) {
+            return Ok(chain);
+        }
+        if let Some(image_model) = agent.image_model_ref() {
+            return Ok(vec![image_model]);
+        }
+        Err(Notice(format!(
+            "🖼️ {}'s model ({}) reads text only, so it cannot see images. Describe the picture in words, or set image_model for this agent to a model with input: [text, image].",
+            agent.display_name(),
+            chain[0],
+        )))
+    }
+
+    fn accepts_images(&self, model: &ModelRef) -> bool {
+        let echo = self
+            .config
+            .providers
+            .get(&model.provider)
+            .is_some_and(|p| p.api == crate::config::ProviderApi::Echo);
+        echo || self.hub.model(model).accepts_images()
+    }
+
+    /// Downloads a turn's image as the agent, for the model.
+    async fn fetch_image(
         &self,
         agent: &AgentConfig,
         agent_user: &UserId,
-        trigger: &Trigger<'_>,
-    ) -> Result<String, LlmError> {
-        let history = self.store.recent_history(trigger.room_id, HISTORY_SCAN).unwrap_or_else(|e| {
-            tracing::warn!(room_id = %trigger.room_id, error = %e, "could not read history; answering without context");
+        image: &ImageRef,
+    ) -> Result<Image, Notice> {
+        let too_big = || {
+            Notice(format!(
+                "🖼️ The image {} is larger than the {} MB {} can look at.",
+                image.name,
+                MAX_IMAGE_BYTES / (1024 * 1024),
+                agent.display_name()
+            ))
+        };
+        if image.size.is_some_and(|s| s > MAX_IMAGE_BYTES as u64) {
+            return Err(too_big());
+        }
+        let (bytes, content_type) = self.matrix.download_media(agent_user, &image.mxc).await.map_err(|e| {
+            tracing::warn!(agent = %agent.id, mxc = %image.mxc, error = %e, "could not download an image");
+            Notice(format!("🖼️ {} could not download the image {}: {e}", agent.display_name(), image.name))
+        })?;
+        if bytes.len() > MAX_IMAGE_BYTES {
+            return Err(too_big());
+        }
+        let mime = image
+            .mime
+            .clone()
+            .or(content_type)
+            .filter(|m| m.starts_with("image/"))
+            .unwrap_or_else(|| "image/png".to_owned());
+        Ok(Image {
+            mime,
+            base64: base64::engine::general_purpose::STANDARD.encode(&bytes),
+        })
+    }
+
+    /// The prompt: system prompt, the session's remembered lines that fit the budget, and
+    /// these turns.
+    fn prompt(
+        &self,
+        agent: &AgentConfig,
+        model: &ModelRef,
+        session: &str,
+        turns: &[Turn],
+        images: Vec<Image>,
+    ) -> Vec<ChatMessage> {
+        let mut system = agent
+            .system_prompt
+            .clone()
+            .unwrap_or_default()
+            .trim()
+            .to_owned();
+        if turns.iter().any(|t| t.group) {
+            if !system.is_empty() {
+                system.push_str("\n\n");
+            }
+            system.push_str(&format!(
+                "You are {}, one of several AI agents in a group chat. Each person's message starts with their name.",
+                agent.display_name()
+            ));
+        }
+        let question = turns.iter().map(Turn::line).collect::<Vec<_>>().join("\n");
+        let current = ChatMessage::new(Role::User, question).with_images(images);
+        let mut messages = Vec::new();
+        if !system.is_empty() {
+            messages.push(ChatMessage::new(Role::System, system));
+        }
+        let fixed: usize = messages
+            .iter()
+            .chain([&current])
+            .map(memory::message_tokens)
+            .sum();
+        let budget = memory::history_budget(&agent.memory, &self.hub.model(model), fixed);
+        let stored = self.store.session(session).unwrap_or_else(|e| {
+            tracing::warn!(agent = %agent.id, error = %e, "could not read the session; answering without memory");
             Vec::new()
         });
-        let request = CompletionRequest {
-            model: String::new(),
-            messages: build_messages(agent, agent_user, trigger, &history),
-            tools: Vec::new(),
-            max_tokens: 0,
+        messages.extend(memory::fit_history(&stored, budget));
+        messages.push(current);
+        messages
+    }
+
+    /// One turn: model calls (with tool rounds) streamed into the room, then memory.
+    async fn converse(
+        &self,
+        agent: &AgentConfig,
+        agent_user: &UserId,
+        session: &str,
+        turns: &[Turn],
+    ) -> Result<(), Notice> {
+        let last = turns.last().expect("a run has at least one turn");
+        let chain = self.chain_for(agent, turns.iter().any(|t| t.image.is_some()))?;
+        let mut images = Vec::new();
+        for image in turns.iter().filter_map(|t| t.image.as_ref()) {
+            images.push(self.fetch_image(agent, agent_user, image).await?);
+        }
+        let mut messages = self.prompt(agent, &chain[0], session, turns, images);
+        let mentions: Vec<String> = {
+            let mut m: Vec<String> = turns.iter().map(|t| t.sender.to_string()).collect();
+            m.dedup();
+            m
         };
-        match self.hub.stream(&agent.model_chain(), request).await {
-            Ok((_, stream)) => Ok(crate::llm::collect(stream).await?.text),
-            Err(failure) => Err(failure
-                .attempts
-                .last()
-                .map(|a| a.error.clone())
-                .unwrap_or(LlmError::BadResponse("no model configured".into()))),
+        let mut writer = stream::AnswerWriter::new(
+            &self.matrix,
+            stream::Destination {
+                agent_id: &agent.id,
+                agent_user,
+                room_id: &last.room_id,
+                reply_to: &last.event_id,
+                thread_root: last.thread_root.as_deref(),
+                mention: mentions,
+                hops: last.hops,
+            },
+        );
+        let specs = self.tools.specs(&agent.tools);
+        let ctx = tools::ToolContext {
+            store: self.store.as_ref(),
+            room_id: &last.room_id,
+        };
+        let mut cut_off: Option<LlmError> = None;
+        for round in 0..agent.tools.max_iterations {
+            // The last round offers no tools, so the model has to answer.
+            let offer = if round + 1 < agent.tools.max_iterations {
+                specs.clone()
+            } else {
+                Vec::new()
+            };
+            let request = CompletionRequest {
+                model: String::new(),
+                messages: messages.clone(),
+                tools: offer,
+                max_tokens: 0,
+            };
+            let (used, mut deltas) = match self.hub.stream(&chain, request).await {
+                Ok(started) => started,
+                Err(failure) => {
+                    tracing::warn!(agent = %agent.id, room_id = %last.room_id, %failure, "no model answered");
+                    if writer.text().trim().is_empty() {
+                        return Err(Notice(failure_notice(agent, &failure)));
+                    }
+                    cut_off = failure.attempts.last().map(|a| a.error.clone());
+                    break;
+                }
+            };
+            if used != chain[0] {
+                tracing::info!(agent = %agent.id, model = %used, "answered by a fallback model");
+            }
+            let mut collector = Collector::default();
+            while let Some(delta) = deltas.next().await {
+                match delta {
+                    Ok(Delta::Text(text)) => {
+                        writer
+                            .push(&text)
+                            .await
+                            .map_err(|e| send_failed(agent, &e))?;
+                        collector.push(Delta::Text(text));
+                    }
+                    Ok(other) => collector.push(other),
+                    Err(error) => {
+                        tracing::warn!(agent = %agent.id, room_id = %last.room_id, %error, "the answer broke off");
+                        cut_off = Some(error);
+                        break;
+                    }
+                }
+            }
+            drop(deltas);
+            let completion = collector.finish();
+            if cut_off.is_some() || completion.tool_calls.is_empty() {
+                break;
+            }
+            messages.push(ChatMessage::tool_request(
+                completion.text.clone(),
+                completion.tool_calls.clone(),
+            ));
+            for call in &completion.tool_calls {
+                let outcome = self.tools.call(&agent.tools, &ctx, call).await;
+                tracing::info!(agent = %agent.id, room_id = %last.room_id, tool = %call.name, arguments = %call.arguments, ok = outcome.ok, result_bytes = outcome.text.len(), "tool call");
+                messages.push(ChatMessage::tool_result(call, outcome.text));
+            }
+            writer.paragraph_break();
+        }
+        let answer = writer.text().trim().to_owned();
+        if answer.is_empty() {
+            return Err(Notice(match cut_off {
+                Some(error) => format!("⚠️ {} could not answer: {error}", agent.display_name()),
+                None => format!(
+                    "⚠️ {} could not answer: the model gave an empty answer.",
+                    agent.display_name()
+                ),
+            }));
+        }
+        let parts = writer.finish().await.map_err(|e| send_failed(agent, &e))?;
+        let now = crate::unix_ms();
+        for part in &parts {
+            let entry = HistoryEntry {
+                event_id: part.event_id.clone(),
+                sender: agent_user.to_owned(),
+                body: part.text.clone(),
+                ts: now,
+                thread_root: last.thread_root.clone(),
+                routed_to: Vec::new(),
+            };
+            if let Err(e) = self.store.append_history(&last.room_id, &entry) {
+                tracing::warn!(room_id = %last.room_id, error = %e, "could not record the answer in history");
+            }
+        }
+        let mut lines: Vec<SessionEntry> = turns
+            .iter()
+            .map(|t| SessionEntry {
+                role: SessionRole::User,
+                content: t.line(),
+                ts: now,
+            })
+            .collect();
+        lines.push(SessionEntry {
+            role: SessionRole::Assistant,
+            content: answer,
+            ts: now,
+        });
+        if let Err(e) = self
+            .store
+            .append_session(session, &lines, agent.memory.max_messages)
+        {
+            tracing::warn!(agent = %agent.id, error = %e, "could not remember the turn");
+        }
+        match cut_off {
+            Some(error) => Err(Notice(format!(
+                "⚠️ {}'s answer was cut off: {error}",
+                agent.display_name()
+            ))),
+            None => Ok(()),
         }
     }
 
@@ -144,39 +487,28 @@ impl AgentRuntime {
     }
 }
 
-/// System prompt, then the last `context_messages` lines between the sender and the agent
-/// (oldest first, the trigger itself excluded), then the trigger.
-pub fn build_messages(
-    agent: &AgentConfig,
-    agent_user: &UserId,
-    trigger: &Trigger<'_>,
-    history: &[HistoryEntry],
-) -> Vec<ChatMessage> {
-    let mut messages = Vec::new();
-    if let Some(prompt) = agent
-        .system_prompt
-        .as_deref()
-        .filter(|p| !p.trim().is_empty())
+/// The notice for a turn no model answered.
+fn failure_notice(agent: &AgentConfig, failure: &crate::llm::Failure) -> String {
+    if !failure.attempts.is_empty()
+        && failure
+            .attempts
+            .iter()
+            .all(|a| matches!(a.error, LlmError::WarmingUp))
     {
-        messages.push(ChatMessage::new(Role::System, prompt));
+        return format!(
+            "⏳ {}'s model is still warming up (the local model server is starting). Please try again in a minute.",
+            agent.display_name()
+        );
     }
-    let context: Vec<&HistoryEntry> = history
-        .iter()
-        .filter(|e| {
-            e.event_id != trigger.event_id && (e.sender == trigger.sender || e.sender == agent_user)
-        })
-        .collect();
-    let skip = context.len().saturating_sub(agent.memory.max_messages);
-    for entry in &context[skip..] {
-        let role = if entry.sender == agent_user {
-            Role::Assistant
-        } else {
-            Role::User
-        };
-        messages.push(ChatMessage::new(role, entry.body.clone()));
-    }
-    messages.push(ChatMessage::new(Role::User, trigger.body));
-    messages
+    format!("⚠️ {} could not answer: {failure}", agent.display_name())
+}
+
+fn send_failed(agent: &AgentConfig, error: &MatrixError) -> Notice {
+    tracing::error!(agent = %agent.id, %error, "could not send the answer");
+    Notice(format!(
+        "⚠️ {} could not post its answer: {error}",
+        agent.display_name()
+    ))
 }
 
 /// An `m.room.message` content replying to the trigger (in its thread when it was in one)
@@ -209,64 +541,9 @@ pub fn derived_txn_id(trigger: &EventId, agent: &str, purpose: &str) -> OwnedTra
 
 #[cfg(test)]
 mod tests {
-    use ruma::{OwnedUserId, owned_event_id, owned_room_id, owned_user_id};
+    use ruma::{owned_event_id, owned_room_id, owned_user_id};
 
     use super::*;
-
-    fn agent() -> AgentConfig {
-        serde_yaml::from_str(
-            "{ id: damon, provider: echo, system_prompt: You are Damon., memory: { max_messages: 2 } }",
-        )
-        .unwrap()
-    }
-
-    fn line(id: &str, sender: &OwnedUserId, body: &str) -> HistoryEntry {
-        HistoryEntry {
-            event_id: EventId::parse(id).unwrap(),
-            sender: sender.clone(),
-            body: body.into(),
-            ts: 0,
-            thread_root: None,
-            routed_to: Vec::new(),
-        }
-    }
-
-    #[test]
-    fn context_is_the_last_lines_between_sender_and_agent() {
-        let (alice, bob, damon) = (
-            owned_user_id!("@alice:hs"),
-            owned_user_id!("@bob:hs"),
-            owned_user_id!("@damon:hs"),
-        );
-        let room = owned_room_id!("!r");
-        let now = owned_event_id!("$now");
-        let history = vec![
-            line("$1", &alice, "old question"),
-            line("$2", &damon, "old answer"),
-            line("$3", &bob, "bob chatter"),
-            line("$4", &alice, "second question"),
-            line("$5", &damon, "second answer"),
-            line("$now", &alice, "the question"),
-        ];
-        let trigger = Trigger {
-            room_id: &room,
-            event_id: &now,
-            sender: &alice,
-            body: "the question",
-            thread_root: None,
-            hops: 1,
-        };
-        let messages = build_messages(&agent(), &damon, &trigger, &history);
-        assert_eq!(
-            messages,
-            vec![
-                ChatMessage::new(Role::System, "You are Damon."),
-                ChatMessage::new(Role::User, "second question"),
-                ChatMessage::new(Role::Assistant, "second answer"),
-                ChatMessage::new(Role::User, "the question"),
-            ]
-        );
-    }
 
     #[test]
     fn replies_relate_to_the_trigger_and_stay_in_its_thread() {

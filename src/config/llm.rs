@@ -278,13 +278,13 @@ pub(super) fn validate_provider(
             format!("{at}.base_url"),
             "is required for api: openai-completions".into(),
         ),
-        (Some(url), api) if api != ProviderApi::Echo => {
-            if url.scheme() != "http" && url.scheme() != "https" {
-                problem(
-                    format!("{at}.base_url"),
-                    "must be an http:// or https:// URL".into(),
-                );
-            }
+        (Some(url), api)
+            if api != ProviderApi::Echo && url.scheme() != "http" && url.scheme() != "https" =>
+        {
+            problem(
+                format!("{at}.base_url"),
+                "must be an http:// or https:// URL".into(),
+            );
         }
         _ => {}
     }
@@ -364,13 +364,22 @@ pub(super) fn validate_agent(
         problem(format!("{at}.queue_limit"), "must be at least 1".into());
     }
     if agent.memory.max_messages == 0 {
-        problem(format!("{at}.memory.max_messages"), "must be at least 1".into());
+        problem(
+            format!("{at}.memory.max_messages"),
+            "must be at least 1".into(),
+        );
     }
     if agent.memory.max_tokens == 0 {
-        problem(format!("{at}.memory.max_tokens"), "must be at least 1".into());
+        problem(
+            format!("{at}.memory.max_tokens"),
+            "must be at least 1".into(),
+        );
     }
     if agent.tools.max_iterations == 0 {
-        problem(format!("{at}.tools.max_iterations"), "must be at least 1".into());
+        problem(
+            format!("{at}.tools.max_iterations"),
+            "must be at least 1".into(),
+        );
     }
     for (key, names) in [("allow", &agent.tools.allow), ("deny", &agent.tools.deny)] {
         for (j, name) in names.iter().enumerate() {

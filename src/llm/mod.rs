@@ -319,9 +319,7 @@ pub fn build_providers(config: &Config) -> ProviderRegistry {
             let built: Arc<dyn Provider> = match provider.api {
                 ProviderApi::Echo => Arc::new(EchoProvider),
                 ProviderApi::OpenaiCompletions => Arc::new(OpenAiProvider::new(provider, key())),
-                ProviderApi::AnthropicMessages => {
-                    Arc::new(AnthropicProvider::new(provider, key()))
-                }
+                ProviderApi::AnthropicMessages => Arc::new(AnthropicProvider::new(provider, key())),
                 ProviderApi::Ollama => Arc::new(OllamaProvider::new(provider, key())),
             };
             (name.clone(), built)
@@ -361,7 +359,11 @@ pub fn error_message(body: &[u8], secret: Option<&str>) -> String {
 
 /// `Retry-After` as seconds or an HTTP date, capped at 60 s.
 pub fn retry_after(headers: &http::HeaderMap) -> Option<Duration> {
-    let value = headers.get(http::header::RETRY_AFTER)?.to_str().ok()?.trim();
+    let value = headers
+        .get(http::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim();
     let wait = match value.parse::<f64>() {
         Ok(secs) if secs.is_finite() && secs >= 0.0 => Duration::from_secs_f64(secs),
         Ok(_) => return None,

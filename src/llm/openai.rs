@@ -130,4 +130,3 @@ fn parse_answer(body: &[u8]) -> Result<String, LlmError> {
     }
     Ok(content)
 }
-

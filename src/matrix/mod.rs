@@ -363,19 +363,41 @@ impl MatrixClient {
         self.send(request, Some(user)).await.map(|_| ())
     }
 
-    /// The users joined to `room_id`, asked as `user` (who must be in the room).
+    /// The users joined to `room_id` with their display names, asked as `user` (who must
+    /// be in the room).
     pub async fn joined_members(
         &self,
         user: &UserId,
         room_id: &RoomId,
-    ) -> Result<Vec<OwnedUserId>, MatrixError> {
+    ) -> Result<Vec<(OwnedUserId, Option<String>)>, MatrixError> {
         let request = membership::joined_members::v3::Request::new(room_id.to_owned());
         Ok(self
             .send(request, Some(user))
             .await?
             .joined
-            .into_keys()
+            .into_iter()
+            .map(|(id, member)| (id, member.display_name))
             .collect())
+    }
+
+    /// Downloads `mxc` over authenticated media (`GET /_matrix/client/v1/media/download`)
+    /// as `user`: the bytes and their content type.
+    pub async fn download_media(
+        &self,
+        user: &UserId,
+        mxc: &ruma::MxcUri,
+    ) -> Result<(Vec<u8>, Option<String>), MatrixError> {
+        let (server, media_id) = mxc.parts().map_err(|e| MatrixError::Permanent {
+            status: 0,
+            errcode: "M_INVALID_PARAM".into(),
+            message: format!("{mxc} is not a valid mxc:// URI: {e}"),
+        })?;
+        let request = ruma::api::client::authenticated_media::get_content::v1::Request::new(
+            media_id.to_owned(),
+            server.to_owned(),
+        );
+        let response = self.send(request, Some(user)).await?;
+        Ok((response.file, response.content_type))
     }
 
     /// The sender of event `event_id` in `room_id`, read as `user` (who must be able to

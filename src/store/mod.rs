@@ -57,6 +57,25 @@ pub struct HistoryEntry {
     pub routed_to: Vec<String>,
 }
 
+/// One line of an agent's conversation memory (a session: agent + room + thread).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionEntry {
+    /// `user` or `assistant`.
+    pub role: SessionRole,
+    /// What was said; in group rooms a person's line is prefixed with their name.
+    pub content: String,
+    /// Unix milliseconds.
+    pub ts: u64,
+}
+
+/// Who said a [`SessionEntry`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SessionRole {
+    User,
+    Assistant,
+}
+
 /// The characters of a pairing code: no 0/O/1/I lookalikes.
 pub const PAIRING_CODE_ALPHABET: &str = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789";
 
@@ -144,6 +163,21 @@ pub trait Store: Send + Sync {
     /// many records were removed. Homeservers redeliver within minutes, not days.
     fn prune_dedupe_records(&self, age: std::time::Duration) -> Result<usize, StoreError>;
 
+    /// Appends lines to a session's memory, then forgets its oldest lines beyond `keep`.
+    /// `session` is an opaque key (agent, room and thread joined by the caller).
+    fn append_session(
+        &self,
+        session: &str,
+        entries: &[SessionEntry],
+        keep: usize,
+    ) -> Result<(), StoreError>;
+
+    /// A session's memory, oldest first (at most the `keep` of the last append).
+    fn session(&self, session: &str) -> Result<Vec<SessionEntry>, StoreError>;
+
+    /// Forgets a session's memory; returns how many lines went.
+    fn clear_session(&self, session: &str) -> Result<usize, StoreError>;
+
     /// Appends a line to a room's history.
     fn append_history(&self, room_id: &RoomId, entry: &HistoryEntry) -> Result<(), StoreError>;
 
@@ -198,7 +232,7 @@ pub trait Store: Send + Sync {
 #[macro_export]
 macro_rules! store_conformance_tests {
     ($fresh:expr, $reopen:expr) => {
-        use $crate::store::{HistoryEntry, IncomingEvent, JournalOutcome, PairedSender, Store};
+        use $crate::store::{HistoryEntry, IncomingEvent, JournalOutcome, PairedSender, SessionEntry, SessionRole, Store};
 
         fn event(n: u32, room: &str) -> IncomingEvent {
             IncomingEvent {
@@ -344,6 +378,41 @@ macro_rules! store_conformance_tests {
         const PAIRING_TTL: std::time::Duration = std::time::Duration::from_secs(3600);
         const PAIRING_TTL_MS: u64 = 3_600_000;
         const T0: u64 = 1_700_000_000_000;
+
+        fn line(role: SessionRole, content: &str) -> SessionEntry {
+            SessionEntry { role, content: content.into(), ts: 1 }
+        }
+
+        #[test]
+        fn sessions_are_separate_bounded_and_oldest_first() {
+            let (store, _guard) = $fresh;
+            for i in 0..5 {
+                store
+                    .append_session("damon\u{1f}!a", &[line(SessionRole::User, &format!("q{i}")), line(SessionRole::Assistant, &format!("a{i}"))], 4)
+                    .unwrap();
+            }
+            store.append_session("damon\u{1f}!a\u{1f}$t", &[line(SessionRole::User, "in thread")], 4).unwrap();
+            let contents: Vec<String> = store.session("damon\u{1f}!a").unwrap().into_iter().map(|e| e.content).collect();
+            assert_eq!(contents, ["q3", "a3", "q4", "a4"]);
+            assert_eq!(store.session("damon\u{1f}!a\u{1f}$t").unwrap().len(), 1);
+            assert!(store.session("coder\u{1f}!a").unwrap().is_empty());
+        }
+
+        #[test]
+        fn clearing_a_session_leaves_the_others_and_survives_reopening() {
+            let (store, guard) = $fresh;
+            {
+                store.append_session("damon\u{1f}!a", &[line(SessionRole::User, "one"), line(SessionRole::Assistant, "two")], 10).unwrap();
+                store.append_session("damon\u{1f}!a\u{1f}$t", &[line(SessionRole::User, "thread")], 10).unwrap();
+                store.append_session("coder\u{1f}!a", &[line(SessionRole::User, "other")], 10).unwrap();
+                assert_eq!(store.clear_session("damon\u{1f}!a").unwrap(), 2);
+                assert_eq!(store.clear_session("damon\u{1f}!a").unwrap(), 0);
+            }
+            let store = $reopen(store, &guard);
+            assert!(store.session("damon\u{1f}!a").unwrap().is_empty());
+            assert_eq!(store.session("damon\u{1f}!a\u{1f}$t").unwrap()[0].content, "thread");
+            assert_eq!(store.session("coder\u{1f}!a").unwrap()[0].content, "other");
+        }
 
         fn assert_pairing_code(code: &str) {
             assert_eq!(code.chars().count(), 8, "code {code:?} must have 8 characters");

@@ -3,7 +3,8 @@
 //! Trees: `txns` (txnId → unix ms), `journal` (seq, big-endian → [`JournaledEvent`] JSON),
 //! `processed` (event_id → unix ms), `history` (room_id ‖ 0xFF ‖ seq → [`HistoryEntry`] JSON),
 //! `pairing_requests` (channel ‖ 0xFF ‖ sender → [`PairingRequest`] JSON) and `paired`
-//! (channel ‖ 0xFF ‖ sender → [`PairedSender`] JSON).
+//! (channel ‖ 0xFF ‖ sender → [`PairedSender`] JSON), `sessions` (session ‖ 0xFF ‖ seq →
+//! [`SessionEntry`] JSON).
 //! 0xFF never occurs in UTF-8, so a room's history is one contiguous prefix and a
 //! (channel, sender) key is unambiguous.
 //!
@@ -20,7 +21,7 @@ use ruma::{EventId, RoomId};
 
 use super::{
     HistoryEntry, IncomingEvent, JournalOutcome, JournaledEvent, PairedSender, PairingRequest,
-    Store, StoreError, normalize_pairing_code, random_pairing_code,
+    SessionEntry, Store, StoreError, normalize_pairing_code, random_pairing_code,
 };
 
 /// sled-backed [`Store`]; one directory on disk.
@@ -32,6 +33,7 @@ pub struct SledStore {
     history: Tree,
     pairing_requests: Tree,
     paired: Tree,
+    sessions: Tree,
 }
 
 impl SledStore {
@@ -54,6 +56,7 @@ impl SledStore {
             history: tree("history")?,
             pairing_requests: tree("pairing_requests")?,
             paired: tree("paired")?,
+            sessions: tree("sessions")?,
             db,
         })
     }
@@ -87,6 +90,14 @@ fn history_key(room_id: &RoomId, seq: u64) -> Vec<u8> {
     key.extend_from_slice(room_id.as_bytes());
     key.push(0xFF);
     key.extend_from_slice(&seq.to_be_bytes());
+    key
+}
+
+/// session ‖ 0xFF: the prefix of one session's lines.
+fn session_prefix(session: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(session.len() + 9);
+    key.extend_from_slice(session.as_bytes());
+    key.push(0xFF);
     key
 }
 
@@ -205,6 +216,73 @@ impl Store for SledStore {
                 }
             }
         }
+        self.flush()?;
+        Ok(removed)
+    }
+
+    fn append_session(
+        &self,
+        session: &str,
+        entries: &[SessionEntry],
+        keep: usize,
+    ) -> Result<(), StoreError> {
+        let prefix = session_prefix(session);
+        let mut batch = ::sled::Batch::default();
+        for entry in entries {
+            let seq = self
+                .db
+                .generate_id()
+                .map_err(|e| StoreError(format!("cannot allocate sequence: {e}")))?;
+            let mut key = prefix.clone();
+            key.extend_from_slice(&seq.to_be_bytes());
+            let bytes = serde_json::to_vec(entry)
+                .map_err(|e| StoreError(format!("cannot encode session line: {e}")))?;
+            batch.insert(key, bytes);
+        }
+        self.sessions
+            .apply_batch(batch)
+            .map_err(|e| StoreError(format!("cannot append to session: {e}")))?;
+        // Forget the oldest lines beyond `keep`.
+        let keys: Vec<::sled::IVec> = self
+            .sessions
+            .scan_prefix(&prefix)
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(|e| StoreError(format!("cannot read session: {e}")))?;
+        if keys.len() > keep {
+            let mut batch = ::sled::Batch::default();
+            for key in &keys[..keys.len() - keep] {
+                batch.remove(key);
+            }
+            self.sessions
+                .apply_batch(batch)
+                .map_err(|e| StoreError(format!("cannot trim session: {e}")))?;
+        }
+        Ok(())
+    }
+
+    fn session(&self, session: &str) -> Result<Vec<SessionEntry>, StoreError> {
+        self.sessions
+            .scan_prefix(session_prefix(session))
+            .values()
+            .map(|value| {
+                let value = value.map_err(|e| StoreError(format!("cannot read session: {e}")))?;
+                serde_json::from_slice(&value)
+                    .map_err(|e| StoreError(format!("corrupt session line: {e}")))
+            })
+            .collect()
+    }
+
+    fn clear_session(&self, session: &str) -> Result<usize, StoreError> {
+        let mut batch = ::sled::Batch::default();
+        let mut removed = 0;
+        for key in self.sessions.scan_prefix(session_prefix(session)).keys() {
+            batch.remove(key.map_err(|e| StoreError(format!("cannot read session: {e}")))?);
+            removed += 1;
+        }
+        self.sessions
+            .apply_batch(batch)
+            .map_err(|e| StoreError(format!("cannot clear session: {e}")))?;
         self.flush()?;
         Ok(removed)
     }

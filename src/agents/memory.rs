@@ -1,0 +1,167 @@
+//! Conversation memory: which session a message belongs to, how many tokens text costs
+//! (approximately, CJK-aware), and which stored lines fit a turn's budget.
+
+use ruma::{EventId, RoomId};
+
+use crate::config::{MemoryConfig, ModelConfig};
+use crate::llm::{ChatMessage, Role};
+use crate::store::{SessionEntry, SessionRole};
+
+/// Separates the parts of a session key; never occurs in IDs.
+const SEP: char = '\u{1f}';
+
+/// The store key of agent `agent`'s session in `room` (and `thread`, when in one).
+pub fn session_key(agent: &str, room: &RoomId, thread: Option<&EventId>) -> String {
+    match thread {
+        Some(root) => format!("{agent}{SEP}{room}{SEP}{root}"),
+        None => format!("{agent}{SEP}{room}"),
+    }
+}
+
+/// Roughly how many tokens `text` costs: a CJK character is about one token, other text
+/// about four characters per token. Tokenizers differ; this errs on the generous side for
+/// Chinese and Japanese, which a plain `chars / 4` undercounts about fourfold.
+pub fn estimate_tokens(text: &str) -> usize {
+    let (mut cjk, mut other) = (0usize, 0usize);
+    for c in text.chars() {
+        if is_cjk(c) {
+            cjk += 1;
+        } else {
+            other += 1;
+        }
+    }
+    cjk + other.div_ceil(4)
+}
+
+/// Per-message overhead of chat formats (role markers, separators).
+const MESSAGE_OVERHEAD: usize = 4;
+
+/// The cost of one message in a prompt.
+pub fn message_tokens(message: &ChatMessage) -> usize {
+    MESSAGE_OVERHEAD
+        + estimate_tokens(&message.content)
+        // Vision models bill an image at a few hundred to a thousand tokens.
+        + message.images.len() * 1000
+}
+
+fn is_cjk(c: char) -> bool {
+    matches!(c as u32,
+        0x1100..=0x11FF      // Hangul Jamo
+        | 0x2E80..=0x2FDF    // CJK radicals
+        | 0x3000..=0x30FF    // CJK punctuation, Hiragana, Katakana
+        | 0x3100..=0x31FF    // Bopomofo, Hangul compatibility, Katakana ext.
+        | 0x3400..=0x4DBF    // CJK ext. A
+        | 0x4E00..=0x9FFF    // CJK unified ideographs
+        | 0xAC00..=0xD7AF    // Hangul syllables
+        | 0xF900..=0xFAFF    // CJK compatibility ideographs
+        | 0xFF00..=0xFFEF    // full-width forms
+        | 0x20000..=0x3134F) // CJK ext. B–G
+}
+
+/// Tokens of history a turn may carry: the agent's `memory.max_tokens`, and never more
+/// than the model's context window leaves after its answer and the `fixed` part of the
+/// prompt (system prompt, this turn's message).
+pub fn history_budget(memory: &MemoryConfig, model: &ModelConfig, fixed: usize) -> usize {
+    let window = (model.context_window as usize)
+        .saturating_sub(model.max_tokens as usize)
+        .saturating_sub(fixed);
+    memory.max_tokens.min(window)
+}
+
+/// The newest lines of `history` that fit `budget`, as chat messages, oldest first. The
+/// kept part never starts with an answer whose question was cut off.
+pub fn fit_history(history: &[SessionEntry], budget: usize) -> Vec<ChatMessage> {
+    let mut spent = 0;
+    let mut start = history.len();
+    for (i, entry) in history.iter().enumerate().rev() {
+        let cost = MESSAGE_OVERHEAD + estimate_tokens(&entry.content);
+        if spent + cost > budget {
+            break;
+        }
+        spent += cost;
+        start = i;
+    }
+    history[start..]
+        .iter()
+        .skip_while(|e| e.role == SessionRole::Assistant)
+        .map(|e| {
+            let role = match e.role {
+                SessionRole::User => Role::User,
+                SessionRole::Assistant => Role::Assistant,
+            };
+            ChatMessage::new(role, e.content.clone())
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use ruma::{owned_event_id, owned_room_id};
+
+    use super::*;
+
+    fn entry(role: SessionRole, content: &str) -> SessionEntry {
+        SessionEntry {
+            role,
+            content: content.into(),
+            ts: 0,
+        }
+    }
+
+    #[test]
+    fn sessions_are_per_agent_room_and_thread() {
+        let (room, root) = (owned_room_id!("!r"), owned_event_id!("$root"));
+        let main = session_key("damon", &room, None);
+        let thread = session_key("damon", &room, Some(&root));
+        assert_ne!(main, thread);
+        assert_ne!(main, session_key("coder", &room, None));
+        assert!(!thread.starts_with(&format!("{main}\u{ff}")));
+    }
+
+    #[test]
+    fn chinese_costs_about_a_token_per_character_and_english_a_quarter() {
+        assert_eq!(estimate_tokens("帮我看看这段代码"), 8);
+        assert_eq!(estimate_tokens("hello world!"), 3);
+        assert_eq!(estimate_tokens("用 Rust 写"), 2 + 2);
+        assert_eq!(estimate_tokens("こんにちは"), 5);
+        assert_eq!(estimate_tokens(""), 0);
+    }
+
+    #[test]
+    fn the_budget_is_the_smaller_of_memory_and_what_the_window_leaves() {
+        let memory = MemoryConfig {
+            max_messages: 40,
+            max_tokens: 4000,
+        };
+        let mut model = ModelConfig::unlisted("m");
+        model.context_window = 2048;
+        model.max_tokens = 256;
+        assert_eq!(history_budget(&memory, &model, 100), 2048 - 256 - 100);
+        model.context_window = 128_000;
+        assert_eq!(history_budget(&memory, &model, 100), 4000);
+        model.context_window = 300;
+        assert_eq!(history_budget(&memory, &model, 100), 0);
+    }
+
+    #[test]
+    fn history_keeps_the_newest_lines_that_fit_and_starts_with_a_question() {
+        let history = vec![
+            entry(SessionRole::User, "一二三四五六七八九十"),
+            entry(SessionRole::Assistant, "ok"),
+            entry(SessionRole::User, "second question"),
+            entry(SessionRole::Assistant, "second answer"),
+        ];
+        // Everything fits.
+        assert_eq!(fit_history(&history, 1000).len(), 4);
+        // The Chinese line (10 + 4) does not fit; "ok" would lead, so it goes too.
+        let kept = fit_history(&history, 20);
+        assert_eq!(
+            kept,
+            vec![
+                ChatMessage::new(Role::User, "second question"),
+                ChatMessage::new(Role::Assistant, "second answer"),
+            ]
+        );
+        assert!(fit_history(&history, 0).is_empty());
+    }
+}

@@ -1,0 +1,201 @@
+//! An answer as it streams into a room: the first text posts a message, later text edits
+//! it (`m.replace`) at most about once a second, the last edit carries the whole answer.
+//! An answer too long for one event continues in further messages, split between
+//! paragraphs (see [`super::format::split_answer`]).
+
+use std::time::{Duration, Instant};
+
+use ruma::{EventId, OwnedEventId, RoomId, UserId};
+use serde_json::{Value, json};
+
+use super::format::{MAX_PART_BYTES, markdown_to_html, split_answer};
+use crate::matrix::{MatrixClient, MatrixError};
+
+/// The least time between two edits of a streaming answer (Synapse rate-limits senders,
+/// and clients re-render every edit).
+pub const EDIT_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Where an answer goes and what it answers.
+#[derive(Debug, Clone)]
+pub struct Destination<'a> {
+    pub agent_id: &'a str,
+    pub agent_user: &'a UserId,
+    pub room_id: &'a RoomId,
+    /// The message answered (the last one, for a collected turn).
+    pub reply_to: &'a EventId,
+    pub thread_root: Option<&'a EventId>,
+    /// People to mention in the first part.
+    pub mention: Vec<String>,
+    pub hops: u32,
+}
+
+/// One message of the answer as it was last sent.
+#[derive(Debug, Clone)]
+pub struct SentPart {
+    pub event_id: OwnedEventId,
+    pub text: String,
+}
+
+/// Streams one answer into the room.
+pub struct AnswerWriter<'a> {
+    matrix: &'a MatrixClient,
+    to: Destination<'a>,
+    text: String,
+    parts: Vec<SentPart>,
+    last_send: Option<Instant>,
+    edits: u32,
+    interval: Duration,
+}
+
+impl<'a> AnswerWriter<'a> {
+    pub fn new(matrix: &'a MatrixClient, to: Destination<'a>) -> Self {
+        Self {
+            matrix,
+            to,
+            text: String::new(),
+            parts: Vec::new(),
+            last_send: None,
+            edits: 0,
+            interval: EDIT_INTERVAL,
+        }
+    }
+
+    /// The answer so far.
+    pub fn text(&self) -> &str {
+        &self.text
+    }
+
+    /// How many edits were sent.
+    pub fn edits(&self) -> u32 {
+        self.edits
+    }
+
+    /// Appends streamed text; posts or edits when the first text arrives or the last send
+    /// is older than the edit interval.
+    pub async fn push(&mut self, delta: &str) -> Result<(), MatrixError> {
+        self.text.push_str(delta);
+        let due = self
+            .last_send
+            .is_none_or(|at| at.elapsed() >= self.interval);
+        if due && !self.text.trim().is_empty() {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// Separates what comes next (after a tool round) from what was said.
+    pub fn paragraph_break(&mut self) {
+        if !self.text.trim().is_empty() && !self.text.ends_with("\n\n") {
+            self.text.push_str("\n\n");
+        }
+    }
+
+    /// Sends the whole answer (the final edit) and returns every message it is in.
+    pub async fn finish(mut self) -> Result<Vec<SentPart>, MatrixError> {
+        self.text = self.text.trim_end().to_owned();
+        if !self.text.is_empty() {
+            self.flush().await?;
+        }
+        Ok(self.parts)
+    }
+
+    /// Brings the room up to date with `self.text`.
+    async fn flush(&mut self) -> Result<(), MatrixError> {
+        let wanted = split_answer(self.text.trim_end(), MAX_PART_BYTES);
+        for (i, part) in wanted.iter().enumerate() {
+            match self.parts.get(i) {
+                Some(sent) if sent.text == *part => {}
+                Some(sent) => {
+                    let event_id = sent.event_id.clone();
+                    self.edits += 1;
+                    let txn = super::derived_txn_id(
+                        self.to.reply_to,
+                        self.to.agent_id,
+                        &format!("part{i}-edit{}", self.edits),
+                    );
+                    let content = self.edit_content(&event_id, part, i);
+                    self.matrix
+                        .send_message(self.to.agent_user, self.to.room_id, &txn, &content)
+                        .await?;
+                    self.parts[i].text = part.clone();
+                }
+                None => {
+                    let txn = super::derived_txn_id(
+                        self.to.reply_to,
+                        self.to.agent_id,
+                        &format!("part{i}"),
+                    );
+                    let content = self.new_content(part, i);
+                    let event_id = self
+                        .matrix
+                        .send_message(self.to.agent_user, self.to.room_id, &txn, &content)
+                        .await?;
+                    self.parts.push(SentPart {
+                        event_id,
+                        text: part.clone(),
+                    });
+                }
+            }
+        }
+        self.last_send = Some(Instant::now());
+        Ok(())
+    }
+
+    /// The message content of part `index` with `text`, without relations.
+    fn body(&self, text: &str, index: usize) -> Value {
+        let mut content = json!({ "msgtype": "m.text", "body": text });
+        if let Some(html) = markdown_to_html(text) {
+            content["format"] = json!("org.matrix.custom.html");
+            content["formatted_body"] = json!(html);
+        }
+        content["m.mentions"] = if index == 0 {
+            json!({ "user_ids": self.to.mention })
+        } else {
+            json!({})
+        };
+        content
+    }
+
+    /// A new message: the first part replies to the trigger (in its thread when it was in
+    /// one); later parts follow in the same thread or timeline.
+    fn new_content(&self, text: &str, index: usize) -> Value {
+        let mut content = self.body(text, index);
+        let relates_to = match (self.to.thread_root, index) {
+            (Some(root), 0) => json!({
+                "rel_type": "m.thread", "event_id": root, "is_falling_back": false,
+                "m.in_reply_to": { "event_id": self.to.reply_to },
+            }),
+            (Some(root), _) => json!({
+                "rel_type": "m.thread", "event_id": root, "is_falling_back": true,
+                "m.in_reply_to": { "event_id": self.parts.last().map(|p| &p.event_id) },
+            }),
+            (None, 0) => json!({ "m.in_reply_to": { "event_id": self.to.reply_to } }),
+            (None, _) => Value::Null,
+        };
+        if !relates_to.is_null() {
+            content["m.relates_to"] = relates_to;
+        }
+        content[crate::inbox::HOPS_KEY] = json!(self.to.hops);
+        content
+    }
+
+    /// An edit replacing `event_id`'s content with `text` (spec: event replacements). The
+    /// fallback body is `* text`; mentions live in `m.new_content` so nobody is pinged
+    /// again.
+    fn edit_content(&self, event_id: &EventId, text: &str, index: usize) -> Value {
+        let new_content = self.body(text, index);
+        let mut content = json!({
+            "msgtype": "m.text",
+            "body": format!("* {text}"),
+            "m.new_content": new_content,
+            "m.relates_to": { "rel_type": "m.replace", "event_id": event_id },
+            "m.mentions": {},
+        });
+        if let Some(html) = new_content.get("formatted_body").and_then(Value::as_str) {
+            content["format"] = json!("org.matrix.custom.html");
+            content["formatted_body"] = json!(format!("* {html}"));
+        }
+        content[crate::inbox::HOPS_KEY] = json!(self.to.hops);
+        content
+    }
+}
