@@ -11,6 +11,10 @@ use serde_json::{Value, json};
 use super::format::{MAX_PART_BYTES, markdown_to_html, split_answer};
 use crate::matrix::{MatrixClient, MatrixError};
 
+/// Content key marking a message whose text is still streaming; the final edit drops it,
+/// so bridges and bots can wait for the whole answer.
+pub const STREAMING_KEY: &str = "io.agentbus.streaming";
+
 /// The least time between two edits of a streaming answer (Synapse rate-limits senders,
 /// and clients re-render every edit).
 pub const EDIT_INTERVAL: Duration = Duration::from_secs(1);
@@ -34,6 +38,8 @@ pub struct Destination<'a> {
 pub struct SentPart {
     pub event_id: OwnedEventId,
     pub text: String,
+    /// Whether it was last sent marked as still streaming.
+    streaming: bool,
 }
 
 /// Streams one answer into the room.
@@ -78,7 +84,7 @@ impl<'a> AnswerWriter<'a> {
             .last_send
             .is_none_or(|at| at.elapsed() >= self.interval);
         if due && !self.text.trim().is_empty() {
-            self.flush().await?;
+            self.flush(false).await?;
         }
         Ok(())
     }
@@ -94,17 +100,20 @@ impl<'a> AnswerWriter<'a> {
     pub async fn finish(mut self) -> Result<Vec<SentPart>, MatrixError> {
         self.text = self.text.trim_end().to_owned();
         if !self.text.is_empty() {
-            self.flush().await?;
+            self.flush(true).await?;
         }
         Ok(self.parts)
     }
 
-    /// Brings the room up to date with `self.text`.
-    async fn flush(&mut self) -> Result<(), MatrixError> {
+    /// Brings the room up to date with `self.text`; `done` sends it as final.
+    async fn flush(&mut self, done: bool) -> Result<(), MatrixError> {
         let wanted = split_answer(self.text.trim_end(), MAX_PART_BYTES);
+        let last = wanted.len() - 1;
         for (i, part) in wanted.iter().enumerate() {
+            // Only the last part can still grow.
+            let streaming = !done && i == last;
             match self.parts.get(i) {
-                Some(sent) if sent.text == *part => {}
+                Some(sent) if sent.text == *part && sent.streaming == streaming => {}
                 Some(sent) => {
                     let event_id = sent.event_id.clone();
                     self.edits += 1;
@@ -113,11 +122,12 @@ impl<'a> AnswerWriter<'a> {
                         self.to.agent_id,
                         &format!("part{i}-edit{}", self.edits),
                     );
-                    let content = self.edit_content(&event_id, part, i);
+                    let content = self.edit_content(&event_id, part, i, streaming);
                     self.matrix
                         .send_message(self.to.agent_user, self.to.room_id, &txn, &content)
                         .await?;
                     self.parts[i].text = part.clone();
+                    self.parts[i].streaming = streaming;
                 }
                 None => {
                     let txn = super::derived_txn_id(
@@ -125,7 +135,7 @@ impl<'a> AnswerWriter<'a> {
                         self.to.agent_id,
                         &format!("part{i}"),
                     );
-                    let content = self.new_content(part, i);
+                    let content = self.new_content(part, i, streaming);
                     let event_id = self
                         .matrix
                         .send_message(self.to.agent_user, self.to.room_id, &txn, &content)
@@ -133,6 +143,7 @@ impl<'a> AnswerWriter<'a> {
                     self.parts.push(SentPart {
                         event_id,
                         text: part.clone(),
+                        streaming,
                     });
                 }
             }
@@ -142,8 +153,11 @@ impl<'a> AnswerWriter<'a> {
     }
 
     /// The message content of part `index` with `text`, without relations.
-    fn body(&self, text: &str, index: usize) -> Value {
+    fn body(&self, text: &str, index: usize, streaming: bool) -> Value {
         let mut content = json!({ "msgtype": "m.text", "body": text });
+        if streaming {
+            content[STREAMING_KEY] = json!(true);
+        }
         if let Some(html) = markdown_to_html(text) {
             content["format"] = json!("org.matrix.custom.html");
             content["formatted_body"] = json!(html);
@@ -158,8 +172,8 @@ impl<'a> AnswerWriter<'a> {
 
     /// A new message: the first part replies to the trigger (in its thread when it was in
     /// one); later parts follow in the same thread or timeline.
-    fn new_content(&self, text: &str, index: usize) -> Value {
-        let mut content = self.body(text, index);
+    fn new_content(&self, text: &str, index: usize, streaming: bool) -> Value {
+        let mut content = self.body(text, index, streaming);
         let relates_to = match (self.to.thread_root, index) {
             (Some(root), 0) => json!({
                 "rel_type": "m.thread", "event_id": root, "is_falling_back": false,
@@ -182,8 +196,8 @@ impl<'a> AnswerWriter<'a> {
     /// An edit replacing `event_id`'s content with `text` (spec: event replacements). The
     /// fallback body is `* text`; mentions live in `m.new_content` so nobody is pinged
     /// again.
-    fn edit_content(&self, event_id: &EventId, text: &str, index: usize) -> Value {
-        let new_content = self.body(text, index);
+    fn edit_content(&self, event_id: &EventId, text: &str, index: usize, streaming: bool) -> Value {
+        let new_content = self.body(text, index, streaming);
         let mut content = json!({
             "msgtype": "m.text",
             "body": format!("* {text}"),
