@@ -17,8 +17,10 @@ use axum::Json;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::post;
+use futures::StreamExt;
 use matrix_sdk::Client;
 use matrix_sdk::config::SyncSettings;
+use matrix_sdk::event_handler::RawEvent;
 use matrix_sdk::ruma::api::client::room::create_room::v3::{
     Request as CreateRoomRequest, RoomPreset,
 };
@@ -217,10 +219,9 @@ pub struct Agentbus {
 }
 
 impl Agentbus {
-    /// A directory holding `agentbus.yaml` with every agent on an OpenAI-compatible
-    /// provider at `llm_url` (model `<agent>-model`).
-    /// Writes the standard test config: three agents on the model stub, the two keyword
-    /// rules of the README, DMs open to everyone on the test server.
+    /// Writes the standard test config: three agents on the OpenAI-compatible model stub at
+    /// `llm_url` (model `<agent>-model`; damon's reads images), one retry per model, the
+    /// two keyword rules of the README, DMs open to everyone on the test server.
     pub fn write_config(llm_url: &str) -> tempfile::TempDir {
         Self::write_config_with(llm_url, OPEN_DMS)
     }
@@ -236,7 +237,12 @@ appservice: {{ id: agentbus-e2e, bind: "127.0.0.1:{}", as_token: {AS_TOKEN}, hs_
 admin: {{ token: {ADMIN_TOKEN} }}
 store: {{ path: data }}
 providers:
-  stub: {{ api: openai-completions, base_url: "{llm_url}", timeout: 30s }}
+  stub:
+    api: openai-completions
+    base_url: "{llm_url}"
+    timeout: 30s
+    models: [{{ id: damon-model, input: [text, image] }}]
+llm: {{ retries: 1 }}
 agents:
   - {{ id: damon, display_name: Damon, aliases: ["戴蒙"], provider: stub, model: damon-model, system_prompt: "You are Damon." }}
   - {{ id: coder, display_name: Coder, provider: stub, model: coder-model }}
@@ -369,8 +375,13 @@ impl Drop for Agentbus {
 /// How the model stub behaves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LlmMode {
-    /// Answer `[<model>] <last user message>`.
+    /// Stream `[<model>] <last user message>` a word per chunk.
     Answer,
+    /// Like `Answer`, one word every 400 ms (so the answer arrives as several edits).
+    Slow,
+    /// Offered tools and asked by a person: call `search_room_history` with the person's
+    /// text; given a tool result: answer `[<model>] tool said: <result>`.
+    Tools,
     /// Answer HTTP 500 with an OpenAI-style error body.
     Fail,
     /// Never answer (until the mode changes).
@@ -378,13 +389,69 @@ pub enum LlmMode {
 }
 
 /// A wire-level OpenAI Chat Completions stub
-/// ([API reference](https://platform.openai.com/docs/api-reference/chat/create)).
+/// ([API reference](https://platform.openai.com/docs/api-reference/chat/create), streaming
+/// as [server-sent events](https://platform.openai.com/docs/api-reference/chat-streaming)
+/// of `chat.completion.chunk` objects ending with `data: [DONE]`).
 #[derive(Clone)]
 pub struct LlmStub {
     pub url: String,
     mode: Arc<Mutex<LlmMode>>,
     changed: Arc<Notify>,
     requests: Arc<Mutex<Vec<Value>>>,
+}
+
+/// The text of a Chat Completions message's `content` (a string, or text parts).
+pub fn content_text(message: &Value) -> String {
+    match &message["content"] {
+        Value::String(text) => text.clone(),
+        Value::Array(parts) => parts
+            .iter()
+            .filter_map(|p| p["text"].as_str())
+            .collect::<Vec<_>>()
+            .join(""),
+        _ => String::new(),
+    }
+}
+
+/// One `chat.completion.chunk` SSE line.
+fn chunk(model: &str, delta: Value, finish: Option<&str>) -> String {
+    let chunk = json!({
+        "id": "chatcmpl-stub", "object": "chat.completion.chunk", "model": model,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+    });
+    format!("data: {chunk}\n\n")
+}
+
+/// The SSE body streaming `text` (word by word, `pause` apart), then finish, usage and
+/// `[DONE]`.
+fn sse_text(model: &str, text: &str, pause: Duration) -> axum::response::Response {
+    let mut lines = vec![chunk(
+        model,
+        json!({"role": "assistant", "content": ""}),
+        None,
+    )];
+    lines.extend(
+        text.split_inclusive(' ')
+            .map(|word| chunk(model, json!({"content": word}), None)),
+    );
+    lines.push(chunk(model, json!({}), Some("stop")));
+    lines.push(format!(
+        "data: {}\n\ndata: [DONE]\n\n",
+        json!({"id": "chatcmpl-stub", "object": "chat.completion.chunk", "choices": [],
+               "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}})
+    ));
+    sse(lines, pause)
+}
+
+fn sse(lines: Vec<String>, pause: Duration) -> axum::response::Response {
+    let stream = futures::stream::iter(lines).then(move |line| async move {
+        tokio::time::sleep(pause).await;
+        Ok::<_, std::convert::Infallible>(line)
+    });
+    axum::response::Response::builder()
+        .header("content-type", "text/event-stream")
+        .body(axum::body::Body::from_stream(stream))
+        .unwrap()
 }
 
 impl LlmStub {
@@ -410,6 +477,10 @@ impl LlmStub {
 
     async fn respond(&self, request: Value) -> axum::response::Response {
         self.requests.lock().unwrap().push(request.clone());
+        let model = request["model"].as_str().unwrap_or("?").to_owned();
+        let messages = request["messages"].as_array().cloned().unwrap_or_default();
+        let last = messages.last().cloned().unwrap_or(Value::Null);
+        let answer = format!("[{model}] {}", content_text(&last));
         loop {
             let changed = self.changed.notified();
             let mode = *self.mode.lock().unwrap();
@@ -419,19 +490,25 @@ impl LlmStub {
                     let body = json!({"error": {"message": "the stub model is down", "type": "server_error"}});
                     return (StatusCode::INTERNAL_SERVER_ERROR, Json(body)).into_response();
                 }
-                LlmMode::Answer => {
-                    let model = request["model"].as_str().unwrap_or("?");
-                    let last = request["messages"]
-                        .as_array()
-                        .and_then(|m| m.last())
-                        .and_then(|m| m["content"].as_str())
-                        .unwrap_or("");
-                    let body = json!({
-                        "id": "chatcmpl-stub", "object": "chat.completion", "model": model,
-                        "choices": [{"index": 0, "finish_reason": "stop",
-                                     "message": {"role": "assistant", "content": format!("[{model}] {last}")}}],
-                    });
-                    return Json(body).into_response();
+                LlmMode::Answer => return sse_text(&model, &answer, Duration::ZERO),
+                LlmMode::Slow => return sse_text(&model, &answer, Duration::from_millis(400)),
+                LlmMode::Tools if last["role"] == "tool" => {
+                    let text = format!("[{model}] tool said: {}", content_text(&last));
+                    return sse_text(&model, &text, Duration::ZERO);
+                }
+                LlmMode::Tools => {
+                    let query = content_text(&last);
+                    let arguments = json!({"query": query}).to_string();
+                    let (head, rest) = arguments.split_at(arguments.len() / 2);
+                    let call = |delta: Value| chunk(&model, json!({"tool_calls": [delta]}), None);
+                    let lines = vec![
+                        call(json!({"index": 0, "id": "call_stub", "type": "function",
+                                    "function": {"name": "search_room_history", "arguments": head}})),
+                        call(json!({"index": 0, "function": {"arguments": rest}})),
+                        chunk(&model, json!({}), Some("tool_calls")),
+                        "data: [DONE]\n\n".to_owned(),
+                    ];
+                    return sse(lines, Duration::ZERO);
                 }
             }
         }
@@ -475,6 +552,12 @@ impl Seen {
     }
     pub fn in_reply_to(&self) -> Option<&str> {
         self.content["m.relates_to"]["m.in_reply_to"]["event_id"].as_str()
+    }
+    /// The event this one edits (`m.replace`), if it is an edit.
+    pub fn edits(&self) -> Option<&str> {
+        (self.content["m.relates_to"]["rel_type"] == "m.replace")
+            .then(|| self.content["m.relates_to"]["event_id"].as_str())
+            .flatten()
     }
 }
 
@@ -572,14 +655,16 @@ impl Human {
         let arrived = Arc::new(Notify::new());
         let (record, notify) = (seen.clone(), arrived.clone());
         client.add_event_handler(
-            move |event: OriginalSyncRoomMessageEvent, room: matrix_sdk::Room| {
+            move |event: OriginalSyncRoomMessageEvent, room: matrix_sdk::Room, raw: RawEvent| {
                 let (record, notify) = (record.clone(), notify.clone());
+                // The raw content: custom keys (hops, streaming) survive.
+                let raw: Value = serde_json::from_str(raw.0.get()).unwrap();
                 async move {
                     record.lock().unwrap().push(Seen {
                         room_id: room.room_id().to_owned(),
                         event_id: event.event_id.clone(),
                         sender: event.sender.clone(),
-                        content: serde_json::to_value(&event.content).unwrap(),
+                        content: raw["content"].clone(),
                     });
                     notify.notify_waiters();
                 }
@@ -707,15 +792,57 @@ impl Human {
             .collect()
     }
 
-    /// Waits for the reply of `agent` to `event` in `room`.
+    /// Waits for the reply of `agent` to `event` in `room`, and for its final text: a
+    /// streamed answer is posted marked `io.agentbus.streaming` and finished by an edit
+    /// without the mark. Returns the reply with the final content (its relations kept).
     pub async fn wait_reply(&self, room: &OwnedRoomId, agent: &str, event: &OwnedEventId) -> Seen {
+        let first = self.wait_first_reply(room, agent, event).await;
+        self.wait_final(&first).await
+    }
+
+    /// The first version of `agent`'s reply to `event`, as posted.
+    pub async fn wait_first_reply(
+        &self,
+        room: &OwnedRoomId,
+        agent: &str,
+        event: &OwnedEventId,
+    ) -> Seen {
         let agent = agent_id(agent);
         self.wait_for(&format!("a reply from {agent} to {event}"), |s| {
             &s.room_id == room && s.sender == agent && s.in_reply_to() == Some(event.as_str())
         })
         .await
     }
+
+    /// `message` with its final content: itself when it was not streaming, else the
+    /// content of the edit that finished it.
+    pub async fn wait_final(&self, message: &Seen) -> Seen {
+        if message.content[STREAMING].as_bool() != Some(true) {
+            return message.clone();
+        }
+        let edit = self
+            .wait_for(&format!("the final edit of {}", message.event_id), |s| {
+                s.edits() == Some(message.event_id.as_str())
+                    && s.content["m.new_content"][STREAMING].as_bool() != Some(true)
+            })
+            .await;
+        let mut last = message.clone();
+        let relations = last.content["m.relates_to"].clone();
+        last.content = edit.content["m.new_content"].clone();
+        if !relations.is_null() {
+            last.content["m.relates_to"] = relations;
+        }
+        last
+    }
+
+    /// Every edit of `event` seen so far, in order.
+    pub fn edits_of(&self, event: &OwnedEventId) -> Vec<Seen> {
+        self.seen(|s| s.edits() == Some(event.as_str()))
+    }
 }
+
+/// Content key of a message whose text is still streaming.
+pub const STREAMING: &str = "io.agentbus.streaming";
 
 /// A fresh text message by `sender` in `room` as the homeserver would deliver it in a
 /// transaction body (for tests that PUT transactions themselves): its event ID and the body.
