@@ -642,6 +642,78 @@ agents:
     }
 
     #[test]
+    fn model_mistakes_name_their_keys() {
+        let text = format!(
+            r#"{GOOD}
+llm: {{ max_concurrency: 0 }}
+"#
+        )
+        .replace(
+            r#"api_key_env: LOCAL_KEY }"#,
+            r#"api_key_env: LOCAL_KEY, max_concurrency: 0, models: [{ id: smol, input: [image], context_window: 512, max_tokens: 1024 }] }"#,
+        )
+        .replace(
+            "provider: dashscope, model: qwen-max }",
+            "provider: dashscope, model: qwen-max, fallbacks: [qwen-plus, nowhere/x], image_model: local/smol, queue_limit: 0, tools: { allow: [fetch_url, web_search], deny: [\"*time\"], max_iterations: 0 } }",
+        );
+        let err = error_of(&text);
+        for expected in [
+            "llm.max_concurrency: must be at least 1",
+            "providers.local.max_concurrency: must be at least 1",
+            "providers.local.models[0].input: must include text",
+            "providers.local.models[0].context_window: 512 leaves no room for the prompt next to max_tokens 1024",
+            "agents[1].fallbacks[0]: \"qwen-plus\" must be written provider/model",
+            "agents[1].fallbacks[1]: unknown provider \"nowhere\" in \"nowhere/x\"",
+            "agents[1].queue_limit: must be at least 1",
+            "agents[1].tools.allow[1]: \"web_search\" matches no tool; the tools are current_time, fetch_url, search_room_history",
+            "agents[1].tools.max_iterations: must be at least 1",
+        ] {
+            assert!(err.contains(expected), "missing {expected:?} in:\n{err}");
+        }
+        assert!(
+            !err.contains("tools.deny"),
+            "*time matches current_time: {err}"
+        );
+    }
+
+    #[test]
+    fn an_image_model_must_read_images_and_model_refs_split_at_the_first_slash() {
+        let text = GOOD.replace(
+            "provider: dashscope, model: qwen-max }",
+            "provider: dashscope, model: qwen-max, image_model: local/smol }",
+        );
+        assert!(
+            error_of(&text).contains("agents[1].image_model: \"local/smol\" does not read images"),
+            "{}",
+            error_of(&text)
+        );
+        let fine = text.replace(
+            r#"api_key_env: LOCAL_KEY }"#,
+            r#"api_key_env: LOCAL_KEY, models: [{ id: smol, input: [text, image] }] }"#,
+        );
+        let config = Config::parse(&fine).unwrap();
+        config.validate().unwrap();
+        assert_eq!(
+            ModelRef::parse("siliconflow/Qwen/Qwen2.5-7B-Instruct"),
+            Some(ModelRef {
+                provider: "siliconflow".into(),
+                model: "Qwen/Qwen2.5-7B-Instruct".into()
+            })
+        );
+        let chain: Vec<String> = config.agents[1]
+            .model_chain()
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(chain, ["dashscope/qwen-max"]);
+        assert_eq!(
+            config.providers["local"].model("smol").context_window,
+            8192,
+            "defaults for what the entry leaves out"
+        );
+    }
+
+    #[test]
     fn environment_overrides_secrets() {
         let mut config =
             Config::parse(&GOOD.replace("bind:", "as_token: from-file, bind:")).unwrap();
