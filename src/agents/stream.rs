@@ -213,3 +213,132 @@ impl<'a> AnswerWriter<'a> {
         content
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use axum::Json;
+    use axum::extract::Path;
+    use axum::routing::put;
+    use ruma::{owned_event_id, owned_room_id, owned_user_id};
+
+    use super::*;
+    use crate::matrix::RetryPolicy;
+
+    /// A homeserver that records every message sent and hands out event IDs.
+    async fn sink() -> (Arc<MatrixClient>, Arc<Mutex<Vec<Value>>>) {
+        let sent: Arc<Mutex<Vec<Value>>> = Arc::default();
+        let record = sent.clone();
+        let app = axum::Router::new().route(
+            "/_matrix/client/v3/rooms/{room}/send/{kind}/{txn}",
+            put(
+                move |Path((_, _, txn)): Path<(String, String, String)>,
+                      Json(content): Json<Value>| {
+                    let record = record.clone();
+                    async move {
+                        let mut sent = record.lock().unwrap();
+                        sent.push(json!({ "txn": txn, "content": content }));
+                        Json(json!({ "event_id": format!("$e{}", sent.len()) }))
+                    }
+                },
+            ),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        (MatrixClient::new(&url, "as", RetryPolicy::default()), sent)
+    }
+
+    #[tokio::test]
+    async fn first_words_post_later_words_edit_and_the_final_edit_is_whole() {
+        let (matrix, sent) = sink().await;
+        let (agent, room, question) = (
+            owned_user_id!("@damon:hs"),
+            owned_room_id!("!r"),
+            owned_event_id!("$q"),
+        );
+        let mut writer = AnswerWriter::new(
+            &matrix,
+            Destination {
+                agent_id: "damon",
+                agent_user: &agent,
+                room_id: &room,
+                reply_to: &question,
+                thread_root: None,
+                mention: vec!["@alice:hs".into()],
+                hops: 1,
+            },
+        );
+        writer.interval = Duration::from_secs(3600);
+        writer.push("Hello ").await.unwrap();
+        writer.push("**world**").await.unwrap();
+        writer.push(", again.").await.unwrap();
+        assert_eq!(sent.lock().unwrap().len(), 1, "edits wait for the interval");
+        let parts = writer.finish().await.unwrap();
+        assert_eq!(parts.len(), 1);
+        assert_eq!(parts[0].text, "Hello **world**, again.");
+
+        let sent = sent.lock().unwrap();
+        let (first, last) = (&sent[0]["content"], &sent[1]["content"]);
+        assert_eq!(first["body"], "Hello");
+        assert_eq!(first[STREAMING_KEY], true);
+        assert_eq!(first["m.relates_to"]["m.in_reply_to"]["event_id"], "$q");
+        assert_eq!(first["m.mentions"]["user_ids"], json!(["@alice:hs"]));
+        assert_eq!(first["io.agentbus.hops"], 1);
+        assert_eq!(last["m.relates_to"], json!({"rel_type": "m.replace", "event_id": "$e1"}));
+        assert_eq!(last["body"], "* Hello **world**, again.");
+        assert_eq!(last["m.mentions"], json!({}));
+        let new = &last["m.new_content"];
+        assert_eq!(new["body"], "Hello **world**, again.");
+        assert!(new.get(STREAMING_KEY).is_none(), "the final edit is not streaming");
+        assert_eq!(new["m.mentions"]["user_ids"], json!(["@alice:hs"]));
+        assert_ne!(sent[0]["txn"], sent[1]["txn"]);
+    }
+
+    #[tokio::test]
+    async fn a_long_answer_continues_in_a_second_message_in_the_thread() {
+        let (matrix, sent) = sink().await;
+        let (agent, room, question, root) = (
+            owned_user_id!("@damon:hs"),
+            owned_room_id!("!r"),
+            owned_event_id!("$q"),
+            owned_event_id!("$root"),
+        );
+        let mut writer = AnswerWriter::new(
+            &matrix,
+            Destination {
+                agent_id: "damon",
+                agent_user: &agent,
+                room_id: &room,
+                reply_to: &question,
+                thread_root: Some(&root),
+                mention: vec!["@alice:hs".into()],
+                hops: 1,
+            },
+        );
+        let paragraph = "word ".repeat(MAX_PART_BYTES / 10);
+        writer.push(&paragraph).await.unwrap();
+        writer.paragraph_break();
+        writer.push(&paragraph).await.unwrap();
+        writer.paragraph_break();
+        writer.push(&paragraph).await.unwrap();
+        let parts = writer.finish().await.unwrap();
+        assert_eq!(parts.len(), 2, "three half-size paragraphs make two messages");
+        let sent = sent.lock().unwrap();
+        let news: Vec<&Value> = sent
+            .iter()
+            .map(|s| &s["content"])
+            .filter(|c| c["m.relates_to"]["rel_type"] != "m.replace")
+            .collect();
+        assert_eq!(news.len(), 2);
+        assert_eq!(news[0]["m.relates_to"]["rel_type"], "m.thread");
+        assert_eq!(news[0]["m.relates_to"]["m.in_reply_to"]["event_id"], "$q");
+        assert_eq!(news[1]["m.relates_to"]["rel_type"], "m.thread");
+        assert_eq!(news[1]["m.relates_to"]["event_id"], "$root");
+        assert_eq!(news[1]["m.mentions"], json!({}), "only the first part pings");
+        for part in &parts {
+            assert!(part.text.len() <= MAX_PART_BYTES);
+        }
+    }
+}
