@@ -780,7 +780,7 @@ mod tests {
             .chunks
             .push((Duration::from_secs(5), text(0, "lo").into_bytes()));
         let stub = stub::serve(script).await;
-        let timeout = Duration::from_millis(300);
+        let timeout = Duration::from_millis(500);
         let mut stream = provider(&stub, timeout)
             .stream(stub::ask("hi"))
             .await
