@@ -11,6 +11,8 @@ mod echo;
 pub mod hub;
 mod ollama;
 mod openai;
+mod sse;
+mod transport;
 
 use std::collections::HashMap;
 use std::sync::Arc;
