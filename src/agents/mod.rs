@@ -1,6 +1,9 @@
 //! The agent runtime: turns "agent X answers event E" into a model call and a reply in the
 //! room, as the agent's own user. Knows nothing about which platform a message came from.
 
+pub mod format;
+pub mod tools;
+
 use std::sync::Arc;
 use std::time::Duration;
 
