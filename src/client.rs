@@ -2,15 +2,20 @@
 //! the agents' replies as they arrive (`agentbus say`). Lets a newcomer without Element —
 //! and scripts — talk to agents.
 
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use matrix_sdk::config::SyncSettings;
+use matrix_sdk::event_handler::RawEvent;
 use matrix_sdk::ruma::events::room::message::{
     OriginalSyncRoomMessageEvent, RoomMessageEventContent,
 };
 use matrix_sdk::ruma::{OwnedRoomOrAliasId, RoomId, RoomOrAliasId};
 use matrix_sdk::{Client, Room};
 use tokio::sync::mpsc;
+
+use crate::agents::stream::STREAMING_KEY;
 
 /// What to say, where, and as whom.
 #[derive(Debug, Clone)]
@@ -81,25 +86,41 @@ pub async fn say(
     let (tx, mut rx) = mpsc::unbounded_channel();
     let me = client.user_id().map(ToOwned::to_owned);
     let room_id = room.room_id().to_owned();
-    client.add_event_handler(move |event: OriginalSyncRoomMessageEvent, room: Room| {
-        let (tx, me, room_id) = (tx.clone(), me.clone(), room_id.clone());
-        async move {
-            if room.room_id() != room_id || Some(&event.sender) == me.as_ref() {
-                return;
+    // A streamed answer is posted marked as streaming and finished by an edit without the
+    // mark: print each answer once, whole.
+    let streaming: Arc<Mutex<HashSet<String>>> = Arc::default();
+    client.add_event_handler(
+        move |event: OriginalSyncRoomMessageEvent, room: Room, raw: RawEvent| {
+            let (tx, me, room_id) = (tx.clone(), me.clone(), room_id.clone());
+            let streaming = streaming.clone();
+            async move {
+                if room.room_id() != room_id || Some(&event.sender) == me.as_ref() {
+                    return;
+                }
+                let raw: serde_json::Value = serde_json::from_str(raw.0.get()).unwrap_or_default();
+                let content = &raw["content"];
+                let is_streaming = |c: &serde_json::Value| c[STREAMING_KEY] == true;
+                let relation = &content["m.relates_to"];
+                let body = if relation["rel_type"] == "m.replace" {
+                    let edited = relation["event_id"].as_str().unwrap_or_default();
+                    let new = &content["m.new_content"];
+                    if is_streaming(new) || !streaming.lock().unwrap().remove(edited) {
+                        return;
+                    }
+                    new["body"].as_str().unwrap_or_default().to_owned()
+                } else if is_streaming(content) {
+                    streaming.lock().unwrap().insert(event.event_id.to_string());
+                    return;
+                } else {
+                    event.content.body().to_owned()
+                };
+                let _ = tx.send(Reply {
+                    sender: event.sender.to_string(),
+                    body,
+                });
             }
-            // Edits of an earlier reply are not new replies.
-            if matches!(
-                event.content.relates_to,
-                Some(matrix_sdk::ruma::events::room::message::Relation::Replacement(_))
-            ) {
-                return;
-            }
-            let _ = tx.send(Reply {
-                sender: event.sender.to_string(),
-                body: event.content.body().to_owned(),
-            });
-        }
-    });
+        },
+    );
     let sync_client = client.clone();
     let settings = SyncSettings::default()
         .token(response.next_batch)

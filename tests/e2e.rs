@@ -62,7 +62,9 @@ async fn in_a_group_only_the_mentioned_agent_answers() {
     let sentinel = bob.send(&room, "请@戴蒙看一下").await;
     bob.wait_reply(&room, "damon", &sentinel).await;
     let agent_messages = bob.seen(|s| {
-        s.room_id == room && (s.sender == agent_id("damon") || s.sender == agent_id("coder"))
+        s.room_id == room
+            && s.edits().is_none()
+            && (s.sender == agent_id("damon") || s.sender == agent_id("coder"))
     });
     let summary: Vec<(String, Option<&str>)> = agent_messages
         .iter()

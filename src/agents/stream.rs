@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use ruma::{EventId, OwnedEventId, RoomId, UserId};
 use serde_json::{Value, json};
 
-use super::format::{MAX_PART_BYTES, markdown_to_html, split_answer};
+use super::format::{MAX_PART_BYTES, formatted_part, split_answer};
 use crate::matrix::{MatrixClient, MatrixError};
 
 /// Content key marking a message whose text is still streaming; the final edit drops it,
@@ -158,7 +158,7 @@ impl<'a> AnswerWriter<'a> {
         if streaming {
             content[STREAMING_KEY] = json!(true);
         }
-        if let Some(html) = markdown_to_html(text) {
+        if let Some(html) = formatted_part(text) {
             content["format"] = json!("org.matrix.custom.html");
             content["formatted_body"] = json!(html);
         }
@@ -286,12 +286,18 @@ mod tests {
         assert_eq!(first["m.relates_to"]["m.in_reply_to"]["event_id"], "$q");
         assert_eq!(first["m.mentions"]["user_ids"], json!(["@alice:hs"]));
         assert_eq!(first["io.agentbus.hops"], 1);
-        assert_eq!(last["m.relates_to"], json!({"rel_type": "m.replace", "event_id": "$e1"}));
+        assert_eq!(
+            last["m.relates_to"],
+            json!({"rel_type": "m.replace", "event_id": "$e1"})
+        );
         assert_eq!(last["body"], "* Hello **world**, again.");
         assert_eq!(last["m.mentions"], json!({}));
         let new = &last["m.new_content"];
         assert_eq!(new["body"], "Hello **world**, again.");
-        assert!(new.get(STREAMING_KEY).is_none(), "the final edit is not streaming");
+        assert!(
+            new.get(STREAMING_KEY).is_none(),
+            "the final edit is not streaming"
+        );
         assert_eq!(new["m.mentions"]["user_ids"], json!(["@alice:hs"]));
         assert_ne!(sent[0]["txn"], sent[1]["txn"]);
     }
@@ -317,14 +323,19 @@ mod tests {
                 hops: 1,
             },
         );
-        let paragraph = "word ".repeat(MAX_PART_BYTES / 10);
+        // Three paragraphs of a third each: one too many for one message.
+        let paragraph = "word ".repeat(MAX_PART_BYTES / 15);
         writer.push(&paragraph).await.unwrap();
         writer.paragraph_break();
         writer.push(&paragraph).await.unwrap();
         writer.paragraph_break();
         writer.push(&paragraph).await.unwrap();
         let parts = writer.finish().await.unwrap();
-        assert_eq!(parts.len(), 2, "three half-size paragraphs make two messages");
+        assert_eq!(
+            parts.len(),
+            2,
+            "two paragraphs fit the first message, the third goes on"
+        );
         let sent = sent.lock().unwrap();
         let news: Vec<&Value> = sent
             .iter()
@@ -336,7 +347,11 @@ mod tests {
         assert_eq!(news[0]["m.relates_to"]["m.in_reply_to"]["event_id"], "$q");
         assert_eq!(news[1]["m.relates_to"]["rel_type"], "m.thread");
         assert_eq!(news[1]["m.relates_to"]["event_id"], "$root");
-        assert_eq!(news[1]["m.mentions"], json!({}), "only the first part pings");
+        assert_eq!(
+            news[1]["m.mentions"],
+            json!({}),
+            "only the first part pings"
+        );
         for part in &parts {
             assert!(part.text.len() <= MAX_PART_BYTES);
         }
