@@ -155,8 +155,15 @@ async fn say_posts_as_a_human_and_prints_the_agents_replies() {
     assert_eq!(
         lines,
         [
-            "@coder:localhost: [coder-model] @coder and @damon: status?",
-            "@damon:localhost: [damon-model] @coder and @damon: status?",
+            // Two people in the room: the model sees who is speaking.
+            format!(
+                "@coder:localhost: [coder-model] {}: @coder and @damon: status?",
+                guest.localpart
+            ),
+            format!(
+                "@damon:localhost: [damon-model] {}: @coder and @damon: status?",
+                guest.localpart
+            ),
         ]
     );
 }

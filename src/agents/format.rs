@@ -110,7 +110,22 @@ pub fn markdown_to_html(markdown: &str) -> Option<String> {
 /// The `formatted_body` for one part from [`split_answer`]: its HTML, or None when it has
 /// no markup or the HTML outgrows [`MAX_HTML_BYTES`] (the part then goes as plain text).
 pub fn formatted_part(part: &str) -> Option<String> {
-    markdown_to_html(part).filter(|html| html.len() <= MAX_HTML_BYTES)
+    markdown_to_html(part)
+        .map(|html| unwrap_single_paragraph(&html))
+        .filter(|html| html.len() <= MAX_HTML_BYTES)
+}
+
+/// `<p>text</p>` → `text` when the HTML is that one paragraph, as Element sends a one-line
+/// message; anything longer keeps its paragraphs.
+fn unwrap_single_paragraph(html: &str) -> String {
+    let trimmed = html.trim_end();
+    match trimmed
+        .strip_prefix("<p>")
+        .and_then(|rest| rest.strip_suffix("</p>"))
+    {
+        Some(inner) if !inner.contains("<p>") && !inner.contains("</p>") => inner.to_owned(),
+        _ => html.to_owned(),
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
