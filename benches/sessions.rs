@@ -204,7 +204,7 @@ agents:
     let edits = sink.edits.load(Ordering::Relaxed) - edits_before;
     let deltas = (sessions * DELTAS) as f64;
     println!("sessions                 {sessions}");
-    println!("live lanes at peak       {peak_lanes}");
+    println!("live lanes at peak       {peak_lanes} (10 of them from the warm-up)");
     println!(
         "answer length            {DELTAS} deltas, {PAUSE:?} apart (≥ {:?} per answer)",
         PAUSE * DELTAS as u32
