@@ -10,7 +10,7 @@ use matrix_sdk::ruma::events::room::message::{
     ImageMessageEventContent, MessageType, RoomMessageEventContent,
 };
 use serde_json::{Value, json};
-use support::{Agentbus, Human, LlmMode, LlmStub, STREAMING, content_text, exclusive};
+use support::{Agentbus, Human, LlmMode, LlmStub, OPEN_DMS, STREAMING, content_text, exclusive};
 
 /// The messages of model request `n`, as (role, text).
 fn conversation(request: &Value) -> Vec<(String, String)> {
@@ -276,4 +276,34 @@ async fn memory_survives_a_restart_and_reset_clears_it() {
         conversation(&llm.requests().pop().unwrap()),
         said(&[("user", "hello again")])
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_local_model_still_starting_gets_a_warming_up_notice_then_answers() {
+    let _one_at_a_time = exclusive().await;
+    // A port nothing listens on yet: the local model server is still starting.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("http://127.0.0.1:{port}/v1");
+    let mut bus = Agentbus::configured(Agentbus::write_config_full(&url, OPEN_DMS, "warmup: true"));
+    bus.spawn().await;
+    let olga = Human::new("olga").await;
+    let dm = olga.dm_with("damon").await;
+
+    let early = olga.send(&dm, "are you there yet?").await;
+    let notice = olga.wait_reply(&dm, "damon", &early).await;
+    assert_eq!(notice.content["msgtype"], "m.notice");
+    assert_eq!(
+        notice.body(),
+        "⏳ Damon's model is still warming up (the local model server is starting). Please try again in a minute."
+    );
+
+    let llm = LlmStub::start_on(port, LlmMode::Answer).await;
+    let later = olga.send(&dm, "and now?").await;
+    let reply = olga.wait_reply(&dm, "damon", &later).await;
+    assert_eq!(reply.body(), "[damon-model] and now?");
+    assert_eq!(llm.requests().len(), 1);
 }

@@ -228,6 +228,16 @@ impl Agentbus {
 
     /// The standard config with `channels:` replaced by `channels` (YAML).
     pub fn write_config_with(llm_url: &str, channels: &str) -> tempfile::TempDir {
+        Self::write_config_full(llm_url, channels, "")
+    }
+
+    /// The standard config with `channels` and extra keys for the `stub` provider (YAML
+    /// lines such as `warmup: true`).
+    pub fn write_config_full(
+        llm_url: &str,
+        channels: &str,
+        provider_extra: &str,
+    ) -> tempfile::TempDir {
         let synapse = synapse();
         let dir = tempfile::tempdir().unwrap();
         let config = format!(
@@ -242,6 +252,7 @@ providers:
     base_url: "{llm_url}"
     timeout: 30s
     models: [{{ id: damon-model, input: [text, image] }}]
+    {provider_extra}
 llm: {{ retries: 1 }}
 agents:
   - {{ id: damon, display_name: Damon, aliases: ["戴蒙"], provider: stub, model: damon-model, system_prompt: "You are Damon." }}
@@ -456,7 +467,14 @@ fn sse(lines: Vec<String>, pause: Duration) -> axum::response::Response {
 
 impl LlmStub {
     pub async fn start(mode: LlmMode) -> LlmStub {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::start_on(0, mode).await
+    }
+
+    /// A stub on `port` (0: any free port).
+    pub async fn start_on(port: u16, mode: LlmMode) -> LlmStub {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+            .await
+            .unwrap();
         let stub = LlmStub {
             url: format!("http://{}/v1", listener.local_addr().unwrap()),
             mode: Arc::new(Mutex::new(mode)),
