@@ -7,12 +7,16 @@
 //! - [`appservice`] — the inbound homeserver API. `PUT /transactions/{txnId}` checks the
 //!   hs_token, dedupes the txnId and journals the events durably, then answers 200 at once.
 //! - [`inbox`] — per-room ordered workers that drain the journal: each event at most once,
-//!   invites joined, our own users' events skipped, the rest routed. (This glue between the
-//!   journal and the agents is its own module so that neither `appservice` nor `agents` has
-//!   to wait on the other.)
+//!   invites joined, our own users' events skipped, the rest routed and queued in the chosen
+//!   agents' sessions; an event leaves the journal when its answers are done. (This glue
+//!   between the journal and the agents is its own module so that neither `appservice` nor
+//!   `agents` has to wait on the other.)
 //! - [`router`] — pure routing: (message, room facts, agents) → `RouteDecision` with a reason.
-//! - [`agents`] — the agent runtime: history as context, the model call, the reply.
-//! - [`llm`] — model providers behind one trait (OpenAI-compatible, built-in echo).
+//! - [`agents`] — the agent runtime: a lane per session (agent + room + thread), memory
+//!   within a token budget, the tool loop, the answer streamed as a message plus edits.
+//! - [`llm`] — streaming model providers behind one trait (OpenAI Chat Completions,
+//!   Anthropic Messages, Ollama, built-in echo) and the hub above them: retries, fallbacks,
+//!   concurrency caps, warm-up.
 //! - [`matrix`] — the outbound client-server API as any of our users, with retries.
 //! - [`store`] — durable state behind a narrow trait; sled is the embedded backend.
 //! - [`config`] — `agentbus.yaml`, its defaults, env overrides and validation.
