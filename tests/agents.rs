@@ -175,6 +175,12 @@ async fn an_image_reaches_a_vision_model_and_a_text_model_says_it_cannot_see() {
         notice.body()
     );
     assert_eq!(llm.requests().len(), requests_before, "no model was asked");
+
+    // researcher-model reads text only, but researcher has image_model: stub/damon-model.
+    let dm = kim.dm_with("researcher").await;
+    let sent = kim.send_content(&dm, image()).await;
+    let reply = kim.wait_reply(&dm, "researcher", &sent).await;
+    assert_eq!(reply.body(), "[damon-model] [image: cat.png]");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -192,21 +198,38 @@ async fn a_busy_session_queues_the_second_message_and_answers_both_in_order() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(llm.requests().len(), 1, "one run at a time per session");
 
+    // researcher has queue_limit: 2, so a fourth message finds the queue full.
+    let third = lena.send(&dm, "third question").await;
+    let fourth = lena.send(&dm, "fourth question").await;
+    let busy = lena.wait_reply(&dm, "researcher", &fourth).await;
+    assert_eq!(busy.content["msgtype"], "m.notice");
+    assert!(busy.body().contains("is busy"), "{}", busy.body());
+
     llm.set_mode(LlmMode::Answer);
     let a1 = lena.wait_reply(&dm, "researcher", &first).await;
     let a2 = lena.wait_reply(&dm, "researcher", &second).await;
     assert_eq!(a1.body(), "[researcher-model] first question");
     assert_eq!(a2.body(), "[researcher-model] second question");
+    let a3 = lena.wait_reply(&dm, "researcher", &third).await;
     let order: Vec<String> = lena
         .seen(|s| s.room_id == dm && s.edits().is_none() && s.sender == a1.sender)
         .iter()
+        .filter(|s| s.event_id != busy.event_id)
         .map(|s| s.event_id.to_string())
         .collect();
-    assert_eq!(order, [a1.event_id.to_string(), a2.event_id.to_string()]);
+    assert_eq!(
+        order,
+        [
+            a1.event_id.to_string(),
+            a2.event_id.to_string(),
+            a3.event_id.to_string()
+        ]
+    );
     // The second turn remembers the first.
     let requests = llm.requests();
+    assert_eq!(requests.len(), 3, "the refused fourth reached no model");
     assert_eq!(
-        conversation(requests.last().unwrap()),
+        conversation(&requests[1]),
         said(&[
             ("user", "first question"),
             ("assistant", "[researcher-model] first question"),
@@ -306,4 +329,38 @@ async fn a_local_model_still_starting_gets_a_warming_up_notice_then_answers() {
     let reply = olga.wait_reply(&dm, "damon", &later).await;
     assert_eq!(reply.body(), "[damon-model] and now?");
     assert_eq!(llm.requests().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_queue_collect_messages_that_wait_become_one_turn() {
+    let _one_at_a_time = exclusive().await;
+    let llm = LlmStub::start(LlmMode::Hang).await;
+    let _bus = Agentbus::start(&llm.url).await;
+    let pia = Human::new("pia").await;
+    // coder has queue: collect in the test config.
+    let dm = pia.dm_with("coder").await;
+
+    let first = pia.send(&dm, "look at main.rs").await;
+    llm.wait_for_requests(1).await;
+    let second = pia.send(&dm, "and lib.rs").await;
+    let third = pia.send(&dm, "and the tests").await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    llm.set_mode(LlmMode::Answer);
+
+    pia.wait_reply(&dm, "coder", &first).await;
+    let together = pia.wait_reply(&dm, "coder", &third).await;
+    assert_eq!(together.body(), "[coder-model] and lib.rs\nand the tests");
+    let requests = llm.requests();
+    assert_eq!(requests.len(), 2, "two turns for three messages");
+    assert_eq!(
+        conversation(&requests[1]).last().unwrap(),
+        &("user".to_owned(), "and lib.rs\nand the tests".to_owned())
+    );
+    // A sentinel: once answered, nothing else is on its way to the second message.
+    let sentinel = pia.send(&dm, "thanks").await;
+    pia.wait_reply(&dm, "coder", &sentinel).await;
+    assert!(
+        pia.seen(|s| s.in_reply_to() == Some(second.as_str()))
+            .is_empty()
+    );
 }

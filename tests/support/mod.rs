@@ -220,7 +220,8 @@ pub struct Agentbus {
 
 impl Agentbus {
     /// Writes the standard test config: three agents on the OpenAI-compatible model stub at
-    /// `llm_url` (model `<agent>-model`; damon's reads images), one retry per model, the
+    /// `llm_url` (model `<agent>-model`; damon's reads images and is researcher's `image_model`;
+    /// coder collects queued messages; researcher queues at most two), one retry per model, the
     /// two keyword rules of the README, DMs open to everyone on the test server.
     pub fn write_config(llm_url: &str) -> tempfile::TempDir {
         Self::write_config_with(llm_url, OPEN_DMS)
@@ -256,8 +257,8 @@ providers:
 llm: {{ retries: 1 }}
 agents:
   - {{ id: damon, display_name: Damon, aliases: ["戴蒙"], provider: stub, model: damon-model, system_prompt: "You are Damon." }}
-  - {{ id: coder, display_name: Coder, provider: stub, model: coder-model }}
-  - {{ id: researcher, display_name: Researcher, provider: stub, model: researcher-model }}
+  - {{ id: coder, display_name: Coder, provider: stub, model: coder-model, queue: collect }}
+  - {{ id: researcher, display_name: Researcher, provider: stub, model: researcher-model, image_model: stub/damon-model, queue_limit: 2 }}
 routing:
   keyword:
     rules:
