@@ -5,29 +5,82 @@
 #   scripts/demo.sh          start everything (first run builds and installs; later runs are quick)
 #   scripts/demo.sh stop     stop what a previous run left in the background
 #
-# Environment: HS_PORT (default 8008), AS_PORT (default 9000), AGENTBUS_DEMO_DIR (default .dev/demo).
-# With OPENAI_BASE_URL (+ OPENAI_API_KEY, OPENAI_MODEL) set, the agents use that
-# OpenAI-compatible model; otherwise they use the built-in echo provider.
+# Environment: HS_PORT (default 8008), AS_PORT (default 9000), LLM_PORT (default 8081, the
+# local model), AGENTBUS_DEMO_DIR (default .dev/demo).
+#
+# The model, chosen when the demo config is first written:
+#   OPENAI_API_KEY and/or OPENAI_BASE_URL (+ OPENAI_MODEL) set: that OpenAI-compatible
+#     endpoint (base URL default https://api.openai.com/v1, model default gpt-4o-mini);
+#   otherwise: a local SmolLM2-135M served by scripts/local-model.sh. Its first install
+#     compiles llama.cpp (about 10 minutes on 2 cores) in the background while everything
+#     else starts; the agents answer "model warming up" until it is ready.
+#   AGENTBUS_DEMO_PROVIDER=echo: the built-in echo provider (no model, nothing to build).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 STATE="${AGENTBUS_DEMO_DIR:-$ROOT/.dev/demo}"
 HS_PORT="${HS_PORT:-8008}"
 AS_PORT="${AS_PORT:-9000}"
+LLM_PORT="${LLM_PORT:-8081}"
 HS_URL="http://127.0.0.1:$HS_PORT"
 SERVER_NAME=localhost
 BIN="$ROOT/target/debug/agentbus"
 HS="$ROOT/scripts/dev-homeserver.sh"
+LM="$ROOT/scripts/local-model.sh"
+LM_JOB="$STATE/local-model-job.pid"
 
 step() { printf '==> %s\n' "$*" >&2; }
 die() { printf 'demo.sh: error: %s\n' "$*" >&2; exit 1; }
 
 stop_all() {
     if [ -f "$STATE/agentbus.pid" ]; then
-        kill "$(cat "$STATE/agentbus.pid")" 2>/dev/null || true
+        kill "$(cat "$STATE/agentbus.pid" 2>/dev/null)" 2>/dev/null || true
         rm -f "$STATE/agentbus.pid"
     fi
+    stop_local_model
     "$HS" stop --dir "$STATE/synapse" >/dev/null 2>&1 || true
+}
+
+# The background job that installs and starts the local model runs in its own session
+# (see start_local_model); killing that session stops a build in progress too.
+stop_local_model() {
+    if [ -s "$LM_JOB" ]; then
+        local job
+        job="$(cat "$LM_JOB")"
+        # Only if that PID is still our job, not a process that reused it.
+        if tr '\0' ' ' 2>/dev/null <"/proc/$job/cmdline" | grep -qF "$LM"; then
+            kill -TERM -- "-$job" 2>/dev/null || true
+            for _ in $(seq 1 50); do
+                kill -0 "$job" 2>/dev/null || break
+                sleep 0.1
+            done
+        fi
+        rm -f "$LM_JOB"
+    fi
+    "$LM" stop --dir "$STATE/local-model" >/dev/null 2>&1 || true
+}
+
+# Installs (first run: compiles llama.cpp) and starts the local model without holding up
+# the rest of the demo; its progress goes to the terminal and to $STATE/local-model.log.
+start_local_model() {
+    local port="$1"
+    rm -f "$LM_JOB"
+    # shellcheck disable=SC2016 # $$ and $1..$4 belong to the inner shell
+    setsid bash -c 'echo $$ >"$1"
+        "$2" install || exit
+        "$2" start --dir "$3" --port "$4" >/dev/null || exit
+        printf "\n==> local model ready on http://127.0.0.1:%s/v1: the agents now answer with SmolLM2-135M\n" "$4" >&2' \
+        _ "$LM_JOB" "$LM" "$STATE/local-model" "$port" \
+        </dev/null 2>&1 | tee -a "$STATE/local-model.log" >&2 &
+}
+
+# The port of the demo config's local model, if it uses one.
+local_model_port() {
+    awk '/^  local:/ { in_local = 1; next }
+         /^  [^ ]/ { in_local = 0 }
+         in_local && match($0, /base_url: "http:\/\/127\.0\.0\.1:[0-9]+/) {
+             s = substr($0, RSTART, RLENGTH); sub(/.*:/, "", s); print s; exit
+         }' "$1"
 }
 
 if [ "${1:-}" = "stop" ]; then
@@ -47,14 +100,25 @@ step "installing Synapse (first run only)"
 "$HS" install
 
 if [ ! -f "$STATE/agentbus.yaml" ]; then
-    if [ -n "${OPENAI_BASE_URL:-}" ]; then
-        provider="model"
-        model_line="model: ${OPENAI_MODEL:-gpt-4o-mini}"
-        providers="  model: { api: openai-completions, base_url: \"$OPENAI_BASE_URL\", api_key_env: OPENAI_API_KEY }"
-    else
+    if [ "${AGENTBUS_DEMO_PROVIDER:-}" = echo ]; then
         provider="echo"
-        model_line=""
+        agent_model=""
         providers="  echo: { api: echo }"
+    elif [ -n "${OPENAI_BASE_URL:-}${OPENAI_API_KEY:-}" ]; then
+        provider="model"
+        agent_model="model: ${OPENAI_MODEL:-gpt-4o-mini}"
+        providers="  model: { api: openai-completions, base_url: \"${OPENAI_BASE_URL:-https://api.openai.com/v1}\", api_key_env: OPENAI_API_KEY }"
+    else
+        provider="local"
+        # The 135M model cannot call tools; offering them only confuses it.
+        agent_model="model: smollm2
+    tools: { allow: [] }"
+        providers="  local:
+    api: openai-completions
+    base_url: \"http://127.0.0.1:$LLM_PORT/v1\"   # scripts/local-model.sh (SmolLM2-135M-Instruct)
+    warmup: true          # agents answer \"model warming up\" until the server has answered once
+    timeout: 120s
+    models: [{ id: smollm2, context_window: 2048, max_tokens: 256 }]"
     fi
     cat > "$STATE/agentbus.yaml" <<YAML
 # Written by scripts/demo.sh; edit freely (delete it to regenerate).
@@ -68,17 +132,17 @@ agents:
     display_name: Damon
     aliases: ["戴蒙"]
     provider: $provider
-    $model_line
+    $agent_model
     system_prompt: You are Damon, the team's coordinator. Answer briefly.
   - id: coder
     display_name: Coder
     provider: $provider
-    $model_line
+    $agent_model
     system_prompt: You are a careful senior programmer.
   - id: researcher
     display_name: Researcher
     provider: $provider
-    $model_line
+    $agent_model
     system_prompt: You find and summarise sources.
 routing:
   keyword:
@@ -98,6 +162,13 @@ CONFIG="$STATE/agentbus.yaml"
 "$BIN" --config "$CONFIG" registration --output "$STATE/registration.yaml" 2>"$STATE/registration.err" \
     || { cat "$STATE/registration.err" >&2; exit 2; }
 
+trap 'echo; stop_all; echo "demo stopped"; exit 130' INT TERM
+LOCAL_PORT="$(local_model_port "$CONFIG")"
+if [ -n "$LOCAL_PORT" ]; then
+    step "starting the local model on 127.0.0.1:$LOCAL_PORT in the background (log: $STATE/local-model.log)"
+    start_local_model "$LOCAL_PORT"
+fi
+
 step "starting Synapse on $HS_URL"
 "$HS" start --dir "$STATE/synapse" --port "$HS_PORT" --server-name "$SERVER_NAME" --registration "$STATE/registration.yaml"
 
@@ -105,7 +176,6 @@ step "starting agentbus on 127.0.0.1:$AS_PORT (log: $STATE/agentbus.log)"
 "$BIN" --config "$CONFIG" serve >>"$STATE/agentbus.log" 2>&1 &
 AGENTBUS_PID=$!
 echo "$AGENTBUS_PID" > "$STATE/agentbus.pid"
-trap 'echo; stop_all; echo "demo stopped"' INT TERM
 for _ in $(seq 1 300); do
     if ! kill -0 "$AGENTBUS_PID" 2>/dev/null; then
         tail -n 20 "$STATE/agentbus.log" >&2
@@ -137,13 +207,36 @@ if ! curl -sf "$HS_URL/_matrix/client/v3/directory/room/$ALIAS" -H "Authorizatio
         || die "cannot create #project"
 fi
 
-if grep -q "api: echo" "$CONFIG"; then
+SWITCH_MODEL="stop the demo, delete $CONFIG and start it again with
+OPENAI_API_KEY set (plus OPENAI_BASE_URL and OPENAI_MODEL for any other OpenAI-compatible
+endpoint, e.g. DashScope, DeepSeek, vLLM, Ollama), or edit its providers: section:
+
+  providers:
+    model: { api: openai-completions, base_url: \"https://api.openai.com/v1\", api_key_env: OPENAI_API_KEY }
+  agents:
+    - { id: coder, provider: model, model: gpt-4o-mini, ... }"
+if [ -n "$LOCAL_PORT" ]; then
+    if "$LM" status --dir "$STATE/local-model" >/dev/null 2>&1; then
+        WARMUP="It is loaded and answering."
+    elif "$LM" status >/dev/null 2>&1; then
+        WARMUP="It takes a few seconds to load; until then the agents answer \"model warming up\"."
+    else
+        WARMUP="This first run compiles llama.cpp (about 10 minutes on 2 cores; progress is
+printed below, log: $STATE/local-model.log). Until it is ready the agents answer
+\"model warming up\"; later runs start it in seconds."
+    fi
+    MODEL_NOTE="The agents run on SmolLM2-135M-Instruct, a TINY local model served by
+scripts/local-model.sh on http://127.0.0.1:$LOCAL_PORT/v1 (provider 'local' in $CONFIG).
+It is a real model but answers poorly and cannot use tools.
+$WARMUP
+
+To use a better model, $SWITCH_MODEL"
+elif grep -q "api: echo" "$CONFIG"; then
     MODEL_NOTE="The agents run on the built-in ECHO provider: they repeat what you say. This is not a
-model. To use a real one, stop the demo, delete $CONFIG and start it again with
-OPENAI_BASE_URL, OPENAI_API_KEY and OPENAI_MODEL set (any OpenAI-compatible endpoint), or edit
-its providers: section."
+model. To use a real one, $SWITCH_MODEL"
 else
-    MODEL_NOTE="The agents use the model at $OPENAI_BASE_URL (provider 'model' in $CONFIG)."
+    BASE_URL="$(sed -n 's/.*base_url: "\([^"]*\)".*/\1/p' "$CONFIG" | head -n 1)"
+    MODEL_NOTE="The agents use the model at ${BASE_URL:-?} (provider 'model' in $CONFIG)."
 fi
 
 cat <<EOF

@@ -272,6 +272,26 @@ routing:
         dir
     }
 
+    /// A directory holding `agentbus.yaml` with the test homeserver, appservice, admin
+    /// token and store, followed by `rest` as written (`providers:`, `agents:`,
+    /// `channels:` …), for tests whose agents use something other than the model stub.
+    pub fn write_config_text(rest: &str) -> tempfile::TempDir {
+        let synapse = synapse();
+        let dir = tempfile::tempdir().unwrap();
+        let config = format!(
+            r#"
+homeserver: {{ url: "{}", server_name: {SERVER_NAME} }}
+appservice: {{ id: agentbus-e2e, bind: "127.0.0.1:{}", as_token: {AS_TOKEN}, hs_token: {HS_TOKEN} }}
+admin: {{ token: {ADMIN_TOKEN} }}
+store: {{ path: data }}
+{rest}
+"#,
+            synapse.url, synapse.appservice_port
+        );
+        std::fs::write(dir.path().join("agentbus.yaml"), config).unwrap();
+        dir
+    }
+
     pub async fn start(llm_url: &str) -> Agentbus {
         let mut bus = Agentbus::configured(Self::write_config(llm_url));
         bus.spawn().await;
@@ -881,4 +901,88 @@ pub fn delivered_message(
 /// `@<agent>:localhost`.
 pub fn agent_id(agent: &str) -> OwnedUserId {
     format!("@{agent}:{SERVER_NAME}").try_into().unwrap()
+}
+
+/// A real model: SmolLM2-135M-Instruct behind llama-cpp-python's OpenAI-compatible server,
+/// started by `scripts/local-model.sh` in the foreground (so it dies with the tests) and
+/// killed on drop.
+pub struct LocalModel {
+    /// Base URL up to and including `/v1`.
+    pub url: String,
+    /// The model name the server answers to.
+    pub model: &'static str,
+    dir: tempfile::TempDir,
+    child: std::process::Child,
+}
+
+impl LocalModel {
+    /// Starts the server and waits until `GET /v1/models` answers. Panics, saying to run
+    /// `scripts/local-model.sh install`, when the model is not installed: building it
+    /// compiles llama.cpp for minutes, which a test must not do behind your back.
+    pub async fn start() -> LocalModel {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let mut command = std::process::Command::new(repo_root().join("scripts/local-model.sh"));
+        command
+            .args(["start", "--foreground", "--port", &port.to_string()])
+            .arg("--dir")
+            .arg(dir.path())
+            .stdout(std::fs::File::create(dir.path().join("stdout.log")).unwrap())
+            .stderr(std::fs::File::create(dir.path().join("stderr.log")).unwrap());
+        // The signal fires when the spawning thread ends; this is the test's own thread.
+        die_with_parent(&mut command);
+        let child = command.spawn().expect("scripts/local-model.sh starts");
+        let mut model = LocalModel {
+            url: format!("http://127.0.0.1:{port}/v1"),
+            model: "smollm2",
+            dir,
+            child,
+        };
+        // Loading 135M parameters takes seconds; allow for a slow, busy machine.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+        let models = format!("{}/models", model.url);
+        loop {
+            if let Some(status) = model.child.try_wait().unwrap() {
+                let stderr = model.output();
+                if status.code() == Some(3) {
+                    panic!(
+                        "the local model is not installed; run `scripts/local-model.sh install` \
+                         once (it compiles llama.cpp, about 10 minutes), or `scripts/test.sh`, \
+                         which does.\n{stderr}"
+                    );
+                }
+                panic!("scripts/local-model.sh start exited with {status}:\n{stderr}");
+            }
+            if reqwest::blocking_get_ok(&models) {
+                return model;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the local model did not answer {models} within 120 s:\n{}",
+                model.output()
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    /// What the script and the server printed so far.
+    pub fn output(&self) -> String {
+        let read = |name: &str| std::fs::read_to_string(self.dir.path().join(name));
+        format!(
+            "{}{}",
+            read("stderr.log").unwrap_or_default(),
+            read("stdout.log").unwrap_or_default()
+        )
+    }
+}
+
+impl Drop for LocalModel {
+    fn drop(&mut self) {
+        // --foreground execs the server in the script's process, so this is the server.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("---- local model output ----\n{}", self.output());
+        }
+    }
 }
