@@ -64,6 +64,8 @@ agents:
         tokio::time::sleep(Duration::from_millis(250)).await;
     };
 
+    // A streamed answer is finished by an edit; take the whole answer.
+    let reply = alice.wait_final(&reply).await;
     // Failures and "warming up" arrive as notices; the model's words as a message.
     assert_eq!(
         reply.content["msgtype"],
