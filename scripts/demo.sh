@@ -12,7 +12,7 @@
 #   OPENAI_API_KEY and/or OPENAI_BASE_URL (+ OPENAI_MODEL) set: that OpenAI-compatible
 #     endpoint (base URL default https://api.openai.com/v1, model default gpt-4o-mini);
 #   otherwise: a local SmolLM2-135M served by scripts/local-model.sh. Its first install
-#     compiles llama.cpp (about 10 minutes on 2 cores) in the background while everything
+#     compiles llama.cpp (10–30 minutes on 2 cores) in the background while everything
 #     else starts; the agents answer "model warming up" until it is ready.
 #   AGENTBUS_DEMO_PROVIDER=echo: the built-in echo provider (no model, nothing to build).
 set -euo pipefail
@@ -118,6 +118,7 @@ if [ ! -f "$STATE/agentbus.yaml" ]; then
     base_url: \"http://127.0.0.1:$LLM_PORT/v1\"   # scripts/local-model.sh (SmolLM2-135M-Instruct)
     warmup: true          # agents answer \"model warming up\" until the server has answered once
     timeout: 120s
+    max_concurrency: 1    # one llama.cpp context: agents take turns instead of cutting each other off
     models: [{ id: smollm2, context_window: 2048, max_tokens: 256 }]"
     fi
     cat > "$STATE/agentbus.yaml" <<YAML
@@ -221,7 +222,7 @@ if [ -n "$LOCAL_PORT" ]; then
     elif "$LM" status >/dev/null 2>&1; then
         WARMUP="It takes a few seconds to load; until then the agents answer \"model warming up\"."
     else
-        WARMUP="This first run compiles llama.cpp (about 10 minutes on 2 cores; progress is
+        WARMUP="This first run compiles llama.cpp (10–30 minutes on 2 cores; progress is
 printed below, log: $STATE/local-model.log). Until it is ready the agents answer
 \"model warming up\"; later runs start it in seconds."
     fi

