@@ -33,11 +33,7 @@ pub struct AnthropicProvider {
 impl AnthropicProvider {
     /// A provider for `config`; `api_key` is sent as `x-api-key` when present.
     pub fn new(config: &ProviderConfig, api_key: Option<String>) -> Self {
-        let base = config
-            .base_url
-            .as_ref()
-            .map_or("https://api.anthropic.com", |u| u.as_str())
-            .trim_end_matches('/');
+        let base = super::transport::base_url(config, "https://api.anthropic.com");
         let mut headers = HeaderMap::new();
         headers.insert(
             HeaderName::from_static("anthropic-version"),
@@ -58,12 +54,13 @@ impl AnthropicProvider {
 impl Provider for AnthropicProvider {
     fn stream(&self, request: CompletionRequest) -> BoxFuture<'_, Result<DeltaStream, LlmError>> {
         Box::pin(async move {
-            let response = self.endpoint.post(&request_body(&request)).await?;
-            let decoder = EventDecoder {
-                secret: self.endpoint.secret().map(str::to_owned),
-                ..EventDecoder::default()
-            };
-            Ok(self.endpoint.stream(response, decoder))
+            let body = request_body(&request);
+            self.endpoint
+                .start(&body, |secret| EventDecoder {
+                    secret,
+                    ..EventDecoder::default()
+                })
+                .await
         })
     }
 }

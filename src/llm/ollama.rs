@@ -9,7 +9,6 @@
 use std::collections::HashMap;
 
 use futures::future::BoxFuture;
-use http::{HeaderMap, HeaderValue};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -29,18 +28,8 @@ impl OllamaProvider {
     /// A provider for `config`. Ollama itself wants no key; one is sent as a bearer token
     /// for the proxies and hosted Ollamas that do.
     pub fn new(config: &ProviderConfig, api_key: Option<String>) -> Self {
-        let base = config
-            .base_url
-            .as_ref()
-            .map_or("http://127.0.0.1:11434", |u| u.as_str())
-            .trim_end_matches('/');
-        let mut headers = HeaderMap::new();
-        if let Some(key) = &api_key
-            && let Ok(mut value) = HeaderValue::from_str(&format!("Bearer {key}"))
-        {
-            value.set_sensitive(true);
-            headers.insert(http::header::AUTHORIZATION, value);
-        }
+        let base = super::transport::base_url(config, "http://127.0.0.1:11434");
+        let headers = super::transport::bearer(api_key.as_deref());
         Self {
             endpoint: Endpoint::new(format!("{base}/api/chat"), config, headers, api_key),
         }
@@ -50,12 +39,13 @@ impl OllamaProvider {
 impl Provider for OllamaProvider {
     fn stream(&self, request: CompletionRequest) -> BoxFuture<'_, Result<DeltaStream, LlmError>> {
         Box::pin(async move {
-            let response = self.endpoint.post(&request_body(&request)).await?;
-            let decoder = LineDecoder {
-                secret: self.endpoint.secret().map(str::to_owned),
-                ..LineDecoder::default()
-            };
-            Ok(self.endpoint.stream(response, decoder))
+            let body = request_body(&request);
+            self.endpoint
+                .start(&body, |secret| LineDecoder {
+                    secret,
+                    ..LineDecoder::default()
+                })
+                .await
         })
     }
 }

@@ -8,7 +8,6 @@
 //! `choices: []` and the `usage`.
 
 use futures::future::BoxFuture;
-use http::{HeaderMap, HeaderValue};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -28,18 +27,8 @@ pub struct OpenAiProvider {
 impl OpenAiProvider {
     /// A provider for `config`; `api_key` is sent as a bearer token when present.
     pub fn new(config: &ProviderConfig, api_key: Option<String>) -> Self {
-        let base = config
-            .base_url
-            .as_ref()
-            .map_or("https://api.openai.com/v1", |u| u.as_str())
-            .trim_end_matches('/');
-        let mut headers = HeaderMap::new();
-        if let Some(key) = &api_key
-            && let Ok(mut value) = HeaderValue::from_str(&format!("Bearer {key}"))
-        {
-            value.set_sensitive(true);
-            headers.insert(http::header::AUTHORIZATION, value);
-        }
+        let base = super::transport::base_url(config, "https://api.openai.com/v1");
+        let headers = super::transport::bearer(api_key.as_deref());
         Self {
             endpoint: Endpoint::new(format!("{base}/chat/completions"), config, headers, api_key),
         }
@@ -49,12 +38,13 @@ impl OpenAiProvider {
 impl Provider for OpenAiProvider {
     fn stream(&self, request: CompletionRequest) -> BoxFuture<'_, Result<DeltaStream, LlmError>> {
         Box::pin(async move {
-            let response = self.endpoint.post(&request_body(&request)).await?;
-            let decoder = ChunkDecoder {
-                secret: self.endpoint.secret().map(str::to_owned),
-                ..ChunkDecoder::default()
-            };
-            Ok(self.endpoint.stream(response, decoder))
+            let body = request_body(&request);
+            self.endpoint
+                .start(&body, |secret| ChunkDecoder {
+                    secret,
+                    ..ChunkDecoder::default()
+                })
+                .await
         })
     }
 }

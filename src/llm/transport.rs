@@ -103,6 +103,17 @@ impl Endpoint {
         })
     }
 
+    /// POSTs `body` and, once accepted, reads the answer through the decoder `decoder`
+    /// makes from the key (which it redacts from errors).
+    pub(super) async fn start<D: Decoder>(
+        &self,
+        body: &serde_json::Value,
+        decoder: impl FnOnce(Option<String>) -> D,
+    ) -> Result<DeltaStream, LlmError> {
+        let response = self.post(body).await?;
+        Ok(self.stream(response, decoder(self.secret.clone())))
+    }
+
     /// The body of an accepted `response`, read line by line through `decoder`.
     pub(super) fn stream(&self, response: reqwest::Response, decoder: impl Decoder) -> DeltaStream {
         decode_body(response.bytes_stream(), self.timeout, decoder)
@@ -111,6 +122,28 @@ impl Endpoint {
     fn network_error(&self, error: reqwest::Error) -> LlmError {
         network_error(error, self.timeout, self.secret())
     }
+}
+
+/// `config.base_url` without a trailing `/`, else the format's `default`.
+pub(super) fn base_url(config: &ProviderConfig, default: &str) -> String {
+    config
+        .base_url
+        .as_ref()
+        .map_or(default, |u| u.as_str())
+        .trim_end_matches('/')
+        .to_owned()
+}
+
+/// `Authorization: Bearer <key>`, marked sensitive, when there is a key.
+pub(super) fn bearer(api_key: Option<&str>) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    if let Some(key) = api_key
+        && let Ok(mut value) = HeaderValue::from_str(&format!("Bearer {key}"))
+    {
+        value.set_sensitive(true);
+        headers.insert(http::header::AUTHORIZATION, value);
+    }
+    headers
 }
 
 fn network_error(error: reqwest::Error, timeout: Duration, secret: Option<&str>) -> LlmError {
