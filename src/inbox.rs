@@ -408,7 +408,7 @@ impl Inbox {
             }
         };
         if answers.is_empty() {
-            self.finish(event);
+            finish(self.store.as_ref(), event);
             return;
         }
         let (store, event) = (self.store.clone(), event.clone());
@@ -417,10 +417,6 @@ impl Inbox {
             futures::future::join_all(answers).await;
             finish(store.as_ref(), &event);
         });
-    }
-
-    fn finish(&self, event: &JournaledEvent) {
-        finish(self.store.as_ref(), event);
     }
 
     async fn process_new(&self, event: &JournaledEvent) -> Vec<tokio::sync::oneshot::Receiver<()>> {
@@ -617,7 +613,7 @@ impl Inbox {
                         agent.queue_limit
                     );
                     self.runtime
-                        .notice(agent, &turn.trigger(), "busy", &text)
+                        .notice(&agent.id, &turn.trigger(), "busy", &text)
                         .await;
                 }
             }
@@ -696,9 +692,6 @@ impl Inbox {
                 return;
             }
         };
-        let Some(agent) = self.router.candidates().iter().find(|c| c.id == agent_id) else {
-            return;
-        };
         let text = format!(
             "🔐 I don't know you yet, so I can't answer. Your pairing code is {code}. \
              Ask an admin of this agentbus to approve it with: agentbus pairing approve {code} \
@@ -706,15 +699,9 @@ impl Inbox {
             code = request.code,
             ttl = humantime::format_duration(PAIRING_TTL),
         );
-        let content = crate::agents::reply_content("m.notice", &text, trigger);
-        let txn = crate::agents::derived_txn_id(trigger.event_id, &agent.id, "pairing");
-        if let Err(e) = self
-            .matrix
-            .send_message(&agent.user_id, trigger.room_id, &txn, &content)
-            .await
-        {
-            tracing::error!(agent = %agent.id, room_id = %trigger.room_id, error = %e, "could not send the pairing code");
-        }
+        self.runtime
+            .notice(agent_id, trigger, "pairing", &text)
+            .await;
     }
 
     /// An encrypted message cannot be read; the room's first agent says so rather than
@@ -742,15 +729,9 @@ impl Inbox {
         };
         let text = "🔒 This message is end-to-end encrypted and agents cannot read it. \
                     Please talk to agents in an unencrypted room (in Element: start the chat with encryption turned off).";
-        let content = crate::agents::reply_content("m.notice", text, &trigger);
-        let txn = crate::agents::derived_txn_id(&event.event_id, &agent.id, "encrypted");
-        if let Err(e) = self
-            .matrix
-            .send_message(&agent.user_id, &event.room_id, &txn, &content)
-            .await
-        {
-            tracing::error!(agent = %agent.id, room_id = %event.room_id, error = %e, "could not send the encryption notice");
-        }
+        self.runtime
+            .notice(&agent.id, &trigger, "encrypted", text)
+            .await;
     }
 
     /// The joined members of `room_id`: cached, refreshed after any membership change.

@@ -68,6 +68,26 @@ pub fn history_budget(memory: &MemoryConfig, model: &ModelConfig, fixed: usize) 
     memory.max_tokens.min(window)
 }
 
+/// The prompt for one turn: the `system` prompt (when not empty), the newest remembered
+/// lines that fit the budget left by the system prompt, `current` and the model's answer,
+/// then `current`.
+pub fn assemble(
+    system: &str,
+    stored: &[SessionEntry],
+    current: ChatMessage,
+    memory: &MemoryConfig,
+    model: &ModelConfig,
+) -> Vec<ChatMessage> {
+    let mut messages = Vec::new();
+    if !system.is_empty() {
+        messages.push(ChatMessage::new(Role::System, system));
+    }
+    let fixed: usize = messages.iter().chain([&current]).map(message_tokens).sum();
+    messages.extend(fit_history(stored, history_budget(memory, model, fixed)));
+    messages.push(current);
+    messages
+}
+
 /// The newest lines of `history` that fit `budget`, as chat messages, oldest first. The
 /// kept part never starts with an answer whose question was cut off.
 pub fn fit_history(history: &[SessionEntry], budget: usize) -> Vec<ChatMessage> {
@@ -141,6 +161,52 @@ mod tests {
         assert_eq!(history_budget(&memory, &model, 100), 4000);
         model.context_window = 300;
         assert_eq!(history_budget(&memory, &model, 100), 0);
+    }
+
+    #[test]
+    fn a_small_context_window_keeps_the_system_prompt_the_question_and_what_fits() {
+        let stored: Vec<SessionEntry> = (0..20)
+            .flat_map(|i| {
+                [
+                    entry(SessionRole::User, &format!("question {i} about the build")),
+                    entry(
+                        SessionRole::Assistant,
+                        &format!("answer {i} about the build"),
+                    ),
+                ]
+            })
+            .collect();
+        let memory = MemoryConfig {
+            max_messages: 40,
+            max_tokens: 4000,
+        };
+        let mut model = ModelConfig::unlisted("m");
+        let current = || ChatMessage::new(Role::User, "and now?");
+        // Roomy: all 40 lines between the system prompt and the question.
+        let roomy = assemble("Be brief.", &stored, current(), &memory, &model);
+        assert_eq!(roomy.len(), 42);
+        // 100 tokens of window after a 40-token answer: system (7) + question (6) leave 47,
+        // which holds four lines of 11 tokens, starting with a question.
+        model.context_window = 100;
+        model.max_tokens = 40;
+        let tight = assemble("Be brief.", &stored, current(), &memory, &model);
+        let texts: Vec<&str> = tight.iter().map(|m| m.content.as_str()).collect();
+        assert_eq!(
+            texts,
+            [
+                "Be brief.",
+                "question 18 about the build",
+                "answer 18 about the build",
+                "question 19 about the build",
+                "answer 19 about the build",
+                "and now?"
+            ]
+        );
+        // No system prompt: no empty system message.
+        assert_eq!(
+            assemble("", &[], current(), &memory, &model),
+            vec![current()]
+        );
     }
 
     #[test]

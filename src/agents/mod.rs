@@ -144,11 +144,6 @@ impl AgentRuntime {
         })
     }
 
-    /// The model hub (for health and metrics).
-    pub fn hub(&self) -> &LlmHub {
-        &self.hub
-    }
-
     /// Answers `turns` (one, or several collected) in their session: typing while the
     /// model thinks, the answer streamed as a reply to the last one — or one notice saying
     /// why there is none.
@@ -166,27 +161,23 @@ impl AgentRuntime {
             tracing::debug!(agent = %agent.id, room_id = %last.room_id, error = %e, "could not clear typing");
         }
         if let Err(Notice(text)) = outcome {
-            self.notice(agent, &last.trigger(), "notice", &text).await;
+            self.notice(&agent.id, &last.trigger(), "notice", &text)
+                .await;
         }
     }
 
-    /// Sends `text` as an `m.notice` reply from `agent`.
-    pub async fn notice(
-        &self,
-        agent: &AgentConfig,
-        trigger: &Trigger<'_>,
-        purpose: &str,
-        text: &str,
-    ) {
-        let agent_user = self.config.user_id(&agent.id);
+    /// Sends `text` as an `m.notice` reply from agent `agent_id`. The transaction ID comes
+    /// from the trigger and `purpose`, so a replayed event does not notify twice.
+    pub async fn notice(&self, agent_id: &str, trigger: &Trigger<'_>, purpose: &str, text: &str) {
+        let agent_user = self.config.user_id(agent_id);
         let content = reply_content("m.notice", text, trigger);
-        let txn = derived_txn_id(trigger.event_id, &agent.id, purpose);
+        let txn = derived_txn_id(trigger.event_id, agent_id, purpose);
         if let Err(e) = self
             .matrix
             .send_message(&agent_user, trigger.room_id, &txn, &content)
             .await
         {
-            tracing::error!(agent = %agent.id, room_id = %trigger.room_id, error = %e, "could not send a notice");
+            tracing::error!(agent = agent_id, room_id = %trigger.room_id, purpose, error = %e, "could not send a notice");
         }
     }
 
@@ -208,14 +199,15 @@ impl AgentRuntime {
                 )
             }
         };
-        self.notice(agent, &turn.trigger(), "reset", &text).await;
+        self.notice(&agent.id, &turn.trigger(), "reset", &text)
+            .await;
     }
 
     /// The model chain for these turns: the agent's own models, or — for images the main
     /// model cannot read — the image-capable ones or the agent's `image_model`.
     fn chain_for(&self, agent: &AgentConfig, images: bool) -> Result<Vec<ModelRef>, Notice> {
         let chain = agent.model_chain();
-        if !images || self.accepts_images(&chain[0]) {
+        if !images || self.hub.model(&chain[0]).accepts_images() {
             return Ok(chain);
         }
         if let Some(image_model) = agent.image_model_ref() {
@@ -226,15 +218,6 @@ impl AgentRuntime {
             agent.display_name(),
             chain[0],
         )))
-    }
-
-    fn accepts_images(&self, model: &ModelRef) -> bool {
-        let echo = self
-            .config
-            .providers
-            .get(&model.provider)
-            .is_some_and(|p| p.api == crate::config::ProviderApi::Echo);
-        echo || self.hub.model(model).accepts_images()
     }
 
     /// Downloads a turn's image as the agent, for the model.
@@ -301,23 +284,17 @@ impl AgentRuntime {
         }
         let question = turns.iter().map(Turn::line).collect::<Vec<_>>().join("\n");
         let current = ChatMessage::new(Role::User, question).with_images(images);
-        let mut messages = Vec::new();
-        if !system.is_empty() {
-            messages.push(ChatMessage::new(Role::System, system));
-        }
-        let fixed: usize = messages
-            .iter()
-            .chain([&current])
-            .map(memory::message_tokens)
-            .sum();
-        let budget = memory::history_budget(&agent.memory, &self.hub.model(model), fixed);
         let stored = self.store.session(session).unwrap_or_else(|e| {
             tracing::warn!(agent = %agent.id, error = %e, "could not read the session; answering without memory");
             Vec::new()
         });
-        messages.extend(memory::fit_history(&stored, budget));
-        messages.push(current);
-        messages
+        memory::assemble(
+            &system,
+            &stored,
+            current,
+            &agent.memory,
+            &self.hub.model(model),
+        )
     }
 
     /// One turn: model calls (with tool rounds) streamed into the room, then memory.
@@ -335,11 +312,12 @@ impl AgentRuntime {
             images.push(self.fetch_image(agent, agent_user, image).await?);
         }
         let mut messages = self.prompt(agent, &chain[0], session, turns, images);
-        let mentions: Vec<String> = {
-            let mut m: Vec<String> = turns.iter().map(|t| t.sender.to_string()).collect();
-            m.dedup();
-            m
-        };
+        let mut mentions: Vec<String> = Vec::new();
+        for turn in turns {
+            if !mentions.iter().any(|m| m == turn.sender.as_str()) {
+                mentions.push(turn.sender.to_string());
+            }
+        }
         let mut writer = stream::AnswerWriter::new(
             &self.matrix,
             stream::Destination {

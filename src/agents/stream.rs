@@ -71,11 +71,6 @@ impl<'a> AnswerWriter<'a> {
         &self.text
     }
 
-    /// How many edits were sent.
-    pub fn edits(&self) -> u32 {
-        self.edits
-    }
-
     /// Appends streamed text; posts or edits when the first text arrives or the last send
     /// is older than the edit interval.
     pub async fn push(&mut self, delta: &str) -> Result<(), MatrixError> {

@@ -191,8 +191,9 @@ impl Tools {
         Self::with_guard(AddressGuard::PublicOnly)
     }
 
-    /// Tools whose `fetch_url` also reaches loopback and private addresses. For tests only
-    /// (a stub server on 127.0.0.1); never use it where a model reads untrusted text.
+    /// Tools whose `fetch_url` also reaches loopback and private addresses: for tests (a
+    /// stub server on 127.0.0.1), so it is not compiled into the binary.
+    #[cfg(test)]
     pub fn allowing_private_addresses() -> Self {
         Self::with_guard(AddressGuard::Any)
     }
@@ -884,6 +885,7 @@ enum AddressGuard {
     /// Public internet addresses only (production).
     PublicOnly,
     /// Any address (tests with a local stub).
+    #[cfg(test)]
     Any,
     /// Public addresses and these (tests: a stub on 127.0.0.1 that redirects elsewhere).
     #[cfg(test)]
@@ -904,6 +906,7 @@ struct Refused {
 impl AddressGuard {
     fn check(&self, ip: IpAddr) -> Result<(), &'static str> {
         match self {
+            #[cfg(test)]
             Self::Any => Ok(()),
             #[cfg(test)]
             Self::PublicAnd(allowed) if allowed.contains(&ip) => Ok(()),

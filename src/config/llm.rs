@@ -69,13 +69,19 @@ pub struct ProviderConfig {
 }
 
 impl ProviderConfig {
-    /// The entry for `id`, or the defaults for a model not listed.
+    /// The entry for `id`, or the defaults for a model not listed. The built-in `echo`
+    /// takes anything, images included.
     pub fn model(&self, id: &str) -> ModelConfig {
-        self.models
+        let mut model = self
+            .models
             .iter()
             .find(|m| m.id == id)
             .cloned()
-            .unwrap_or_else(|| ModelConfig::unlisted(id))
+            .unwrap_or_else(|| ModelConfig::unlisted(id));
+        if self.api == ProviderApi::Echo {
+            model.input = vec![InputKind::Text, InputKind::Image];
+        }
+        model
     }
 }
 
@@ -348,7 +354,6 @@ pub(super) fn validate_agent(
         check_ref(format!("{at}.image_model"), image_model);
         if let Some(r) = ModelRef::parse(image_model)
             && let Some(p) = providers.get(&r.provider)
-            && p.api != ProviderApi::Echo
             && !p.model(&r.model).accepts_images()
         {
             problem(

@@ -269,11 +269,6 @@ impl Collector {
         }
     }
 
-    /// The text so far.
-    pub fn text(&self) -> &str {
-        &self.completion.text
-    }
-
     pub fn finish(mut self) -> Completion {
         self.completion.tool_calls = self
             .calls

@@ -239,14 +239,8 @@ impl Agentbus {
         channels: &str,
         provider_extra: &str,
     ) -> tempfile::TempDir {
-        let synapse = synapse();
-        let dir = tempfile::tempdir().unwrap();
-        let config = format!(
+        Self::write_config_text(&format!(
             r#"
-homeserver: {{ url: "{}", server_name: {SERVER_NAME} }}
-appservice: {{ id: agentbus-e2e, bind: "127.0.0.1:{}", as_token: {AS_TOKEN}, hs_token: {HS_TOKEN} }}
-admin: {{ token: {ADMIN_TOKEN} }}
-store: {{ path: data }}
 providers:
   stub:
     api: openai-completions
@@ -265,11 +259,8 @@ routing:
       - {{ keywords: ["代码", "编程", "debug"], agent: coder }}
       - {{ keywords: ["搜索", "调研", "查资料"], agent: researcher }}
 {channels}
-"#,
-            synapse.url, synapse.appservice_port
-        );
-        std::fs::write(dir.path().join("agentbus.yaml"), config).unwrap();
-        dir
+"#
+        ))
     }
 
     /// A directory holding `agentbus.yaml` with the test homeserver, appservice, admin
