@@ -155,7 +155,14 @@ agents:
     let store: Arc<dyn Store> = Arc::new(SledStore::open(dir.path()).unwrap());
     let matrix = MatrixClient::new(&hs, "bench-as", RetryPolicy::default());
     let hub = LlmHub::new(config.clone(), build_providers(&config));
-    let agents = AgentRuntime::new(config.clone(), matrix, store, hub);
+    let agents = AgentRuntime::new(
+        config.clone(),
+        matrix,
+        store,
+        hub,
+        Default::default(),
+        Default::default(),
+    );
     let sender: OwnedUserId = "@alice:bench".try_into().unwrap();
 
     // Warm up: connection pools, the store, lazy statics.

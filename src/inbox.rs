@@ -9,60 +9,43 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ruma::events::Mentions;
 use ruma::{OwnedEventId, OwnedRoomId, OwnedUserId, RoomId};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
-use crate::agents::{AgentRuntime, ImageRef, Job, Submitted, Trigger, Turn};
+use crate::agents::{AgentRuntime, Delivery, ImageRef, Job, Submitted, Trigger, Turn};
 use crate::config::Config;
 use crate::matrix::MatrixClient;
+use crate::matrix::keys::HOPS_KEY;
+use crate::router::explain::{Explain, ExplainError, RouteQuery};
 use crate::router::{
     LoopGuard, MATRIX, MessageFacts, RoomFacts, RouteDecision, RouteInput, Router, Strategy,
 };
-use crate::store::{HistoryEntry, JournaledEvent, Store};
+use crate::store::feed::{Backlog, FeedReceiver};
+use crate::store::{HistoryEntry, JournaledEvent, PAIRING_TTL, Store};
 
-/// Events queued per room before the dispatcher waits.
-const ROOM_QUEUE: usize = 256;
+/// How long a failed room lookup (members, aliases) is remembered before asking again.
+const FACTS_RETRY: Duration = Duration::from_secs(30);
+/// Journaled events read per page while replaying.
+const REPLAY_PAGE: usize = 512;
+/// At most this many finished events are removed from the journal in one write.
+const FINISH_BATCH: usize = 256;
 /// A room worker with nothing to do for this long exits; the next event starts a new one.
 const WORKER_IDLE: Duration = Duration::from_secs(300);
 /// Recent room history handed to the router (threads and replies are looked up in it).
 pub const ROUTING_HISTORY: usize = 100;
-/// How long a pairing code stays valid.
-pub const PAIRING_TTL: Duration = Duration::from_secs(3600);
-/// Content key of the agent-to-agent hop counter.
-pub const HOPS_KEY: &str = "io.agentbus.hops";
 
-/// The handle the transaction handler submits journaled events through.
-#[derive(Clone)]
-pub struct InboxSender(mpsc::UnboundedSender<Vec<JournaledEvent>>);
-
-/// The receiving end, consumed by [`Inbox::run`].
-pub struct InboxReceiver(mpsc::UnboundedReceiver<Vec<JournaledEvent>>);
-
-/// A connected sender/receiver pair.
-pub fn channel() -> (InboxSender, InboxReceiver) {
-    let (tx, rx) = mpsc::unbounded_channel();
-    (InboxSender(tx), InboxReceiver(rx))
-}
-
-impl InboxReceiver {
-    /// The next submitted batch; `None` once every sender is gone.
-    pub async fn recv(&mut self) -> Option<Vec<JournaledEvent>> {
-        self.0.recv().await
-    }
-}
-
-impl InboxSender {
-    /// Queues journaled events for processing. If the inbox has stopped (shutdown), they
-    /// stay in the journal and are processed on the next start.
-    pub fn submit(&self, events: Vec<JournaledEvent>) {
-        if !events.is_empty() && self.0.send(events).is_err() {
-            tracing::debug!("inbox stopped; events stay journaled for the next start");
-        }
+impl Explain for Inbox {
+    fn explain<'a>(
+        &'a self,
+        query: &'a RouteQuery,
+    ) -> futures::future::BoxFuture<'a, Result<RouteDecision, ExplainError>> {
+        Box::pin(self.explain_route(query))
     }
 }
 
@@ -91,47 +74,17 @@ pub struct Inbox {
     runtime: Arc<AgentRuntime>,
     router: Router,
     guard: Mutex<LoopGuard>,
-    rooms: Mutex<HashMap<OwnedRoomId, RoomFacts>>,
+    backlog: Arc<Backlog>,
+    /// Room facts by room; an entry learnt from a failure carries when to ask again.
+    rooms: Mutex<HashMap<OwnedRoomId, (RoomFacts, Option<Instant>)>>,
     /// Display names of joined members, by room (cached with `rooms`).
     names: Mutex<HashMap<OwnedRoomId, HashMap<OwnedUserId, String>>>,
     /// Aliases named in the config, by the room they resolved to.
     aliases: RwLock<HashMap<OwnedRoomId, Vec<String>>>,
     /// Aliases named in the config that did not resolve yet (the room may not exist yet).
     unresolved: Mutex<Vec<String>>,
-}
-
-/// A routing question from the CLI or the admin API: who would answer if `sender` said
-/// `text` in `room`? Nothing is sent or recorded.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RouteQuery {
-    /// Room ID or alias.
-    pub room: String,
-    /// The sender's user ID.
-    pub sender: String,
-    pub text: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub formatted_body: Option<String>,
-    /// User IDs for `m.mentions.user_ids` (as a client that inserts pills would send).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub mentions: Option<Vec<String>>,
-    /// `m.mentions.room` (an `@room` pill).
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub room_mention: bool,
-    /// The event replied to (`$…`), or directly the user whose message it was (`@…`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub reply_to: Option<String>,
-    /// Thread root event ID.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub thread: Option<String>,
-}
-
-/// Why a [`RouteQuery`] could not be answered.
-#[derive(Debug, thiserror::Error)]
-pub enum ExplainError {
-    /// The query itself is wrong (a malformed ID, an alias that does not exist).
-    #[error("{0}")]
-    BadQuery(String),
+    /// When unresolved aliases were last looked up (at most once per [`FACTS_RETRY`]).
+    aliases_tried: Mutex<Option<Instant>>,
 }
 
 /// The fields of an event the inbox looks at.
@@ -154,9 +107,12 @@ impl Inbox {
         store: Arc<dyn Store>,
         matrix: Arc<MatrixClient>,
         runtime: Arc<AgentRuntime>,
+        backlog: Arc<Backlog>,
     ) -> Arc<Self> {
         Arc::new(Self {
             router: Router::new(&config),
+            backlog,
+            aliases_tried: Mutex::new(None),
             store,
             matrix,
             runtime,
@@ -174,6 +130,7 @@ impl Inbox {
     /// again whenever a room's facts are fetched while some are still unresolved: a room
     /// created after agentbus started is picked up.
     pub async fn resolve_aliases(&self) {
+        *self.aliases_tried.lock().expect("alias lock") = Some(Instant::now());
         let pending = std::mem::take(&mut *self.unresolved.lock().expect("alias lock"));
         if pending.is_empty() {
             return;
@@ -237,7 +194,7 @@ impl Inbox {
 
     /// Answers a [`RouteQuery`] the way a real message would be routed now, without
     /// sending or recording anything.
-    pub async fn explain(&self, query: &RouteQuery) -> Result<RouteDecision, ExplainError> {
+    pub async fn explain_route(&self, query: &RouteQuery) -> Result<RouteDecision, ExplainError> {
         let bad = |what: &str, value: &str, e: &dyn std::fmt::Display| {
             ExplainError::BadQuery(format!("{what} {value:?}: {e}"))
         };
@@ -302,59 +259,86 @@ impl Inbox {
         Ok(self.decide(&room_id, &room, &recent, message))
     }
 
-    /// Drains `pending` (the journal at startup) and then everything submitted through the
-    /// receiver, until `shutdown`. Returns once every worker has stopped.
+    /// Replays the journal's events up to `replay_up_to` (the last sequence number
+    /// journaled before the HTTP listener started, so replay and the feed never overlap),
+    /// then takes what the feed brings, until `shutdown`. Room workers and the answers they
+    /// wait for run on `tracker`; the caller waits for it to drain.
     pub async fn run(
         self: Arc<Self>,
-        pending: Vec<JournaledEvent>,
-        mut receiver: InboxReceiver,
+        replay_up_to: Option<u64>,
+        mut feed: FeedReceiver,
         shutdown: CancellationToken,
+        tracker: TaskTracker,
     ) {
-        if !pending.is_empty() {
-            tracing::info!(
-                events = pending.len(),
-                "replaying journaled events from before the restart"
-            );
-        }
-        let mut workers: HashMap<OwnedRoomId, mpsc::Sender<JournaledEvent>> = HashMap::new();
-        let mut tasks = tokio::task::JoinSet::new();
-        for event in pending {
-            self.dispatch(event, &mut workers, &mut tasks, &shutdown)
-                .await;
+        let mut workers: HashMap<OwnedRoomId, mpsc::UnboundedSender<JournaledEvent>> =
+            HashMap::new();
+        if let Some(last) = replay_up_to {
+            let mut after = None;
+            let mut replayed = 0usize;
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = self.backlog.wait_for_room() => {}
+                }
+                let page = match self.store.pending_events(after, REPLAY_PAGE) {
+                    Ok(page) => page,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot read the journal; events stay journaled for the next start");
+                        break;
+                    }
+                };
+                let page: Vec<JournaledEvent> =
+                    page.into_iter().take_while(|e| e.seq <= last).collect();
+                let Some(tail) = page.last() else { break };
+                after = Some(tail.seq);
+                replayed += page.len();
+                self.backlog.add_replayed(page.len());
+                for event in page {
+                    self.dispatch(event, &mut workers, &shutdown, &tracker);
+                }
+            }
+            if replayed > 0 {
+                tracing::info!(
+                    events = replayed,
+                    "replayed journaled events from before the restart"
+                );
+            }
         }
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
-                batch = receiver.0.recv() => match batch {
+                batch = feed.recv() => match batch {
                     Some(batch) => for event in batch {
-                        self.dispatch(event, &mut workers, &mut tasks, &shutdown).await;
+                        self.dispatch(event, &mut workers, &shutdown, &tracker);
                     },
                     None => break,
                 },
-                Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
             }
         }
-        drop(workers);
-        while tasks.join_next().await.is_some() {}
     }
 
-    async fn dispatch(
+    /// Hands `event` to its room's worker, starting one if needed. Never waits: each room
+    /// has its own queue, bounded together by the backlog the intake waits on, so a busy
+    /// room cannot hold up another.
+    fn dispatch(
         self: &Arc<Self>,
         mut event: JournaledEvent,
-        workers: &mut HashMap<OwnedRoomId, mpsc::Sender<JournaledEvent>>,
-        tasks: &mut tokio::task::JoinSet<()>,
+        workers: &mut HashMap<OwnedRoomId, mpsc::UnboundedSender<JournaledEvent>>,
         shutdown: &CancellationToken,
+        tracker: &TaskTracker,
     ) {
         loop {
             let sender = workers.entry(event.room_id.clone()).or_insert_with(|| {
-                let (tx, rx) = mpsc::channel(ROOM_QUEUE);
-                tasks.spawn(
-                    self.clone()
-                        .run_worker(event.room_id.clone(), rx, shutdown.clone()),
-                );
+                let (tx, rx) = mpsc::unbounded_channel();
+                tracker.spawn(self.clone().run_worker(
+                    event.room_id.clone(),
+                    rx,
+                    shutdown.clone(),
+                    tracker.clone(),
+                ));
                 tx
             });
-            match sender.send(event).await {
+            match sender.send(event) {
                 Ok(()) => return,
                 // The worker went idle and closed its queue: start a fresh one.
                 Err(mpsc::error::SendError(returned)) => {
@@ -368,58 +352,97 @@ impl Inbox {
     async fn run_worker(
         self: Arc<Self>,
         room_id: OwnedRoomId,
-        mut queue: mpsc::Receiver<JournaledEvent>,
+        mut queue: mpsc::UnboundedReceiver<JournaledEvent>,
         shutdown: CancellationToken,
+        tracker: TaskTracker,
     ) {
+        // Events with nothing left to wait for, finished together in one write.
+        let mut done: Vec<u64> = Vec::new();
         loop {
-            let next = tokio::select! {
-                _ = shutdown.cancelled() => return,
-                next = tokio::time::timeout(WORKER_IDLE, queue.recv()) => next,
-            };
-            match next {
-                Ok(Some(event)) => self.process(&event).await,
-                Ok(None) => return,
-                Err(_idle) => {
-                    // Refuse new events, then finish the ones that slipped in.
-                    queue.close();
-                    while let Ok(event) = queue.try_recv() {
-                        self.process(&event).await;
-                    }
-                    tracing::debug!(room_id = %room_id, "room worker idle; stopping");
-                    return;
+            let next = if done.len() < FINISH_BATCH {
+                match queue.try_recv() {
+                    Ok(event) => Some(event),
+                    Err(_) => None,
                 }
-            }
+            } else {
+                None
+            };
+            let event = match next {
+                Some(event) => event,
+                None => {
+                    self.finish(&mut done);
+                    let next = tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        next = tokio::time::timeout(WORKER_IDLE, queue.recv()) => next,
+                    };
+                    match next {
+                        Ok(Some(event)) => event,
+                        Ok(None) => return,
+                        Err(_idle) => {
+                            // Refuse new events, then finish the ones that slipped in.
+                            queue.close();
+                            while let Ok(event) = queue.try_recv() {
+                                self.process(&event, &mut done, &tracker).await;
+                            }
+                            self.finish(&mut done);
+                            tracing::debug!(room_id = %room_id, "room worker idle; stopping");
+                            return;
+                        }
+                    }
+                }
+            };
+            self.process(&event, &mut done, &tracker).await;
         }
     }
 
-    /// Processes one journaled event at most once: routes it and queues the answers in
-    /// their sessions. The event leaves the journal once every answer is done, so a crash
-    /// in between answers it again after the restart; the room worker does not wait.
-    pub async fn process(&self, event: &JournaledEvent) {
-        let answers = match self.store.is_processed(&event.event_id) {
-            Ok(true) => {
-                tracing::debug!(event_id = %event.event_id, "already processed; skipping");
-                Vec::new()
-            }
-            Ok(false) => self.process_new(event).await,
-            Err(e) => {
-                tracing::error!(event_id = %event.event_id, error = %e, "cannot check the processed record; processing anyway");
-                self.process_new(event).await
-            }
-        };
-        if answers.is_empty() {
-            finish(self.store.as_ref(), event);
+    /// Finishes the events in `done` (removes them from the journal) in one write.
+    fn finish(&self, done: &mut Vec<u64>) {
+        if done.is_empty() {
             return;
         }
-        let (store, event) = (self.store.clone(), event.clone());
-        tokio::spawn(async move {
+        match self.store.finish_events(done) {
+            Ok(()) => self.backlog.finish(done.len()),
+            Err(e) => {
+                tracing::error!(events = done.len(), error = %e, "could not finish events; they are redone on the next start")
+            }
+        }
+        done.clear();
+    }
+
+    /// Processes one journaled event: routes it and queues the answers in their sessions.
+    /// An event with nothing to answer joins `done`; one with answers leaves the journal
+    /// once every answer is delivered (or known undeliverable), so a crash or shutdown in
+    /// between answers it again after the restart. The room worker does not wait.
+    pub async fn process(
+        &self,
+        event: &JournaledEvent,
+        done: &mut Vec<u64>,
+        tracker: &TaskTracker,
+    ) {
+        let answers = self.process_new(event).await;
+        if answers.is_empty() {
+            done.push(event.seq);
+            return;
+        }
+        let (store, backlog, event) = (self.store.clone(), self.backlog.clone(), event.clone());
+        tracker.spawn(async move {
+            let outcomes = futures::future::join_all(answers).await;
             // A dropped sender (a lane that died) counts as done: the error was logged.
-            futures::future::join_all(answers).await;
-            finish(store.as_ref(), &event);
+            if outcomes.iter().any(|o| matches!(o, Ok(Delivery::Interrupted))) {
+                tracing::info!(event_id = %event.event_id, "answer interrupted by shutdown; the event stays journaled");
+                return;
+            }
+            match store.finish_events(&[event.seq]) {
+                Ok(()) => backlog.finish(1),
+                Err(e) => tracing::error!(event_id = %event.event_id, error = %e, "could not finish event"),
+            }
         });
     }
 
-    async fn process_new(&self, event: &JournaledEvent) -> Vec<tokio::sync::oneshot::Receiver<()>> {
+    async fn process_new(
+        &self,
+        event: &JournaledEvent,
+    ) -> Vec<tokio::sync::oneshot::Receiver<Delivery>> {
         let envelope: Envelope = match serde_json::from_str(event.json.get()) {
             Ok(envelope) => envelope,
             Err(e) => {
@@ -430,7 +453,7 @@ impl Inbox {
         match envelope.kind.as_str() {
             "m.room.member" => self.on_member(&event.room_id, &envelope).await,
             "m.room.message" => return self.on_message(event, &envelope).await,
-            "m.room.encrypted" => self.on_encrypted(event, &envelope).await,
+            "m.room.encrypted" => return held(self.on_encrypted(event, &envelope).await),
             _ => {}
         }
         Vec::new()
@@ -466,7 +489,7 @@ impl Inbox {
         &self,
         event: &JournaledEvent,
         envelope: &Envelope,
-    ) -> Vec<tokio::sync::oneshot::Receiver<()>> {
+    ) -> Vec<tokio::sync::oneshot::Receiver<Delivery>> {
         let from_own_user = self.config.is_own_user(&envelope.sender);
         if from_own_user && !self.config.routing.agent_to_agent.enabled {
             return Vec::new();
@@ -587,7 +610,7 @@ impl Inbox {
         };
         if decision.strategy == Strategy::Pairing {
             if let Some(agent) = &decision.pairing_agent {
-                self.send_pairing_code(agent, &turn.trigger()).await;
+                return held(self.send_pairing_code(agent, &turn.trigger()).await);
             }
             return Vec::new();
         }
@@ -612,9 +635,11 @@ impl Inbox {
                         agent.display_name(),
                         agent.queue_limit
                     );
-                    self.runtime
+                    let said = self
+                        .runtime
                         .notice(&agent.id, &turn.trigger(), "busy", &text)
                         .await;
+                    answers.extend(held(said));
                 }
             }
         }
@@ -673,7 +698,7 @@ impl Inbox {
     }
 
     /// Tells an unknown DM sender their pairing code, and nothing else.
-    async fn send_pairing_code(&self, agent_id: &str, trigger: &Trigger<'_>) {
+    async fn send_pairing_code(&self, agent_id: &str, trigger: &Trigger<'_>) -> Delivery {
         let now = crate::unix_ms();
         let request = match self.store.pairing_request(
             MATRIX,
@@ -689,7 +714,7 @@ impl Inbox {
             }
             Err(e) => {
                 tracing::error!(sender = %trigger.sender, error = %e, "could not issue a pairing code");
-                return;
+                return Delivery::Undeliverable;
             }
         };
         let text = format!(
@@ -701,14 +726,14 @@ impl Inbox {
         );
         self.runtime
             .notice(agent_id, trigger, "pairing", &text)
-            .await;
+            .await
     }
 
     /// An encrypted message cannot be read; the room's first agent says so rather than
     /// staying silent.
-    async fn on_encrypted(&self, event: &JournaledEvent, envelope: &Envelope) {
+    async fn on_encrypted(&self, event: &JournaledEvent, envelope: &Envelope) -> Delivery {
         if self.config.is_own_user(&envelope.sender) {
-            return;
+            return Delivery::Delivered;
         }
         let room = self.room_facts(&event.room_id).await;
         let Some(agent) = self
@@ -717,7 +742,7 @@ impl Inbox {
             .iter()
             .find(|c| room.joined.contains(&c.user_id))
         else {
-            return;
+            return Delivery::Delivered;
         };
         let trigger = Trigger {
             room_id: &event.room_id,
@@ -731,15 +756,37 @@ impl Inbox {
                     Please talk to agents in an unencrypted room (in Element: start the chat with encryption turned off).";
         self.runtime
             .notice(&agent.id, &trigger, "encrypted", text)
-            .await;
+            .await
     }
 
-    /// The joined members of `room_id`: cached, refreshed after any membership change.
+    /// The joined members of `room_id`: cached — a room none of our agents is in too —
+    /// and refreshed after any membership change in it. A lookup that failed is retried
+    /// after [`FACTS_RETRY`], not for every event.
     async fn room_facts(&self, room_id: &RoomId) -> RoomFacts {
-        if let Some(facts) = self.rooms.lock().expect("room cache lock").get(room_id) {
-            return facts.clone();
+        if let Some((facts, expires)) = self.rooms.lock().expect("room cache lock").get(room_id) {
+            if expires.is_none_or(|at| Instant::now() < at) {
+                return facts.clone();
+            }
         }
-        self.resolve_aliases().await;
+        let retry_aliases = {
+            let tried = self.aliases_tried.lock().expect("alias lock");
+            tried.is_none_or(|at| at.elapsed() >= FACTS_RETRY)
+        };
+        if retry_aliases {
+            self.resolve_aliases().await;
+        }
+        let aliases = self
+            .aliases
+            .read()
+            .expect("alias lock")
+            .get(room_id)
+            .cloned()
+            .unwrap_or_default();
+        let mut expires = None;
+        let mut facts = RoomFacts {
+            joined: Default::default(),
+            aliases,
+        };
         // Ask as each agent in turn; only one that is in the room may see its members.
         for candidate in self.router.candidates() {
             match self
@@ -756,38 +803,34 @@ impl Inbox {
                         .lock()
                         .expect("names lock")
                         .insert(room_id.to_owned(), names);
-                    let facts = RoomFacts {
-                        joined: members.into_iter().map(|(id, _)| id).collect(),
-                        aliases: self
-                            .aliases
-                            .read()
-                            .expect("alias lock")
-                            .get(room_id)
-                            .cloned()
-                            .unwrap_or_default(),
-                    };
-                    self.rooms
-                        .lock()
-                        .expect("room cache lock")
-                        .insert(room_id.to_owned(), facts.clone());
-                    return facts;
+                    facts.joined = members.into_iter().map(|(id, _)| id).collect();
+                    break;
                 }
                 Err(e) if e.errcode() == Some("M_FORBIDDEN") => continue,
                 Err(e) => {
                     tracing::warn!(room_id = %room_id, error = %e, "could not read room members");
-                    return RoomFacts::default();
+                    expires = Some(Instant::now() + FACTS_RETRY);
+                    break;
                 }
             }
         }
-        RoomFacts::default()
+        self.rooms
+            .lock()
+            .expect("room cache lock")
+            .insert(room_id.to_owned(), (facts.clone(), expires));
+        facts
     }
 }
 
-/// Marks `event` processed and drops it from the journal.
-fn finish(store: &dyn Store, event: &JournaledEvent) {
-    if let Err(e) = store.finish_event(event.seq, &event.event_id) {
-        tracing::error!(event_id = %event.event_id, error = %e, "could not mark event processed");
+/// A notice sent inline that shutdown interrupted holds its event in the journal, like an
+/// answer would; anything else has nothing left to wait for.
+fn held(delivery: Delivery) -> Vec<tokio::sync::oneshot::Receiver<Delivery>> {
+    if delivery != Delivery::Interrupted {
+        return Vec::new();
     }
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let _ = tx.send(delivery);
+    vec![rx]
 }
 
 /// Whether `body` is the `!reset` command (optionally followed by mentions).

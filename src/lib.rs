@@ -26,72 +26,21 @@
 
 pub mod agents;
 pub mod appservice;
-pub mod client;
+pub mod cli;
 pub mod config;
 pub mod inbox;
 pub mod llm;
 pub mod matrix;
+pub mod net;
 pub mod ops;
+pub mod render;
 pub mod router;
 pub mod server;
 pub mod store;
-
-use std::sync::Arc;
 
 /// Milliseconds since the Unix epoch (0 if the clock is before it).
 pub fn unix_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
-}
-
-/// State shared by every HTTP handler, passed through axum's `State`.
-pub struct AppState {
-    pub config: Arc<config::Config>,
-    /// SHA-256 of the hs_token, for constant-time comparison.
-    pub hs_token_digest: [u8; 32],
-    /// SHA-256 of the admin API token.
-    pub admin_token_digest: [u8; 32],
-    pub store: Arc<dyn store::Store>,
-    /// Where journaled events are submitted for processing.
-    pub inbox: inbox::InboxSender,
-    /// The event processor behind the inbox; the admin API asks it to explain routes.
-    pub processor: Arc<inbox::Inbox>,
-    pub matrix: Arc<matrix::MatrixClient>,
-}
-
-impl AppState {
-    /// Builds the state from a config whose tokens are resolved, and the receiving end of
-    /// its inbox.
-    pub fn new(
-        config: config::Config,
-        store: Arc<dyn store::Store>,
-        matrix: Arc<matrix::MatrixClient>,
-    ) -> (Arc<Self>, inbox::InboxReceiver) {
-        let token = |t: &Option<String>| {
-            appservice::token_digest(
-                t.as_deref()
-                    .expect("tokens are resolved before building state"),
-            )
-        };
-        let config = Arc::new(config);
-        let runtime = agents::AgentRuntime::new(
-            config.clone(),
-            matrix.clone(),
-            store.clone(),
-            llm::LlmHub::new(config.clone(), llm::build_providers(&config)),
-        );
-        let processor = inbox::Inbox::new(config.clone(), store.clone(), matrix.clone(), runtime);
-        let (sender, receiver) = inbox::channel();
-        let state = Self {
-            hs_token_digest: token(&config.appservice.hs_token),
-            admin_token_digest: token(&config.admin.token),
-            config,
-            store,
-            inbox: sender,
-            processor,
-            matrix,
-        };
-        (Arc::new(state), receiver)
-    }
 }

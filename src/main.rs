@@ -5,11 +5,11 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use agentbus::appservice::registration::{self, Registration};
-use agentbus::client::{SayRequest, say};
+use agentbus::cli::admin;
+use agentbus::cli::say::{SayRequest, say};
 use agentbus::config::Config;
-use agentbus::inbox::RouteQuery;
-use agentbus::ops::admin;
-use agentbus::ops::checks::{self, CheckFailure, EXIT_CONFIG, EXIT_LOCAL_SETUP};
+use agentbus::ops::checks::{CheckFailure, EXIT_CONFIG, EXIT_LOCAL_SETUP};
+use agentbus::router::explain::RouteQuery;
 use agentbus::server::{Services, serve};
 use clap::{Parser, Subcommand, ValueEnum};
 use tokio_util::sync::CancellationToken;
@@ -196,7 +196,7 @@ async fn run(cli: Cli) -> Result<(), CheckFailure> {
             }
             Ok(())
         }
-        Command::Check => check(&cli.config).await,
+        Command::Check => agentbus::cli::check::check(load_config(&cli.config)?).await,
         Command::Route {
             room,
             sender,
@@ -362,63 +362,6 @@ async fn bind(config: &Config) -> Result<tokio::net::TcpListener, CheckFailure> 
                 ),
             )
         })
-}
-
-/// `agentbus check`: the config, then the homeserver checks. When no agentbus is running,
-/// a temporary one listens for the homeserver's ping (journaling, not answering, anything
-/// the homeserver delivers meanwhile, so nothing is lost).
-async fn check(path: &Path) -> Result<(), CheckFailure> {
-    let config = load_config(path)?;
-    println!(
-        "✓ config valid ({} agents, {} providers)",
-        config.agents.len(),
-        config.providers.len()
-    );
-    let shutdown = CancellationToken::new();
-    let (matrix, server) = match tokio::net::TcpListener::bind(config.appservice.bind).await {
-        Ok(listener) => {
-            let services = Services::build(config.clone())?;
-            let matrix = services.state.matrix.clone();
-            let app = agentbus::appservice::router(services.state.clone());
-            let stop = shutdown.clone();
-            let server = tokio::spawn(async move {
-                axum::serve(listener, app)
-                    .with_graceful_shutdown(stop.cancelled_owned())
-                    .await
-            });
-            (matrix, Some(server))
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
-            println!(
-                "· {} is in use — assuming agentbus serve is running there",
-                config.appservice.bind
-            );
-            let as_token = config.appservice.as_token.as_deref().unwrap_or_default();
-            (
-                agentbus::matrix::MatrixClient::new(
-                    config.homeserver.url.as_str(),
-                    as_token,
-                    Default::default(),
-                ),
-                None,
-            )
-        }
-        Err(e) => {
-            return Err(CheckFailure::new(
-                EXIT_LOCAL_SETUP,
-                format!("✗ cannot listen on {}: {e}", config.appservice.bind),
-            ));
-        }
-    };
-    let result = checks::run_homeserver_checks(&config, &matrix).await;
-    shutdown.cancel();
-    if let Some(server) = server {
-        let _ = server.await;
-    }
-    for line in result? {
-        println!("{line}");
-    }
-    Ok(())
 }
 
 async fn cancel_on_signal(shutdown: CancellationToken) {

@@ -1,44 +1,65 @@
-//! Wiring: builds the services from a config and runs them until shutdown.
+//! The composition root: builds every service once from the config, serves HTTP, starts the
+//! workers on one [`TaskTracker`], and runs until shutdown.
 //!
-//! [`serve`] takes a bound listener and a shutdown token, so tests run it on
-//! `127.0.0.1:0` and stop it at will. Shutdown stops the HTTP server, lets each room
-//! worker finish the event in hand, and leaves the rest journaled for the next start.
+//! [`serve`] takes a bound listener and a shutdown token, so tests run it on `127.0.0.1:0`
+//! and stop it at will. Shutdown stops intake first (the HTTP server, the inbox taking new
+//! events), lets answers in flight finish for a grace period, then stops what is left; an
+//! event whose answer did not finish stays journaled and is answered on the next start.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
+use crate::agents::AgentRuntime;
+use crate::appservice::{self, AppState};
 use crate::config::Config;
-use crate::inbox::InboxReceiver;
+use crate::inbox::Inbox;
+use crate::llm::{LlmHub, build_providers};
 use crate::matrix::{MatrixClient, RetryPolicy};
+use crate::ops::api::{self, AdminState};
 use crate::ops::checks::{self, CheckFailure, EXIT_LOCAL_SETUP};
-use crate::store::{SledStore, Store};
-use crate::{AppState, appservice};
+use crate::store::feed::{self, Backlog, FeedReceiver};
+use crate::store::{self, Store};
 
-/// How long txnIds and processed event_ids are remembered for deduplication.
+/// How long txnIds and journaled event_ids are remembered for deduplication.
 const DEDUPE_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
 /// How long shutdown waits for in-flight answers before leaving them to the journal.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
 
 /// Everything built from the config, before anything runs.
 pub struct Services {
-    pub state: Arc<AppState>,
-    receiver: InboxReceiver,
+    pub config: Arc<Config>,
+    pub store: Arc<dyn Store>,
+    pub matrix: Arc<MatrixClient>,
+    pub inbox: Arc<Inbox>,
+    pub backlog: Arc<Backlog>,
+    appservice: Arc<AppState>,
+    admin: Arc<AdminState>,
+    feed: FeedReceiver,
+    tracker: TaskTracker,
+    /// Cancelled when the grace period is over: answers stop waiting and stay journaled.
+    stop: CancellationToken,
 }
 
 impl Services {
-    /// Opens the store and builds the shared state. `config` must have its tokens resolved
-    /// ([`crate::appservice::registration::ensure_tokens`]).
+    /// Opens the store the config names and builds the services. `config` must have its
+    /// tokens resolved ([`crate::appservice::registration::ensure_tokens`]).
     pub fn build(config: Config) -> Result<Self, CheckFailure> {
-        let store_dir = config.store.path.join("sled");
-        let store: Arc<dyn Store> = Arc::new(SledStore::open(&store_dir).map_err(|e| {
+        let store = store::open(&config.store).map_err(|e| {
             CheckFailure::new(
                 EXIT_LOCAL_SETUP,
                 format!("✗ {e} — is another agentbus using this store.path?"),
             )
-        })?);
+        })?;
+        Ok(Self::with_store(config, store))
+    }
+
+    /// Builds the services over an open store.
+    pub fn with_store(config: Config, store: Arc<dyn Store>) -> Self {
+        let config = Arc::new(config);
         let as_token = config
             .appservice
             .as_token
@@ -49,23 +70,111 @@ impl Services {
             as_token,
             RetryPolicy::default(),
         );
-        let (state, receiver) = AppState::new(config, store, matrix);
-        Ok(Self { state, receiver })
+        let tracker = TaskTracker::new();
+        let stop = CancellationToken::new();
+        let runtime = AgentRuntime::new(
+            config.clone(),
+            matrix.clone(),
+            store.clone(),
+            LlmHub::new(config.clone(), build_providers(&config)),
+            tracker.clone(),
+            stop.clone(),
+        );
+        let backlog = Backlog::new(config.appservice.max_backlog);
+        let (sender, receiver) = feed::feed(backlog.clone());
+        let inbox = Inbox::new(
+            config.clone(),
+            store.clone(),
+            matrix.clone(),
+            runtime,
+            backlog.clone(),
+        );
+        let appservice = AppState::new(config.clone(), store.clone(), sender, matrix.clone());
+        let admin = AdminState::new(
+            config.admin.token.as_deref().unwrap_or_default(),
+            store.clone(),
+            inbox.clone(),
+        );
+        Self {
+            config,
+            store,
+            matrix,
+            inbox,
+            backlog,
+            appservice,
+            admin,
+            feed: receiver,
+            tracker,
+            stop,
+        }
+    }
+
+    /// What the homeserver has shown of itself to the HTTP API (for the startup checks).
+    pub fn contact(&self) -> Arc<appservice::Contact> {
+        self.appservice.contact.clone()
+    }
+
+    /// Every HTTP route agentbus serves: the appservice API, the admin API, metrics.
+    pub fn app(&self) -> axum::Router {
+        appservice::router(self.appservice.clone())
+            .merge(api::routes(self.admin.clone()))
+            .merge(api::metrics_routes(self.backlog.clone()))
+            .fallback(appservice::unrecognized)
+    }
+
+    /// Starts the inbox — replaying the journal up to `replay_up_to` first — and the daily
+    /// pruning, on the tracker; returns at once. `shutdown` stops intake.
+    pub fn start_workers(&mut self, replay_up_to: Option<u64>, shutdown: &CancellationToken) {
+        let (_, feed) = feed::feed(self.backlog.clone());
+        let feed = std::mem::replace(&mut self.feed, feed);
+        self.tracker.spawn(self.inbox.clone().run(
+            replay_up_to,
+            feed,
+            shutdown.clone(),
+            self.tracker.clone(),
+        ));
+        self.tracker
+            .spawn(prune_daily(self.store.clone(), shutdown.clone()));
+    }
+
+    /// After `shutdown`: waits up to `grace` for the tracked tasks (answers in flight),
+    /// then stops the rest and waits for them to notice.
+    pub async fn drain(self, grace: Duration) {
+        self.tracker.close();
+        if tokio::time::timeout(grace, self.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "answers still in flight at shutdown stay journaled and are redone on the next start"
+            );
+            self.stop.cancel();
+            self.tracker.wait().await;
+        }
+    }
+
+    /// The sequence number of the newest journaled event: what replay covers. Taken before
+    /// the listener opens, so replay and newly delivered events never overlap.
+    pub fn journal_head(&self) -> Result<Option<u64>, CheckFailure> {
+        self.store.journal_head().map_err(|e| {
+            CheckFailure::new(EXIT_LOCAL_SETUP, format!("✗ cannot read the journal: {e}"))
+        })
     }
 }
 
 /// Runs agentbus on `listener` until `shutdown` is cancelled: HTTP first (the homeserver's
 /// ping needs it), then the startup checks, agent profiles, and the inbox — which replays
-/// whatever the journal still holds before taking new events.
+/// whatever the journal held before taking new events.
 pub async fn serve(
-    services: Services,
+    mut services: Services,
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), CheckFailure> {
-    let Services { state, receiver } = services;
-    let config = state.config.clone();
+    let config = services.config.clone();
+    let replay_up_to = services.journal_head()?;
+    let pending = services.store.pending_count().unwrap_or(0);
     let http = tokio::spawn({
-        let app = appservice::router(state.clone());
+        let app = services.app();
         let shutdown = shutdown.clone();
         async move {
             axum::serve(listener, app)
@@ -74,7 +183,13 @@ pub async fn serve(
         }
     });
 
-    let passed = match checks::run_homeserver_checks(&config, &state.matrix).await {
+    let passed = match checks::run_homeserver_checks(
+        &config,
+        &services.matrix,
+        &services.appservice.contact,
+    )
+    .await
+    {
         Ok(passed) => passed,
         Err(failure) => {
             shutdown.cancel();
@@ -85,19 +200,13 @@ pub async fn serve(
     for line in passed {
         tracing::info!("{line}");
     }
-    provision_agents(&config, &state.matrix).await;
+    provision_agents(&config, &services.matrix).await;
 
-    tokio::spawn(prune_daily(state.store.clone(), shutdown.clone()));
-    let pending = state.store.pending_events().map_err(|e| {
-        CheckFailure::new(EXIT_LOCAL_SETUP, format!("✗ cannot read the journal: {e}"))
-    })?;
-    state.processor.resolve_aliases().await;
-    let inbox_task = tokio::spawn(
-        state
-            .processor
-            .clone()
-            .run(pending, receiver, shutdown.clone()),
-    );
+    services.inbox.resolve_aliases().await;
+    if pending > 0 {
+        tracing::info!(events = pending, "replaying the journal");
+    }
+    services.start_workers(replay_up_to, &shutdown);
     tracing::info!(agents = config.agents.len(), "agentbus is running");
 
     shutdown.cancelled().await;
@@ -105,14 +214,7 @@ pub async fn serve(
     if let Ok(Err(e)) = http.await {
         tracing::warn!(error = %e, "HTTP server ended with an error");
     }
-    if tokio::time::timeout(SHUTDOWN_GRACE, inbox_task)
-        .await
-        .is_err()
-    {
-        tracing::warn!(
-            "answers still in flight at shutdown stay journaled and are redone on the next start"
-        );
-    }
+    services.drain(SHUTDOWN_GRACE).await;
     Ok(())
 }
 
@@ -120,9 +222,9 @@ pub async fn serve(
 async fn prune_daily(store: Arc<dyn Store>, shutdown: CancellationToken) {
     loop {
         let pruning = store.clone();
-        match tokio::task::spawn_blocking(move || pruning.prune_dedupe_records(DEDUPE_RETENTION))
-            .await
-        {
+        let cutoff = crate::unix_ms()
+            .saturating_sub(u64::try_from(DEDUPE_RETENTION.as_millis()).unwrap_or(0));
+        match tokio::task::spawn_blocking(move || pruning.prune_dedupe_records(cutoff)).await {
             Ok(Ok(0)) => {}
             Ok(Ok(n)) => tracing::info!(records = n, "pruned old txnId / event_id dedupe records"),
             Ok(Err(e)) => tracing::warn!(error = %e, "could not prune dedupe records"),

@@ -5,10 +5,8 @@
 //! - [`session`]: one lane per session (agent + room + thread), queue or collect.
 //! - [`memory`]: the session's stored history, fitted to a token budget.
 //! - [`stream`]: the answer as a message plus throttled edits.
-//! - [`format`]: markdown → HTML, long answers split between paragraphs.
 //! - [`tools`]: the built-in tools and the allow/deny policy.
 
-pub mod format;
 pub mod memory;
 pub mod session;
 pub mod stream;
@@ -27,10 +25,13 @@ use ruma::{
 use serde_json::json;
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::config::{AgentConfig, Config, ModelRef};
 use crate::llm::{ChatMessage, Collector, CompletionRequest, Delta, Image, LlmError, LlmHub, Role};
-use crate::matrix::{MatrixClient, MatrixError};
+use crate::matrix::keys::HOPS_KEY;
+use crate::matrix::{MatrixClient, Undelivered};
 use crate::store::{HistoryEntry, SessionEntry, SessionRole, Store};
 
 pub use session::{Job, Submitted};
@@ -38,6 +39,30 @@ pub use session::{Job, Submitted};
 /// How long one typing notice lasts; it is refreshed well before it runs out.
 const TYPING_TIMEOUT: Duration = Duration::from_secs(30);
 const TYPING_REFRESH: Duration = Duration::from_secs(20);
+/// Typing is shown only for an answer that takes longer than this to appear: a quick one
+/// costs the homeserver no typing requests at all.
+const TYPING_DELAY: Duration = stream::EDIT_INTERVAL;
+
+/// How a job's answer ended, for whoever waits on it (the inbox finishes the event then).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    /// What the agent had to say (an answer or a notice) is in the room.
+    Delivered,
+    /// It could not be posted for a reason that will not heal (the agent left the room, …).
+    Undeliverable,
+    /// Shutdown came first; the event stays journaled and is answered after the restart.
+    Interrupted,
+}
+
+impl Delivery {
+    fn of(result: Result<(), Undelivered>) -> Self {
+        match result {
+            Ok(()) => Delivery::Delivered,
+            Err(Undelivered::Permanent(_)) => Delivery::Undeliverable,
+            Err(Undelivered::Stopped) => Delivery::Interrupted,
+        }
+    }
+}
 /// The largest image passed to a model.
 pub const MAX_IMAGE_BYTES: usize = 10 * 1024 * 1024;
 
@@ -113,9 +138,16 @@ impl Turn {
     }
 }
 
-/// Why a turn ended without a (whole) answer: shown to the room as one notice.
+/// Why a turn ended without a (whole) answer.
 #[derive(Debug)]
-struct Notice(String);
+enum Ended {
+    /// Say this to the room, as one notice.
+    Notice(String),
+    /// The answer could not be posted.
+    Undelivered(Undelivered),
+}
+
+use Ended::Notice;
 
 /// Runs agents: sessions, memory, model calls with tools, streamed replies.
 pub struct AgentRuntime {
@@ -125,6 +157,10 @@ pub struct AgentRuntime {
     hub: LlmHub,
     tools: tools::Tools,
     lanes: Mutex<HashMap<String, mpsc::Sender<session::Queued>>>,
+    /// Lanes and typing loops run here, so shutdown waits for them.
+    tracker: TaskTracker,
+    /// Cancelled when shutdown's grace period is over: runs stop waiting for the homeserver.
+    stop: CancellationToken,
 }
 
 impl AgentRuntime {
@@ -133,6 +169,8 @@ impl AgentRuntime {
         matrix: Arc<MatrixClient>,
         store: Arc<dyn Store>,
         hub: LlmHub,
+        tracker: TaskTracker,
+        stop: CancellationToken,
     ) -> Arc<Self> {
         Arc::new(Self {
             config,
@@ -141,48 +179,60 @@ impl AgentRuntime {
             hub,
             tools: tools::Tools::new(),
             lanes: Mutex::new(HashMap::new()),
+            tracker,
+            stop,
         })
     }
 
     /// Answers `turns` (one, or several collected) in their session: typing while the
-    /// model thinks, the answer streamed as a reply to the last one — or one notice saying
-    /// why there is none.
-    async fn run_turns(&self, agent: &AgentConfig, session: &str, turns: &[Turn]) {
+    /// model thinks (if it takes a while), the answer streamed as a reply to the last one —
+    /// or one notice saying why there is none.
+    async fn run_turns(&self, agent: &AgentConfig, session: &str, turns: &[Turn]) -> Delivery {
         let last = turns.last().expect("a run has at least one turn");
         let agent_user = self.config.user_id(&agent.id);
         let typing = self.keep_typing(&agent_user, &last.room_id);
         let outcome = self.converse(agent, &agent_user, session, turns).await;
-        typing.abort();
-        if let Err(e) = self
-            .matrix
-            .set_typing(&agent_user, &last.room_id, None)
-            .await
-        {
-            tracing::debug!(agent = %agent.id, room_id = %last.room_id, error = %e, "could not clear typing");
-        }
-        if let Err(Notice(text)) = outcome {
-            self.notice(&agent.id, &last.trigger(), "notice", &text)
-                .await;
+        typing.stop(&self.matrix).await;
+        match outcome {
+            Ok(()) => Delivery::Delivered,
+            Err(Ended::Undelivered(e)) => {
+                if let Undelivered::Permanent(error) = &e {
+                    tracing::error!(agent = %agent.id, room_id = %last.room_id, %error, "could not post the answer");
+                }
+                Delivery::of(Err(e))
+            }
+            Err(Notice(text)) => {
+                self.notice(&agent.id, &last.trigger(), "notice", &text)
+                    .await
+            }
         }
     }
 
-    /// Sends `text` as an `m.notice` reply from agent `agent_id`. The transaction ID comes
-    /// from the trigger and `purpose`, so a replayed event does not notify twice.
-    pub async fn notice(&self, agent_id: &str, trigger: &Trigger<'_>, purpose: &str, text: &str) {
+    /// Sends `text` as an `m.notice` reply from agent `agent_id`, waiting out a homeserver
+    /// outage. The transaction ID comes from the trigger and `purpose`, so a replayed event
+    /// does not notify twice.
+    pub async fn notice(
+        &self,
+        agent_id: &str,
+        trigger: &Trigger<'_>,
+        purpose: &str,
+        text: &str,
+    ) -> Delivery {
         let agent_user = self.config.user_id(agent_id);
         let content = reply_content("m.notice", text, trigger);
         let txn = derived_txn_id(trigger.event_id, agent_id, purpose);
-        if let Err(e) = self
+        let sent = self
             .matrix
-            .send_message(&agent_user, trigger.room_id, &txn, &content)
-            .await
-        {
+            .send_message_until_delivered(&agent_user, trigger.room_id, &txn, &content, &self.stop)
+            .await;
+        if let Err(Undelivered::Permanent(e)) = &sent {
             tracing::error!(agent = agent_id, room_id = %trigger.room_id, purpose, error = %e, "could not send a notice");
         }
+        Delivery::of(sent.map(|_| ()))
     }
 
     /// `!reset`: forgets the session and says so.
-    async fn reset(&self, agent: &AgentConfig, session: &str, turn: &Turn) {
+    async fn reset(&self, agent: &AgentConfig, session: &str, turn: &Turn) -> Delivery {
         let text = match self.store.clear_session(session) {
             Ok(lines) => {
                 tracing::info!(agent = %agent.id, room_id = %turn.room_id, lines, "session reset");
@@ -200,12 +250,12 @@ impl AgentRuntime {
             }
         };
         self.notice(&agent.id, &turn.trigger(), "reset", &text)
-            .await;
+            .await
     }
 
     /// The model chain for these turns: the agent's own models, or — for images the main
     /// model cannot read — the image-capable ones or the agent's `image_model`.
-    fn chain_for(&self, agent: &AgentConfig, images: bool) -> Result<Vec<ModelRef>, Notice> {
+    fn chain_for(&self, agent: &AgentConfig, images: bool) -> Result<Vec<ModelRef>, Ended> {
         let chain = agent.model_chain();
         if !images || self.hub.model(&chain[0]).accepts_images() {
             return Ok(chain);
@@ -226,7 +276,7 @@ impl AgentRuntime {
         agent: &AgentConfig,
         agent_user: &UserId,
         image: &ImageRef,
-    ) -> Result<Image, Notice> {
+    ) -> Result<Image, Ended> {
         let too_big = || {
             Notice(format!(
                 "🖼️ The image {} is larger than the {} MB {} can look at.",
@@ -304,7 +354,7 @@ impl AgentRuntime {
         agent_user: &UserId,
         session: &str,
         turns: &[Turn],
-    ) -> Result<(), Notice> {
+    ) -> Result<(), Ended> {
         let last = turns.last().expect("a run has at least one turn");
         let chain = self.chain_for(agent, turns.iter().any(|t| t.image.is_some()))?;
         let mut images = Vec::new();
@@ -320,6 +370,8 @@ impl AgentRuntime {
         }
         let mut writer = stream::AnswerWriter::new(
             &self.matrix,
+            Some(self.store.as_ref()),
+            &self.stop,
             stream::Destination {
                 agent_id: &agent.id,
                 agent_user,
@@ -367,10 +419,7 @@ impl AgentRuntime {
             while let Some(delta) = deltas.next().await {
                 match delta {
                     Ok(Delta::Text(text)) => {
-                        writer
-                            .push(&text)
-                            .await
-                            .map_err(|e| send_failed(agent, &e))?;
+                        writer.push(&text).await;
                         collector.push(Delta::Text(text));
                     }
                     Ok(other) => collector.push(other),
@@ -407,7 +456,7 @@ impl AgentRuntime {
                 ),
             }));
         }
-        let parts = writer.finish().await.map_err(|e| send_failed(agent, &e))?;
+        let parts = writer.finish().await.map_err(Ended::Undelivered)?;
         let now = crate::unix_ms();
         for part in &parts {
             let entry = HistoryEntry {
@@ -450,18 +499,59 @@ impl AgentRuntime {
         }
     }
 
-    /// Shows the agent typing, refreshed until the returned task is aborted.
-    fn keep_typing(&self, agent_user: &UserId, room_id: &RoomId) -> tokio::task::JoinHandle<()> {
+    /// Shows the agent typing after [`TYPING_DELAY`], refreshed until stopped.
+    fn keep_typing(&self, agent_user: &UserId, room_id: &RoomId) -> Typing {
         let matrix = self.matrix.clone();
         let (user, room) = (agent_user.to_owned(), room_id.to_owned());
-        tokio::spawn(async move {
-            loop {
-                if let Err(e) = matrix.set_typing(&user, &room, Some(TYPING_TIMEOUT)).await {
-                    tracing::debug!(agent = %user, room_id = %room, error = %e, "could not set typing");
+        let shown = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let cancel = self.stop.child_token();
+        let task = self.tracker.spawn({
+            let (shown, cancel) = (shown.clone(), cancel.clone());
+            let (user, room) = (user.clone(), room.clone());
+            async move {
+                let mut wait = TYPING_DELAY;
+                loop {
+                    tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        _ = tokio::time::sleep(wait) => {}
+                    }
+                    shown.store(true, std::sync::atomic::Ordering::Release);
+                    if let Err(e) = matrix.set_typing(&user, &room, Some(TYPING_TIMEOUT)).await {
+                        tracing::debug!(agent = %user, room_id = %room, error = %e, "could not set typing");
+                    }
+                    wait = TYPING_REFRESH;
                 }
-                tokio::time::sleep(TYPING_REFRESH).await;
             }
-        })
+        });
+        Typing {
+            task,
+            cancel,
+            shown,
+            user,
+            room,
+        }
+    }
+}
+
+/// A running typing loop (see [`AgentRuntime::keep_typing`]).
+struct Typing {
+    task: tokio::task::JoinHandle<()>,
+    cancel: CancellationToken,
+    shown: Arc<std::sync::atomic::AtomicBool>,
+    user: OwnedUserId,
+    room: OwnedRoomId,
+}
+
+impl Typing {
+    /// Ends the loop and clears the notice, if one was shown.
+    async fn stop(self, matrix: &MatrixClient) {
+        self.cancel.cancel();
+        let _ = self.task.await;
+        if self.shown.load(std::sync::atomic::Ordering::Acquire) {
+            if let Err(e) = matrix.set_typing(&self.user, &self.room, None).await {
+                tracing::debug!(agent = %self.user, room_id = %self.room, error = %e, "could not clear typing");
+            }
+        }
     }
 }
 
@@ -481,14 +571,6 @@ fn failure_notice(agent: &AgentConfig, failure: &crate::llm::Failure) -> String 
     format!("⚠️ {} could not answer: {failure}", agent.display_name())
 }
 
-fn send_failed(agent: &AgentConfig, error: &MatrixError) -> Notice {
-    tracing::error!(agent = %agent.id, %error, "could not send the answer");
-    Notice(format!(
-        "⚠️ {} could not post its answer: {error}",
-        agent.display_name()
-    ))
-}
-
 /// An `m.room.message` content replying to the trigger (in its thread when it was in one)
 /// and mentioning its sender.
 pub fn reply_content(msgtype: &str, body: &str, trigger: &Trigger<'_>) -> serde_json::Value {
@@ -506,7 +588,7 @@ pub fn reply_content(msgtype: &str, body: &str, trigger: &Trigger<'_>) -> serde_
         "body": body,
         "m.mentions": { "user_ids": [trigger.sender] },
         "m.relates_to": relates_to,
-        crate::inbox::HOPS_KEY: trigger.hops,
+        HOPS_KEY: trigger.hops,
     })
 }
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 
-use super::{AgentRuntime, Turn};
+use super::{AgentRuntime, Delivery, Turn};
 use crate::config::QueueMode;
 
 /// A lane with nothing to do for this long ends; the next message starts a new one.
@@ -34,14 +34,14 @@ impl Job {
 /// A job and who waits for it to be done.
 pub(super) struct Queued {
     job: Job,
-    done: oneshot::Sender<()>,
+    done: oneshot::Sender<Delivery>,
 }
 
 /// What submitting a job did.
 #[derive(Debug)]
 pub enum Submitted {
-    /// Queued; the receiver resolves when it has been answered (or failed for good).
-    Queued(oneshot::Receiver<()>),
+    /// Queued; the receiver resolves with how its answer ended.
+    Queued(oneshot::Receiver<Delivery>),
     /// The session's queue is full; nothing was queued.
     Busy,
 }
@@ -62,7 +62,8 @@ impl AgentRuntime {
         loop {
             let lane = lanes.entry(key.clone()).or_insert_with(|| {
                 let (tx, rx) = mpsc::channel(self.config.agents[index].queue_limit);
-                tokio::spawn(self.clone().run_lane(index, key.clone(), rx));
+                self.tracker
+                    .spawn(self.clone().run_lane(index, key.clone(), rx));
                 tx
             });
             match lane.try_send(queued) {
@@ -123,8 +124,8 @@ impl AgentRuntime {
             let first = pending.pop_front().expect("pending is not empty");
             match first.job {
                 Job::Reset(turn) => {
-                    self.reset(agent, &key, &turn).await;
-                    let _ = first.done.send(());
+                    let delivery = self.reset(agent, &key, &turn).await;
+                    let _ = first.done.send(delivery);
                 }
                 Job::Turn(turn) => {
                     let mut turns = vec![turn];
@@ -145,9 +146,9 @@ impl AgentRuntime {
                             waiting.push(done);
                         }
                     }
-                    self.run_turns(agent, &key, &turns).await;
+                    let delivery = self.run_turns(agent, &key, &turns).await;
                     for done in waiting {
-                        let _ = done.send(());
+                        let _ = done.send(delivery);
                     }
                 }
             }

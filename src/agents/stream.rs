@@ -1,22 +1,30 @@
-//! An answer as it streams into a room: the first text posts a message, later text edits
-//! it (`m.replace`) at most about once a second, the last edit carries the whole answer.
-//! An answer too long for one event continues in further messages, split between
-//! paragraphs (see [`super::format::split_answer`]).
-
-use std::time::{Duration, Instant};
+//! An answer as it streams into a room: once the answer has taken longer than the edit
+//! interval, what there is so far posts a message, later text edits it (`m.replace`) at most
+//! about once an interval, and the last edit carries the whole answer. An answer that is
+//! done within the first interval is posted once, whole, without edits. An answer too long
+//! for one event continues in further messages, split between paragraphs (see
+//! [`crate::render::split_answer`]).
+//!
+//! Exactly once across crashes: every send has a transaction ID derived from what it is —
+//! a new part from the answer and its index, an edit from a digest of the content it sets —
+//! and every part posted is recorded in the store, so a run replayed after a crash edits
+//! the messages the first run left behind instead of posting again, and its final edit can
+//! never collide with an earlier partial one.
 
 use ruma::{EventId, OwnedEventId, RoomId, UserId};
 use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use tokio::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
 
-use super::format::{MAX_PART_BYTES, formatted_part, split_answer};
-use crate::matrix::{MatrixClient, MatrixError};
-
-/// Content key marking a message whose text is still streaming; the final edit drops it,
-/// so bridges and bots can wait for the whole answer.
-pub const STREAMING_KEY: &str = "io.agentbus.streaming";
+use crate::matrix::keys::{HOPS_KEY, STREAMING_KEY};
+use crate::matrix::{MatrixClient, Undelivered};
+use crate::render::{MAX_PART_BYTES, formatted_part, split_answer};
+use crate::store::Store;
 
 /// The least time between two edits of a streaming answer (Synapse rate-limits senders,
-/// and clients re-render every edit).
+/// and clients re-render every edit); also how long an answer may take before its first
+/// words are shown.
 pub const EDIT_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Where an answer goes and what it answers.
@@ -33,6 +41,13 @@ pub struct Destination<'a> {
     pub hops: u32,
 }
 
+impl Destination<'_> {
+    /// The key this answer's sends and records derive from: what it answers, and who.
+    fn answer_key(&self) -> String {
+        format!("{}\u{1f}{}", self.reply_to, self.agent_id)
+    }
+}
+
 /// One message of the answer as it was last sent.
 #[derive(Debug, Clone)]
 pub struct SentPart {
@@ -45,23 +60,55 @@ pub struct SentPart {
 /// Streams one answer into the room.
 pub struct AnswerWriter<'a> {
     matrix: &'a MatrixClient,
+    /// Where posted parts are recorded (none in unit tests of the wire shape).
+    store: Option<&'a dyn Store>,
+    stop: &'a CancellationToken,
     to: Destination<'a>,
     text: String,
     parts: Vec<SentPart>,
+    started: Instant,
     last_send: Option<Instant>,
-    edits: u32,
     interval: Duration,
 }
 
 impl<'a> AnswerWriter<'a> {
-    pub fn new(matrix: &'a MatrixClient, to: Destination<'a>) -> Self {
+    /// A writer for one answer. Parts an earlier run of the same answer posted (found in
+    /// `store`) are taken over and edited. `stop` ends the wait for a homeserver that is
+    /// down (shutdown).
+    pub fn new(
+        matrix: &'a MatrixClient,
+        store: Option<&'a dyn Store>,
+        stop: &'a CancellationToken,
+        to: Destination<'a>,
+    ) -> Self {
+        let parts = store
+            .map(|store| {
+                store.sent_parts(&to.answer_key()).unwrap_or_else(|e| {
+                    tracing::warn!(agent = to.agent_id, error = %e, "cannot read the messages an earlier run posted");
+                    Vec::new()
+                })
+            })
+            .unwrap_or_default()
+            .into_iter()
+            .map(|event_id| SentPart {
+                event_id,
+                // Unknown: whatever the room shows is replaced by the next send.
+                text: String::new(),
+                streaming: true,
+            })
+            .collect::<Vec<_>>();
+        if !parts.is_empty() {
+            tracing::info!(agent = to.agent_id, room_id = %to.room_id, parts = parts.len(), "taking over an answer an earlier run had started");
+        }
         Self {
             matrix,
+            store,
+            stop,
             to,
             text: String::new(),
-            parts: Vec::new(),
+            parts,
+            started: Instant::now(),
             last_send: None,
-            edits: 0,
             interval: EDIT_INTERVAL,
         }
     }
@@ -71,17 +118,24 @@ impl<'a> AnswerWriter<'a> {
         &self.text
     }
 
-    /// Appends streamed text; posts or edits when the first text arrives or the last send
-    /// is older than the edit interval.
-    pub async fn push(&mut self, delta: &str) -> Result<(), MatrixError> {
+    /// Whether anything of the answer is in the room yet.
+    pub fn posted(&self) -> bool {
+        !self.parts.is_empty()
+    }
+
+    /// Appends streamed text; posts or edits once the answer has run for the edit
+    /// interval and then at most once an interval. These sends are best effort: one that
+    /// fails (the homeserver is down) is superseded by the next, and the final one is
+    /// delivered come what may.
+    pub async fn push(&mut self, delta: &str) {
         self.text.push_str(delta);
-        let due = self
-            .last_send
-            .is_none_or(|at| at.elapsed() >= self.interval);
-        if due && !self.text.trim().is_empty() {
-            self.flush(false).await?;
+        let since = self.last_send.unwrap_or(self.started);
+        if since.elapsed() >= self.interval && !self.text.trim().is_empty() {
+            if let Err(e) = self.flush(false).await {
+                tracing::debug!(agent = self.to.agent_id, room_id = %self.to.room_id, error = %e, "a streaming update was not sent; the next one catches up");
+            }
+            self.last_send = Some(Instant::now());
         }
-        Ok(())
     }
 
     /// Separates what comes next (after a tool round) from what was said.
@@ -91,8 +145,9 @@ impl<'a> AnswerWriter<'a> {
         }
     }
 
-    /// Sends the whole answer (the final edit) and returns every message it is in.
-    pub async fn finish(mut self) -> Result<Vec<SentPart>, MatrixError> {
+    /// Sends the whole answer (the final edit, or the only message) and returns every
+    /// message it is in. Waits out a homeserver outage.
+    pub async fn finish(mut self) -> Result<Vec<SentPart>, Undelivered> {
         self.text = self.text.trim_end().to_owned();
         if !self.text.is_empty() {
             self.flush(true).await?;
@@ -100,41 +155,60 @@ impl<'a> AnswerWriter<'a> {
         Ok(self.parts)
     }
 
-    /// Brings the room up to date with `self.text`; `done` sends it as final.
-    async fn flush(&mut self, done: bool) -> Result<(), MatrixError> {
+    /// Brings the room up to date with `self.text`; `done` sends it as final, retrying
+    /// until the homeserver takes it.
+    async fn flush(&mut self, done: bool) -> Result<(), Undelivered> {
         let wanted = split_answer(self.text.trim_end(), MAX_PART_BYTES);
         let last = wanted.len() - 1;
         for (i, part) in wanted.iter().enumerate() {
             // Only the last part can still grow.
             let streaming = !done && i == last;
-            match self.parts.get(i) {
-                Some(sent) if sent.text == *part && sent.streaming == streaming => {}
+            let (txn, content) = match self.parts.get(i) {
+                Some(sent) if sent.text == *part && sent.streaming == streaming => continue,
                 Some(sent) => {
-                    let event_id = sent.event_id.clone();
-                    self.edits += 1;
-                    let txn = super::derived_txn_id(
-                        self.to.reply_to,
-                        self.to.agent_id,
-                        &format!("part{i}-edit{}", self.edits),
-                    );
-                    let content = self.edit_content(&event_id, part, i, streaming);
-                    self.matrix
-                        .send_message(self.to.agent_user, self.to.room_id, &txn, &content)
-                        .await?;
-                    self.parts[i].text = part.clone();
-                    self.parts[i].streaming = streaming;
+                    let content = self.edit_content(&sent.event_id, part, i, streaming);
+                    // From the content it sets: a replayed run's final edit differs from
+                    // every partial edit before it, and an identical resend is deduplicated.
+                    let digest = Sha256::digest(content.to_string().as_bytes());
+                    let purpose = format!("part{i}-edit-{}", &hex::encode(digest)[..16]);
+                    (
+                        super::derived_txn_id(self.to.reply_to, self.to.agent_id, &purpose),
+                        content,
+                    )
+                }
+                None => (
+                    super::derived_txn_id(self.to.reply_to, self.to.agent_id, &format!("part{i}")),
+                    self.new_content(part, i, streaming),
+                ),
+            };
+            let event_id = if done {
+                self.matrix
+                    .send_message_until_delivered(
+                        self.to.agent_user,
+                        self.to.room_id,
+                        &txn,
+                        &content,
+                        self.stop,
+                    )
+                    .await?
+            } else {
+                self.matrix
+                    .send_message_once(self.to.agent_user, self.to.room_id, &txn, &content)
+                    .await
+                    .map_err(Undelivered::Permanent)?
+            };
+            match self.parts.get_mut(i) {
+                Some(sent) => {
+                    sent.text = part.clone();
+                    sent.streaming = streaming;
                 }
                 None => {
-                    let txn = super::derived_txn_id(
-                        self.to.reply_to,
-                        self.to.agent_id,
-                        &format!("part{i}"),
-                    );
-                    let content = self.new_content(part, i, streaming);
-                    let event_id = self
-                        .matrix
-                        .send_message(self.to.agent_user, self.to.room_id, &txn, &content)
-                        .await?;
+                    if let Some(store) = self.store {
+                        if let Err(e) = store.record_sent_part(&self.to.answer_key(), i, &event_id)
+                        {
+                            tracing::warn!(agent = self.to.agent_id, error = %e, "could not record a posted message");
+                        }
+                    }
                     self.parts.push(SentPart {
                         event_id,
                         text: part.clone(),
@@ -143,7 +217,6 @@ impl<'a> AnswerWriter<'a> {
                 }
             }
         }
-        self.last_send = Some(Instant::now());
         Ok(())
     }
 
@@ -184,7 +257,7 @@ impl<'a> AnswerWriter<'a> {
         if !relates_to.is_null() {
             content["m.relates_to"] = relates_to;
         }
-        content[crate::inbox::HOPS_KEY] = json!(self.to.hops);
+        content[HOPS_KEY] = json!(self.to.hops);
         content
     }
 
@@ -204,7 +277,7 @@ impl<'a> AnswerWriter<'a> {
             content["format"] = json!("org.matrix.custom.html");
             content["formatted_body"] = json!(format!("* {html}"));
         }
-        content[crate::inbox::HOPS_KEY] = json!(self.to.hops);
+        content[HOPS_KEY] = json!(self.to.hops);
         content
     }
 }
@@ -245,30 +318,76 @@ mod tests {
         (MatrixClient::new(&url, "as", RetryPolicy::default()), sent)
     }
 
+    fn destination<'a>(
+        agent: &'a ruma::UserId,
+        room: &'a ruma::RoomId,
+        question: &'a ruma::EventId,
+        thread_root: Option<&'a ruma::EventId>,
+    ) -> Destination<'a> {
+        Destination {
+            agent_id: "damon",
+            agent_user: agent,
+            room_id: room,
+            reply_to: question,
+            thread_root,
+            mention: vec!["@alice:hs".into()],
+            hops: 1,
+        }
+    }
+
     #[tokio::test]
-    async fn first_words_post_later_words_edit_and_the_final_edit_is_whole() {
+    async fn an_answer_done_within_the_interval_is_posted_once_without_edits() {
         let (matrix, sent) = sink().await;
         let (agent, room, question) = (
             owned_user_id!("@damon:hs"),
             owned_room_id!("!r"),
             owned_event_id!("$q"),
         );
+        let stop = CancellationToken::new();
         let mut writer = AnswerWriter::new(
             &matrix,
-            Destination {
-                agent_id: "damon",
-                agent_user: &agent,
-                room_id: &room,
-                reply_to: &question,
-                thread_root: None,
-                mention: vec!["@alice:hs".into()],
-                hops: 1,
-            },
+            None,
+            &stop,
+            destination(&agent, &room, &question, None),
         );
         writer.interval = Duration::from_secs(3600);
-        writer.push("Hello ").await.unwrap();
-        writer.push("**world**").await.unwrap();
-        writer.push(", again.").await.unwrap();
+        writer.push("Hello ").await;
+        writer.push("**world**").await;
+        assert!(
+            sent.lock().unwrap().is_empty(),
+            "nothing is shown before the interval"
+        );
+        let parts = writer.finish().await.unwrap();
+        assert_eq!(parts.len(), 1);
+        let sent = sent.lock().unwrap();
+        assert_eq!(sent.len(), 1, "one request: the whole answer");
+        let only = &sent[0]["content"];
+        assert_eq!(only["body"], "Hello **world**");
+        assert!(only.get(STREAMING_KEY).is_none());
+        assert_eq!(only["m.relates_to"]["m.in_reply_to"]["event_id"], "$q");
+        assert_eq!(only["m.mentions"]["user_ids"], json!(["@alice:hs"]));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn first_words_post_after_the_interval_later_words_edit_and_the_final_edit_is_whole() {
+        let (matrix, sent) = sink().await;
+        let (agent, room, question) = (
+            owned_user_id!("@damon:hs"),
+            owned_room_id!("!r"),
+            owned_event_id!("$q"),
+        );
+        let stop = CancellationToken::new();
+        let mut writer = AnswerWriter::new(
+            &matrix,
+            None,
+            &stop,
+            destination(&agent, &room, &question, None),
+        );
+        writer.push("Hello ").await;
+        assert!(sent.lock().unwrap().is_empty());
+        tokio::time::advance(EDIT_INTERVAL).await;
+        writer.push("**world**").await;
+        writer.push(", again.").await;
         assert_eq!(sent.lock().unwrap().len(), 1, "edits wait for the interval");
         let parts = writer.finish().await.unwrap();
         assert_eq!(parts.len(), 1);
@@ -276,7 +395,7 @@ mod tests {
 
         let sent = sent.lock().unwrap();
         let (first, last) = (&sent[0]["content"], &sent[1]["content"]);
-        assert_eq!(first["body"], "Hello");
+        assert_eq!(first["body"], "Hello **world**");
         assert_eq!(first[STREAMING_KEY], true);
         assert_eq!(first["m.relates_to"]["m.in_reply_to"]["event_id"], "$q");
         assert_eq!(first["m.mentions"]["user_ids"], json!(["@alice:hs"]));
@@ -297,6 +416,74 @@ mod tests {
         assert_ne!(sent[0]["txn"], sent[1]["txn"]);
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn a_replayed_run_edits_the_message_of_the_crashed_one_with_fresh_transaction_ids() {
+        let (matrix, sent) = sink().await;
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::SledStore::open(dir.path()).unwrap();
+        let (agent, room, question) = (
+            owned_user_id!("@damon:hs"),
+            owned_room_id!("!r"),
+            owned_event_id!("$q"),
+        );
+        let stop = CancellationToken::new();
+        // The first run posts and edits, then "crashes" (is dropped) before finishing.
+        let mut first = AnswerWriter::new(
+            &matrix,
+            Some(&store),
+            &stop,
+            destination(&agent, &room, &question, None),
+        );
+        tokio::time::advance(EDIT_INTERVAL).await;
+        first.push("The answer ").await;
+        tokio::time::advance(EDIT_INTERVAL).await;
+        first.push("is").await;
+        drop(first);
+        let partial_txns: Vec<Value> = sent
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|s| s["txn"].clone())
+            .collect();
+        assert_eq!(partial_txns.len(), 2);
+
+        // The replay streams the same words again and finishes.
+        let mut replay = AnswerWriter::new(
+            &matrix,
+            Some(&store),
+            &stop,
+            destination(&agent, &room, &question, None),
+        );
+        tokio::time::advance(EDIT_INTERVAL).await;
+        replay.push("The answer ").await;
+        replay.push("is 42.").await;
+        let parts = replay.finish().await.unwrap();
+        assert_eq!(
+            parts[0].event_id, "$e1",
+            "the replay edits the first run's message"
+        );
+        let sent = sent.lock().unwrap();
+        let news = sent
+            .iter()
+            .filter(|s| s["content"]["m.relates_to"]["rel_type"] != "m.replace")
+            .count();
+        assert_eq!(news, 1, "no second message");
+        let last = sent.last().unwrap();
+        assert_eq!(
+            last["content"]["m.new_content"]["body"],
+            "The answer is 42."
+        );
+        assert!(
+            last["content"]["m.new_content"]
+                .get(STREAMING_KEY)
+                .is_none()
+        );
+        assert!(
+            !partial_txns.contains(&last["txn"]),
+            "the final edit's transaction ID is new, so the homeserver cannot swallow it"
+        );
+    }
+
     #[tokio::test]
     async fn a_long_answer_continues_in_a_second_message_in_the_thread() {
         let (matrix, sent) = sink().await;
@@ -306,25 +493,20 @@ mod tests {
             owned_event_id!("$q"),
             owned_event_id!("$root"),
         );
+        let stop = CancellationToken::new();
         let mut writer = AnswerWriter::new(
             &matrix,
-            Destination {
-                agent_id: "damon",
-                agent_user: &agent,
-                room_id: &room,
-                reply_to: &question,
-                thread_root: Some(&root),
-                mention: vec!["@alice:hs".into()],
-                hops: 1,
-            },
+            None,
+            &stop,
+            destination(&agent, &room, &question, Some(&root)),
         );
         // Three paragraphs of a third each: one too many for one message.
         let paragraph = "word ".repeat(MAX_PART_BYTES / 15);
-        writer.push(&paragraph).await.unwrap();
+        writer.push(&paragraph).await;
         writer.paragraph_break();
-        writer.push(&paragraph).await.unwrap();
+        writer.push(&paragraph).await;
         writer.paragraph_break();
-        writer.push(&paragraph).await.unwrap();
+        writer.push(&paragraph).await;
         let parts = writer.finish().await.unwrap();
         assert_eq!(
             parts.len(),

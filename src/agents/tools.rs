@@ -29,6 +29,7 @@ use wildmatch::WildMatch;
 
 use crate::config::{BUILTIN_TOOLS, ToolsConfig};
 use crate::llm::{ToolCall, ToolSpec};
+use crate::net::error_chain;
 use crate::store::{HistoryEntry, Store};
 
 /// How long one `fetch_url` may take, redirects included.
@@ -863,20 +864,6 @@ fn describe_send_error(url: &Url, error: &reqwest::Error) -> String {
         return format!("fetching {url} timed out");
     }
     format!("could not fetch {url}: {}", error_chain(error))
-}
-
-/// An error and its causes, `: `-separated, repeats left out.
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut parts: Vec<String> = Vec::new();
-    let mut source = Some(error);
-    while let Some(e) = source {
-        let text = e.to_string();
-        if !parts.iter().any(|p| p.contains(&text)) {
-            parts.push(text);
-        }
-        source = e.source();
-    }
-    parts.join(": ")
 }
 
 /// Which addresses `fetch_url` may connect to.

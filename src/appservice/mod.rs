@@ -11,6 +11,7 @@ mod transactions;
 mod users;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, Request, State};
@@ -18,18 +19,79 @@ use axum::http::StatusCode;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
-use sha2::{Digest, Sha256};
-use subtle::ConstantTimeEq;
 
-use crate::AppState;
+use crate::config::Config;
+use crate::matrix::MatrixClient;
+pub use crate::net::ApiError;
+use crate::net::{token_digest, token_matches};
+use crate::store::Store;
+use crate::store::feed::FeedSender;
 
 /// Largest transaction body accepted. Synapse sends at most 100 events per transaction,
 /// but a single event may be up to 64 KiB.
 const MAX_TRANSACTION_BYTES: usize = 16 * 1024 * 1024;
 
+/// What the appservice API's handlers share.
+pub struct AppState {
+    pub config: Arc<Config>,
+    /// SHA-256 of the hs_token, for constant-time comparison.
+    hs_token_digest: [u8; 32],
+    pub store: Arc<dyn Store>,
+    /// Where journaled events go to the inbox.
+    pub feed: FeedSender,
+    /// For registering agents the homeserver asks about.
+    pub matrix: Arc<MatrixClient>,
+    /// What the homeserver has shown of itself, for the startup checks.
+    pub contact: Arc<Contact>,
+}
+
+impl AppState {
+    /// The state for `config`, whose tokens are resolved.
+    pub fn new(
+        config: Arc<Config>,
+        store: Arc<dyn Store>,
+        feed: FeedSender,
+        matrix: Arc<MatrixClient>,
+    ) -> Arc<Self> {
+        let hs_token = config
+            .appservice
+            .hs_token
+            .as_deref()
+            .expect("tokens are resolved before building state");
+        Arc::new(Self {
+            hs_token_digest: token_digest(hs_token),
+            config,
+            store,
+            feed,
+            matrix,
+            contact: Arc::default(),
+        })
+    }
+}
+
+/// Whether the homeserver has reached us, and with which token: a ping that fails while
+/// the homeserver demonstrably reaches us is not an unreachable agentbus.
+#[derive(Debug, Default)]
+pub struct Contact {
+    authenticated: AtomicBool,
+    wrong_token: AtomicBool,
+}
+
+impl Contact {
+    /// A request with the right hs_token arrived.
+    pub fn reached_us(&self) -> bool {
+        self.authenticated.load(Ordering::Acquire)
+    }
+
+    /// A request with a different hs_token arrived.
+    pub fn saw_wrong_token(&self) -> bool {
+        self.wrong_token.load(Ordering::Acquire)
+    }
+}
+
 /// The appservice HTTP API as an axum router (spec: Application Service API).
 pub fn router(state: Arc<AppState>) -> Router {
-    let api = Router::new()
+    Router::new()
         .route(
             "/_matrix/app/v1/transactions/{txn_id}",
             put(transactions::put_transaction),
@@ -44,50 +106,18 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             require_hs_token,
-        ));
-    api.merge(crate::ops::api::routes(state.clone()))
-        .fallback(unrecognized)
+        ))
         .layer(DefaultBodyLimit::max(MAX_TRANSACTION_BYTES))
         .with_state(state)
 }
 
-/// A Matrix error response: `{"errcode": …, "error": …}`.
-#[derive(Debug)]
-pub struct ApiError {
-    pub status: StatusCode,
-    pub errcode: &'static str,
-    pub error: String,
-}
-
-impl ApiError {
-    pub fn new(status: StatusCode, errcode: &'static str, error: impl Into<String>) -> Self {
-        Self {
-            status,
-            errcode,
-            error: error.into(),
-        }
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let body = serde_json::json!({ "errcode": self.errcode, "error": self.error });
-        (self.status, axum::Json(body)).into_response()
-    }
-}
-
-async fn unrecognized() -> ApiError {
+/// The answer to any route nobody serves.
+pub async fn unrecognized() -> ApiError {
     ApiError::new(
         StatusCode::NOT_FOUND,
         "M_UNRECOGNIZED",
         "Unrecognized request",
     )
-}
-
-/// The SHA-256 of a token; tokens are compared as digests so the comparison takes the same
-/// time whatever their length or content.
-pub fn token_digest(token: &str) -> [u8; 32] {
-    Sha256::digest(token.as_bytes()).into()
 }
 
 /// Checks the hs_token, from `Authorization: Bearer` or `?access_token=` (Conduit sends
@@ -126,10 +156,12 @@ async fn require_hs_token(
         }
         (Some(t), _) | (None, Some(t)) => t,
     };
-    if !bool::from(token_digest(&token).ct_eq(&state.hs_token_digest)) {
+    if !token_matches(&token, &state.hs_token_digest) {
+        state.contact.wrong_token.store(true, Ordering::Release);
         tracing::warn!(path = %request.uri().path(), "rejected a request with a wrong hs_token");
         return ApiError::new(StatusCode::FORBIDDEN, "M_FORBIDDEN", "Invalid access token")
             .into_response();
     }
+    state.contact.authenticated.store(true, Ordering::Release);
     next.run(request).await
 }

@@ -16,7 +16,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use super::ApiError;
-use crate::AppState;
+use super::AppState;
 use crate::store::{IncomingEvent, JournalOutcome};
 
 /// The key a transaction is deduplicated by: its txnId and a digest of its event IDs. A
@@ -54,6 +54,9 @@ pub async fn put_transaction(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let events = parse_transaction(&body)?;
     let count = events.len();
+    // Back-pressure: while the inbox has a full backlog, the ack waits (the homeserver
+    // holds its next transaction meanwhile), so nothing queues without bound.
+    state.feed.backlog().wait_for_room().await;
     let store = state.store.clone();
     let txn = dedupe_key(&txn_id, &events);
     let outcome = tokio::task::spawn_blocking(move || store.journal_transaction(&txn, events))
@@ -69,7 +72,7 @@ pub async fn put_transaction(
         }
         JournalOutcome::Journaled(journaled) => {
             tracing::debug!(txn_id = %txn_id, events = count, "transaction journaled");
-            state.inbox.submit(journaled);
+            state.feed.submit(journaled);
         }
     }
     Ok(Json(serde_json::json!({})))

@@ -12,7 +12,7 @@ use axum::http::StatusCode;
 use ruma::UserId;
 
 use super::ApiError;
-use crate::AppState;
+use super::AppState;
 
 pub async fn get_user(
     State(state): State<Arc<AppState>>,

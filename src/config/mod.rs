@@ -106,21 +106,43 @@ pub struct AppserviceConfig {
     /// Localpart prefix reserved for puppet users of bridged platforms (default `_bridge_`).
     #[serde(default = "default_puppet_prefix")]
     pub puppet_prefix: String,
+    /// How many journaled events may wait for the inbox (default 10000). When that many
+    /// are waiting, acknowledging the next transaction waits until the inbox catches up,
+    /// so a homeserver that outruns agentbus sees slower acks and memory stays bounded.
+    #[serde(default = "default_max_backlog")]
+    pub max_backlog: usize,
+}
+
+fn default_max_backlog() -> usize {
+    10_000
 }
 
 /// `store:`
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StoreConfig {
+    /// Storage engine (default `sled`, embedded in the data directory).
+    #[serde(default)]
+    pub backend: StoreBackend,
     /// Data directory (default `./data`, relative to the config file): the sled database
     /// and generated tokens live here.
     #[serde(default = "default_store_path")]
     pub path: PathBuf,
 }
 
+/// `store.backend`: which engine keeps agentbus's state.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreBackend {
+    /// sled, embedded, in `store.path/sled`.
+    #[default]
+    Sled,
+}
+
 impl Default for StoreConfig {
     fn default() -> Self {
         Self {
+            backend: StoreBackend::default(),
             path: default_store_path(),
         }
     }
@@ -349,6 +371,12 @@ impl Config {
 
         for (name, provider) in &self.providers {
             llm::validate_provider(name, provider, &mut problem);
+        }
+        if self.appservice.max_backlog < 100 {
+            problem(
+                "appservice.max_backlog".into(),
+                "must be at least 100 (a homeserver sends up to 100 events per transaction)".into(),
+            );
         }
         if self.llm.max_concurrency == 0 {
             problem("llm.max_concurrency".into(), "must be at least 1".into());

@@ -152,7 +152,7 @@ fn network_error(error: reqwest::Error, timeout: Duration, secret: Option<&str>)
     } else {
         // without_url: some providers take the key in the query string.
         LlmError::Network(super::redact(
-            &crate::matrix::error_chain(&error.without_url()),
+            &crate::net::error_chain(&error.without_url()),
             secret,
         ))
     }

@@ -5,9 +5,13 @@
 //! it). Failures are classified so callers know whether to retry: network errors, 5xx and
 //! `M_LIMIT_EXCEEDED` are retried here with backoff; everything else is [`MatrixError::Permanent`].
 
+pub mod keys;
+
 use std::borrow::Cow;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
 
 use ruma::api::auth_scheme::{AuthScheme, SendAccessToken};
 use ruma::api::client::{
@@ -24,6 +28,8 @@ use ruma::{
     TransactionId, UserId,
 };
 use serde::Deserialize;
+
+use crate::net::error_chain;
 
 /// How an outbound request failed, and therefore whether retrying can help.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -91,6 +97,36 @@ pub fn classify_error(status: u16, body: &[u8]) -> MatrixError {
             message,
         }
     }
+}
+
+/// Why a message that must be delivered was not.
+#[derive(Debug, thiserror::Error)]
+pub enum Undelivered {
+    /// The homeserver refused it for a reason that will not heal (not in the room, …).
+    #[error("{0}")]
+    Permanent(MatrixError),
+    /// agentbus is shutting down; the caller leaves its event journaled.
+    #[error("stopped before the homeserver took the message")]
+    Stopped,
+}
+
+/// The wait between rounds of retries while the homeserver is unreachable.
+pub const UNREACHABLE_RETRY: Duration = Duration::from_secs(5);
+
+/// The `PUT /rooms/{roomId}/send/m.room.message/{txnId}` request for `content`.
+fn message_request(
+    room_id: &RoomId,
+    txn_id: &TransactionId,
+    content: &serde_json::Value,
+) -> message::send_message_event::v3::Request {
+    let body =
+        Raw::from_json(serde_json::value::to_raw_value(content).expect("a JSON value serialises"));
+    message::send_message_event::v3::Request::new_raw(
+        room_id.to_owned(),
+        txn_id.to_owned(),
+        MessageLikeEventType::RoomMessage,
+        body,
+    )
 }
 
 /// Retry schedule for transient failures.
@@ -440,16 +476,64 @@ impl MatrixClient {
         txn_id: &TransactionId,
         content: &serde_json::Value,
     ) -> Result<OwnedEventId, MatrixError> {
-        let body = Raw::from_json(
-            serde_json::value::to_raw_value(content).expect("a JSON value serialises"),
-        );
-        let request = message::send_message_event::v3::Request::new_raw(
-            room_id.to_owned(),
-            txn_id.to_owned(),
-            MessageLikeEventType::RoomMessage,
-            body,
-        );
+        let request = message_request(room_id, txn_id, content);
         Ok(self.send(request, Some(user)).await?.event_id)
+    }
+
+    /// One attempt at sending a message event, for sends a later one supersedes (the
+    /// intermediate edits of a streaming answer).
+    pub async fn send_message_once(
+        &self,
+        user: &UserId,
+        room_id: &RoomId,
+        txn_id: &TransactionId,
+        content: &serde_json::Value,
+    ) -> Result<OwnedEventId, MatrixError> {
+        let request = message_request(room_id, txn_id, content);
+        Ok(self.send_once(request, Some(user)).await?.event_id)
+    }
+
+    /// Sends a message event until the homeserver takes it: network failures and
+    /// transient errors are retried, with waits of up to [`UNREACHABLE_RETRY`], for as
+    /// long as the homeserver is down — an answer is kept, not dropped, through an outage.
+    /// Gives up on a permanent error, or when `stop` is cancelled (shutdown: the event
+    /// stays journaled and is answered after the restart).
+    pub async fn send_message_until_delivered(
+        &self,
+        user: &UserId,
+        room_id: &RoomId,
+        txn_id: &TransactionId,
+        content: &serde_json::Value,
+        stop: &CancellationToken,
+    ) -> Result<OwnedEventId, Undelivered> {
+        let mut outage: Option<std::time::Instant> = None;
+        loop {
+            let attempt = tokio::select! {
+                _ = stop.cancelled() => return Err(Undelivered::Stopped),
+                attempt = self.send_message(user, room_id, txn_id, content) => attempt,
+            };
+            match attempt {
+                Ok(event_id) => {
+                    if let Some(since) = outage {
+                        tracing::info!(room_id = %room_id, user = %user, down_for = ?since.elapsed(), "delivered a message held back by a homeserver outage");
+                    }
+                    return Ok(event_id);
+                }
+                Err(error @ MatrixError::Permanent { .. }) => {
+                    return Err(Undelivered::Permanent(error));
+                }
+                Err(error) => {
+                    if outage.is_none() {
+                        tracing::warn!(room_id = %room_id, user = %user, %error, "homeserver unavailable; keeping the message and retrying until it is back");
+                    }
+                    outage.get_or_insert_with(std::time::Instant::now);
+                    tokio::select! {
+                        _ = stop.cancelled() => return Err(Undelivered::Stopped),
+                        _ = tokio::time::sleep(UNREACHABLE_RETRY) => {}
+                    }
+                }
+            }
+        }
     }
 
     /// Shows or hides `user`'s typing notice in `room_id`.
@@ -474,18 +558,6 @@ impl MatrixClient {
         .await
         .map(|_| ())
     }
-}
-
-/// An error and its causes on one line (reqwest hides the useful part in `source()`).
-pub fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 #[cfg(test)]

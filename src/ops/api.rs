@@ -18,24 +18,71 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 
-use crate::AppState;
-use crate::appservice::{ApiError, token_digest};
-use crate::inbox::{ExplainError, PAIRING_TTL, RouteQuery};
+use crate::net::{ApiError, token_digest, token_matches};
 use crate::router::RouteDecision;
-use crate::store::{PairedSender, PairingRequest, Store, StoreError};
+use crate::router::explain::{Explain, ExplainError, RouteQuery};
+use crate::store::feed::Backlog;
+use crate::store::{PAIRING_TTL, PairedSender, PairingRequest, Store, StoreError};
+
+/// What the admin routes share.
+pub struct AdminState {
+    /// SHA-256 of the admin API token.
+    admin_token_digest: [u8; 32],
+    store: Arc<dyn Store>,
+    explain: Arc<dyn Explain>,
+}
+
+impl AdminState {
+    pub fn new(admin_token: &str, store: Arc<dyn Store>, explain: Arc<dyn Explain>) -> Arc<Self> {
+        Arc::new(Self {
+            admin_token_digest: token_digest(admin_token),
+            store,
+            explain,
+        })
+    }
+}
 
 /// The admin routes, authenticated by the admin token.
-pub fn routes(state: Arc<AppState>) -> Router<Arc<AppState>> {
+pub fn routes(state: Arc<AdminState>) -> Router {
     Router::new()
         .route("/api/v1/router/test", post(router_test))
         .route("/api/v1/pairing", get(pairing_list))
         .route("/api/v1/pairing/approve", post(pairing_approve))
         .route("/api/v1/pairing/revoke", post(pairing_revoke))
-        .route_layer(middleware::from_fn_with_state(state, require_admin_token))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            require_admin_token,
+        ))
+        .with_state(state)
+}
+
+/// `GET /metrics`: Prometheus text. Unauthenticated, like most exporters: it says how
+/// busy agentbus is, nothing of what was said.
+pub fn metrics_routes(backlog: Arc<Backlog>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .with_state(backlog)
+}
+
+async fn metrics(State(backlog): State<Arc<Backlog>>) -> String {
+    format!(
+        "# HELP agentbus_journal_pending Journaled events not finished yet.\n\
+         # TYPE agentbus_journal_pending gauge\n\
+         agentbus_journal_pending {}\n\
+         # HELP agentbus_events_journaled_total Events journaled from transactions since start.\n\
+         # TYPE agentbus_events_journaled_total counter\n\
+         agentbus_events_journaled_total {}\n\
+         # HELP agentbus_events_finished_total Events finished (answered or nothing to answer) since start.\n\
+         # TYPE agentbus_events_finished_total counter\n\
+         agentbus_events_finished_total {}\n",
+        backlog.pending(),
+        backlog.journaled_total(),
+        backlog.finished_total(),
+    )
 }
 
 async fn require_admin_token(
-    State(state): State<Arc<AppState>>,
+    State(state): State<Arc<AdminState>>,
     request: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
@@ -51,8 +98,7 @@ async fn require_admin_token(
             "admin API: send Authorization: Bearer <admin token>",
         ));
     };
-    use subtle::ConstantTimeEq;
-    if !bool::from(token_digest(token).ct_eq(&state.admin_token_digest)) {
+    if !token_matches(token, &state.admin_token_digest) {
         return Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
             "M_UNKNOWN_TOKEN",
@@ -75,12 +121,12 @@ fn store_error(e: crate::store::StoreError) -> ApiError {
 }
 
 async fn router_test(
-    State(state): State<Arc<AppState>>,
+    State(state): State<Arc<AdminState>>,
     query: Result<Json<RouteQuery>, JsonRejection>,
 ) -> Result<Json<RouteDecision>, ApiError> {
     let Json(query) = query.map_err(bad_json)?;
     state
-        .processor
+        .explain
         .explain(&query)
         .await
         .map(Json)
@@ -114,7 +160,9 @@ pub fn unknown_code(code: &str) -> String {
     format!("no pending pairing request has code {code:?} (codes expire after an hour)")
 }
 
-async fn pairing_list(State(state): State<Arc<AppState>>) -> Result<Json<PairingState>, ApiError> {
+async fn pairing_list(
+    State(state): State<Arc<AdminState>>,
+) -> Result<Json<PairingState>, ApiError> {
     read_pairings(state.store.as_ref())
         .map(Json)
         .map_err(store_error)
@@ -128,7 +176,7 @@ pub struct ApproveRequest {
 }
 
 async fn pairing_approve(
-    State(state): State<Arc<AppState>>,
+    State(state): State<Arc<AdminState>>,
     body: Result<Json<ApproveRequest>, JsonRejection>,
 ) -> Result<Json<PairingRequest>, ApiError> {
     let Json(body) = body.map_err(bad_json)?;
@@ -159,7 +207,7 @@ fn matrix() -> String {
 }
 
 async fn pairing_revoke(
-    State(state): State<Arc<AppState>>,
+    State(state): State<Arc<AdminState>>,
     body: Result<Json<RevokeRequest>, JsonRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let Json(body) = body.map_err(bad_json)?;

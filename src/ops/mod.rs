@@ -1,6 +1,5 @@
-//! Operations: the startup checks and the admin API (scheduler, monitors and metrics to
+//! Operations: the startup checks, the admin API and metrics (scheduler and monitors to
 //! come).
 
-pub mod admin;
 pub mod api;
 pub mod checks;

@@ -21,6 +21,7 @@
 //! `agents:` list, listed there. Nothing routes to any other agent.
 
 mod bindings;
+pub mod explain;
 mod guard;
 mod keyword;
 mod mention;

@@ -4,6 +4,7 @@
 //! Callers hold an `Arc<dyn Store>`; [`SledStore`] is the embedded default. Every backend
 //! runs the same [`store_conformance_tests!`] so a second one is provably equivalent.
 
+pub mod feed;
 mod sled;
 
 use std::time::Duration;
@@ -13,6 +14,17 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 pub use self::sled::SledStore;
+
+use std::sync::Arc;
+
+use crate::config::{StoreBackend, StoreConfig};
+
+/// Opens the store `config` describes (`store.backend`, `store.path`).
+pub fn open(config: &StoreConfig) -> Result<Arc<dyn Store>, StoreError> {
+    match config.backend {
+        StoreBackend::Sled => Ok(Arc::new(SledStore::open(&config.path.join("sled"))?)),
+    }
+}
 
 /// One event as the homeserver delivered it, ready to journal.
 #[derive(Debug, Clone)]
@@ -79,6 +91,9 @@ pub enum SessionRole {
 /// The characters of a pairing code: no 0/O/1/I lookalikes.
 pub const PAIRING_CODE_ALPHABET: &str = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789";
 
+/// How long a pairing code stays valid.
+pub const PAIRING_TTL: Duration = Duration::from_secs(3600);
+
 /// How many characters a pairing code has.
 pub const PAIRING_CODE_LEN: usize = 8;
 
@@ -135,6 +150,9 @@ pub(crate) fn random_pairing_code() -> String {
         .collect()
 }
 
+/// How many lines of history a room keeps; older ones are trimmed.
+pub const HISTORY_PER_ROOM: usize = 1000;
+
 /// A storage failure; the message names what was being done.
 #[derive(Debug, thiserror::Error)]
 #[error("store: {0}")]
@@ -143,25 +161,53 @@ pub struct StoreError(pub String);
 /// Durable state of the appservice.
 pub trait Store: Send + Sync {
     /// Records `txn_id` and journals `events` in one atomic, flushed write — unless the
-    /// txnId was recorded before, in which case nothing is written.
+    /// txnId was recorded before, in which case nothing is written. An event whose
+    /// event_id was journaled before (in this or any earlier transaction) is left out, so
+    /// every event enters the journal at most once.
     fn journal_transaction(
         &self,
         txn_id: &str,
         events: Vec<IncomingEvent>,
     ) -> Result<JournalOutcome, StoreError>;
 
-    /// Every journaled event not yet finished, in journal order.
-    fn pending_events(&self) -> Result<Vec<JournaledEvent>, StoreError>;
+    /// Up to `limit` journaled events not yet finished, in journal order, starting after
+    /// sequence number `after` (from the start when `None`). Replay pages through the
+    /// journal with this instead of loading it whole.
+    fn pending_events(
+        &self,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<JournaledEvent>, StoreError>;
 
-    /// Whether `event_id` was finished before (under any transaction).
-    fn is_processed(&self, event_id: &ruma::EventId) -> Result<bool, StoreError>;
+    /// The sequence number of the newest journaled event not finished yet.
+    fn journal_head(&self) -> Result<Option<u64>, StoreError>;
 
-    /// Removes journal entry `seq` and records `event_id` as processed, atomically.
-    fn finish_event(&self, seq: u64, event_id: &ruma::EventId) -> Result<(), StoreError>;
+    /// How many journaled events are not finished yet.
+    fn pending_count(&self) -> Result<usize, StoreError>;
 
-    /// Forgets txnIds and processed event_ids recorded more than `age` ago; returns how
-    /// many records were removed. Homeservers redeliver within minutes, not days.
-    fn prune_dedupe_records(&self, age: std::time::Duration) -> Result<usize, StoreError>;
+    /// Whether `event_id` was ever journaled (its dedupe record is kept until pruned).
+    fn was_journaled(&self, event_id: &ruma::EventId) -> Result<bool, StoreError>;
+
+    /// Removes the journal entries `seqs`. Not flushed by itself: a finish lost in a crash
+    /// only replays an event whose outbound sends carry derived transaction IDs.
+    fn finish_events(&self, seqs: &[u64]) -> Result<(), StoreError>;
+
+    /// Forgets txnIds and journaled event_ids recorded before `cutoff_ms` (unix ms); returns
+    /// how many records were removed. Homeservers redeliver within minutes, not days.
+    fn prune_dedupe_records(&self, cutoff_ms: u64) -> Result<usize, StoreError>;
+
+    /// Remembers that part `part` of the answer `answer` (a key the caller derives from
+    /// what the answer answers) was posted as `event_id`, so a run replayed after a crash
+    /// edits that message instead of leaving it half-streamed. Pruned with the dedupe records.
+    fn record_sent_part(
+        &self,
+        answer: &str,
+        part: usize,
+        event_id: &ruma::EventId,
+    ) -> Result<(), StoreError>;
+
+    /// The parts of `answer` posted so far, in order.
+    fn sent_parts(&self, answer: &str) -> Result<Vec<OwnedEventId>, StoreError>;
 
     /// Appends lines to a session's memory, then forgets its oldest lines beyond `keep`.
     /// `session` is an opaque key (agent, room and thread joined by the caller).
@@ -178,7 +224,8 @@ pub trait Store: Send + Sync {
     /// Forgets a session's memory; returns how many lines went.
     fn clear_session(&self, session: &str) -> Result<usize, StoreError>;
 
-    /// Appends a line to a room's history.
+    /// Appends a line to a room's history; lines beyond the room's newest
+    /// [`HISTORY_PER_ROOM`] are trimmed from time to time.
     fn append_history(&self, room_id: &RoomId, entry: &HistoryEntry) -> Result<(), StoreError>;
 
     /// The last `limit` lines of a room's history, oldest first.
@@ -251,7 +298,7 @@ macro_rules! store_conformance_tests {
             assert_eq!(seqs.len(), 2);
             assert!(seqs[0] < seqs[1]);
             store.journal_transaction("t2", vec![event(3, "!a")]).unwrap();
-            let pending = store.pending_events().unwrap();
+            let pending = store.pending_events(None, 100).unwrap();
             let ids: Vec<&str> = pending.iter().map(|e| e.event_id.as_str()).collect();
             assert_eq!(ids, ["$ev1", "$ev2", "$ev3"]);
             assert_eq!(pending[1].room_id.as_str(), "!b");
@@ -264,7 +311,68 @@ macro_rules! store_conformance_tests {
             store.journal_transaction("t1", vec![event(1, "!a")]).unwrap();
             let again = store.journal_transaction("t1", vec![event(1, "!a"), event(9, "!a")]).unwrap();
             assert!(matches!(again, JournalOutcome::Duplicate));
-            assert_eq!(store.pending_events().unwrap().len(), 1);
+            assert_eq!(store.pending_events(None, 100).unwrap().len(), 1);
+        }
+
+        #[test]
+        fn an_event_is_journaled_once_whatever_carries_it() {
+            let (store, _guard) = $fresh;
+            let JournalOutcome::Journaled(first) =
+                store.journal_transaction("t1", vec![event(1, "!a"), event(1, "!a"), event(2, "!a")]).unwrap()
+            else {
+                panic!("expected Journaled")
+            };
+            let ids: Vec<&str> = first.iter().map(|e| e.event_id.as_str()).collect();
+            assert_eq!(ids, ["$ev1", "$ev2"], "a copy inside one transaction is left out");
+            let JournalOutcome::Journaled(second) =
+                store.journal_transaction("t2", vec![event(2, "!a"), event(3, "!a")]).unwrap()
+            else {
+                panic!("expected Journaled")
+            };
+            assert_eq!(second.len(), 1, "an event from an earlier transaction is left out");
+            assert_eq!(second[0].event_id.as_str(), "$ev3");
+            store.finish_events(&[first[0].seq]).unwrap();
+            let JournalOutcome::Journaled(third) = store.journal_transaction("t3", vec![event(1, "!a")]).unwrap() else {
+                panic!("expected Journaled")
+            };
+            assert!(third.is_empty(), "a finished event is not journaled again");
+            assert_eq!(store.pending_count().unwrap(), 2);
+        }
+
+        #[test]
+        fn sent_parts_are_remembered_per_answer_across_reopening() {
+            let (store, guard) = $fresh;
+            let (a, b) = (ruma::EventId::parse("$a").unwrap(), ruma::EventId::parse("$b").unwrap());
+            store.record_sent_part("answer1", 1, &b).unwrap();
+            store.record_sent_part("answer1", 0, &a).unwrap();
+            store.record_sent_part("answer10", 0, &b).unwrap();
+            let store = ($reopen)(store, &guard);
+            assert_eq!(store.sent_parts("answer1").unwrap(), vec![a.clone(), b.clone()]);
+            assert_eq!(store.sent_parts("answer10").unwrap(), vec![b]);
+            assert!(store.sent_parts("answer2").unwrap().is_empty());
+            assert_eq!(store.prune_dedupe_records($crate::unix_ms() + 1).unwrap(), 3);
+            assert!(store.sent_parts("answer1").unwrap().is_empty());
+        }
+
+        #[test]
+        fn the_journal_pages_in_order() {
+            let (store, _guard) = $fresh;
+            for n in 0..7u32 {
+                store.journal_transaction(&format!("t{n}"), vec![event(n, "!a")]).unwrap();
+            }
+            let mut seen = Vec::new();
+            let mut after = None;
+            loop {
+                let page = store.pending_events(after, 3).unwrap();
+                if page.is_empty() {
+                    break;
+                }
+                assert!(page.len() <= 3);
+                after = page.last().map(|e| e.seq);
+                seen.extend(page.into_iter().map(|e| e.event_id.to_string()));
+            }
+            let expected: Vec<String> = (0..7).map(|n| format!("$ev{n}")).collect();
+            assert_eq!(seen, expected);
         }
 
         #[test]
@@ -284,10 +392,11 @@ macro_rules! store_conformance_tests {
             };
             let seqs: Vec<u64> = journaled.iter().map(|e| e.seq).collect();
             let ev1 = ruma::EventId::parse("$ev1").unwrap();
-            assert!(!store.is_processed(&ev1).unwrap());
-            store.finish_event(seqs[0], &ev1).unwrap();
-            assert!(store.is_processed(&ev1).unwrap());
-            let pending = store.pending_events().unwrap();
+            assert!(store.was_journaled(&ev1).unwrap());
+            assert!(!store.was_journaled(&ruma::EventId::parse("$never").unwrap()).unwrap());
+            store.finish_events(&seqs[..1]).unwrap();
+            assert!(store.was_journaled(&ev1).unwrap());
+            let pending = store.pending_events(None, 100).unwrap();
             assert_eq!(pending.len(), 1);
             assert_eq!(pending[0].event_id.as_str(), "$ev2");
         }
@@ -301,7 +410,7 @@ macro_rules! store_conformance_tests {
                 panic!("expected Journaled")
             };
             let seqs: Vec<u64> = journaled.iter().map(|e| e.seq).collect();
-            store.finish_event(seqs[0], &ruma::EventId::parse("$ev1").unwrap()).unwrap();
+            store.finish_events(&seqs[..1]).unwrap();
             let room = ruma::RoomId::parse("!a").unwrap();
             let entry = HistoryEntry {
                 event_id: ruma::EventId::parse("$ev1").unwrap(),
@@ -314,8 +423,8 @@ macro_rules! store_conformance_tests {
             store.append_history(&room, &entry).unwrap();
             let store = ($reopen)(store, &guard);
             assert!(matches!(store.journal_transaction("t1", vec![]).unwrap(), JournalOutcome::Duplicate));
-            assert!(store.is_processed(&ruma::EventId::parse("$ev1").unwrap()).unwrap());
-            let pending = store.pending_events().unwrap();
+            assert!(store.was_journaled(&ruma::EventId::parse("$ev1").unwrap()).unwrap());
+            let pending = store.pending_events(None, 100).unwrap();
             assert_eq!(pending.len(), 1);
             assert_eq!(pending[0].event_id.as_str(), "$ev2");
             assert_eq!(store.recent_history(&room, 10).unwrap(), vec![entry]);
@@ -333,13 +442,44 @@ macro_rules! store_conformance_tests {
             else {
                 panic!("expected Journaled")
             };
-            store.finish_event(journaled[0].seq, &journaled[0].event_id).unwrap();
-            assert_eq!(store.prune_dedupe_records(std::time::Duration::from_secs(3600)).unwrap(), 0);
-            assert!(store.is_processed(&journaled[0].event_id).unwrap());
-            std::thread::sleep(std::time::Duration::from_millis(5));
-            assert_eq!(store.prune_dedupe_records(std::time::Duration::ZERO).unwrap(), 2);
-            assert!(!store.is_processed(&journaled[0].event_id).unwrap());
+            store.finish_events(&[journaled[0].seq]).unwrap();
+            let recorded_before = $crate::unix_ms().saturating_sub(3_600_000);
+            assert_eq!(store.prune_dedupe_records(recorded_before).unwrap(), 0);
+            assert!(store.was_journaled(&journaled[0].event_id).unwrap());
+            assert_eq!(store.prune_dedupe_records($crate::unix_ms() + 1).unwrap(), 2);
+            assert!(!store.was_journaled(&journaled[0].event_id).unwrap());
             assert!(matches!(store.journal_transaction("t1", vec![]).unwrap(), JournalOutcome::Journaled(_)));
+        }
+
+        #[test]
+        fn history_is_trimmed_to_its_retention_and_reads_agree_after_reopening() {
+            let (store, guard) = $fresh;
+            let room = ruma::RoomId::parse("!busy").unwrap();
+            let total = $crate::store::HISTORY_PER_ROOM + 300;
+            for n in 0..total {
+                let entry = HistoryEntry {
+                    event_id: ruma::EventId::parse(format!("$t{n}")).unwrap(),
+                    sender: ruma::UserId::parse("@alice:x").unwrap(),
+                    body: format!("line {n}"),
+                    ts: n as u64,
+                    thread_root: None,
+                    routed_to: Vec::new(),
+                };
+                store.append_history(&room, &entry).unwrap();
+                if n == 5 {
+                    // Warm the cache early so later appends go through it.
+                    assert_eq!(store.recent_history(&room, 3).unwrap().len(), 3);
+                }
+            }
+            let cached: Vec<String> = store.recent_history(&room, 100).unwrap().into_iter().map(|e| e.body).collect();
+            assert_eq!(cached.len(), 100);
+            assert_eq!(cached.last().unwrap(), &format!("line {}", total - 1));
+            let store = ($reopen)(store, &guard);
+            let all = store.recent_history(&room, 10 * total).unwrap();
+            assert!(all.len() < total, "trimmed: {} of {total} lines kept", all.len());
+            assert!(all.len() >= $crate::store::HISTORY_PER_ROOM);
+            let from_disk: Vec<String> = store.recent_history(&room, 100).unwrap().into_iter().map(|e| e.body).collect();
+            assert_eq!(from_disk, cached);
         }
 
         #[test]

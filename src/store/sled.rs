@@ -1,27 +1,30 @@
 //! The embedded sled backend of [`Store`].
 //!
 //! Trees: `txns` (txnId → unix ms), `journal` (seq, big-endian → [`JournaledEvent`] JSON),
-//! `processed` (event_id → unix ms), `history` (room_id ‖ 0xFF ‖ seq → [`HistoryEntry`] JSON),
+//! `processed` (event_id → unix ms of journaling: the dedupe record of every event ever
+//! journaled), `history` (room_id ‖ 0xFF ‖ seq → [`HistoryEntry`] JSON),
 //! `pairing_requests` (channel ‖ 0xFF ‖ sender → [`PairingRequest`] JSON) and `paired`
 //! (channel ‖ 0xFF ‖ sender → [`PairedSender`] JSON), `sessions` (session ‖ 0xFF ‖ seq →
-//! [`SessionEntry`] JSON).
+//! [`SessionEntry`] JSON), `sent` (answer ‖ 0xFF ‖ part → unix ms ‖ event_id: the
+//! messages an answer posted).
 //! 0xFF never occurs in UTF-8, so a room's history is one contiguous prefix and a
 //! (channel, sender) key is unambiguous.
 //!
 //! A code is found by scanning `pairing_requests`: it holds one entry per person waiting for
 //! an admin, and expired entries are dropped whenever a new request is written.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::Path;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use ::sled::transaction::{ConflictableTransactionError, TransactionError};
 use ::sled::{Db, Transactional, Tree};
-use ruma::{EventId, RoomId};
+use ruma::{EventId, OwnedRoomId, RoomId};
 
 use super::{
-    HistoryEntry, IncomingEvent, JournalOutcome, JournaledEvent, PairedSender, PairingRequest,
-    SessionEntry, Store, StoreError, normalize_pairing_code, random_pairing_code,
+    HISTORY_PER_ROOM, HistoryEntry, IncomingEvent, JournalOutcome, JournaledEvent, PairedSender,
+    PairingRequest, SessionEntry, Store, StoreError, normalize_pairing_code, random_pairing_code,
 };
 
 /// sled-backed [`Store`]; one directory on disk.
@@ -34,6 +37,8 @@ pub struct SledStore {
     pairing_requests: Tree,
     paired: Tree,
     sessions: Tree,
+    sent: Tree,
+    recent: Mutex<RecentHistory>,
 }
 
 impl SledStore {
@@ -57,6 +62,8 @@ impl SledStore {
             pairing_requests: tree("pairing_requests")?,
             paired: tree("paired")?,
             sessions: tree("sessions")?,
+            sent: tree("sent")?,
+            recent: Mutex::new(RecentHistory::default()),
             db,
         })
     }
@@ -118,6 +125,104 @@ fn encode<T: serde::Serialize>(value: &T, what: &str) -> Result<Vec<u8>, StoreEr
     serde_json::to_vec(value).map_err(|e| StoreError(format!("cannot encode {what}: {e}")))
 }
 
+/// How many of a room's newest lines the in-memory cache keeps (routing reads 100 per
+/// message; reading and parsing them from disk each time was most of a message's cost).
+const CACHED_LINES: usize = 128;
+/// How many rooms the cache holds before it forgets one.
+const CACHED_ROOMS: usize = 4096;
+/// A room's history is trimmed to [`HISTORY_PER_ROOM`] about once every this many appends.
+const TRIM_EVERY: u64 = 64;
+
+/// The newest lines of recently active rooms, kept in step with every append.
+#[derive(Default)]
+struct RecentHistory {
+    rooms: HashMap<OwnedRoomId, VecDeque<HistoryEntry>>,
+}
+
+impl RecentHistory {
+    fn get(&self, room_id: &RoomId, limit: usize) -> Option<Vec<HistoryEntry>> {
+        let lines = self.rooms.get(room_id)?;
+        let skip = lines.len().saturating_sub(limit);
+        Some(lines.iter().skip(skip).cloned().collect())
+    }
+
+    /// Caches what was read from disk (the newest lines, oldest first).
+    fn fill(&mut self, room_id: &RoomId, lines: &[HistoryEntry]) {
+        self.make_room();
+        let skip = lines.len().saturating_sub(CACHED_LINES);
+        self.rooms
+            .insert(room_id.to_owned(), lines[skip..].iter().cloned().collect());
+    }
+
+    /// Appends to a cached room; an uncached room is read from disk when next asked.
+    fn push(&mut self, room_id: &RoomId, entry: &HistoryEntry) {
+        if let Some(lines) = self.rooms.get_mut(room_id) {
+            lines.push_back(entry.clone());
+            if lines.len() > CACHED_LINES {
+                lines.pop_front();
+            }
+        }
+    }
+
+    fn make_room(&mut self) {
+        if self.rooms.len() >= CACHED_ROOMS {
+            let victim = self.rooms.keys().next().cloned();
+            if let Some(victim) = victim {
+                self.rooms.remove(&victim);
+            }
+        }
+    }
+}
+
+impl SledStore {
+    /// The last `limit` lines of a room's history from disk, oldest first.
+    fn read_history(
+        &self,
+        room_id: &RoomId,
+        limit: usize,
+    ) -> Result<Vec<HistoryEntry>, StoreError> {
+        let mut prefix = room_id.as_bytes().to_vec();
+        prefix.push(0xFF);
+        let mut entries = self
+            .history
+            .scan_prefix(prefix)
+            .rev()
+            .take(limit)
+            .map(|item| {
+                let (_, value) =
+                    item.map_err(|e| StoreError(format!("cannot read history: {e}")))?;
+                serde_json::from_slice(&value)
+                    .map_err(|e| StoreError(format!("corrupt history entry: {e}")))
+            })
+            .collect::<Result<Vec<HistoryEntry>, _>>()?;
+        entries.reverse();
+        Ok(entries)
+    }
+
+    /// Forgets a room's lines beyond its newest [`HISTORY_PER_ROOM`].
+    fn trim_history(&self, room_id: &RoomId) -> Result<(), StoreError> {
+        let mut prefix = room_id.as_bytes().to_vec();
+        prefix.push(0xFF);
+        let keys: Vec<::sled::IVec> = self
+            .history
+            .scan_prefix(&prefix)
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(|e| StoreError(format!("cannot read history of {room_id}: {e}")))?;
+        let excess = keys.len().saturating_sub(HISTORY_PER_ROOM);
+        if excess == 0 {
+            return Ok(());
+        }
+        let mut batch = ::sled::Batch::default();
+        for key in &keys[..excess] {
+            batch.remove(key.clone());
+        }
+        self.history
+            .apply_batch(batch)
+            .map_err(|e| StoreError(format!("cannot trim history of {room_id}: {e}")))
+    }
+}
+
 impl Store for SledStore {
     fn journal_transaction(
         &self,
@@ -143,21 +248,34 @@ impl Store for SledStore {
             records.push((record, bytes));
         }
         let stamp = now_ms();
-        let result = (&self.txns, &self.journal).transaction(|(txns, journal)| {
-            if txns.get(txn_id.as_bytes())?.is_some() {
-                return Err(ConflictableTransactionError::Abort(()));
-            }
-            txns.insert(txn_id.as_bytes(), &stamp)?;
-            for (record, bytes) in &records {
-                journal.insert(&record.seq.to_be_bytes(), bytes.as_slice())?;
-            }
-            Ok(())
-        });
+        let result = (&self.txns, &self.journal, &self.processed).transaction(
+            |(txns, journal, processed)| {
+                if txns.get(txn_id.as_bytes())?.is_some() {
+                    return Err(ConflictableTransactionError::Abort(()));
+                }
+                txns.insert(txn_id.as_bytes(), &stamp)?;
+                // `processed` is the dedupe record of every event_id ever journaled; a
+                // copy (the same event twice in one transaction, or again in another) is
+                // left out here, so nothing downstream can see it twice.
+                let mut kept = Vec::with_capacity(records.len());
+                for (i, (record, bytes)) in records.iter().enumerate() {
+                    if processed.get(record.event_id.as_bytes())?.is_some() {
+                        continue;
+                    }
+                    processed.insert(record.event_id.as_bytes(), &stamp)?;
+                    journal.insert(&record.seq.to_be_bytes(), bytes.as_slice())?;
+                    kept.push(i);
+                }
+                Ok(kept)
+            },
+        );
         match result {
-            Ok(()) => {
+            Ok(kept) => {
                 self.flush()?;
+                let mut records: Vec<Option<JournaledEvent>> =
+                    records.into_iter().map(|(r, _)| Some(r)).collect();
                 Ok(JournalOutcome::Journaled(
-                    records.into_iter().map(|(record, _)| record).collect(),
+                    kept.into_iter().filter_map(|i| records[i].take()).collect(),
                 ))
             }
             Err(TransactionError::Abort(())) => Ok(JournalOutcome::Duplicate),
@@ -167,9 +285,17 @@ impl Store for SledStore {
         }
     }
 
-    fn pending_events(&self) -> Result<Vec<JournaledEvent>, StoreError> {
-        self.journal
-            .iter()
+    fn pending_events(
+        &self,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<JournaledEvent>, StoreError> {
+        let range = match after {
+            Some(seq) => self.journal.range((seq.saturating_add(1)).to_be_bytes()..),
+            None => self.journal.iter(),
+        };
+        range
+            .take(limit)
             .map(|item| {
                 let (_, value) =
                     item.map_err(|e| StoreError(format!("cannot read journal: {e}")))?;
@@ -179,34 +305,47 @@ impl Store for SledStore {
             .collect()
     }
 
-    fn is_processed(&self, event_id: &EventId) -> Result<bool, StoreError> {
+    fn journal_head(&self) -> Result<Option<u64>, StoreError> {
+        let last = self
+            .journal
+            .last()
+            .map_err(|e| StoreError(format!("cannot read journal: {e}")))?;
+        Ok(last.and_then(|(key, _)| key.as_ref().try_into().ok().map(u64::from_be_bytes)))
+    }
+
+    fn pending_count(&self) -> Result<usize, StoreError> {
+        Ok(self.journal.len())
+    }
+
+    fn was_journaled(&self, event_id: &EventId) -> Result<bool, StoreError> {
         self.processed
             .contains_key(event_id.as_bytes())
             .map_err(|e| StoreError(format!("cannot read processed events: {e}")))
     }
 
-    fn finish_event(&self, seq: u64, event_id: &EventId) -> Result<(), StoreError> {
-        let stamp = now_ms();
-        (&self.journal, &self.processed)
-            .transaction(|(journal, processed)| {
-                journal.remove(&seq.to_be_bytes())?;
-                processed.insert(event_id.as_bytes(), &stamp)?;
-                Ok::<_, ConflictableTransactionError<()>>(())
-            })
-            .map_err(|e| StoreError(format!("cannot finish event {event_id}: {e:?}")))?;
-        self.flush()
+    fn finish_events(&self, seqs: &[u64]) -> Result<(), StoreError> {
+        let mut batch = ::sled::Batch::default();
+        for seq in seqs {
+            batch.remove(&seq.to_be_bytes());
+        }
+        self.journal.apply_batch(batch).map_err(|e| {
+            StoreError(format!(
+                "cannot finish {} journaled events: {e}",
+                seqs.len()
+            ))
+        })
     }
 
-    fn prune_dedupe_records(&self, age: std::time::Duration) -> Result<usize, StoreError> {
-        let cutoff = u64::from_be_bytes(now_ms()).saturating_sub(age.as_millis() as u64);
+    fn prune_dedupe_records(&self, cutoff: u64) -> Result<usize, StoreError> {
         let mut removed = 0;
-        for tree in [&self.txns, &self.processed] {
+        for tree in [&self.txns, &self.processed, &self.sent] {
             for item in tree.iter() {
                 let (key, stamp) =
                     item.map_err(|e| StoreError(format!("cannot scan dedupe records: {e}")))?;
+                // Every record here starts with the unix ms it was written at.
                 let recorded = stamp
-                    .as_ref()
-                    .try_into()
+                    .get(..8)
+                    .and_then(|b| b.try_into().ok())
                     .map(u64::from_be_bytes)
                     .unwrap_or(0);
                 if recorded < cutoff {
@@ -218,6 +357,38 @@ impl Store for SledStore {
         }
         self.flush()?;
         Ok(removed)
+    }
+
+    fn record_sent_part(
+        &self,
+        answer: &str,
+        part: usize,
+        event_id: &EventId,
+    ) -> Result<(), StoreError> {
+        let mut key = session_prefix(answer);
+        key.extend_from_slice(&(part as u32).to_be_bytes());
+        let mut value = now_ms().to_vec();
+        value.extend_from_slice(event_id.as_bytes());
+        self.sent
+            .insert(key, value)
+            .map_err(|e| StoreError(format!("cannot record a sent message: {e}")))?;
+        self.flush()
+    }
+
+    fn sent_parts(&self, answer: &str) -> Result<Vec<ruma::OwnedEventId>, StoreError> {
+        self.sent
+            .scan_prefix(session_prefix(answer))
+            .values()
+            .map(|value| {
+                let value =
+                    value.map_err(|e| StoreError(format!("cannot read sent messages: {e}")))?;
+                let id = std::str::from_utf8(value.get(8..).unwrap_or_default())
+                    .ok()
+                    .and_then(|s| EventId::parse(s).ok())
+                    .ok_or_else(|| StoreError("corrupt sent-message record".into()))?;
+                Ok(id)
+            })
+            .collect()
     }
 
     fn append_session(
@@ -297,6 +468,13 @@ impl Store for SledStore {
         self.history
             .insert(history_key(room_id, seq), bytes)
             .map_err(|e| StoreError(format!("cannot append history of {room_id}: {e}")))?;
+        self.recent
+            .lock()
+            .expect("history cache lock")
+            .push(room_id, entry);
+        if seq % TRIM_EVERY == 0 {
+            self.trim_history(room_id)?;
+        }
         Ok(())
     }
 
@@ -305,22 +483,21 @@ impl Store for SledStore {
         room_id: &RoomId,
         limit: usize,
     ) -> Result<Vec<HistoryEntry>, StoreError> {
-        let mut prefix = room_id.as_bytes().to_vec();
-        prefix.push(0xFF);
-        let mut entries = self
-            .history
-            .scan_prefix(prefix)
-            .rev()
-            .take(limit)
-            .map(|item| {
-                let (_, value) =
-                    item.map_err(|e| StoreError(format!("cannot read history: {e}")))?;
-                serde_json::from_slice(&value)
-                    .map_err(|e| StoreError(format!("corrupt history entry: {e}")))
-            })
-            .collect::<Result<Vec<HistoryEntry>, _>>()?;
-        entries.reverse();
-        Ok(entries)
+        if limit <= CACHED_LINES {
+            if let Some(lines) = self
+                .recent
+                .lock()
+                .expect("history cache lock")
+                .get(room_id, limit)
+            {
+                return Ok(lines);
+            }
+        }
+        let read = self.read_history(room_id, limit.max(CACHED_LINES))?;
+        let mut cache = self.recent.lock().expect("history cache lock");
+        cache.fill(room_id, &read);
+        let skip = read.len().saturating_sub(limit);
+        Ok(read[skip..].to_vec())
     }
 
     fn pairing_request(

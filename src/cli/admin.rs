@@ -9,12 +9,12 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::config::Config;
-use crate::inbox::{ExplainError, RouteQuery};
 use crate::ops::api::{self, ApproveRequest, PairingState, RevokeRequest};
 use crate::ops::checks::{CheckFailure, EXIT_LOCAL_SETUP};
 use crate::router::RouteDecision;
+use crate::router::explain::{ExplainError, RouteQuery};
 use crate::server::Services;
-use crate::store::{PairingRequest, SledStore, Store};
+use crate::store::{self, PairingRequest, Store};
 
 /// Exit code of an admin command whose request was refused (bad query, unknown code).
 pub const EXIT_REFUSED: i32 = 1;
@@ -102,8 +102,8 @@ impl AdminClient {
     }
 }
 
-fn open_store(config: &Config) -> Result<SledStore, CheckFailure> {
-    SledStore::open(&config.store.path.join("sled")).map_err(|e| {
+fn open_store(config: &Config) -> Result<std::sync::Arc<dyn Store>, CheckFailure> {
+    store::open(&config.store).map_err(|e| {
         CheckFailure::new(
             EXIT_LOCAL_SETUP,
             format!("✗ {e} — is an agentbus running on another address with this store.path?"),
@@ -122,10 +122,10 @@ pub async fn route(config: &Config, query: &RouteQuery) -> Result<RouteDecision,
     }
     // No agentbus running: route with our own store and the homeserver.
     let services = Services::build(config.clone())?;
-    let processor = services.state.processor.clone();
-    processor.resolve_aliases().await;
-    processor
-        .explain(query)
+    services.inbox.resolve_aliases().await;
+    services
+        .inbox
+        .explain_route(query)
         .await
         .map_err(|ExplainError::BadQuery(e)| CheckFailure::new(EXIT_REFUSED, format!("✗ {e}")))
 }
@@ -139,7 +139,7 @@ pub async fn pairing_list(config: &Config) -> Result<PairingState, CheckFailure>
     {
         return Ok(state);
     }
-    api::read_pairings(&open_store(config)?)
+    api::read_pairings(open_store(config)?.as_ref())
         .map_err(|e| CheckFailure::new(EXIT_LOCAL_SETUP, format!("✗ {e}")))
 }
 
@@ -155,7 +155,7 @@ pub async fn pairing_approve(config: &Config, code: &str) -> Result<PairingReque
     {
         return Ok(request);
     }
-    api::approve(&open_store(config)?, code)
+    api::approve(open_store(config)?.as_ref(), code)
         .map_err(|e| CheckFailure::new(EXIT_LOCAL_SETUP, format!("✗ {e}")))?
         .ok_or_else(|| CheckFailure::new(EXIT_REFUSED, format!("✗ {}", api::unknown_code(code))))
 }

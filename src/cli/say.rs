@@ -15,7 +15,7 @@ use matrix_sdk::ruma::{OwnedRoomOrAliasId, RoomId, RoomOrAliasId};
 use matrix_sdk::{Client, Room};
 use tokio::sync::mpsc;
 
-use crate::agents::stream::STREAMING_KEY;
+use crate::matrix::keys::STREAMING_KEY;
 
 /// What to say, where, and as whom.
 #[derive(Debug, Clone)]
