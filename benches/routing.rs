@@ -8,7 +8,9 @@ use std::collections::BTreeSet;
 use std::hint::black_box;
 
 use agentbus::config::Config;
-use agentbus::router::{LoopGuard, MATRIX, MessageFacts, RoomFacts, RouteInput, Router};
+use agentbus::router::{
+    ContextLine, LoopGuard, MATRIX, MessageFacts, RoomFacts, RouteInput, Router,
+};
 use agentbus::store::HistoryEntry;
 use criterion::{Criterion, criterion_group, criterion_main};
 use ruma::{EventId, OwnedUserId, RoomId, UserId};
@@ -149,6 +151,7 @@ fn bench_routing(c: &mut Criterion) {
             },
         })
         .collect();
+    let recent: Vec<&dyn ContextLine> = recent.iter().map(|e| e as &dyn ContextLine).collect();
     let guard = LoopGuard::default();
     let input = |body: &'static str| RouteInput {
         channel: MATRIX,

@@ -40,6 +40,24 @@ const WORKER_IDLE: Duration = Duration::from_secs(300);
 /// Recent room history handed to the router (threads and replies are looked up in it).
 pub const ROUTING_HISTORY: usize = 100;
 
+impl crate::router::ContextLine for HistoryEntry {
+    fn event_id(&self) -> &ruma::EventId {
+        &self.event_id
+    }
+    fn sender(&self) -> &ruma::UserId {
+        &self.sender
+    }
+    fn ts(&self) -> u64 {
+        self.ts
+    }
+    fn thread_root(&self) -> Option<&ruma::EventId> {
+        self.thread_root.as_deref()
+    }
+    fn routed_to(&self) -> &[String] {
+        &self.routed_to
+    }
+}
+
 impl Explain for Inbox {
     fn explain<'a>(
         &'a self,
@@ -181,12 +199,16 @@ impl Inbox {
                 false
             });
         let guard = self.guard.lock().expect("loop guard lock");
+        let recent: Vec<&dyn crate::router::ContextLine> = recent
+            .iter()
+            .map(|e| e as &dyn crate::router::ContextLine)
+            .collect();
         self.router.route(&RouteInput {
             channel: MATRIX,
             room_id,
             room,
             message,
-            recent,
+            recent: &recent,
             sender_paired,
             guard: &guard,
         })

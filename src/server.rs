@@ -110,7 +110,7 @@ impl Services {
     }
 
     /// What the homeserver has shown of itself to the HTTP API (for the startup checks).
-    pub fn contact(&self) -> Arc<appservice::Contact> {
+    pub fn contact(&self) -> Arc<crate::net::Contact> {
         self.appservice.contact.clone()
     }
 
@@ -204,7 +204,10 @@ pub async fn serve(
 
     services.inbox.resolve_aliases().await;
     if pending > 0 {
-        tracing::info!(events = pending, "replaying the journal");
+        tracing::info!(
+            events = pending,
+            "replaying journaled events from before the restart"
+        );
     }
     services.start_workers(replay_up_to, &shutdown);
     tracing::info!(agents = config.agents.len(), "agentbus is running");

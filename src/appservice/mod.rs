@@ -11,7 +11,6 @@ mod transactions;
 mod users;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, Request, State};
@@ -23,7 +22,7 @@ use axum::routing::{get, post, put};
 use crate::config::Config;
 use crate::matrix::MatrixClient;
 pub use crate::net::ApiError;
-use crate::net::{token_digest, token_matches};
+use crate::net::{Contact, token_digest, token_matches};
 use crate::store::Store;
 use crate::store::feed::FeedSender;
 
@@ -66,26 +65,6 @@ impl AppState {
             matrix,
             contact: Arc::default(),
         })
-    }
-}
-
-/// Whether the homeserver has reached us, and with which token: a ping that fails while
-/// the homeserver demonstrably reaches us is not an unreachable agentbus.
-#[derive(Debug, Default)]
-pub struct Contact {
-    authenticated: AtomicBool,
-    wrong_token: AtomicBool,
-}
-
-impl Contact {
-    /// A request with the right hs_token arrived.
-    pub fn reached_us(&self) -> bool {
-        self.authenticated.load(Ordering::Acquire)
-    }
-
-    /// A request with a different hs_token arrived.
-    pub fn saw_wrong_token(&self) -> bool {
-        self.wrong_token.load(Ordering::Acquire)
     }
 }
 
@@ -157,11 +136,11 @@ async fn require_hs_token(
         (Some(t), _) | (None, Some(t)) => t,
     };
     if !token_matches(&token, &state.hs_token_digest) {
-        state.contact.wrong_token.store(true, Ordering::Release);
+        state.contact.record_wrong_token();
         tracing::warn!(path = %request.uri().path(), "rejected a request with a wrong hs_token");
         return ApiError::new(StatusCode::FORBIDDEN, "M_FORBIDDEN", "Invalid access token")
             .into_response();
     }
-    state.contact.authenticated.store(true, Ordering::Release);
+    state.contact.record_authenticated();
     next.run(request).await
 }

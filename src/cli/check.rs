@@ -2,9 +2,9 @@
 
 use tokio_util::sync::CancellationToken;
 
-use crate::appservice::Contact;
 use crate::config::Config;
 use crate::matrix::MatrixClient;
+use crate::net::Contact;
 use crate::ops::checks::{self, CheckFailure, EXIT_LOCAL_SETUP};
 use crate::server::Services;
 

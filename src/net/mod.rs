@@ -2,6 +2,8 @@
 //! Matrix-style error body our own HTTP APIs answer with, token digests for constant-time
 //! comparison.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use sha2::{Digest, Sha256};
@@ -55,5 +57,35 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = serde_json::json!({ "errcode": self.errcode, "error": self.error });
         (self.status, axum::Json(body)).into_response()
+    }
+}
+
+/// Whether a peer (the homeserver) has reached our HTTP API, and with which token: a ping
+/// that fails while the homeserver demonstrably reaches us is not an unreachable agentbus.
+#[derive(Debug, Default)]
+pub struct Contact {
+    authenticated: AtomicBool,
+    wrong_token: AtomicBool,
+}
+
+impl Contact {
+    /// A request with the right token arrived.
+    pub fn record_authenticated(&self) {
+        self.authenticated.store(true, Ordering::Release);
+    }
+
+    /// A request with a different token arrived.
+    pub fn record_wrong_token(&self) {
+        self.wrong_token.store(true, Ordering::Release);
+    }
+
+    /// Whether a request with the right token arrived.
+    pub fn reached_us(&self) -> bool {
+        self.authenticated.load(Ordering::Acquire)
+    }
+
+    /// Whether a request with a different token arrived.
+    pub fn saw_wrong_token(&self) -> bool {
+        self.wrong_token.load(Ordering::Acquire)
     }
 }

@@ -4,9 +4,9 @@
 
 use std::fmt;
 
-use crate::appservice::Contact;
 use crate::config::Config;
 use crate::matrix::{MatrixClient, MatrixError};
+use crate::net::Contact;
 
 /// A check that failed: what to print and which exit code to leave with.
 #[derive(Debug)]

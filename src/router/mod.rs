@@ -42,7 +42,6 @@ use self::mention::{
     TypedNames, contains_at_name, pill_targets, strip_reply_fallback, strip_reply_html,
 };
 use crate::config::{ChannelPolicyConfig, Config, DmPolicy, GroupPolicy, RoutingConfig};
-use crate::store::HistoryEntry;
 
 /// The channel name of Matrix itself.
 pub const MATRIX: &str = "matrix";
@@ -127,8 +126,21 @@ pub struct RoomFacts {
     pub aliases: Vec<String>,
 }
 
+/// A line of recent room history as the router reads it (the store's history entries
+/// are one; the router does not depend on how they are kept).
+pub trait ContextLine: Send + Sync {
+    fn event_id(&self) -> &EventId;
+    fn sender(&self) -> &UserId;
+    /// Milliseconds since the epoch.
+    fn ts(&self) -> u64;
+    /// Root of the thread the line was said in.
+    fn thread_root(&self) -> Option<&EventId>;
+    /// Agents the line was routed to (for a person's message).
+    fn routed_to(&self) -> &[String];
+}
+
 /// Everything one decision looks at.
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone, Copy)]
 pub struct RouteInput<'a> {
     /// `matrix`, or the bridged platform the room is a portal of.
     pub channel: &'a str,
@@ -136,7 +148,7 @@ pub struct RouteInput<'a> {
     pub room: &'a RoomFacts,
     pub message: MessageFacts<'a>,
     /// Recent room history, oldest first, without this message.
-    pub recent: &'a [HistoryEntry],
+    pub recent: &'a [&'a dyn ContextLine],
     /// Whether the sender was approved by pairing on this channel.
     pub sender_paired: bool,
     pub guard: &'a LoopGuard,
@@ -686,14 +698,14 @@ impl Router {
     fn thread_agent(
         &self,
         root: &EventId,
-        recent: &[HistoryEntry],
+        recent: &[&dyn ContextLine],
         allowed: &[bool],
     ) -> Option<usize> {
         recent
             .iter()
             .rev()
-            .filter(|e| e.thread_root.as_deref() == Some(root) || e.event_id == root)
-            .find_map(|e| self.index_of(&e.sender).filter(|&i| allowed[i]))
+            .filter(|e| e.thread_root() == Some(root) || e.event_id() == root)
+            .find_map(|e| self.index_of(e.sender()).filter(|&i| allowed[i]))
     }
 
     /// The agent the sender was just talking to (in the same thread or main timeline):
@@ -703,14 +715,14 @@ impl Router {
         let context = &self.routing.context;
         let message = &input.message;
         let window = &input.recent[input.recent.len().saturating_sub(context.lookback)..];
-        let same_line = |e: &&HistoryEntry| e.thread_root.as_deref() == message.thread_root;
+        let same_line = |e: &&&dyn ContextLine| e.thread_root() == message.thread_root;
         let (position, last) = window
             .iter()
             .enumerate()
             .rev()
             .filter(|(_, e)| same_line(e))
-            .find(|(_, e)| e.sender == message.sender && !e.routed_to.is_empty())?;
-        let [agent_id] = last.routed_to.as_slice() else {
+            .find(|(_, e)| e.sender() == message.sender && !e.routed_to().is_empty())?;
+        let [agent_id] = last.routed_to() else {
             return None;
         };
         let agent = self.candidates.iter().position(|c| &c.id == agent_id)?;
@@ -720,11 +732,11 @@ impl Router {
         let agent_user = &self.candidates[agent].user_id;
         let latest = window[position..]
             .iter()
-            .filter(|e| &e.sender == agent_user)
-            .map(|e| e.ts)
-            .chain([last.ts])
+            .filter(|e| e.sender() == agent_user)
+            .map(|e| e.ts())
+            .chain([last.ts()])
             .max()
-            .unwrap_or(last.ts);
+            .unwrap_or(last.ts());
         let idle = Duration::from_millis(message.ts.saturating_sub(latest));
         (idle <= context.idle_timeout).then_some((agent, idle))
     }

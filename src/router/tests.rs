@@ -6,11 +6,40 @@ use std::collections::BTreeSet;
 use proptest::prelude::{any, prop_assert, prop_assert_eq, prop_assert_ne, prop_assume, proptest};
 use proptest::strategy::Strategy as Generator;
 use ruma::events::Mentions;
-use ruma::{OwnedEventId, OwnedRoomId, OwnedUserId, UserId};
+use ruma::{EventId, OwnedEventId, OwnedRoomId, OwnedUserId, UserId};
 
 use super::*;
 use crate::config::Config;
-use crate::store::HistoryEntry;
+
+/// A line of history as the inbox would hand it over (the store's record, in its shape).
+#[derive(Debug, Clone)]
+struct HistoryEntry {
+    event_id: OwnedEventId,
+    sender: OwnedUserId,
+    #[allow(dead_code)]
+    body: String,
+    ts: u64,
+    thread_root: Option<OwnedEventId>,
+    routed_to: Vec<String>,
+}
+
+impl ContextLine for HistoryEntry {
+    fn event_id(&self) -> &EventId {
+        &self.event_id
+    }
+    fn sender(&self) -> &UserId {
+        &self.sender
+    }
+    fn ts(&self) -> u64 {
+        self.ts
+    }
+    fn thread_root(&self) -> Option<&EventId> {
+        self.thread_root.as_deref()
+    }
+    fn routed_to(&self) -> &[String] {
+        &self.routed_to
+    }
+}
 
 const CONFIG: &str = r#"
 homeserver: { url: "http://127.0.0.1:8008", server_name: hs }
@@ -168,6 +197,8 @@ impl Case {
             joined: self.joined.iter().map(|u| user(u)).collect::<BTreeSet<_>>(),
             aliases: self.aliases.clone(),
         };
+        let recent: Vec<&dyn ContextLine> =
+            self.recent.iter().map(|e| e as &dyn ContextLine).collect();
         let input = RouteInput {
             channel: MATRIX,
             room_id: &self.room,
@@ -182,7 +213,7 @@ impl Case {
                 hops: self.hops,
                 ts: NOW,
             },
-            recent: &self.recent,
+            recent: &recent,
             sender_paired: self.paired,
             guard,
         };
