@@ -5,24 +5,32 @@
 //! A message travels through the modules in this order:
 //!
 //! - [`appservice`] — the inbound homeserver API. `PUT /transactions/{txnId}` checks the
-//!   hs_token, dedupes the txnId and journals the events durably, then answers 200 at once.
-//! - [`inbox`] — per-room ordered workers that drain the journal: each event at most once,
-//!   invites joined, our own users' events skipped, the rest routed and queued in the chosen
-//!   agents' sessions; an event leaves the journal when its answers are done. (This glue
-//!   between the journal and the agents is its own module so that neither `appservice` nor
-//!   `agents` has to wait on the other.)
-//! - [`router`] — pure routing: (message, room facts, agents) → `RouteDecision` with a reason.
+//!   hs_token, waits while the inbox's backlog is full (back-pressure), journals the
+//!   events durably — each event_id once, whatever carries it — and answers 200.
+//! - [`store`] — durable state: the journal and its feed to the inbox ([`store::feed`]),
+//!   dedupe records, room history, sessions, pairing, sent-message records; sled is the
+//!   embedded backend, opened by [`store::open`].
+//! - [`inbox`] — per-room ordered workers over the journal: replay first, then what the
+//!   feed brings; the room's facts (members, aliases: cached), routing, and the chosen
+//!   agents' jobs; an event leaves the journal when its answers are delivered.
+//! - [`router`] — pure routing: (message, room facts, recent lines) → `RouteDecision` with
+//!   a reason; the [`router::explain`] seam answers "who would answer?".
 //! - [`agents`] — the agent runtime: a lane per session (agent + room + thread), memory
-//!   within a token budget, the tool loop, the answer streamed as a message plus edits.
-//! - [`llm`] — streaming model providers behind one trait (OpenAI Chat Completions,
-//!   Anthropic Messages, Ollama, built-in echo) and the hub above them: retries, fallbacks,
-//!   concurrency caps, warm-up.
-//! - [`matrix`] — the outbound client-server API as any of our users, with retries.
-//! - [`store`] — durable state behind a narrow trait; sled is the embedded backend.
+//!   within a token budget, the tool loop, the answer streamed as a message plus edits
+//!   with replay-safe transaction IDs, and everything an agent says.
+//! - [`llm`] — streaming model providers behind one trait and the hub above them.
+//! - [`matrix`] — the outbound client-server API as any of our users, with retries, and
+//!   our protocol keys ([`matrix::keys`]).
+//! - [`render`] — Markdown → Matrix HTML, and answers split to fit events.
+//! - [`net`] — HTTP plumbing: error chains, error bodies, token digests.
 //! - [`config`] — `agentbus.yaml`, its defaults, env overrides and validation.
-//! - [`ops`] — startup checks and, later, scheduler, monitors, metrics and the admin API.
-//! - [`server`] — wires the services together and runs them until shutdown.
-//! - [`client`] — the human side: a matrix-sdk client behind `agentbus say`.
+//! - [`ops`] — startup checks, the admin API, metrics.
+//! - [`server`] — the composition root: builds every service once, serves HTTP, runs the
+//!   workers on one task tracker, drains on shutdown.
+//! - [`cli`] — the command-line clients: `say` (a matrix-sdk human), `route`, `pairing`,
+//!   `check`.
+//!
+//! `tests/module_edges.rs` holds the `use crate::` edges between these to the design's table.
 
 pub mod agents;
 pub mod appservice;
