@@ -21,9 +21,11 @@ use futures::StreamExt;
 use matrix_sdk::Client;
 use matrix_sdk::config::SyncSettings;
 use matrix_sdk::event_handler::RawEvent;
+use matrix_sdk::ruma::api::client::filter::FilterDefinition;
 use matrix_sdk::ruma::api::client::room::create_room::v3::{
     Request as CreateRoomRequest, RoomPreset,
 };
+use matrix_sdk::ruma::api::client::sync::sync_events::v3::Filter as SyncFilter;
 use matrix_sdk::ruma::events::room::message::{
     OriginalSyncRoomMessageEvent, RoomMessageEventContent,
 };
@@ -33,6 +35,7 @@ use tokio::sync::Notify;
 
 pub const SERVER_NAME: &str = "localhost";
 pub const AGENTS: [&str; 3] = ["damon", "coder", "researcher"];
+const APPSERVICE_ID: &str = "agentbus-e2e";
 const AS_TOKEN: &str = "e2e-as-token-0123456789abcdef";
 const HS_TOKEN: &str = "e2e-hs-token-fedcba9876543210";
 /// Bearer token of the admin API in the test config.
@@ -48,6 +51,8 @@ pub struct Synapse {
     pub dir: PathBuf,
     /// The port the registration tells Synapse to find the appservice on.
     pub appservice_port: u16,
+    port: u16,
+    registration: PathBuf,
 }
 
 fn repo_root() -> PathBuf {
@@ -63,8 +68,8 @@ fn free_port() -> u16 {
 }
 
 /// Starts Synapse once per test binary and returns it. The process is spawned from a
-/// thread that lives as long as the test binary, with a parent-death signal, so it goes
-/// away with the tests however they end.
+/// thread that lives as long as the server, with a parent-death signal, so it goes away
+/// with the tests however they end.
 pub fn synapse() -> &'static Synapse {
     static SYNAPSE: OnceLock<Synapse> = OnceLock::new();
     SYNAPSE.get_or_init(|| {
@@ -80,20 +85,45 @@ pub fn synapse() -> &'static Synapse {
         )
         .unwrap();
 
+        let synapse = Synapse {
+            url: format!("http://127.0.0.1:{port}"),
+            dir,
+            appservice_port,
+            port,
+            registration,
+        };
+        // First runs install Synapse into a venv, which takes about a minute.
+        synapse.run(Duration::from_secs(600));
+        synapse
+    })
+}
+
+impl Synapse {
+    /// Runs `scripts/dev-homeserver.sh start --foreground` from a thread that lives as long
+    /// as the server (the parent-death signal follows the spawning thread), and waits until
+    /// `/versions` answers.
+    fn run(&self, timeout: Duration) {
         let (tx, rx) = std::sync::mpsc::channel();
-        let (thread_dir, thread_registration) = (dir.clone(), registration.clone());
+        let (dir, registration, port) = (self.dir.clone(), self.registration.clone(), self.port);
         std::thread::spawn(move || {
+            let log = |name: &str| {
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(dir.join(name))
+                    .unwrap()
+            };
             let mut command =
                 std::process::Command::new(repo_root().join("scripts/dev-homeserver.sh"));
             command
                 .args(["start", "--foreground", "--server-name", SERVER_NAME])
                 .arg("--dir")
-                .arg(&thread_dir)
+                .arg(&dir)
                 .args(["--port", &port.to_string()])
                 .arg("--registration")
-                .arg(&thread_registration)
-                .stdout(std::fs::File::create(thread_dir.join("stdout.log")).unwrap())
-                .stderr(std::fs::File::create(thread_dir.join("stderr.log")).unwrap());
+                .arg(&registration)
+                .stdout(log("stdout.log"))
+                .stderr(log("stderr.log"));
             die_with_parent(&mut command);
             let mut child = command.spawn().expect("scripts/dev-homeserver.sh starts");
             tx.send(()).unwrap();
@@ -101,21 +131,99 @@ pub fn synapse() -> &'static Synapse {
             eprintln!("synapse exited: {status:?}");
         });
         rx.recv().unwrap();
-        let url = format!("http://127.0.0.1:{port}");
-        // First runs install Synapse into a venv, which takes about a minute.
-        wait_until(Duration::from_secs(600), || {
-            reqwest::blocking_get_ok(&format!("{url}/_matrix/client/versions"))
+        wait_until(timeout, || {
+            reqwest::blocking_get_ok(&format!("{}/_matrix/client/versions", self.url))
         })
         .unwrap_or_else(|| {
-            let log = std::fs::read_to_string(dir.join("stderr.log")).unwrap_or_default();
-            panic!("Synapse did not come up at {url}; script stderr:\n{log}")
+            let log = std::fs::read_to_string(self.dir.join("stderr.log")).unwrap_or_default();
+            panic!(
+                "Synapse did not come up at {}; script stderr:\n{log}",
+                self.url
+            )
         });
-        Synapse {
-            url,
-            dir,
-            appservice_port,
+    }
+
+    /// Synapse's log so far (all runs).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("synapse.log")).unwrap_or_default()
+    }
+
+    /// Whether Synapse holds our appservice for down and retries its transactions on a
+    /// backoff (a "recoverer"), which a successful ping cuts short: by its log, whether it
+    /// last started a recoverer for it rather than last recovered it.
+    pub fn appservice_in_recovery(&self) -> bool {
+        let log = self.log();
+        let started = log.rfind(&format!("Starting recoverer for AS ID {APPSERVICE_ID}\n"));
+        let recovered = log.rfind(&format!(
+            "Successfully recovered application service AS ID {APPSERVICE_ID}\n"
+        ));
+        started > recovered
+    }
+
+    /// Waits until [`Synapse::appservice_in_recovery`]: it tried to deliver a transaction,
+    /// failed, and now waits to retry.
+    pub async fn wait_appservice_in_recovery(&self) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while !self.appservice_in_recovery() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "Synapse never started retrying transactions to the appservice"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-    })
+    }
+
+    /// Takes the homeserver down (`scripts/dev-homeserver.sh stop`: SIGTERM, then SIGKILL
+    /// after a grace period) until [`HomeserverDown::bring_up`] or the guard's drop.
+    pub async fn take_down(&'static self) -> HomeserverDown {
+        tokio::task::spawn_blocking(move || {
+            let output = std::process::Command::new(repo_root().join("scripts/dev-homeserver.sh"))
+                .arg("stop")
+                .arg("--dir")
+                .arg(&self.dir)
+                .output()
+                .expect("scripts/dev-homeserver.sh stop runs");
+            assert!(
+                output.status.success(),
+                "stopping Synapse failed: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+            assert!(
+                !reqwest::blocking_get_ok(&format!("{}/_matrix/client/versions", self.url)),
+                "Synapse still answers after stop"
+            );
+        })
+        .await
+        .unwrap();
+        HomeserverDown {
+            synapse: Some(self),
+        }
+    }
+}
+
+/// The shared homeserver is down; it comes back on [`HomeserverDown::bring_up`], or on drop
+/// so that a failed test does not leave the next one without a homeserver.
+pub struct HomeserverDown {
+    synapse: Option<&'static Synapse>,
+}
+
+impl HomeserverDown {
+    /// Starts the same Synapse again (same directory, port, config and database) and waits
+    /// until it answers.
+    pub async fn bring_up(mut self) {
+        let synapse = self.synapse.take().unwrap();
+        tokio::task::spawn_blocking(move || synapse.run(WAIT))
+            .await
+            .unwrap();
+    }
+}
+
+impl Drop for HomeserverDown {
+    fn drop(&mut self) {
+        if let Some(synapse) = self.synapse.take() {
+            synapse.run(WAIT);
+        }
+    }
 }
 
 /// Deletes the homeserver directories of earlier test runs whose process is gone.
@@ -187,7 +295,7 @@ fn base_config(appservice_port: u16, store: &Path) -> Config {
     let yaml = format!(
         r#"
 homeserver: {{ url: "http://127.0.0.1:1", server_name: {SERVER_NAME} }}
-appservice: {{ id: agentbus-e2e, bind: "127.0.0.1:{appservice_port}", as_token: {AS_TOKEN}, hs_token: {HS_TOKEN} }}
+appservice: {{ id: {APPSERVICE_ID}, bind: "127.0.0.1:{appservice_port}", as_token: {AS_TOKEN}, hs_token: {HS_TOKEN} }}
 store: {{ path: "{}" }}
 providers: {{ echo: {{ api: echo }} }}
 agents:
@@ -239,7 +347,18 @@ impl Agentbus {
         channels: &str,
         provider_extra: &str,
     ) -> tempfile::TempDir {
-        Self::write_config_text(&format!(
+        Self::write_config_text(&Self::standard_rest(llm_url, channels, provider_extra))
+    }
+
+    /// The standard config with its store at `store` (an absolute path) instead of the
+    /// config directory's `data`.
+    pub fn write_config_on_store(llm_url: &str, store: &Path) -> tempfile::TempDir {
+        Self::write_config_text_on_store(&Self::standard_rest(llm_url, OPEN_DMS, ""), store)
+    }
+
+    /// Everything of the standard config after the header (see [`Self::write_config_full`]).
+    fn standard_rest(llm_url: &str, channels: &str, provider_extra: &str) -> String {
+        format!(
             r#"
 providers:
   stub:
@@ -260,24 +379,32 @@ routing:
       - {{ keywords: ["搜索", "调研", "查资料"], agent: researcher }}
 {channels}
 "#
-        ))
+        )
     }
 
     /// A directory holding `agentbus.yaml` with the test homeserver, appservice, admin
     /// token and store, followed by `rest` as written (`providers:`, `agents:`,
     /// `channels:` …), for tests whose agents use something other than the model stub.
     pub fn write_config_text(rest: &str) -> tempfile::TempDir {
+        Self::write_config_text_on_store(rest, Path::new("data"))
+    }
+
+    /// [`Self::write_config_text`] with `store.path` set to `store` (relative paths are
+    /// relative to the config directory).
+    pub fn write_config_text_on_store(rest: &str, store: &Path) -> tempfile::TempDir {
         let synapse = synapse();
         let dir = tempfile::tempdir().unwrap();
         let config = format!(
             r#"
 homeserver: {{ url: "{}", server_name: {SERVER_NAME} }}
-appservice: {{ id: agentbus-e2e, bind: "127.0.0.1:{}", as_token: {AS_TOKEN}, hs_token: {HS_TOKEN} }}
+appservice: {{ id: {APPSERVICE_ID}, bind: "127.0.0.1:{}", as_token: {AS_TOKEN}, hs_token: {HS_TOKEN} }}
 admin: {{ token: {ADMIN_TOKEN} }}
-store: {{ path: data }}
+store: {{ path: {} }}
 {rest}
 "#,
-            synapse.url, synapse.appservice_port
+            synapse.url,
+            synapse.appservice_port,
+            json!(store.to_str().expect("a UTF-8 store path"))
         );
         std::fs::write(dir.path().join("agentbus.yaml"), config).unwrap();
         dir
@@ -301,16 +428,34 @@ store: {{ path: data }}
     /// PUTs a transaction body straight at the appservice, as the homeserver would (with
     /// its hs_token), under `txn_id`; returns the status and the JSON answer.
     pub async fn deliver(&self, txn_id: &str, body: &Value) -> (u16, Value) {
+        self.try_deliver(txn_id, body)
+            .await
+            .unwrap_or_else(|e| panic!("agentbus did not answer transaction {txn_id}: {e}"))
+    }
+
+    /// [`Agentbus::deliver`], or why no HTTP answer came (refused, reset, timed out).
+    pub async fn try_deliver(
+        &self,
+        txn_id: &str,
+        body: &Value,
+    ) -> Result<(u16, Value), ::reqwest::Error> {
         let url = format!("{}/_matrix/app/v1/transactions/{txn_id}", self.url);
         let response = ::reqwest::Client::new()
             .put(url)
             .bearer_auth(HS_TOKEN)
+            .timeout(Duration::from_secs(30))
             .json(body)
             .send()
-            .await
-            .unwrap();
+            .await?;
         let status = response.status().as_u16();
-        (status, response.json().await.unwrap_or(Value::Null))
+        Ok((status, response.json().await.unwrap_or(Value::Null)))
+    }
+
+    /// Whether the process is still running (it may have exited on its own).
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|child| child.try_wait().unwrap().is_none())
     }
 
     /// Base URL of its HTTP listener.
@@ -366,8 +511,9 @@ store: {{ path: data }}
         }
     }
 
-    /// SIGKILL: no shutdown, no flushing beyond what was already durable.
-    /// Waits for the process to be gone, so its port is free for the next instance.
+    /// SIGKILL (what `Child::kill` sends on Unix): no shutdown, no flushing beyond what
+    /// was already durable. Waits for the process to be gone, so its port is free for the
+    /// next instance.
     pub async fn kill(&mut self) {
         self.kill_now();
     }
@@ -421,6 +567,8 @@ pub struct LlmStub {
     mode: Arc<Mutex<LlmMode>>,
     changed: Arc<Notify>,
     requests: Arc<Mutex<Vec<Value>>>,
+    /// Responses whose body has been written out or abandoned (the client went away).
+    ended: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// The text of a Chat Completions message's `content` (a string, or text parts).
@@ -477,6 +625,16 @@ fn sse(lines: Vec<String>, pause: Duration) -> axum::response::Response {
         .unwrap()
 }
 
+/// Counts a response as ended when its body stream is dropped: after its last chunk, or
+/// when the connection closes first.
+struct EndedGuard(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for EndedGuard {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 impl LlmStub {
     pub async fn start(mode: LlmMode) -> LlmStub {
         Self::start_on(0, mode).await
@@ -492,13 +650,24 @@ impl LlmStub {
             mode: Arc::new(Mutex::new(mode)),
             changed: Arc::new(Notify::new()),
             requests: Arc::default(),
+            ended: Arc::default(),
         };
         let state = stub.clone();
         let app = axum::Router::new().route(
             "/v1/chat/completions",
             post(move |Json(request): Json<Value>| {
                 let state = state.clone();
-                async move { state.respond(request).await }
+                async move {
+                    let response = state.respond(request).await;
+                    let ended = EndedGuard(state.ended.clone());
+                    // The guard lives in the body stream, and counts when hyper drops it.
+                    response.map(|body| {
+                        axum::body::Body::from_stream(body.into_data_stream().map(move |chunk| {
+                            let _ended = &ended;
+                            chunk
+                        }))
+                    })
+                }
             }),
         );
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
@@ -552,6 +721,19 @@ impl LlmStub {
     /// Every request body received so far.
     pub fn requests(&self) -> Vec<Value> {
         self.requests.lock().unwrap().clone()
+    }
+
+    /// Waits until at least `n` responses have ended: written out to the last byte, or
+    /// abandoned because the client went away.
+    pub async fn wait_for_ended(&self, n: usize) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while self.ended.load(std::sync::atomic::Ordering::SeqCst) < n {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "fewer than {n} model responses ended"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// Waits until at least `n` requests have arrived.
@@ -701,10 +883,20 @@ impl Human {
             },
         );
         let sync_client = client.clone();
+        // Synapse's default of 10 timeline events per room and sync would leave a gap
+        // (a "limited" timeline) when a burst arrives at once, as after an outage.
+        let mut filter = FilterDefinition::default();
+        filter.room.timeline.limit = Some(500u32.into());
+        let settings = SyncSettings::default()
+            .timeout(Duration::from_secs(2))
+            .filter(SyncFilter::FilterDefinition(filter));
+        // matrix-sdk's sync loop ends at the first failed request (it does not retry
+        // connection errors), so a homeserver restart would blind the human: sync again,
+        // from the last token, until the homeserver is back.
         let sync = tokio::spawn(async move {
-            let _ = sync_client
-                .sync(SyncSettings::default().timeout(Duration::from_secs(2)))
-                .await;
+            while sync_client.sync(settings.clone()).await.is_err() {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
         });
         Human {
             client,
@@ -792,7 +984,17 @@ impl Human {
 
     /// Waits for a message matching `matches` and returns it.
     pub async fn wait_for(&self, what: &str, matches: impl Fn(&Seen) -> bool) -> Seen {
-        let deadline = tokio::time::Instant::now() + WAIT;
+        self.wait_for_within(WAIT, what, matches).await
+    }
+
+    /// [`Human::wait_for`] with a deadline of `timeout` from now.
+    pub async fn wait_for_within(
+        &self,
+        timeout: Duration,
+        what: &str,
+        matches: impl Fn(&Seen) -> bool,
+    ) -> Seen {
+        let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let arrived = self.arrived.notified();
             if let Some(found) = self.seen.lock().unwrap().iter().find(|s| matches(s)) {
@@ -826,8 +1028,22 @@ impl Human {
     /// streamed answer is posted marked `io.agentbus.streaming` and finished by an edit
     /// without the mark. Returns the reply with the final content (its relations kept).
     pub async fn wait_reply(&self, room: &OwnedRoomId, agent: &str, event: &OwnedEventId) -> Seen {
-        let first = self.wait_first_reply(room, agent, event).await;
-        self.wait_final(&first).await
+        self.wait_reply_within(WAIT, room, agent, event).await
+    }
+
+    /// [`Human::wait_reply`] allowing `timeout` for the reply and again for its final edit
+    /// (for answers that wait out a fault).
+    pub async fn wait_reply_within(
+        &self,
+        timeout: Duration,
+        room: &OwnedRoomId,
+        agent: &str,
+        event: &OwnedEventId,
+    ) -> Seen {
+        let first = self
+            .wait_first_reply_within(timeout, room, agent, event)
+            .await;
+        self.wait_final_within(timeout, &first).await
     }
 
     /// The first version of `agent`'s reply to `event`, as posted.
@@ -837,8 +1053,19 @@ impl Human {
         agent: &str,
         event: &OwnedEventId,
     ) -> Seen {
+        self.wait_first_reply_within(WAIT, room, agent, event).await
+    }
+
+    /// [`Human::wait_first_reply`] with a deadline of `timeout` from now.
+    pub async fn wait_first_reply_within(
+        &self,
+        timeout: Duration,
+        room: &OwnedRoomId,
+        agent: &str,
+        event: &OwnedEventId,
+    ) -> Seen {
         let agent = agent_id(agent);
-        self.wait_for(&format!("a reply from {agent} to {event}"), |s| {
+        self.wait_for_within(timeout, &format!("a reply from {agent} to {event}"), |s| {
             &s.room_id == room && s.sender == agent && s.in_reply_to() == Some(event.as_str())
         })
         .await
@@ -847,14 +1074,23 @@ impl Human {
     /// `message` with its final content: itself when it was not streaming, else the
     /// content of the edit that finished it.
     pub async fn wait_final(&self, message: &Seen) -> Seen {
+        self.wait_final_within(WAIT, message).await
+    }
+
+    /// [`Human::wait_final`] with a deadline of `timeout` from now.
+    pub async fn wait_final_within(&self, timeout: Duration, message: &Seen) -> Seen {
         if message.content[STREAMING].as_bool() != Some(true) {
             return message.clone();
         }
         let edit = self
-            .wait_for(&format!("the final edit of {}", message.event_id), |s| {
-                s.edits() == Some(message.event_id.as_str())
-                    && s.content["m.new_content"][STREAMING].as_bool() != Some(true)
-            })
+            .wait_for_within(
+                timeout,
+                &format!("the final edit of {}", message.event_id),
+                |s| {
+                    s.edits() == Some(message.event_id.as_str())
+                        && s.content["m.new_content"][STREAMING].as_bool() != Some(true)
+                },
+            )
             .await;
         let mut last = message.clone();
         let relations = last.content["m.relates_to"].clone();
@@ -868,6 +1104,29 @@ impl Human {
     /// Every edit of `event` seen so far, in order.
     pub fn edits_of(&self, event: &OwnedEventId) -> Vec<Seen> {
         self.seen(|s| s.edits() == Some(event.as_str()))
+    }
+
+    /// The messages (not edits) `agent` posted in `room` replying to `event`, seen so far.
+    pub fn answers_to(&self, room: &OwnedRoomId, agent: &str, event: &OwnedEventId) -> Vec<Seen> {
+        let agent = agent_id(agent);
+        self.seen(|s| {
+            &s.room_id == room
+                && s.sender == agent
+                && s.edits().is_none()
+                && s.in_reply_to() == Some(event.as_str())
+        })
+    }
+
+    /// The content `message` shows now: the `m.new_content` of its latest edit seen (by
+    /// its own sender), else its own content.
+    pub fn latest_content(&self, message: &Seen) -> Value {
+        self.edits_of(&message.event_id)
+            .iter()
+            .rfind(|edit| edit.sender == message.sender)
+            .map_or_else(
+                || message.content.clone(),
+                |edit| edit.content["m.new_content"].clone(),
+            )
     }
 }
 
@@ -887,6 +1146,24 @@ pub fn delivered_message(
         "origin_server_ts": 1_700_000_000_000u64, "content": {"msgtype": "m.text", "body": text},
     }]});
     (event_id, body)
+}
+
+/// An `m.room.message` text event by `sender` in `room` with the given `event_id`, sent
+/// now, as the homeserver would put it in a transaction's `events`.
+pub fn message_event(
+    room: &OwnedRoomId,
+    sender: &OwnedUserId,
+    event_id: &OwnedEventId,
+    text: &str,
+) -> Value {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    json!({
+        "type": "m.room.message", "room_id": room, "sender": sender, "event_id": event_id,
+        "origin_server_ts": now, "content": {"msgtype": "m.text", "body": text},
+    })
 }
 
 /// `@<agent>:localhost`.
