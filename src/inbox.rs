@@ -382,10 +382,7 @@ impl Inbox {
         let mut done: Vec<u64> = Vec::new();
         loop {
             let next = if done.len() < FINISH_BATCH {
-                match queue.try_recv() {
-                    Ok(event) => Some(event),
-                    Err(_) => None,
-                }
+                queue.try_recv().ok()
             } else {
                 None
             };
@@ -785,10 +782,10 @@ impl Inbox {
     /// and refreshed after any membership change in it. A lookup that failed is retried
     /// after [`FACTS_RETRY`], not for every event.
     async fn room_facts(&self, room_id: &RoomId) -> RoomFacts {
-        if let Some((facts, expires)) = self.rooms.lock().expect("room cache lock").get(room_id) {
-            if expires.is_none_or(|at| Instant::now() < at) {
-                return facts.clone();
-            }
+        if let Some((facts, expires)) = self.rooms.lock().expect("room cache lock").get(room_id)
+            && expires.is_none_or(|at| Instant::now() < at)
+        {
+            return facts.clone();
         }
         let retry_aliases = {
             let tried = self.aliases_tried.lock().expect("alias lock");

@@ -547,10 +547,10 @@ impl Typing {
     async fn stop(self, matrix: &MatrixClient) {
         self.cancel.cancel();
         let _ = self.task.await;
-        if self.shown.load(std::sync::atomic::Ordering::Acquire) {
-            if let Err(e) = matrix.set_typing(&self.user, &self.room, None).await {
-                tracing::debug!(agent = %self.user, room_id = %self.room, error = %e, "could not clear typing");
-            }
+        if self.shown.load(std::sync::atomic::Ordering::Acquire)
+            && let Err(e) = matrix.set_typing(&self.user, &self.room, None).await
+        {
+            tracing::debug!(agent = %self.user, room_id = %self.room, error = %e, "could not clear typing");
         }
     }
 }

@@ -203,11 +203,10 @@ impl<'a> AnswerWriter<'a> {
                     sent.streaming = streaming;
                 }
                 None => {
-                    if let Some(store) = self.store {
-                        if let Err(e) = store.record_sent_part(&self.to.answer_key(), i, &event_id)
-                        {
-                            tracing::warn!(agent = self.to.agent_id, error = %e, "could not record a posted message");
-                        }
+                    if let Some(store) = self.store
+                        && let Err(e) = store.record_sent_part(&self.to.answer_key(), i, &event_id)
+                    {
+                        tracing::warn!(agent = self.to.agent_id, error = %e, "could not record a posted message");
                     }
                     self.parts.push(SentPart {
                         event_id,

@@ -483,15 +483,14 @@ impl Store for SledStore {
         room_id: &RoomId,
         limit: usize,
     ) -> Result<Vec<HistoryEntry>, StoreError> {
-        if limit <= CACHED_LINES {
-            if let Some(lines) = self
+        if limit <= CACHED_LINES
+            && let Some(lines) = self
                 .recent
                 .lock()
                 .expect("history cache lock")
                 .get(room_id, limit)
-            {
-                return Ok(lines);
-            }
+        {
+            return Ok(lines);
         }
         let read = self.read_history(room_id, limit.max(CACHED_LINES))?;
         let mut cache = self.recent.lock().expect("history cache lock");
