@@ -5,6 +5,7 @@
 //! runs the same [`store_conformance_tests!`] so a second one is provably equivalent.
 
 pub mod feed;
+mod recovering;
 mod sled;
 
 use std::time::Duration;
@@ -22,7 +23,13 @@ use crate::config::{StoreBackend, StoreConfig};
 /// Opens the store `config` describes (`store.backend`, `store.path`).
 pub fn open(config: &StoreConfig) -> Result<Arc<dyn Store>, StoreError> {
     match config.backend {
-        StoreBackend::Sled => Ok(Arc::new(SledStore::open(&config.path.join("sled"))?)),
+        StoreBackend::Sled => {
+            let dir = config.path.join("sled");
+            let store: Arc<dyn Store> = Arc::new(SledStore::open(&dir)?);
+            let reopen: recovering::Reopen =
+                Box::new(move || Ok(Arc::new(SledStore::open(&dir)?) as Arc<dyn Store>));
+            Ok(Arc::new(recovering::Recovering::new(store, reopen)))
+        }
     }
 }
 
