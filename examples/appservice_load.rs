@@ -1,0 +1,900 @@
+//! HTTP load against a running `agentbus serve`, with this process playing the homeserver.
+//!
+//! Two modes, each over plain HTTP against the real binary (`scripts/load.sh` sets up a
+//! throwaway Synapse and agentbus and runs both):
+//!
+//! **`--mode transactions`** (default) PUTs `--events` Element-shaped `m.room.message` events
+//! to `/_matrix/app/v1/transactions/{txnId}` in transactions of `--batch`, spread over
+//! `--rooms` rooms that no agent is in, exactly one transaction in flight at a time (as
+//! Synapse sends them). Event IDs and txnIds carry a per-run id, so reruns against the same
+//! store are new work, not redeliveries. It reports
+//! - **acknowledged events/s**: events / wall time from the first send to the last `200`;
+//! - ack latency per transaction, p50/p90/p99/max (exact, from the sorted samples);
+//! - every non-200 and every transport error, with status and body (counted; exit 1);
+//! - **drained events/s**: events / time from the first send until `GET {url}/metrics`
+//!   (Prometheus text) shows `agentbus_journal_pending` at 0, i.e. until every journaled
+//!   event has been routed and finished. Without `/metrics` (404) it says the drain is not
+//!   measurable and exits 1.
+//!
+//! ```sh
+//! cargo run --release --example appservice_load -- --url http://127.0.0.1:9000 \
+//!     --hs-token TOKEN --events 200000 --batch 100 --rooms 1000 --server-name localhost
+//! ```
+//!
+//! **`--mode echo`** measures what a person feels: `--conversations` humans, registered
+//! through Synapse's shared-secret admin API, each open a DM with `--agent` (an agent on the
+//! `echo` provider), wait for it to join, then send `--messages` messages one after another.
+//! Each message's latency is the time from the send request until the agent's reply (an
+//! `m.room.message` from the agent whose `m.relates_to.m.in_reply_to.event_id` is the
+//! message; edits ignored) shows up in that human's `/sync` long-poll. It reports
+//! p50/p90/p99/max and messages/s over all conversations running at once.
+//!
+//! ```sh
+//! cargo run --release --example appservice_load -- --mode echo --conversations 10 \
+//!     --messages 20 --homeserver http://127.0.0.1:8008 --server-name localhost \
+//!     --shared-secret-file /tmp/synapse/shared_secret
+//! ```
+//!
+//! Only loopback URLs are accepted, every count is bounded, and `--timeout` bounds the run.
+//! The timings include this driver's own work on the same machine (building a 100-event
+//! body takes well under a millisecond).
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use base64::Engine as _;
+use clap::{Parser, ValueEnum};
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use url::Url;
+
+#[derive(Parser)]
+#[command(about = "HTTP load against a running agentbus, playing the homeserver")]
+struct Args {
+    /// What to measure.
+    #[arg(long, value_enum, default_value_t = Mode::Transactions)]
+    mode: Mode,
+    /// agentbus' appservice listener (transactions mode).
+    #[arg(long)]
+    url: Option<String>,
+    /// The hs_token of the registration (transactions mode).
+    #[arg(long, env = "AGENTBUS_HS_TOKEN", hide_env_values = true)]
+    hs_token: Option<String>,
+    /// Events to deliver in total.
+    #[arg(long, default_value_t = 200_000, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+    events: u64,
+    /// Events per transaction (Synapse sends at most 100).
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=1_000))]
+    batch: u64,
+    /// Rooms the events are spread over (round robin; no agent is in any of them).
+    #[arg(long, default_value_t = 1_000, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    rooms: u64,
+    /// The homeserver's server name (the part after ':' in user and room IDs).
+    #[arg(long, default_value = "localhost")]
+    server_name: String,
+    /// Where the metrics are (default: {url}/metrics).
+    #[arg(long)]
+    metrics_url: Option<String>,
+    /// How long to wait for the journal to drain after the last acknowledgement.
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    drain_timeout: Duration,
+    /// Concurrent DM conversations (echo mode).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=200))]
+    conversations: u64,
+    /// Messages per conversation, sent one after another (echo mode).
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    messages: u64,
+    /// The homeserver's client-server API (echo mode).
+    #[arg(long)]
+    homeserver: Option<String>,
+    /// File holding Synapse's `registration_shared_secret`, used to register the humans
+    /// (echo mode; `scripts/dev-homeserver.sh` writes it to <dir>/shared_secret).
+    #[arg(long)]
+    shared_secret_file: Option<std::path::PathBuf>,
+    /// Localpart of the agent the humans talk to (echo mode).
+    #[arg(long, default_value = "damon")]
+    agent: String,
+    /// How long one reply may take before it counts as missing (echo mode).
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    reply_timeout: Duration,
+    /// The whole run is abandoned (exit 1) after this long.
+    #[arg(long, default_value = "30m", value_parser = humantime::parse_duration)]
+    timeout: Duration,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Mode {
+    /// Homeserver → agentbus transactions: acknowledged and drained events/s.
+    Transactions,
+    /// Human → homeserver → agentbus → echo agent → homeserver → human latency.
+    Echo,
+}
+
+/// A failure that ends the run, said in one line.
+type Failure = String;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    let timeout = args.timeout;
+    let run = async {
+        match args.mode {
+            Mode::Transactions => run_transactions(&args).await,
+            Mode::Echo => run_echo(&args).await,
+        }
+    };
+    match tokio::time::timeout(timeout, run).await {
+        Ok(Ok(())) => ExitCode::SUCCESS,
+        Ok(Err(failure)) => {
+            eprintln!("appservice_load: {failure}");
+            ExitCode::FAILURE
+        }
+        Err(_) => {
+            eprintln!(
+                "appservice_load: gave up after --timeout {}",
+                humantime::format_duration(timeout)
+            );
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `raw` parsed, if it is an http URL on a loopback address: this driver is for local runs.
+fn loopback_url(flag: &str, raw: &str) -> Result<Url, Failure> {
+    let url = Url::parse(raw).map_err(|e| format!("{flag} {raw:?}: {e}"))?;
+    let loopback = match url.host() {
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        Some(url::Host::Domain(name)) => name == "localhost",
+        None => false,
+    };
+    if url.scheme() != "http" || !loopback {
+        return Err(format!(
+            "{flag} {raw:?}: only http:// on a loopback address (127.0.0.1, ::1, localhost)"
+        ));
+    }
+    Ok(url)
+}
+
+/// `base` with `path` appended (base may end in `/` or not).
+fn join(base: &Url, path: &str) -> Url {
+    let mut url = base.clone();
+    let joined = format!("{}{path}", base.path().trim_end_matches('/'));
+    url.set_path(&joined);
+    url
+}
+
+fn http_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(90))
+        .build()
+        .expect("an HTTP client with default TLS settings builds")
+}
+
+/// An id for this run that later runs will not repeat: seconds and process id.
+fn run_id() -> String {
+    let secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
+    format!("{secs:x}{:x}", std::process::id())
+}
+
+// ----------------------------------------------------------------- transactions --
+
+async fn run_transactions(args: &Args) -> Result<(), Failure> {
+    let url = loopback_url(
+        "--url",
+        args.url
+            .as_deref()
+            .ok_or("--url is required in transactions mode")?,
+    )?;
+    let hs_token = args
+        .hs_token
+        .as_deref()
+        .ok_or("--hs-token (or AGENTBUS_HS_TOKEN) is required in transactions mode")?;
+    let metrics_url = match &args.metrics_url {
+        Some(raw) => loopback_url("--metrics-url", raw)?,
+        None => join(&url, "/metrics"),
+    };
+    let http = http_client();
+    let run = run_id();
+    let transactions = args.events.div_ceil(args.batch);
+    println!(
+        "transactions: run {run}: {} events in {transactions} transactions of ≤{} over {} rooms → {url}",
+        args.events, args.batch, args.rooms
+    );
+
+    // Before: what the journal already holds (a rerun against a busy store drains that too).
+    let before = scrape(&http, &metrics_url).await;
+    match &before {
+        Ok(m) => println!(
+            "metrics before: pending {}, journaled {}, finished {}",
+            show(m.pending),
+            show(m.journaled),
+            show(m.finished)
+        ),
+        Err(why) => println!("metrics before: {why}"),
+    }
+
+    // The drain watcher samples /metrics from the first send until pending is 0 after the
+    // last acknowledgement; a sample only counts as drained if it was taken after that.
+    let acks_done = Arc::new(AtomicBool::new(false));
+    let start = Instant::now();
+    let watcher = tokio::spawn(watch_drain(
+        http.clone(),
+        metrics_url.clone(),
+        acks_done.clone(),
+        start,
+        args.drain_timeout,
+    ));
+
+    let mut latencies = Vec::with_capacity(transactions as usize);
+    let (mut acked_events, mut failures) = (0u64, 0u64);
+    let mut build_time = Duration::ZERO;
+    let mut sent = 0u64;
+    for txn in 0..transactions {
+        let count = args.batch.min(args.events - sent);
+        let built = Instant::now();
+        let body = transaction_body(&run, &args.server_name, args.rooms, sent, count);
+        build_time += built.elapsed();
+        sent += count;
+        let target = join(
+            &url,
+            &format!("/_matrix/app/v1/transactions/load-{run}-{txn}"),
+        );
+        let t0 = Instant::now();
+        let response = http
+            .put(target)
+            .bearer_auth(hs_token)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await;
+        match response {
+            Ok(response) if response.status() == reqwest::StatusCode::OK => {
+                // The body is `{}`; reading it completes the exchange on this connection.
+                let _ = response.bytes().await;
+                latencies.push(t0.elapsed());
+                acked_events += count;
+            }
+            Ok(response) => {
+                failures += 1;
+                let status = response.status();
+                let body = response.text().await.unwrap_or_default();
+                eprintln!("transaction {txn}: HTTP {status}: {body}");
+            }
+            Err(e) => {
+                failures += 1;
+                eprintln!("transaction {txn}: {}", error_chain(&e));
+            }
+        }
+        if failures >= 20 && acked_events == 0 {
+            return Err(format!(
+                "the first {failures} transactions all failed; stopping"
+            ));
+        }
+    }
+    let ack_wall = start.elapsed();
+    acks_done.store(true, Ordering::SeqCst);
+
+    println!(
+        "acknowledged: {acked_events} events in {} transactions",
+        latencies.len()
+    );
+    println!(
+        "acknowledged events/s: {:.0}  (wall time of all acks {:.2} s; building bodies took {:.2} s of it)",
+        acked_events as f64 / ack_wall.as_secs_f64(),
+        ack_wall.as_secs_f64(),
+        build_time.as_secs_f64()
+    );
+    println!(
+        "ack latency per transaction: {}",
+        Percentiles::of(&mut latencies)
+    );
+    println!("non-200 or failed transactions: {failures}");
+
+    let drain = watcher.await.map_err(|e| format!("drain watcher: {e}"))?;
+    let drained = match drain {
+        Drain::Drained {
+            at,
+            max_pending,
+            after,
+        } => {
+            println!(
+                "drained events/s: {:.0}  (journal pending reached 0 {:.2} s after the first send; \
+                 max pending seen {max_pending})",
+                acked_events as f64 / at.as_secs_f64(),
+                at.as_secs_f64()
+            );
+            if let (Ok(b), Some(a)) = (&before, after) {
+                println!(
+                    "metrics after: journaled +{}, finished +{}",
+                    delta(b.journaled, a.journaled),
+                    delta(b.finished, a.finished)
+                );
+            }
+            Ok(())
+        }
+        Drain::NotMeasurable(why) => {
+            println!("drain not measurable: {why}");
+            Err(format!("drain not measurable: {why}"))
+        }
+        Drain::TimedOut { pending } => {
+            println!(
+                "drain: journal still had {pending} pending {} after the last ack",
+                humantime::format_duration(args.drain_timeout)
+            );
+            Err("the journal did not drain within --drain-timeout".to_owned())
+        }
+    };
+    if failures > 0 {
+        return Err(format!(
+            "{failures} transactions were not acknowledged with 200"
+        ));
+    }
+    drained
+}
+
+/// One transaction body: `count` events numbered from `first` in this run.
+fn transaction_body(run: &str, server: &str, rooms: u64, first: u64, count: u64) -> Vec<u8> {
+    // Sentences a team writes, CJK among them; no mentions, so nobody is addressed.
+    const BODIES: [&str; 6] = [
+        "the nightly build failed again on the arm64 runner, looking into it now",
+        "构建在 arm64 上又失败了，我先看一下日志",
+        "can someone review the migration PR before lunch? it touches the billing tables",
+        "deployed 1.4.2 to staging; smoke tests are green, canary goes out at 15:00",
+        "明天的会议改到下午三点，议程在共享文档里",
+        "heads up: the search index rebuild will slow queries for about twenty minutes",
+    ];
+    let now_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis() as u64;
+    let events: Vec<Value> = (first..first + count)
+        .map(|n| {
+            // Room versions ≥ 4 use the unpadded url-safe base64 of a SHA-256 as event ID.
+            let digest = Sha256::digest(format!("{run}/{n}").as_bytes());
+            let event_id = format!(
+                "${}",
+                base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(digest)
+            );
+            json!({
+                "type": "m.room.message",
+                "room_id": format!("!load-{run}-{}:{server}", n % rooms),
+                "sender": format!("@load-user{}:{server}", n % 97),
+                "event_id": event_id,
+                "origin_server_ts": now_ms,
+                "content": {
+                    "msgtype": "m.text",
+                    "body": BODIES[(n % BODIES.len() as u64) as usize],
+                    "m.mentions": {},
+                },
+                "unsigned": { "age": 37, "membership": "join" },
+            })
+        })
+        .collect();
+    serde_json::to_vec(&json!({ "events": events })).expect("JSON values serialise")
+}
+
+/// How the journal drain ended.
+enum Drain {
+    Drained {
+        /// From the first send.
+        at: Duration,
+        max_pending: u64,
+        after: Option<Metrics>,
+    },
+    NotMeasurable(String),
+    TimedOut {
+        pending: u64,
+    },
+}
+
+async fn watch_drain(
+    http: reqwest::Client,
+    url: Url,
+    acks_done: Arc<AtomicBool>,
+    start: Instant,
+    drain_timeout: Duration,
+) -> Drain {
+    let mut max_pending = 0;
+    let mut deadline: Option<Instant> = None;
+    loop {
+        let done = acks_done.load(Ordering::SeqCst);
+        let sample = scrape(&http, &url).await;
+        let sampled = start.elapsed();
+        let metrics = match sample {
+            Ok(metrics) => metrics,
+            Err(why) => return Drain::NotMeasurable(why),
+        };
+        let Some(pending) = metrics.pending else {
+            return Drain::NotMeasurable(format!("{url} has no agentbus_journal_pending"));
+        };
+        max_pending = max_pending.max(pending);
+        if done {
+            if pending == 0 {
+                return Drain::Drained {
+                    at: sampled,
+                    max_pending,
+                    after: Some(metrics),
+                };
+            }
+            let deadline = *deadline.get_or_insert_with(|| Instant::now() + drain_timeout);
+            if Instant::now() >= deadline {
+                return Drain::TimedOut { pending };
+            }
+        }
+        // Often enough for a drain of seconds; rare enough not to load the server.
+        tokio::time::sleep(Duration::from_millis(if done { 50 } else { 250 })).await;
+    }
+}
+
+/// The agentbus metrics this driver reads; `None` when the exposition lacks one.
+#[derive(Clone, Copy)]
+struct Metrics {
+    pending: Option<u64>,
+    journaled: Option<u64>,
+    finished: Option<u64>,
+}
+
+async fn scrape(http: &reqwest::Client, url: &Url) -> Result<Metrics, String> {
+    let response = http
+        .get(url.clone())
+        .send()
+        .await
+        .map_err(|e| format!("GET {url}: {}", error_chain(&e)))?;
+    match response.status() {
+        reqwest::StatusCode::OK => {}
+        reqwest::StatusCode::NOT_FOUND => return Err("/metrics missing".to_owned()),
+        status => {
+            let body = response.text().await.unwrap_or_default();
+            return Err(format!("GET {url}: HTTP {status}: {body}"));
+        }
+    }
+    let text = response
+        .text()
+        .await
+        .map_err(|e| format!("GET {url}: {}", error_chain(&e)))?;
+    Ok(Metrics {
+        pending: metric(&text, "agentbus_journal_pending"),
+        journaled: metric(&text, "agentbus_events_journaled_total"),
+        finished: metric(&text, "agentbus_events_finished_total"),
+    })
+}
+
+/// The value of `name` in Prometheus text exposition, summed over its label sets.
+fn metric(text: &str, name: &str) -> Option<u64> {
+    let mut total = None;
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix(name) else {
+            continue;
+        };
+        // `name 12`, `name{a="b"} 12`, optionally followed by a timestamp.
+        let value = if let Some(labelled) = rest.strip_prefix('{') {
+            labelled.rsplit_once('}').map(|(_, v)| v)
+        } else if rest.starts_with([' ', '\t']) {
+            Some(rest)
+        } else {
+            None // a longer name with this prefix
+        };
+        if let Some(v) = value.and_then(|v| v.split_whitespace().next())
+            && let Ok(v) = v.parse::<f64>()
+        {
+            *total.get_or_insert(0) += v as u64;
+        }
+    }
+    total
+}
+
+fn show(value: Option<u64>) -> String {
+    value.map_or_else(|| "absent".to_owned(), |v| v.to_string())
+}
+
+fn delta(before: Option<u64>, after: Option<u64>) -> String {
+    match (before, after) {
+        (Some(b), Some(a)) => a.saturating_sub(b).to_string(),
+        _ => "absent".to_owned(),
+    }
+}
+
+// ------------------------------------------------------------------------- echo --
+
+async fn run_echo(args: &Args) -> Result<(), Failure> {
+    let homeserver = loopback_url(
+        "--homeserver",
+        args.homeserver
+            .as_deref()
+            .ok_or("--homeserver is required in echo mode")?,
+    )?;
+    let secret_file = args
+        .shared_secret_file
+        .as_ref()
+        .ok_or("--shared-secret-file is required in echo mode")?;
+    let secret = std::fs::read_to_string(secret_file)
+        .map_err(|e| format!("--shared-secret-file {}: {e}", secret_file.display()))?
+        .trim()
+        .to_owned();
+    let agent = format!("@{}:{}", args.agent, args.server_name);
+    let http = http_client();
+    let run = run_id();
+    println!(
+        "echo: run {run}: {} conversations × {} messages with {agent} via {homeserver}",
+        args.conversations, args.messages
+    );
+
+    // Setup (register, DM, agent joins) for every conversation first, concurrently; the
+    // timed part starts once all are ready.
+    let setup_started = Instant::now();
+    let mut setups = tokio::task::JoinSet::new();
+    for i in 0..args.conversations {
+        let conversation = Conversation {
+            http: http.clone(),
+            homeserver: homeserver.clone(),
+            agent: agent.clone(),
+            localpart: format!("load{run}h{i}"),
+            access_token: String::new(),
+            room_id: String::new(),
+            since: String::new(),
+        };
+        let secret = secret.clone();
+        setups.spawn(async move { conversation.set_up(&secret).await });
+    }
+    let mut conversations = Vec::new();
+    while let Some(joined) = setups.join_next().await {
+        conversations.push(joined.map_err(|e| format!("setup task: {e}"))??);
+    }
+    println!(
+        "set up {} DMs in {:.2} s",
+        conversations.len(),
+        setup_started.elapsed().as_secs_f64()
+    );
+
+    let started = Instant::now();
+    let mut runs = tokio::task::JoinSet::new();
+    for (i, conversation) in conversations.into_iter().enumerate() {
+        let (messages, reply_timeout, run) = (args.messages, args.reply_timeout, run.clone());
+        runs.spawn(async move {
+            conversation
+                .converse(&format!("{run}-{i}"), messages, reply_timeout)
+                .await
+        });
+    }
+    let (mut latencies, mut missing) = (Vec::new(), 0u64);
+    while let Some(finished) = runs.join_next().await {
+        let outcome = finished.map_err(|e| format!("conversation task: {e}"))??;
+        latencies.extend(outcome.latencies);
+        missing += outcome.missing;
+    }
+    let wall = started.elapsed();
+    println!(
+        "replies: {} of {} ({missing} missing after --reply-timeout)",
+        latencies.len(),
+        args.conversations * args.messages
+    );
+    println!(
+        "messages/s: {:.1}  ({} conversations at once, {:.2} s wall)",
+        latencies.len() as f64 / wall.as_secs_f64(),
+        args.conversations,
+        wall.as_secs_f64()
+    );
+    println!("send → reply latency: {}", Percentiles::of(&mut latencies));
+    if missing > 0 {
+        return Err(format!("{missing} messages got no reply"));
+    }
+    Ok(())
+}
+
+/// One human and their DM with the agent.
+struct Conversation {
+    http: reqwest::Client,
+    homeserver: Url,
+    agent: String,
+    localpart: String,
+    access_token: String,
+    room_id: String,
+    /// The `/sync` token to continue from.
+    since: String,
+}
+
+/// What one conversation measured.
+struct Outcome {
+    latencies: Vec<Duration>,
+    missing: u64,
+}
+
+impl Conversation {
+    /// Registers the human, opens the DM, waits for the agent to join, syncs once.
+    async fn set_up(mut self, secret: &str) -> Result<Conversation, Failure> {
+        self.access_token = self.register(secret).await?;
+        let created = self
+            .call(
+                reqwest::Method::POST,
+                "/_matrix/client/v3/createRoom",
+                Some(json!({
+                    "is_direct": true,
+                    "preset": "trusted_private_chat",
+                    "invite": [self.agent],
+                })),
+            )
+            .await?;
+        self.room_id = created["room_id"]
+            .as_str()
+            .ok_or_else(|| format!("createRoom answered without room_id: {created}"))?
+            .to_owned();
+        let members = format!(
+            "/_matrix/client/v3/rooms/{}/joined_members",
+            encode(&self.room_id)
+        );
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let joined = self.call(reqwest::Method::GET, &members, None).await?;
+            if joined["joined"].get(&self.agent).is_some() {
+                break;
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "{} did not join {} within 60 s: {joined}",
+                    self.agent, self.room_id
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        // The starting point of this human's sync: everything after it is new.
+        let first = self.sync(Duration::ZERO).await?;
+        self.since = first["next_batch"]
+            .as_str()
+            .ok_or_else(|| format!("/sync answered without next_batch: {first}"))?
+            .to_owned();
+        Ok(self)
+    }
+
+    /// Synapse's shared-secret registration (`/_synapse/admin/v1/register`); returns the
+    /// new user's access token.
+    async fn register(&self, secret: &str) -> Result<String, Failure> {
+        use hmac::{Hmac, Mac};
+        let url = join(&self.homeserver, "/_synapse/admin/v1/register");
+        let nonce: Value = self
+            .http
+            .get(url.clone())
+            .send()
+            .await
+            .map_err(|e| format!("GET {url}: {}", error_chain(&e)))?
+            .json()
+            .await
+            .map_err(|e| format!("GET {url}: {}", error_chain(&e)))?;
+        let nonce = nonce["nonce"]
+            .as_str()
+            .ok_or_else(|| format!("GET {url}: no nonce in {nonce}"))?;
+        let password = format!("pw-{}", self.localpart);
+        let mut mac = Hmac::<sha1::Sha1>::new_from_slice(secret.as_bytes())
+            .map_err(|e| format!("shared secret: {e}"))?;
+        mac.update(format!("{nonce}\0{}\0{password}\0notadmin", self.localpart).as_bytes());
+        let body = json!({
+            "nonce": nonce, "username": self.localpart, "password": password, "admin": false,
+            "mac": hex::encode(mac.finalize().into_bytes()),
+        });
+        let response = self
+            .http
+            .post(url.clone())
+            .json(&body)
+            .send()
+            .await
+            .map_err(|e| format!("POST {url}: {}", error_chain(&e)))?;
+        let status = response.status();
+        let answer: Value = response.json().await.unwrap_or(Value::Null);
+        if !status.is_success() {
+            return Err(format!(
+                "registering @{}: HTTP {status}: {answer}",
+                self.localpart
+            ));
+        }
+        answer["access_token"]
+            .as_str()
+            .map(str::to_owned)
+            .ok_or_else(|| {
+                format!(
+                    "registering @{}: no access_token in {answer}",
+                    self.localpart
+                )
+            })
+    }
+
+    /// Sends `messages` messages one after another, each after the previous one's reply.
+    async fn converse(
+        mut self,
+        tag: &str,
+        messages: u64,
+        reply_timeout: Duration,
+    ) -> Result<Outcome, Failure> {
+        let mut outcome = Outcome {
+            latencies: Vec::new(),
+            missing: 0,
+        };
+        for k in 0..messages {
+            let path = format!(
+                "/_matrix/client/v3/rooms/{}/send/m.room.message/load-{tag}-{k}",
+                encode(&self.room_id)
+            );
+            let content = json!({
+                "msgtype": "m.text",
+                "body": format!("load test message {k}: how is the release going?"),
+                "m.mentions": {},
+            });
+            let t0 = Instant::now();
+            let sent = self
+                .call(reqwest::Method::PUT, &path, Some(content))
+                .await?;
+            let event_id = sent["event_id"]
+                .as_str()
+                .ok_or_else(|| format!("send answered without event_id: {sent}"))?
+                .to_owned();
+            if self.wait_reply(&event_id, t0 + reply_timeout).await? {
+                outcome.latencies.push(t0.elapsed());
+            } else {
+                eprintln!(
+                    "no reply from {} to {event_id} in {} within {}",
+                    self.agent,
+                    self.room_id,
+                    humantime::format_duration(reply_timeout)
+                );
+                outcome.missing += 1;
+            }
+        }
+        Ok(outcome)
+    }
+
+    /// Long-polls `/sync` until the agent's reply to `event_id` arrives (true) or the
+    /// deadline passes (false).
+    async fn wait_reply(&mut self, event_id: &str, deadline: Instant) -> Result<bool, Failure> {
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(false);
+            }
+            let batch = self.sync(left.min(Duration::from_secs(30))).await?;
+            if let Some(next) = batch["next_batch"].as_str() {
+                self.since = next.to_owned();
+            }
+            let timeline = &batch["rooms"]["join"][&self.room_id]["timeline"]["events"];
+            let replied = timeline.as_array().into_iter().flatten().any(|event| {
+                let relates = &event["content"]["m.relates_to"];
+                event["type"] == "m.room.message"
+                    && event["sender"] == self.agent.as_str()
+                    && relates["rel_type"] != "m.replace"
+                    && relates["m.in_reply_to"]["event_id"] == event_id
+            });
+            if replied {
+                return Ok(true);
+            }
+        }
+    }
+
+    /// One `/sync` of this human's DM timeline, waiting up to `wait` for something new.
+    async fn sync(&self, wait: Duration) -> Result<Value, Failure> {
+        let filter = json!({
+            "presence": { "types": [] },
+            "account_data": { "types": [] },
+            "room": {
+                "rooms": [self.room_id],
+                "timeline": { "limit": 100, "types": ["m.room.message"] },
+                "state": { "types": [] },
+                "ephemeral": { "types": [] },
+                "account_data": { "types": [] },
+            },
+        });
+        let mut url = join(&self.homeserver, "/_matrix/client/v3/sync");
+        url.query_pairs_mut()
+            .append_pair("filter", &filter.to_string())
+            .append_pair("timeout", &wait.as_millis().to_string());
+        if !self.since.is_empty() {
+            url.query_pairs_mut().append_pair("since", &self.since);
+        }
+        self.send(reqwest::Method::GET, url, None).await
+    }
+
+    /// A client-server API call as this human at `path`.
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<Value, Failure> {
+        self.send(method, join(&self.homeserver, path), body).await
+    }
+
+    async fn send(
+        &self,
+        method: reqwest::Method,
+        url: Url,
+        body: Option<Value>,
+    ) -> Result<Value, Failure> {
+        let what = format!("{method} {}", url.path());
+        let mut request = self
+            .http
+            .request(method, url)
+            .bearer_auth(&self.access_token);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request
+            .send()
+            .await
+            .map_err(|e| format!("{what}: {}", error_chain(&e)))?;
+        let status = response.status();
+        let text = response
+            .text()
+            .await
+            .map_err(|e| format!("{what}: {}", error_chain(&e)))?;
+        if !status.is_success() {
+            return Err(format!("{what}: HTTP {status}: {text}"));
+        }
+        serde_json::from_str(&text).map_err(|e| format!("{what}: not JSON ({e}): {text}"))
+    }
+}
+
+/// A path segment, percent-encoded (room IDs hold `!` and `:`).
+fn encode(segment: &str) -> String {
+    percent_encoding::utf8_percent_encode(segment, percent_encoding::NON_ALPHANUMERIC).to_string()
+}
+
+// ---------------------------------------------------------------------- common --
+
+/// Exact percentiles of a set of durations (nearest rank).
+struct Percentiles {
+    count: usize,
+    p50: Duration,
+    p90: Duration,
+    p99: Duration,
+    max: Duration,
+}
+
+impl Percentiles {
+    fn of(samples: &mut [Duration]) -> Percentiles {
+        samples.sort_unstable();
+        let rank = |p: f64| -> Duration {
+            if samples.is_empty() {
+                return Duration::ZERO;
+            }
+            let index = ((p / 100.0) * samples.len() as f64).ceil() as usize;
+            samples[index.clamp(1, samples.len()) - 1]
+        };
+        Percentiles {
+            count: samples.len(),
+            p50: rank(50.0),
+            p90: rank(90.0),
+            p99: rank(99.0),
+            max: samples.last().copied().unwrap_or_default(),
+        }
+    }
+}
+
+impl std::fmt::Display for Percentiles {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        write!(
+            f,
+            "p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, max {:.2} ms (n = {})",
+            ms(self.p50),
+            ms(self.p90),
+            ms(self.p99),
+            ms(self.max),
+            self.count
+        )
+    }
+}
+
+/// An error and its sources, `: `-separated (reqwest's own message hides the cause).
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
