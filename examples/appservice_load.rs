@@ -576,7 +576,7 @@ async fn run_echo(args: &Args) -> Result<(), Failure> {
         args.conversations * args.messages
     );
     println!(
-        "messages/s: {:.1}  ({} conversations at once, {:.2} s wall)",
+        "messages/s: {:.2}  ({} conversations at once, {:.2} s wall)",
         latencies.len() as f64 / wall.as_secs_f64(),
         args.conversations,
         wall.as_secs_f64()
@@ -755,7 +755,13 @@ impl Conversation {
             if left.is_zero() {
                 return Ok(false);
             }
-            let batch = self.sync(left.min(Duration::from_secs(30))).await?;
+            // An overloaded homeserver may sit on a long-poll well past its timeout; the
+            // request gives up 20 s later, and past the deadline that is a missing reply.
+            let batch = match self.sync(left.min(Duration::from_secs(30))).await {
+                Ok(batch) => batch,
+                Err(_) if Instant::now() >= deadline => return Ok(false),
+                Err(e) => return Err(e),
+            };
             if let Some(next) = batch["next_batch"].as_str() {
                 self.since = next.to_owned();
             }
@@ -793,7 +799,13 @@ impl Conversation {
         if !self.since.is_empty() {
             url.query_pairs_mut().append_pair("since", &self.since);
         }
-        self.send(reqwest::Method::GET, url, None).await
+        self.send_within(
+            reqwest::Method::GET,
+            url,
+            None,
+            wait + Duration::from_secs(20),
+        )
+        .await
     }
 
     /// A client-server API call as this human at `path`.
@@ -803,19 +815,23 @@ impl Conversation {
         path: &str,
         body: Option<Value>,
     ) -> Result<Value, Failure> {
-        self.send(method, join(&self.homeserver, path), body).await
+        let url = join(&self.homeserver, path);
+        self.send_within(method, url, body, Duration::from_secs(90))
+            .await
     }
 
-    async fn send(
+    async fn send_within(
         &self,
         method: reqwest::Method,
         url: Url,
         body: Option<Value>,
+        timeout: Duration,
     ) -> Result<Value, Failure> {
         let what = format!("{method} {}", url.path());
         let mut request = self
             .http
             .request(method, url)
+            .timeout(timeout)
             .bearer_auth(&self.access_token);
         if let Some(body) = body {
             request = request.json(&body);

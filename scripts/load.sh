@@ -141,7 +141,7 @@ if [[ -n "$(git -C "$ROOT" status --porcelain -- src Cargo.toml Cargo.lock 2>/de
 fi
 step "summary (commit $COMMIT, $(nproc) cores)"
 {
-    printf 'transactions (%s events, batch %s, %s rooms):\n' "$EVENTS" "$BATCH" "$ROOMS"
+    ((EVENTS > 0)) && printf 'transactions (%s events, batch %s, %s rooms):\n' "$EVENTS" "$BATCH" "$ROOMS"
     grep -E '^(acknowledged events/s|ack latency|non-200|drain|load average)' "$WORK/transactions.txt" | sed 's/^/  /'
     for n in $CONVERSATIONS; do
         ((n > 0)) || continue
