@@ -35,6 +35,7 @@ pub struct Services {
     pub store: Arc<dyn Store>,
     pub matrix: Arc<MatrixClient>,
     pub inbox: Arc<Inbox>,
+    pub runtime: Arc<AgentRuntime>,
     pub backlog: Arc<Backlog>,
     appservice: Arc<AppState>,
     admin: Arc<AdminState>,
@@ -86,7 +87,7 @@ impl Services {
             config.clone(),
             store.clone(),
             matrix.clone(),
-            runtime,
+            runtime.clone(),
             backlog.clone(),
         );
         let appservice = AppState::new(config.clone(), store.clone(), sender, matrix.clone());
@@ -100,6 +101,7 @@ impl Services {
             store,
             matrix,
             inbox,
+            runtime,
             backlog,
             appservice,
             admin,
@@ -138,19 +140,23 @@ impl Services {
     }
 
     /// After `shutdown`: waits up to `grace` for the tracked tasks (answers in flight),
-    /// then stops the rest and waits for them to notice.
-    pub async fn drain(self, grace: Duration) {
+    /// then stops the rest and waits for them to notice. Returns whether everything
+    /// finished within the grace period.
+    pub async fn drain(self, grace: Duration) -> bool {
+        self.runtime.close();
         self.tracker.close();
         if tokio::time::timeout(grace, self.tracker.wait())
             .await
-            .is_err()
+            .is_ok()
         {
-            tracing::warn!(
-                "answers still in flight at shutdown stay journaled and are redone on the next start"
-            );
-            self.stop.cancel();
-            self.tracker.wait().await;
+            return true;
         }
+        tracing::warn!(
+            "answers still in flight at shutdown stay journaled and are redone on the next start"
+        );
+        self.stop.cancel();
+        self.tracker.wait().await;
+        false
     }
 
     /// The sequence number of the newest journaled event: what replay covers. Taken before
@@ -217,7 +223,9 @@ pub async fn serve(
     if let Ok(Err(e)) = http.await {
         tracing::warn!(error = %e, "HTTP server ended with an error");
     }
-    services.drain(SHUTDOWN_GRACE).await;
+    if services.drain(SHUTDOWN_GRACE).await {
+        tracing::info!("every answer in flight finished; stopped");
+    }
     Ok(())
 }
 

@@ -159,8 +159,11 @@ pub struct AgentRuntime {
     lanes: Mutex<HashMap<String, mpsc::Sender<session::Queued>>>,
     /// Lanes and typing loops run here, so shutdown waits for them.
     tracker: TaskTracker,
-    /// Cancelled when shutdown's grace period is over: runs stop waiting for the homeserver.
+    /// Cancelled when shutdown's grace period is over: runs stop waiting for the model and
+    /// the homeserver, and their events stay journaled.
     stop: CancellationToken,
+    /// Cancelled when shutdown begins: idle lanes end instead of waiting for more work.
+    closing: CancellationToken,
 }
 
 impl AgentRuntime {
@@ -181,7 +184,13 @@ impl AgentRuntime {
             lanes: Mutex::new(HashMap::new()),
             tracker,
             stop,
+            closing: CancellationToken::new(),
         })
+    }
+
+    /// Shutdown has begun: lanes finish what they hold, then end.
+    pub fn close(&self) {
+        self.closing.cancel();
     }
 
     /// Answers `turns` (one, or several collected) in their session: typing while the
@@ -401,7 +410,11 @@ impl AgentRuntime {
                 tools: offer,
                 max_tokens: 0,
             };
-            let (used, mut deltas) = match self.hub.stream(&chain, request).await {
+            let started = tokio::select! {
+                started = self.hub.stream(&chain, request) => started,
+                _ = self.stop.cancelled() => return Err(Ended::Undelivered(Undelivered::Stopped)),
+            };
+            let (used, mut deltas) = match started {
                 Ok(started) => started,
                 Err(failure) => {
                     tracing::warn!(agent = %agent.id, room_id = %last.room_id, %failure, "no model answered");
@@ -416,7 +429,14 @@ impl AgentRuntime {
                 tracing::info!(agent = %agent.id, model = %used, "answered by a fallback model");
             }
             let mut collector = Collector::default();
-            while let Some(delta) = deltas.next().await {
+            loop {
+                let delta = tokio::select! {
+                    delta = deltas.next() => delta,
+                    _ = self.stop.cancelled() => {
+                        return Err(Ended::Undelivered(Undelivered::Stopped));
+                    }
+                };
+                let Some(delta) = delta else { break };
                 match delta {
                     Ok(Delta::Text(text)) => {
                         writer.push(&text).await;

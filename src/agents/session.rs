@@ -98,10 +98,15 @@ impl AgentRuntime {
         let mut pending: VecDeque<Queued> = VecDeque::new();
         loop {
             if pending.is_empty() {
-                match tokio::time::timeout(LANE_IDLE, queue.recv()).await {
-                    Ok(Some(next)) => pending.push_back(next),
-                    Ok(None) => return,
-                    Err(_idle) => {
+                // Idle for a while, or shutdown with nothing left to answer: the lane ends.
+                let next = tokio::select! {
+                    next = tokio::time::timeout(LANE_IDLE, queue.recv()) => next.ok(),
+                    _ = self.closing.cancelled() => None,
+                };
+                match next {
+                    Some(Some(next)) => pending.push_back(next),
+                    Some(None) => return,
+                    None => {
                         queue.close();
                         while let Ok(next) = queue.try_recv() {
                             pending.push_back(next);
