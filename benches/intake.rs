@@ -22,6 +22,10 @@ use tower::ServiceExt;
 
 const EVENTS_PER_TRANSACTION: usize = 100;
 
+/// The binary's allocator, so the bench measures what runs.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// A homeserver that knows no room: every request is answered 403 `M_FORBIDDEN`.
 async fn forbidding_homeserver() -> String {
     let app = axum::Router::new().fallback(|| async {
@@ -133,9 +137,11 @@ fn bench_intake(c: &mut Criterion) {
     }
     // Wait for the drain of the last transactions, so the figure covers it.
     let drain = Instant::now();
-    while services.backlog.pending() > 0 {
-        runtime.block_on(tokio::time::sleep(Duration::from_millis(1)));
-    }
+    runtime.block_on(async {
+        while services.backlog.pending() > 0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    });
     let drain_tail = drain.elapsed();
     samples.sort();
     let pct = |p: f64| samples[((samples.len() as f64 * p) as usize).min(samples.len() - 1)];

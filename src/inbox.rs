@@ -559,7 +559,18 @@ impl Inbox {
             .and_then(|m| serde_json::from_value(m.clone()).ok());
 
         let room = self.room_facts(&event.room_id).await;
-        let recent = self.recent_history(&event.room_id);
+        // In a room none of our agents is in, the router decides "nobody" before it looks
+        // at history: do not read it (most of an unanswered event's cost).
+        let agents_here = self
+            .router
+            .candidates()
+            .iter()
+            .any(|c| room.joined.contains(&c.user_id));
+        let recent = if agents_here {
+            self.recent_history(&event.room_id)
+        } else {
+            Vec::new()
+        };
         let reply_to_sender = match &reply_to {
             Some(id) => self.sender_of(&event.room_id, &room, &recent, id).await,
             None => None,
@@ -575,10 +586,17 @@ impl Inbox {
             ts: envelope.origin_server_ts,
         };
         let decision = self.decide(&event.room_id, &room, &recent, message);
-        tracing::info!(
-            room_id = %event.room_id, sender = %envelope.sender, event_id = %event.event_id,
-            targets = ?decision.targets, strategy = ?decision.strategy, reason = %decision.reason, "routed"
-        );
+        if decision.targets.is_empty() {
+            tracing::debug!(
+                room_id = %event.room_id, sender = %envelope.sender, event_id = %event.event_id,
+                reason = %decision.reason, "routed to nobody"
+            );
+        } else {
+            tracing::info!(
+                room_id = %event.room_id, sender = %envelope.sender, event_id = %event.event_id,
+                targets = ?decision.targets, strategy = ?decision.strategy, reason = %decision.reason, "routed"
+            );
+        }
 
         // Our agents' answers are recorded by the runtime as they are sent.
         if !from_own_user {
