@@ -664,7 +664,10 @@ impl Inbox {
                 Job::Turn(turn.clone())
             };
             match self.runtime.submit(&agent.id, job) {
-                Submitted::Queued(done) => answers.push(done),
+                Submitted::Queued(done) => {
+                    tracing::info!(agent = %agent.id, room_id = %event.room_id, event_id = %event.event_id, "queued for the agent");
+                    answers.push(done);
+                }
                 Submitted::Busy => {
                     tracing::warn!(agent = %agent.id, room_id = %event.room_id, event_id = %event.event_id, "session queue full; message not queued");
                     let text = format!(

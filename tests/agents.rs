@@ -187,7 +187,7 @@ async fn an_image_reaches_a_vision_model_and_a_text_model_says_it_cannot_see() {
 async fn a_busy_session_queues_the_second_message_and_answers_both_in_order() {
     let _one_at_a_time = exclusive().await;
     let llm = LlmStub::start(LlmMode::Hang).await;
-    let _bus = Agentbus::start(&llm.url).await;
+    let bus = Agentbus::start(&llm.url).await;
     let lena = Human::new("lena").await;
     let dm = lena.dm_with("researcher").await;
 
@@ -195,7 +195,8 @@ async fn a_busy_session_queues_the_second_message_and_answers_both_in_order() {
     llm.wait_for_requests(1).await;
     let second = lena.send(&dm, "second question").await;
     // The second waits for the first run: no second request while the model hangs.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    bus.wait_log(&["queued for the agent", second.as_str()])
+        .await;
     assert_eq!(llm.requests().len(), 1, "one run at a time per session");
 
     // researcher has queue_limit: 2, so a fourth message finds the queue full.
@@ -335,7 +336,7 @@ async fn a_local_model_still_starting_gets_a_warming_up_notice_then_answers() {
 async fn with_queue_collect_messages_that_wait_become_one_turn() {
     let _one_at_a_time = exclusive().await;
     let llm = LlmStub::start(LlmMode::Hang).await;
-    let _bus = Agentbus::start(&llm.url).await;
+    let bus = Agentbus::start(&llm.url).await;
     let pia = Human::new("pia").await;
     // coder has queue: collect in the test config.
     let dm = pia.dm_with("coder").await;
@@ -344,7 +345,9 @@ async fn with_queue_collect_messages_that_wait_become_one_turn() {
     llm.wait_for_requests(1).await;
     let second = pia.send(&dm, "and lib.rs").await;
     let third = pia.send(&dm, "and the tests").await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Both wait in the session's queue before the model answers the first.
+    bus.wait_log(&["queued for the agent", third.as_str()])
+        .await;
     llm.set_mode(LlmMode::Answer);
 
     pia.wait_reply(&dm, "coder", &first).await;

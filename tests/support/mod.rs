@@ -476,6 +476,23 @@ store: {{ path: {} }}
         std::fs::read_to_string(self.log_path()).unwrap_or_default()
     }
 
+    /// Waits until a log line contains every one of `parts` (a line the binary writes
+    /// after the fact the caller waits for).
+    pub async fn wait_log(&self, parts: &[&str]) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while !self
+            .log()
+            .lines()
+            .any(|line| parts.iter().all(|p| line.contains(p)))
+        {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "agentbus never logged a line with {parts:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Starts the process and waits until it says it is running.
     pub async fn spawn(&mut self) {
         let runs_before = self.log().matches("agentbus is running").count();
