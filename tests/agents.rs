@@ -4,8 +4,6 @@
 
 mod support;
 
-use std::time::Duration;
-
 use matrix_sdk::ruma::events::room::message::{
     ImageMessageEventContent, MessageType, RoomMessageEventContent,
 };
