@@ -125,6 +125,8 @@ fn bench_intake(c: &mut Criterion) {
     // Latency distribution (criterion reports means, not tails); only under `cargo bench`,
     // not when `cargo test --all-targets` smoke-runs this bench.
     if !std::env::args().any(|a| a == "--bench") {
+        shutdown.cancel();
+        runtime.block_on(services.drain(Duration::from_secs(5)));
         return;
     }
     let mut samples = Vec::with_capacity(3000);
@@ -156,6 +158,7 @@ fn bench_intake(c: &mut Criterion) {
         drain_tail,
     );
     shutdown.cancel();
+    runtime.block_on(services.drain(Duration::from_secs(5)));
 }
 
 criterion_group!(benches, bench_intake);

@@ -350,7 +350,9 @@ impl Inbox {
         tracker: &TaskTracker,
     ) {
         loop {
+            let mut fresh = false;
             let sender = workers.entry(event.room_id.clone()).or_insert_with(|| {
+                fresh = true;
                 let (tx, rx) = mpsc::unbounded_channel();
                 tracker.spawn(self.clone().run_worker(
                     event.room_id.clone(),
@@ -362,6 +364,13 @@ impl Inbox {
             });
             match sender.send(event) {
                 Ok(()) => return,
+                // A worker started just now that is gone already: the runtime is shutting
+                // down. The event stays journaled for the next start.
+                Err(mpsc::error::SendError(returned)) if fresh => {
+                    tracing::debug!(event_id = %returned.event_id, "runtime shutting down; event stays journaled");
+                    workers.remove(&returned.room_id);
+                    return;
+                }
                 // The worker went idle and closed its queue: start a fresh one.
                 Err(mpsc::error::SendError(returned)) => {
                     workers.remove(&returned.room_id);
