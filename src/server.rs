@@ -39,7 +39,8 @@ pub struct Services {
     pub backlog: Arc<Backlog>,
     appservice: Arc<AppState>,
     admin: Arc<AdminState>,
-    feed: FeedReceiver,
+    /// Taken by [`Services::start_workers`].
+    feed: Option<FeedReceiver>,
     tracker: TaskTracker,
     /// Cancelled when the grace period is over: answers stop waiting and stay journaled.
     stop: CancellationToken,
@@ -105,7 +106,7 @@ impl Services {
             backlog,
             appservice,
             admin,
-            feed: receiver,
+            feed: Some(receiver),
             tracker,
             stop,
         }
@@ -127,8 +128,10 @@ impl Services {
     /// Starts the inbox — replaying the journal up to `replay_up_to` first — and the daily
     /// pruning, on the tracker; returns at once. `shutdown` stops intake.
     pub fn start_workers(&mut self, replay_up_to: Option<u64>, shutdown: &CancellationToken) {
-        let (_, feed) = feed::feed(self.backlog.clone());
-        let feed = std::mem::replace(&mut self.feed, feed);
+        let Some(feed) = self.feed.take() else {
+            tracing::warn!("the workers were started already");
+            return;
+        };
         self.tracker.spawn(self.inbox.clone().run(
             replay_up_to,
             feed,

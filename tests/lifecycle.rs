@@ -100,21 +100,28 @@ async fn deliver(app: &axum::Router, event_id: &str) {
     assert_eq!(response.status(), StatusCode::OK);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn shutdown_lets_the_answer_in_flight_finish_then_returns() {
+/// Running services with one DM message delivered, once its answer has reached the
+/// homeserver (which holds the send until released), and shutdown begun.
+async fn answer_in_flight(
+    event_id: &str,
+) -> (Services, Arc<SledStore>, Homeserver, tempfile::TempDir) {
     let (url, hs, mut arrivals) = homeserver().await;
     let dir = tempfile::tempdir().unwrap();
     let (mut services, store) = services(&url, dir.path());
     let shutdown = CancellationToken::new();
     services.start_workers(None, &shutdown);
-    let app = services.app();
-
-    deliver(&app, "$q1").await;
+    deliver(&services.app(), event_id).await;
     arrivals
         .recv()
         .await
         .expect("the answer reaches the homeserver");
     shutdown.cancel();
+    (services, store, hs, dir)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_lets_the_answer_in_flight_finish_then_returns() {
+    let (services, store, hs, _dir) = answer_in_flight("$q1").await;
     // An hour of grace: only a task that never ends could use it up.
     let drain = tokio::spawn(services.drain(Duration::from_secs(3600)));
     hs.release.notify_waiters();
@@ -139,19 +146,7 @@ async fn shutdown_lets_the_answer_in_flight_finish_then_returns() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_answer_unfinished_when_the_grace_period_ends_stays_journaled() {
-    let (url, hs, mut arrivals) = homeserver().await;
-    let dir = tempfile::tempdir().unwrap();
-    let (mut services, store) = services(&url, dir.path());
-    let shutdown = CancellationToken::new();
-    services.start_workers(None, &shutdown);
-    let app = services.app();
-
-    deliver(&app, "$q2").await;
-    arrivals
-        .recv()
-        .await
-        .expect("the answer reaches the homeserver");
-    shutdown.cancel();
+    let (services, store, hs, _dir) = answer_in_flight("$q2").await;
     // The homeserver never answers the send: the grace period runs out.
     let finished = tokio::time::timeout(
         Duration::from_secs(60),

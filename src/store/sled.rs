@@ -41,15 +41,36 @@ pub struct SledStore {
     recent: Mutex<RecentHistory>,
 }
 
+/// How many times opening waits 20 ms for sled's file lock (five seconds in all: under load its
+/// threads have been seen to hold it for over a second).
+const LOCK_WAITS: u32 = 250;
+
 impl SledStore {
     /// Opens (or creates) the store in `dir`.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        let db = ::sled::Config::new()
+        let config = ::sled::Config::new()
             .path(dir)
             // Small writes, flushed explicitly on every journal: no need for a big cache.
-            .cache_capacity(64 * 1024 * 1024)
-            .open()
-            .map_err(|e| StoreError(format!("cannot open sled store at {}: {e}", dir.display())))?;
+            .cache_capacity(64 * 1024 * 1024);
+        // sled's background threads let go of the file lock a moment after the last handle
+        // is dropped, so reopening right away (after a failed write, or in tests) can find
+        // it still held: wait a little for it. Another process holding it still fails.
+        let mut waits = LOCK_WAITS;
+        let db = loop {
+            match config.open() {
+                Err(::sled::Error::Io(e))
+                    if e.kind() == std::io::ErrorKind::WouldBlock && waits > 0 =>
+                {
+                    waits -= 1;
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                other => {
+                    break other.map_err(|e| {
+                        StoreError(format!("cannot open sled store at {}: {e}", dir.display()))
+                    })?;
+                }
+            }
+        };
         let tree = |name: &str| {
             db.open_tree(name)
                 .map_err(|e| StoreError(format!("cannot open tree {name}: {e}")))
