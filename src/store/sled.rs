@@ -58,8 +58,11 @@ impl SledStore {
         let mut waits = LOCK_WAITS;
         let db = loop {
             match config.open() {
+                // sled wraps the lock's EWOULDBLOCK in an error of its own words.
                 Err(::sled::Error::Io(e))
-                    if e.kind() == std::io::ErrorKind::WouldBlock && waits > 0 =>
+                    if waits > 0
+                        && (e.kind() == std::io::ErrorKind::WouldBlock
+                            || e.to_string().contains("could not acquire lock")) =>
                 {
                     waits -= 1;
                     std::thread::sleep(Duration::from_millis(20));
