@@ -8,12 +8,10 @@
 //! its throughput line), then a latency distribution over 3,000 sequential transactions
 //! (Synapse keeps one transaction in flight per appservice, so sequential is the real load).
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use agentbus::config::Config;
 use agentbus::server::Services;
-use agentbus::store::SledStore;
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
@@ -53,7 +51,12 @@ agents: [ {{ id: damon, provider: echo }}, {{ id: coder, provider: echo }} ]
 "#
     ))
     .unwrap();
-    let mut services = Services::with_store(config, Arc::new(SledStore::open(dir).unwrap()));
+    let store = agentbus::store::open(&agentbus::config::StoreConfig {
+        path: dir.to_owned(),
+        ..Default::default()
+    })
+    .unwrap();
+    let mut services = Services::with_store(config, store);
     services.start_workers(None, shutdown);
     (services.app(), services)
 }

@@ -17,7 +17,6 @@ use agentbus::agents::{AgentRuntime, Job, Submitted, Turn};
 use agentbus::config::Config;
 use agentbus::llm::{LlmHub, build_providers};
 use agentbus::matrix::{MatrixClient, RetryPolicy};
-use agentbus::store::{SledStore, Store};
 use axum::routing::{post, put};
 use axum::{Json, Router};
 use ruma::{OwnedEventId, OwnedRoomId, OwnedUserId};
@@ -152,7 +151,11 @@ agents:
     .unwrap();
     config.validate().unwrap();
     let config = Arc::new(config);
-    let store: Arc<dyn Store> = Arc::new(SledStore::open(dir.path()).unwrap());
+    let store = agentbus::store::open(&agentbus::config::StoreConfig {
+        path: dir.path().to_owned(),
+        ..Default::default()
+    })
+    .unwrap();
     let matrix = MatrixClient::new(&hs, "bench-as", RetryPolicy::default());
     let hub = LlmHub::new(config.clone(), build_providers(&config));
     let agents = AgentRuntime::new(

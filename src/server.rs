@@ -22,7 +22,7 @@ use crate::matrix::{MatrixClient, RetryPolicy};
 use crate::ops::api::{self, AdminState};
 use crate::ops::checks::{self, CheckFailure, EXIT_LOCAL_SETUP};
 use crate::store::feed::{self, Backlog, FeedReceiver};
-use crate::store::{self, Store};
+use crate::store::{self, JournalStore, Stores};
 
 /// How long txnIds and journaled event_ids are remembered for deduplication.
 const DEDUPE_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
@@ -32,7 +32,7 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
 /// Everything built from the config, before anything runs.
 pub struct Services {
     pub config: Arc<Config>,
-    pub store: Arc<dyn Store>,
+    pub store: Stores,
     pub matrix: Arc<MatrixClient>,
     pub inbox: Arc<Inbox>,
     pub runtime: Arc<AgentRuntime>,
@@ -60,7 +60,7 @@ impl Services {
     }
 
     /// Builds the services over an open store.
-    pub fn with_store(config: Config, store: Arc<dyn Store>) -> Self {
+    pub fn with_store(config: Config, store: Stores) -> Self {
         let config = Arc::new(config);
         let as_token = config
             .appservice
@@ -91,7 +91,12 @@ impl Services {
             runtime.clone(),
             backlog.clone(),
         );
-        let appservice = AppState::new(config.clone(), store.clone(), sender, matrix.clone());
+        let appservice = AppState::new(
+            config.clone(),
+            store.journal.clone(),
+            sender,
+            matrix.clone(),
+        );
         let admin = AdminState::new(
             config.admin.token.as_deref().unwrap_or_default(),
             store.clone(),
@@ -139,7 +144,7 @@ impl Services {
             self.tracker.clone(),
         ));
         self.tracker
-            .spawn(prune_daily(self.store.clone(), shutdown.clone()));
+            .spawn(prune_daily(self.store.journal.clone(), shutdown.clone()));
     }
 
     /// After `shutdown`: waits up to `grace` for the tracked tasks (answers in flight),
@@ -164,8 +169,8 @@ impl Services {
 
     /// The sequence number of the newest journaled event: what replay covers. Taken before
     /// the listener opens, so replay and newly delivered events never overlap.
-    pub fn journal_head(&self) -> Result<Option<u64>, CheckFailure> {
-        self.store.journal_head().map_err(|e| {
+    pub async fn journal_head(&self) -> Result<Option<u64>, CheckFailure> {
+        self.store.journal.journal_head().await.map_err(|e| {
             CheckFailure::new(EXIT_LOCAL_SETUP, format!("✗ cannot read the journal: {e}"))
         })
     }
@@ -180,8 +185,8 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> Result<(), CheckFailure> {
     let config = services.config.clone();
-    let replay_up_to = services.journal_head()?;
-    let pending = services.store.pending_count().unwrap_or(0);
+    let replay_up_to = services.journal_head().await?;
+    let pending = services.store.journal.pending_count().await.unwrap_or(0);
     let http = tokio::spawn({
         let app = services.app();
         let shutdown = shutdown.clone();
@@ -233,16 +238,14 @@ pub async fn serve(
 }
 
 /// Prunes old dedupe records now and once a day until shutdown.
-async fn prune_daily(store: Arc<dyn Store>, shutdown: CancellationToken) {
+async fn prune_daily(store: Arc<dyn JournalStore>, shutdown: CancellationToken) {
     loop {
-        let pruning = store.clone();
         let cutoff = crate::unix_ms()
             .saturating_sub(u64::try_from(DEDUPE_RETENTION.as_millis()).unwrap_or(0));
-        match tokio::task::spawn_blocking(move || pruning.prune_dedupe_records(cutoff)).await {
-            Ok(Ok(0)) => {}
-            Ok(Ok(n)) => tracing::info!(records = n, "pruned old txnId / event_id dedupe records"),
-            Ok(Err(e)) => tracing::warn!(error = %e, "could not prune dedupe records"),
-            Err(e) => tracing::warn!(error = %e, "dedupe pruning task failed"),
+        match store.prune_dedupe_records(cutoff).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(records = n, "pruned old txnId / event_id dedupe records"),
+            Err(e) => tracing::warn!(error = %e, "could not prune dedupe records"),
         }
         tokio::select! {
             _ = shutdown.cancelled() => return,

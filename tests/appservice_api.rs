@@ -1,11 +1,10 @@
 //! The appservice HTTP API driven through its axum router (no socket), with a real sled
 //! store on disk: status codes, errcodes, and what ends up in the journal.
 
-use std::sync::Arc;
-
 use agentbus::config::Config;
+use agentbus::config::StoreConfig;
 use agentbus::server::Services;
-use agentbus::store::{SledStore, Store};
+use agentbus::store::{Partition, Stores};
 use axum::body::Body;
 use axum::http::{Method, Request, StatusCode};
 use http_body_util::BodyExt;
@@ -16,7 +15,7 @@ const HS_TOKEN: &str = "hs-secret";
 
 struct Harness {
     app: axum::Router,
-    store: Arc<SledStore>,
+    store: Stores,
     /// Built, not started: nothing drains the journal, so what a test delivers stays in it.
     _services: Services,
     _dir: tempfile::TempDir,
@@ -34,7 +33,11 @@ agents: [ { id: damon, provider: echo } ]
 "#,
     )
     .unwrap();
-    let store = Arc::new(SledStore::open(dir.path()).unwrap());
+    let store = agentbus::store::open(&StoreConfig {
+        path: dir.path().to_owned(),
+        ..Default::default()
+    })
+    .unwrap();
     let services = Services::with_store(config, store.clone());
     Harness {
         app: services.app(),
@@ -80,9 +83,21 @@ fn transaction(event_ids: &[&str]) -> String {
     json!({ "events": events }).to_string()
 }
 
-fn journaled(store: &SledStore) -> Vec<String> {
+async fn journaled(store: &Stores) -> Vec<String> {
+    let lease = store
+        .journal
+        .claim(
+            "test",
+            &Partition::all(),
+            std::time::Duration::from_secs(60),
+            0,
+        )
+        .await
+        .unwrap();
     store
-        .pending_events(None, 10_000)
+        .journal
+        .pending_events(&lease, None, 10_000)
+        .await
         .unwrap()
         .into_iter()
         .map(|e| e.event_id.to_string())
@@ -104,7 +119,7 @@ async fn a_transaction_is_journaled_once_however_often_it_is_delivered() {
         .await;
         assert_eq!((status, answer), (StatusCode::OK, json!({})));
     }
-    assert_eq!(journaled(&h.store), ["$a", "$b"]);
+    assert_eq!(journaled(&h.store).await, ["$a", "$b"]);
     // The legacy unprefixed path and the query-string token work too.
     let (status, _) = call(
         &h.app,
@@ -115,7 +130,7 @@ async fn a_transaction_is_journaled_once_however_often_it_is_delivered() {
     )
     .await;
     assert_eq!(status, StatusCode::OK);
-    assert_eq!(journaled(&h.store), ["$a", "$b", "$c"]);
+    assert_eq!(journaled(&h.store).await, ["$a", "$b", "$c"]);
 
     // A retry is re-serialised by the homeserver (`unsigned.age` changes); same events, same
     // transaction.
@@ -133,7 +148,7 @@ async fn a_transaction_is_journaled_once_however_often_it_is_delivered() {
     )
     .await;
     assert_eq!(status, StatusCode::OK);
-    assert_eq!(journaled(&h.store), ["$a", "$b", "$c"]);
+    assert_eq!(journaled(&h.store).await, ["$a", "$b", "$c"]);
     // A homeserver whose database was reset counts txnIds from the start again: a reused
     // txnId with other events is a new transaction, not a retry.
     let (status, _) = call(
@@ -145,7 +160,7 @@ async fn a_transaction_is_journaled_once_however_often_it_is_delivered() {
     )
     .await;
     assert_eq!(status, StatusCode::OK);
-    assert_eq!(journaled(&h.store), ["$a", "$b", "$c", "$d"]);
+    assert_eq!(journaled(&h.store).await, ["$a", "$b", "$c", "$d"]);
 }
 
 #[tokio::test]
@@ -179,11 +194,11 @@ async fn bad_tokens_are_refused_with_the_spec_errcodes_and_journal_nothing() {
             "{uri} with {auth:?}"
         );
     }
-    assert!(journaled(&h.store).is_empty());
+    assert!(journaled(&h.store).await.is_empty());
     // The refusals did not record the txnId: the real delivery is journaled.
     let (status, _) = call(&h.app, Method::PUT, uri, Some(HS_TOKEN), &body).await;
     assert_eq!(status, StatusCode::OK);
-    assert_eq!(journaled(&h.store), ["$a"]);
+    assert_eq!(journaled(&h.store).await, ["$a"]);
 }
 
 #[tokio::test]
@@ -210,7 +225,7 @@ async fn malformed_bodies_are_refused_and_journal_nothing() {
             "body {body:?}"
         );
     }
-    assert!(journaled(&h.store).is_empty());
+    assert!(journaled(&h.store).await.is_empty());
     let (status, _) = call(
         &h.app,
         Method::PUT,

@@ -8,8 +8,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use agentbus::config::Config;
+use agentbus::config::StoreConfig;
 use agentbus::server::Services;
-use agentbus::store::{SledStore, Store};
+use agentbus::store::{Partition, Stores};
 use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{Request, StatusCode};
@@ -68,7 +69,7 @@ async fn homeserver() -> (String, Homeserver, mpsc::UnboundedReceiver<()>) {
     (url, hs, arrivals)
 }
 
-fn services(homeserver: &str, dir: &std::path::Path) -> (Services, Arc<SledStore>) {
+fn services(homeserver: &str, dir: &std::path::Path) -> (Services, Stores) {
     let config = Config::parse(&format!(
         r#"
 homeserver: {{ url: "{homeserver}", server_name: hs }}
@@ -80,7 +81,11 @@ agents: [ {{ id: damon, provider: echo }} ]
 "#
     ))
     .unwrap();
-    let store = Arc::new(SledStore::open(dir).unwrap());
+    let store = agentbus::store::open(&StoreConfig {
+        path: dir.to_owned(),
+        ..Default::default()
+    })
+    .unwrap();
     (Services::with_store(config, store.clone()), store)
 }
 
@@ -102,9 +107,7 @@ async fn deliver(app: &axum::Router, event_id: &str) {
 
 /// Running services with one DM message delivered, once its answer has reached the
 /// homeserver (which holds the send until released), and shutdown begun.
-async fn answer_in_flight(
-    event_id: &str,
-) -> (Services, Arc<SledStore>, Homeserver, tempfile::TempDir) {
+async fn answer_in_flight(event_id: &str) -> (Services, Stores, Homeserver, tempfile::TempDir) {
     let (url, hs, mut arrivals) = homeserver().await;
     let dir = tempfile::tempdir().unwrap();
     let (mut services, store) = services(&url, dir.path());
@@ -131,14 +134,14 @@ async fn shutdown_lets_the_answer_in_flight_finish_then_returns() {
         .unwrap();
     assert!(finished, "everything finished within the grace period");
 
-    let sent = hs.sent.lock().unwrap();
+    let sent = hs.sent.lock().unwrap().clone();
     assert_eq!(sent.len(), 1, "one answer: {sent:?}");
     assert_eq!(
         sent[0]["content"]["m.relates_to"]["m.in_reply_to"]["event_id"],
         "$q1"
     );
     assert_eq!(
-        store.pending_count().unwrap(),
+        store.journal.pending_count().await.unwrap(),
         0,
         "the answered event left the journal"
     );
@@ -156,7 +159,22 @@ async fn an_answer_unfinished_when_the_grace_period_ends_stays_journaled() {
     .expect("shutdown stops what is left after the grace period");
     assert!(!finished);
     assert!(hs.sent.lock().unwrap().is_empty());
-    let pending = store.pending_events(None, 10).unwrap();
+    // Long after the drained inbox's lease ran out, as a restarted process would.
+    let lease = store
+        .journal
+        .claim(
+            "restarted",
+            &Partition::all(),
+            Duration::from_secs(60),
+            u64::MAX / 2,
+        )
+        .await
+        .unwrap();
+    let pending = store
+        .journal
+        .pending_events(&lease, None, 10)
+        .await
+        .unwrap();
     assert_eq!(pending.len(), 1, "the unanswered event stays journaled");
     assert_eq!(pending[0].event_id, "$q2");
 }

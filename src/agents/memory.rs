@@ -1,22 +1,9 @@
 //! Conversation memory: which session a message belongs to, how many tokens text costs
 //! (approximately, CJK-aware), and which stored lines fit a turn's budget.
 
-use ruma::{EventId, RoomId};
-
 use crate::config::{MemoryConfig, ModelConfig};
 use crate::llm::{ChatMessage, Role};
 use crate::store::{SessionEntry, SessionRole};
-
-/// Separates the parts of a session key; never occurs in IDs.
-const SEP: char = '\u{1f}';
-
-/// The store key of agent `agent`'s session in `room` (and `thread`, when in one).
-pub fn session_key(agent: &str, room: &RoomId, thread: Option<&EventId>) -> String {
-    match thread {
-        Some(root) => format!("{agent}{SEP}{room}{SEP}{root}"),
-        None => format!("{agent}{SEP}{room}"),
-    }
-}
 
 /// Roughly how many tokens `text` costs: a CJK character is about one token, other text
 /// about four characters per token. Tokenizers differ; this errs on the generous side for
@@ -128,13 +115,16 @@ mod tests {
         }
     }
 
+    use crate::store::SessionKey;
+
     #[test]
     fn sessions_are_per_agent_room_and_thread() {
         let (room, root) = (owned_room_id!("!r"), owned_event_id!("$root"));
-        let main = session_key("damon", &room, None);
-        let thread = session_key("damon", &room, Some(&root));
+        let key = |agent, thread| SessionKey::new(agent, &room, thread).storage_key();
+        let main = key("damon", None);
+        let thread = key("damon", Some(&root));
         assert_ne!(main, thread);
-        assert_ne!(main, session_key("coder", &room, None));
+        assert_ne!(main, key("coder", None));
         assert!(!thread.starts_with(&format!("{main}\u{ff}")));
     }
 

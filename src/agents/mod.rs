@@ -32,7 +32,7 @@ use crate::config::{AgentConfig, Config, ModelRef};
 use crate::llm::{ChatMessage, Collector, CompletionRequest, Delta, Image, LlmError, LlmHub, Role};
 use crate::matrix::keys::HOPS_KEY;
 use crate::matrix::{MatrixClient, Undelivered};
-use crate::store::{HistoryEntry, SessionEntry, SessionRole, Store};
+use crate::store::{HistoryEntry, SessionEntry, SessionKey, SessionRole, Stores};
 
 pub use session::{Job, Submitted};
 
@@ -153,10 +153,10 @@ use Ended::Notice;
 pub struct AgentRuntime {
     config: Arc<Config>,
     matrix: Arc<MatrixClient>,
-    store: Arc<dyn Store>,
+    store: Stores,
     hub: LlmHub,
     tools: tools::Tools,
-    lanes: Mutex<HashMap<String, mpsc::Sender<session::Queued>>>,
+    lanes: Mutex<HashMap<SessionKey, mpsc::Sender<session::Queued>>>,
     /// Lanes and typing loops run here, so shutdown waits for them.
     tracker: TaskTracker,
     /// Cancelled when shutdown's grace period is over: runs stop waiting for the model and
@@ -170,7 +170,7 @@ impl AgentRuntime {
     pub fn new(
         config: Arc<Config>,
         matrix: Arc<MatrixClient>,
-        store: Arc<dyn Store>,
+        store: Stores,
         hub: LlmHub,
         tracker: TaskTracker,
         stop: CancellationToken,
@@ -196,7 +196,12 @@ impl AgentRuntime {
     /// Answers `turns` (one, or several collected) in their session: typing while the
     /// model thinks (if it takes a while), the answer streamed as a reply to the last one —
     /// or one notice saying why there is none.
-    async fn run_turns(&self, agent: &AgentConfig, session: &str, turns: &[Turn]) -> Delivery {
+    async fn run_turns(
+        &self,
+        agent: &AgentConfig,
+        session: &SessionKey,
+        turns: &[Turn],
+    ) -> Delivery {
         let last = turns.last().expect("a run has at least one turn");
         let agent_user = self.config.user_id(&agent.id);
         let typing = self.keep_typing(&agent_user, &last.room_id);
@@ -241,8 +246,8 @@ impl AgentRuntime {
     }
 
     /// `!reset`: forgets the session and says so.
-    async fn reset(&self, agent: &AgentConfig, session: &str, turn: &Turn) -> Delivery {
-        let text = match self.store.clear_session(session) {
+    async fn reset(&self, agent: &AgentConfig, session: &SessionKey, turn: &Turn) -> Delivery {
+        let text = match self.store.sessions.clear_session(session).await {
             Ok(lines) => {
                 tracing::info!(agent = %agent.id, room_id = %turn.room_id, lines, "session reset");
                 format!(
@@ -318,11 +323,11 @@ impl AgentRuntime {
 
     /// The prompt: system prompt, the session's remembered lines that fit the budget, and
     /// these turns.
-    fn prompt(
+    async fn prompt(
         &self,
         agent: &AgentConfig,
         model: &ModelRef,
-        session: &str,
+        session: &SessionKey,
         turns: &[Turn],
         images: Vec<Image>,
     ) -> Vec<ChatMessage> {
@@ -343,7 +348,7 @@ impl AgentRuntime {
         }
         let question = turns.iter().map(Turn::line).collect::<Vec<_>>().join("\n");
         let current = ChatMessage::new(Role::User, question).with_images(images);
-        let stored = self.store.session(session).unwrap_or_else(|e| {
+        let stored = self.store.sessions.session(session).await.unwrap_or_else(|e| {
             tracing::warn!(agent = %agent.id, error = %e, "could not read the session; answering without memory");
             Vec::new()
         });
@@ -361,7 +366,7 @@ impl AgentRuntime {
         &self,
         agent: &AgentConfig,
         agent_user: &UserId,
-        session: &str,
+        session: &SessionKey,
         turns: &[Turn],
     ) -> Result<(), Ended> {
         let last = turns.last().expect("a run has at least one turn");
@@ -370,7 +375,7 @@ impl AgentRuntime {
         for image in turns.iter().filter_map(|t| t.image.as_ref()) {
             images.push(self.fetch_image(agent, agent_user, image).await?);
         }
-        let mut messages = self.prompt(agent, &chain[0], session, turns, images);
+        let mut messages = self.prompt(agent, &chain[0], session, turns, images).await;
         let mut mentions: Vec<String> = Vec::new();
         for turn in turns {
             if !mentions.iter().any(|m| m == turn.sender.as_str()) {
@@ -379,7 +384,7 @@ impl AgentRuntime {
         }
         let mut writer = stream::AnswerWriter::new(
             &self.matrix,
-            Some(self.store.as_ref()),
+            Some(self.store.journal.as_ref()),
             &self.stop,
             stream::Destination {
                 agent_id: &agent.id,
@@ -390,10 +395,11 @@ impl AgentRuntime {
                 mention: mentions,
                 hops: last.hops,
             },
-        );
+        )
+        .await;
         let specs = self.tools.specs(&agent.tools);
         let ctx = tools::ToolContext {
-            store: self.store.as_ref(),
+            history: self.store.history.as_ref(),
             room_id: &last.room_id,
         };
         let mut cut_off: Option<LlmError> = None;
@@ -487,7 +493,12 @@ impl AgentRuntime {
                 thread_root: last.thread_root.clone(),
                 routed_to: Vec::new(),
             };
-            if let Err(e) = self.store.append_history(&last.room_id, &entry) {
+            if let Err(e) = self
+                .store
+                .history
+                .append_history(&last.room_id, &entry)
+                .await
+            {
                 tracing::warn!(room_id = %last.room_id, error = %e, "could not record the answer in history");
             }
         }
@@ -506,7 +517,9 @@ impl AgentRuntime {
         });
         if let Err(e) = self
             .store
+            .sessions
             .append_session(session, &lines, agent.memory.max_messages)
+            .await
         {
             tracing::warn!(agent = %agent.id, error = %e, "could not remember the turn");
         }

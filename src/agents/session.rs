@@ -2,6 +2,7 @@
 //! reach a busy session wait in its bounded queue and are answered in order, or — with
 //! `queue: collect` — together as the next turn. Different sessions run in parallel.
 
+use crate::store::SessionKey;
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
@@ -55,7 +56,7 @@ impl AgentRuntime {
             return Submitted::Busy;
         };
         let turn = job.turn();
-        let key = super::memory::session_key(agent, &turn.room_id, turn.thread_root.as_deref());
+        let key = SessionKey::new(agent, &turn.room_id, turn.thread_root.as_deref());
         let (done, receiver) = oneshot::channel();
         let mut queued = Queued { job, done };
         let mut lanes = self.lanes.lock().expect("lanes lock");
@@ -91,7 +92,7 @@ impl AgentRuntime {
     async fn run_lane(
         self: Arc<Self>,
         index: usize,
-        key: String,
+        key: SessionKey,
         mut queue: mpsc::Receiver<Queued>,
     ) {
         let agent = &self.config.agents[index];

@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use crate::matrix::keys::{HOPS_KEY, STREAMING_KEY};
 use crate::matrix::{MatrixClient, Undelivered};
 use crate::render::{MAX_PART_BYTES, formatted_part, split_answer};
-use crate::store::Store;
+use crate::store::JournalStore;
 
 /// The least time between two edits of a streaming answer (Synapse rate-limits senders,
 /// and clients re-render every edit); also how long an answer may take before its first
@@ -61,7 +61,7 @@ pub struct SentPart {
 pub struct AnswerWriter<'a> {
     matrix: &'a MatrixClient,
     /// Where posted parts are recorded (none in unit tests of the wire shape).
-    store: Option<&'a dyn Store>,
+    store: Option<&'a dyn JournalStore>,
     stop: &'a CancellationToken,
     to: Destination<'a>,
     text: String,
@@ -75,20 +75,20 @@ impl<'a> AnswerWriter<'a> {
     /// A writer for one answer. Parts an earlier run of the same answer posted (found in
     /// `store`) are taken over and edited. `stop` ends the wait for a homeserver that is
     /// down (shutdown).
-    pub fn new(
+    pub async fn new(
         matrix: &'a MatrixClient,
-        store: Option<&'a dyn Store>,
+        store: Option<&'a dyn JournalStore>,
         stop: &'a CancellationToken,
         to: Destination<'a>,
     ) -> Self {
-        let parts = store
-            .map(|store| {
-                store.sent_parts(&to.answer_key()).unwrap_or_else(|e| {
-                    tracing::warn!(agent = to.agent_id, error = %e, "cannot read the messages an earlier run posted");
-                    Vec::new()
-                })
-            })
-            .unwrap_or_default()
+        let earlier = match store {
+            Some(store) => store.sent_parts(&to.answer_key()).await.unwrap_or_else(|e| {
+                tracing::warn!(agent = to.agent_id, error = %e, "cannot read the messages an earlier run posted");
+                Vec::new()
+            }),
+            None => Vec::new(),
+        };
+        let parts = earlier
             .into_iter()
             .map(|event_id| SentPart {
                 event_id,
@@ -204,7 +204,9 @@ impl<'a> AnswerWriter<'a> {
                 }
                 None => {
                     if let Some(store) = self.store
-                        && let Err(e) = store.record_sent_part(&self.to.answer_key(), i, &event_id)
+                        && let Err(e) = store
+                            .record_sent_part(&self.to.answer_key(), i, &event_id, crate::unix_ms())
+                            .await
                     {
                         tracing::warn!(agent = self.to.agent_id, error = %e, "could not record a posted message");
                     }
@@ -348,7 +350,8 @@ mod tests {
             None,
             &stop,
             destination(&agent, &room, &question, None),
-        );
+        )
+        .await;
         writer.interval = Duration::from_secs(3600);
         writer.push("Hello ").await;
         writer.push("**world**").await;
@@ -381,7 +384,8 @@ mod tests {
             None,
             &stop,
             destination(&agent, &room, &question, None),
-        );
+        )
+        .await;
         writer.push("Hello ").await;
         assert!(sent.lock().unwrap().is_empty());
         tokio::time::advance(EDIT_INTERVAL).await;
@@ -419,7 +423,11 @@ mod tests {
     async fn a_replayed_run_edits_the_message_of_the_crashed_one_with_fresh_transaction_ids() {
         let (matrix, sent) = sink().await;
         let dir = tempfile::tempdir().unwrap();
-        let store = crate::store::SledStore::open(dir.path()).unwrap();
+        let store = crate::store::open(&crate::config::StoreConfig {
+            path: dir.path().to_owned(),
+            ..Default::default()
+        })
+        .unwrap();
         let (agent, room, question) = (
             owned_user_id!("@damon:hs"),
             owned_room_id!("!r"),
@@ -429,10 +437,11 @@ mod tests {
         // The first run posts and edits, then "crashes" (is dropped) before finishing.
         let mut first = AnswerWriter::new(
             &matrix,
-            Some(&store),
+            Some(store.journal.as_ref()),
             &stop,
             destination(&agent, &room, &question, None),
-        );
+        )
+        .await;
         tokio::time::advance(EDIT_INTERVAL).await;
         first.push("The answer ").await;
         tokio::time::advance(EDIT_INTERVAL).await;
@@ -449,10 +458,11 @@ mod tests {
         // The replay streams the same words again and finishes.
         let mut replay = AnswerWriter::new(
             &matrix,
-            Some(&store),
+            Some(store.journal.as_ref()),
             &stop,
             destination(&agent, &room, &question, None),
-        );
+        )
+        .await;
         tokio::time::advance(EDIT_INTERVAL).await;
         replay.push("The answer ").await;
         replay.push("is 42.").await;
@@ -498,7 +508,8 @@ mod tests {
             None,
             &stop,
             destination(&agent, &room, &question, Some(&root)),
-        );
+        )
+        .await;
         // Three paragraphs of a third each: one too many for one message.
         let paragraph = "word ".repeat(MAX_PART_BYTES / 15);
         writer.push(&paragraph).await;

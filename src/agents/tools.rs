@@ -30,7 +30,7 @@ use wildmatch::WildMatch;
 use crate::config::{BUILTIN_TOOLS, ToolsConfig};
 use crate::llm::{ToolCall, ToolSpec};
 use crate::net::error_chain;
-use crate::store::{HistoryEntry, Store};
+use crate::store::{HistoryEntry, HistoryStore};
 
 /// How long one `fetch_url` may take, redirects included.
 const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
@@ -50,9 +50,9 @@ const SEARCH_LINE_CHARS: usize = 500;
 /// Largest UTC offset (±14 h, Kiribati) `current_time` accepts.
 const MAX_OFFSET_MINUTES: u32 = 14 * 60;
 
-/// What a tool may look at: the store and the room the agent is answering in.
+/// What a tool may look at: the room's history and the room the agent is answering in.
 pub struct ToolContext<'a> {
-    pub store: &'a dyn Store,
+    pub history: &'a dyn HistoryStore,
     pub room_id: &'a RoomId,
 }
 
@@ -298,7 +298,7 @@ impl Tools {
                 Err(outcome) => outcome,
             },
             Builtin::SearchRoomHistory => match parse_args::<SearchArgs>(tool, &call.arguments) {
-                Ok(args) => search_room_history(ctx, &args),
+                Ok(args) => search_room_history(ctx, &args).await,
                 Err(outcome) => outcome,
             },
         }
@@ -426,7 +426,7 @@ fn weekday(time: SystemTime) -> &'static str {
     ][(days % 7) as usize]
 }
 
-fn search_room_history(ctx: &ToolContext<'_>, args: &SearchArgs) -> ToolOutcome {
+async fn search_room_history(ctx: &ToolContext<'_>, args: &SearchArgs) -> ToolOutcome {
     let words: Vec<String> = args
         .query
         .split_whitespace()
@@ -439,7 +439,7 @@ fn search_room_history(ctx: &ToolContext<'_>, args: &SearchArgs) -> ToolOutcome 
         .limit
         .unwrap_or(SEARCH_DEFAULT_LIMIT)
         .clamp(1, SEARCH_MAX_LIMIT) as usize;
-    let history = match ctx.store.recent_history(ctx.room_id, SEARCH_SCAN) {
+    let history = match ctx.history.recent_history(ctx.room_id, SEARCH_SCAN).await {
         Ok(history) => history,
         Err(e) => return ToolOutcome::error(format!("could not read this room's history: {e}")),
     };
@@ -1034,7 +1034,7 @@ mod tests {
     use ruma::{EventId, OwnedRoomId, UserId, owned_room_id};
 
     use super::*;
-    use crate::store::SledStore;
+    use crate::store::Stores;
 
     fn config(allow: &[&str], deny: &[&str]) -> ToolsConfig {
         ToolsConfig {
@@ -1054,14 +1054,18 @@ mod tests {
 
     struct Room {
         _dir: tempfile::TempDir,
-        store: SledStore,
+        store: Stores,
         room_id: OwnedRoomId,
     }
 
     impl Room {
         fn new() -> Self {
             let dir = tempfile::tempdir().unwrap();
-            let store = SledStore::open(dir.path()).unwrap();
+            let store = crate::store::open(&crate::config::StoreConfig {
+                path: dir.path().to_owned(),
+                ..Default::default()
+            })
+            .unwrap();
             Self {
                 _dir: dir,
                 store,
@@ -1069,7 +1073,7 @@ mod tests {
             }
         }
 
-        fn say(&self, n: u64, sender: &str, body: &str) {
+        async fn say(&self, n: u64, sender: &str, body: &str) {
             let entry = HistoryEntry {
                 event_id: EventId::parse(format!("$e{n}")).unwrap(),
                 sender: UserId::parse(sender).unwrap(),
@@ -1078,12 +1082,16 @@ mod tests {
                 thread_root: None,
                 routed_to: Vec::new(),
             };
-            self.store.append_history(&self.room_id, &entry).unwrap();
+            self.store
+                .history
+                .append_history(&self.room_id, &entry)
+                .await
+                .unwrap();
         }
 
         fn ctx(&self) -> ToolContext<'_> {
             ToolContext {
-                store: &self.store,
+                history: self.store.history.as_ref(),
                 room_id: &self.room_id,
             }
         }
@@ -1544,10 +1552,13 @@ mod tests {
     #[tokio::test]
     async fn history_search_finds_all_words_newest_first() {
         let room = Room::new();
-        room.say(1, "@alice:hs", "The deploy failed on Monday");
-        room.say(2, "@bob:hs", "lunch?");
-        room.say(3, "@alice:hs", "Deploy fixed,\nit was the DNS");
-        room.say(4, "@bob:hs", "another deploy, another failure");
+        room.say(1, "@alice:hs", "The deploy failed on Monday")
+            .await;
+        room.say(2, "@bob:hs", "lunch?").await;
+        room.say(3, "@alice:hs", "Deploy fixed,\nit was the DNS")
+            .await;
+        room.say(4, "@bob:hs", "another deploy, another failure")
+            .await;
         let other = owned_room_id!("!other:hs");
         let elsewhere = HistoryEntry {
             event_id: EventId::parse("$x").unwrap(),
@@ -1557,7 +1568,11 @@ mod tests {
             thread_root: None,
             routed_to: Vec::new(),
         };
-        room.store.append_history(&other, &elsewhere).unwrap();
+        room.store
+            .history
+            .append_history(&other, &elsewhere)
+            .await
+            .unwrap();
         let tools = Tools::new();
         let search = |args: serde_json::Value| {
             let call = tool_call("search_room_history", &args.to_string());

@@ -23,7 +23,7 @@ use crate::config::Config;
 use crate::matrix::MatrixClient;
 pub use crate::net::ApiError;
 use crate::net::{Contact, token_digest, token_matches};
-use crate::store::Store;
+use crate::store::JournalStore;
 use crate::store::feed::FeedSender;
 
 /// Largest transaction body accepted. Synapse sends at most 100 events per transaction,
@@ -35,7 +35,7 @@ pub struct AppState {
     pub config: Arc<Config>,
     /// SHA-256 of the hs_token, for constant-time comparison.
     hs_token_digest: [u8; 32],
-    pub store: Arc<dyn Store>,
+    pub journal: Arc<dyn JournalStore>,
     /// Where journaled events go to the inbox.
     pub feed: FeedSender,
     /// For registering agents the homeserver asks about.
@@ -48,7 +48,7 @@ impl AppState {
     /// The state for `config`, whose tokens are resolved.
     pub fn new(
         config: Arc<Config>,
-        store: Arc<dyn Store>,
+        journal: Arc<dyn JournalStore>,
         feed: FeedSender,
         matrix: Arc<MatrixClient>,
     ) -> Arc<Self> {
@@ -60,7 +60,7 @@ impl AppState {
         Arc::new(Self {
             hs_token_digest: token_digest(hs_token),
             config,
-            store,
+            journal,
             feed,
             matrix,
             contact: Arc::default(),

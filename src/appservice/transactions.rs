@@ -57,11 +57,11 @@ pub async fn put_transaction(
     // Back-pressure: while the inbox has a full backlog, the ack waits (the homeserver
     // holds its next transaction meanwhile), so nothing queues without bound.
     state.feed.backlog().wait_for_room().await;
-    let store = state.store.clone();
     let txn = dedupe_key(&txn_id, &events);
-    let outcome = tokio::task::spawn_blocking(move || store.journal_transaction(&txn, events))
+    let outcome = state
+        .journal
+        .journal_transaction(txn.as_str().into(), events, crate::unix_ms())
         .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "M_UNKNOWN", format!("journal task failed: {e}")))?
         .map_err(|e| {
             tracing::error!(txn_id = %txn_id, error = %e, "could not journal transaction; the homeserver will retry");
             ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "M_UNKNOWN", e.to_string())

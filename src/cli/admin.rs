@@ -14,7 +14,7 @@ use crate::ops::checks::{CheckFailure, EXIT_LOCAL_SETUP};
 use crate::router::RouteDecision;
 use crate::router::explain::{ExplainError, RouteQuery};
 use crate::server::Services;
-use crate::store::{self, PairingRequest, Store};
+use crate::store::{self, PairingRequest, Stores};
 
 /// Exit code of an admin command whose request was refused (bad query, unknown code).
 pub const EXIT_REFUSED: i32 = 1;
@@ -102,7 +102,7 @@ impl AdminClient {
     }
 }
 
-fn open_store(config: &Config) -> Result<std::sync::Arc<dyn Store>, CheckFailure> {
+fn open_store(config: &Config) -> Result<Stores, CheckFailure> {
     store::open(&config.store).map_err(|e| {
         CheckFailure::new(
             EXIT_LOCAL_SETUP,
@@ -139,7 +139,8 @@ pub async fn pairing_list(config: &Config) -> Result<PairingState, CheckFailure>
     {
         return Ok(state);
     }
-    api::read_pairings(open_store(config)?.as_ref())
+    api::read_pairings(open_store(config)?.pairing.as_ref())
+        .await
         .map_err(|e| CheckFailure::new(EXIT_LOCAL_SETUP, format!("✗ {e}")))
 }
 
@@ -155,7 +156,8 @@ pub async fn pairing_approve(config: &Config, code: &str) -> Result<PairingReque
     {
         return Ok(request);
     }
-    api::approve(open_store(config)?.as_ref(), code)
+    api::approve(open_store(config)?.pairing.as_ref(), code)
+        .await
         .map_err(|e| CheckFailure::new(EXIT_LOCAL_SETUP, format!("✗ {e}")))?
         .ok_or_else(|| CheckFailure::new(EXIT_REFUSED, format!("✗ {}", api::unknown_code(code))))
 }
@@ -178,7 +180,7 @@ pub async fn pairing_revoke(
         return Ok(());
     }
     let store = open_store(config)?;
-    match store.revoke_pairing(channel, sender) {
+    match store.pairing.revoke_pairing(channel, sender).await {
         Ok(true) => Ok(()),
         Ok(false) => Err(CheckFailure::new(
             EXIT_REFUSED,

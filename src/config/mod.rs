@@ -121,11 +121,11 @@ fn default_max_backlog() -> usize {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StoreConfig {
-    /// Storage engine (default `sled`, embedded in the data directory).
+    /// Storage engine (default `fjall`, embedded in the data directory).
     #[serde(default)]
     pub backend: StoreBackend,
-    /// Data directory (default `./data`, relative to the config file): the sled database
-    /// and generated tokens live here.
+    /// Data directory (default `./data`, relative to the config file): the database and
+    /// generated tokens live here.
     #[serde(default = "default_store_path")]
     pub path: PathBuf,
 }
@@ -134,8 +134,10 @@ pub struct StoreConfig {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum StoreBackend {
-    /// sled, embedded, in `store.path/sled`.
+    /// fjall, embedded, in `store.path/fjall`: the default.
     #[default]
+    Fjall,
+    /// sled, embedded, in `store.path/sled`: for stores earlier versions wrote.
     Sled,
 }
 

@@ -27,7 +27,15 @@ use crate::router::{
     LoopGuard, MATRIX, MessageFacts, RoomFacts, RouteDecision, RouteInput, Router, Strategy,
 };
 use crate::store::feed::{Backlog, FeedReceiver};
-use crate::store::{HistoryEntry, JournaledEvent, PAIRING_TTL, Store};
+use crate::store::{EventRef, HistoryEntry, JournaledEvent, Lease, PAIRING_TTL, Partition, Stores};
+
+/// Who this process is, as a lease holder: host and process ID.
+fn lease_holder() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "localhost".into());
+    format!("{host}:{}", std::process::id())
+}
 
 /// How long a failed room lookup (members, aliases) is remembered before asking again.
 const FACTS_RETRY: Duration = Duration::from_secs(30);
@@ -84,10 +92,16 @@ fn config_aliases(config: &Config) -> Vec<String> {
     named.into_iter().cloned().collect()
 }
 
+/// How long this process's claim on the journal's partitions lasts; it is renewed at a
+/// third of that.
+const LEASE_PERIOD: Duration = Duration::from_secs(60);
+
 /// Processes events: the per-room logic every worker runs.
 pub struct Inbox {
     config: Arc<Config>,
-    store: Arc<dyn Store>,
+    store: Stores,
+    /// The journal partitions this process drains (all of them, with an embedded store).
+    lease: RwLock<Lease>,
     matrix: Arc<MatrixClient>,
     runtime: Arc<AgentRuntime>,
     router: Router,
@@ -122,12 +136,17 @@ struct Envelope {
 impl Inbox {
     pub fn new(
         config: Arc<Config>,
-        store: Arc<dyn Store>,
+        store: Stores,
         matrix: Arc<MatrixClient>,
         runtime: Arc<AgentRuntime>,
         backlog: Arc<Backlog>,
     ) -> Arc<Self> {
         Arc::new(Self {
+            lease: RwLock::new(Lease {
+                holder: lease_holder(),
+                partitions: Vec::new(),
+                expires_ms: 0,
+            }),
             router: Router::new(&config),
             backlog,
             aliases_tried: Mutex::new(None),
@@ -184,7 +203,7 @@ impl Inbox {
     }
 
     /// Routes `message` in `room_id` under the current loop-guard state.
-    fn decide(
+    async fn decide(
         &self,
         room_id: &RoomId,
         room: &RoomFacts,
@@ -193,7 +212,9 @@ impl Inbox {
     ) -> RouteDecision {
         let sender_paired = self
             .store
+            .pairing
             .is_paired(MATRIX, message.sender.as_str())
+            .await
             .unwrap_or_else(|e| {
                 tracing::warn!(error = %e, "cannot read pairing approvals; treating sender as unpaired");
                 false
@@ -255,7 +276,7 @@ impl Inbox {
             })
             .transpose()?;
         let room = self.room_facts(&room_id).await;
-        let recent = self.recent_history(&room_id);
+        let recent = self.recent_history(&room_id).await;
         let reply_to_sender = match query.reply_to.as_deref() {
             None => None,
             Some(user) if user.starts_with('@') => Some(
@@ -278,7 +299,51 @@ impl Inbox {
             hops: 0,
             ts: now,
         };
-        Ok(self.decide(&room_id, &room, &recent, message))
+        Ok(self.decide(&room_id, &room, &recent, message).await)
+    }
+
+    /// The lease this process holds now.
+    fn lease(&self) -> Lease {
+        self.lease.read().expect("lease lock").clone()
+    }
+
+    /// Claims every partition of the journal: an embedded store belongs to this process.
+    async fn claim_partitions(&self) {
+        let holder = self.lease().holder;
+        match self
+            .store
+            .journal
+            .claim(&holder, &Partition::all(), LEASE_PERIOD, crate::unix_ms())
+            .await
+        {
+            Ok(lease) => *self.lease.write().expect("lease lock") = lease,
+            Err(e) => tracing::error!(error = %e, "cannot claim the journal's partitions"),
+        }
+    }
+
+    /// Renews the lease at a third of its period until `shutdown`, then releases it.
+    async fn keep_lease(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut every = tokio::time::interval(LEASE_PERIOD / 3);
+        every.tick().await;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = every.tick() => {}
+            }
+            let lease = self.lease();
+            match self
+                .store
+                .journal
+                .renew(&lease, LEASE_PERIOD, crate::unix_ms())
+                .await
+            {
+                Ok(renewed) => *self.lease.write().expect("lease lock") = renewed,
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not renew the journal lease; claiming again");
+                    self.claim_partitions().await;
+                }
+            }
+        }
     }
 
     /// Replays the journal's events up to `replay_up_to` (the last sequence number
@@ -294,6 +359,8 @@ impl Inbox {
     ) {
         let mut workers: HashMap<OwnedRoomId, mpsc::UnboundedSender<JournaledEvent>> =
             HashMap::new();
+        self.claim_partitions().await;
+        tracker.spawn(self.clone().keep_lease(shutdown.clone()));
         if let Some(last) = replay_up_to {
             let mut after = None;
             let mut replayed = 0usize;
@@ -302,7 +369,13 @@ impl Inbox {
                     _ = shutdown.cancelled() => return,
                     _ = self.backlog.wait_for_room() => {}
                 }
-                let page = match self.store.pending_events(after, REPLAY_PAGE) {
+                let lease = self.lease();
+                let page = match self
+                    .store
+                    .journal
+                    .pending_events(&lease, after, REPLAY_PAGE)
+                    .await
+                {
                     Ok(page) => page,
                     Err(e) => {
                         tracing::error!(error = %e, "cannot read the journal; events stay journaled for the next start");
@@ -388,7 +461,7 @@ impl Inbox {
         tracker: TaskTracker,
     ) {
         // Events with nothing left to wait for, finished together in one write.
-        let mut done: Vec<u64> = Vec::new();
+        let mut done: Vec<EventRef> = Vec::new();
         loop {
             let next = if done.len() < FINISH_BATCH {
                 queue.try_recv().ok()
@@ -398,7 +471,7 @@ impl Inbox {
             let event = match next {
                 Some(event) => event,
                 None => {
-                    self.finish(&mut done);
+                    self.finish(&mut done).await;
                     let next = tokio::select! {
                         _ = shutdown.cancelled() => return,
                         next = tokio::time::timeout(WORKER_IDLE, queue.recv()) => next,
@@ -412,7 +485,7 @@ impl Inbox {
                             while let Ok(event) = queue.try_recv() {
                                 self.process(&event, &mut done, &tracker).await;
                             }
-                            self.finish(&mut done);
+                            self.finish(&mut done).await;
                             tracing::debug!(room_id = %room_id, "room worker idle; stopping");
                             return;
                         }
@@ -424,11 +497,12 @@ impl Inbox {
     }
 
     /// Finishes the events in `done` (removes them from the journal) in one write.
-    fn finish(&self, done: &mut Vec<u64>) {
+    async fn finish(&self, done: &mut Vec<EventRef>) {
         if done.is_empty() {
             return;
         }
-        match self.store.finish_events(done) {
+        let lease = self.lease();
+        match self.store.journal.finish_events(&lease, done).await {
             Ok(()) => self.backlog.finish(done.len()),
             Err(e) => {
                 tracing::error!(events = done.len(), error = %e, "could not finish events; they are redone on the next start")
@@ -444,15 +518,20 @@ impl Inbox {
     pub async fn process(
         &self,
         event: &JournaledEvent,
-        done: &mut Vec<u64>,
+        done: &mut Vec<EventRef>,
         tracker: &TaskTracker,
     ) {
         let answers = self.process_new(event).await;
         if answers.is_empty() {
-            done.push(event.seq);
+            done.push(event.reference());
             return;
         }
-        let (store, backlog, event) = (self.store.clone(), self.backlog.clone(), event.clone());
+        let (store, backlog, event) = (
+            self.store.journal.clone(),
+            self.backlog.clone(),
+            event.clone(),
+        );
+        let lease = self.lease();
         tracker.spawn(async move {
             let outcomes = futures::future::join_all(answers).await;
             // A dropped sender (a lane that died) counts as done: the error was logged.
@@ -460,7 +539,7 @@ impl Inbox {
                 tracing::info!(event_id = %event.event_id, "answer interrupted by shutdown; the event stays journaled");
                 return;
             }
-            match store.finish_events(&[event.seq]) {
+            match store.finish_events(&lease, &[event.reference()]).await {
                 Ok(()) => backlog.finish(1),
                 Err(e) => tracing::error!(event_id = %event.event_id, error = %e, "could not finish event"),
             }
@@ -576,7 +655,7 @@ impl Inbox {
             .iter()
             .any(|c| room.joined.contains(&c.user_id));
         let recent = if agents_here {
-            self.recent_history(&event.room_id)
+            self.recent_history(&event.room_id).await
         } else {
             Vec::new()
         };
@@ -594,7 +673,7 @@ impl Inbox {
             hops,
             ts: envelope.origin_server_ts,
         };
-        let decision = self.decide(&event.room_id, &room, &recent, message);
+        let decision = self.decide(&event.room_id, &room, &recent, message).await;
         if decision.targets.is_empty() {
             tracing::debug!(
                 room_id = %event.room_id, sender = %envelope.sender, event_id = %event.event_id,
@@ -617,7 +696,12 @@ impl Inbox {
                 thread_root: thread_root.clone(),
                 routed_to: decision.targets.clone(),
             };
-            if let Err(e) = self.store.append_history(&event.room_id, &entry) {
+            if let Err(e) = self
+                .store
+                .history
+                .append_history(&event.room_id, &entry)
+                .await
+            {
                 tracing::warn!(room_id = %event.room_id, error = %e, "could not record message in history");
             }
         }
@@ -707,9 +791,11 @@ impl Inbox {
     }
 
     /// The room history routing looks at; a store error means routing without context.
-    fn recent_history(&self, room_id: &RoomId) -> Vec<HistoryEntry> {
+    async fn recent_history(&self, room_id: &RoomId) -> Vec<HistoryEntry> {
         self.store
+            .history
             .recent_history(room_id, ROUTING_HISTORY)
+            .await
             .unwrap_or_else(|e| {
                 tracing::warn!(room_id = %room_id, error = %e, "could not read history; routing without context");
                 Vec::new()
@@ -749,12 +835,12 @@ impl Inbox {
     /// Tells an unknown DM sender their pairing code, and nothing else.
     async fn send_pairing_code(&self, agent_id: &str, trigger: &Trigger<'_>) -> Delivery {
         let now = crate::unix_ms();
-        let request = match self.store.pairing_request(
-            MATRIX,
-            trigger.sender.as_str(),
-            now,
-            PAIRING_TTL,
-        ) {
+        let request = match self
+            .store
+            .pairing
+            .pairing_request(MATRIX, trigger.sender.as_str(), now, PAIRING_TTL)
+            .await
+        {
             Ok((request, created)) => {
                 if created {
                     tracing::info!(sender = %trigger.sender, code = %request.code, "pairing requested; approve with `agentbus pairing approve {}`", request.code);

@@ -22,18 +22,18 @@ use crate::net::{ApiError, token_digest, token_matches};
 use crate::router::RouteDecision;
 use crate::router::explain::{Explain, ExplainError, RouteQuery};
 use crate::store::feed::Backlog;
-use crate::store::{PAIRING_TTL, PairedSender, PairingRequest, Store, StoreError};
+use crate::store::{PAIRING_TTL, PairedSender, PairingRequest, PairingStore, StoreError, Stores};
 
 /// What the admin routes share.
 pub struct AdminState {
     /// SHA-256 of the admin API token.
     admin_token_digest: [u8; 32],
-    store: Arc<dyn Store>,
+    store: Stores,
     explain: Arc<dyn Explain>,
 }
 
 impl AdminState {
-    pub fn new(admin_token: &str, store: Arc<dyn Store>, explain: Arc<dyn Explain>) -> Arc<Self> {
+    pub fn new(admin_token: &str, store: Stores, explain: Arc<dyn Explain>) -> Arc<Self> {
         Arc::new(Self {
             admin_token_digest: token_digest(admin_token),
             store,
@@ -143,16 +143,23 @@ pub struct PairingState {
 }
 
 /// The pairing state of `store` now: live requests and approved senders.
-pub fn read_pairings(store: &dyn Store) -> Result<PairingState, StoreError> {
+pub async fn read_pairings(store: &dyn PairingStore) -> Result<PairingState, StoreError> {
     Ok(PairingState {
-        pending: store.pending_pairings(crate::unix_ms(), PAIRING_TTL)?,
-        approved: store.paired_senders()?,
+        pending: store
+            .pending_pairings(crate::unix_ms(), PAIRING_TTL)
+            .await?,
+        approved: store.paired_senders().await?,
     })
 }
 
 /// Approves the live request with `code`; `None` when there is none (say [`unknown_code`]).
-pub fn approve(store: &dyn Store, code: &str) -> Result<Option<PairingRequest>, StoreError> {
-    store.approve_pairing(code, crate::unix_ms(), PAIRING_TTL)
+pub async fn approve(
+    store: &dyn PairingStore,
+    code: &str,
+) -> Result<Option<PairingRequest>, StoreError> {
+    store
+        .approve_pairing(code, crate::unix_ms(), PAIRING_TTL)
+        .await
 }
 
 /// What to tell someone whose code matches no live request.
@@ -163,7 +170,8 @@ pub fn unknown_code(code: &str) -> String {
 async fn pairing_list(
     State(state): State<Arc<AdminState>>,
 ) -> Result<Json<PairingState>, ApiError> {
-    read_pairings(state.store.as_ref())
+    read_pairings(state.store.pairing.as_ref())
+        .await
         .map(Json)
         .map_err(store_error)
 }
@@ -180,7 +188,10 @@ async fn pairing_approve(
     body: Result<Json<ApproveRequest>, JsonRejection>,
 ) -> Result<Json<PairingRequest>, ApiError> {
     let Json(body) = body.map_err(bad_json)?;
-    match approve(state.store.as_ref(), &body.code).map_err(store_error)? {
+    match approve(state.store.pairing.as_ref(), &body.code)
+        .await
+        .map_err(store_error)?
+    {
         Some(request) => {
             tracing::info!(channel = %request.channel, sender = %request.sender, "pairing approved");
             Ok(Json(request))
@@ -213,7 +224,9 @@ async fn pairing_revoke(
     let Json(body) = body.map_err(bad_json)?;
     let revoked = state
         .store
+        .pairing
         .revoke_pairing(&body.channel, &body.sender)
+        .await
         .map_err(store_error)?;
     if revoked {
         tracing::info!(channel = %body.channel, sender = %body.sender, "pairing revoked");

@@ -1,35 +1,80 @@
-//! Durable state behind one narrow trait: the transaction journal, the processed-event
-//! record, room history and DM pairing (pending requests and approved senders).
+//! Durable state, one async trait per concern: [`JournalStore`] (the transaction journal,
+//! dedupe records, partition leases, sent-message records), [`HistoryStore`] (room history),
+//! [`SessionStore`] (agents' conversation memory) and [`PairingStore`] (DM pairing).
 //!
-//! Callers hold an `Arc<dyn Store>`; [`SledStore`] is the embedded default. Every backend
-//! runs the same [`store_conformance_tests!`] so a second one is provably equivalent.
+//! [`open`] builds the backend `store.backend` names and hands out [`Stores`], one handle
+//! per concern. The embedded engines (fjall, the default, and sled) implement a small
+//! synchronous [`embedded::Backend`] and get the async traits, the history cache, leases
+//! and recovery after a failed write from [`embedded::Embedded`]; a backend shared by
+//! several processes (PostgreSQL) implements the async traits itself. Every backend runs
+//! the same conformance macros ([`journal_conformance_tests!`] and its siblings).
+//!
+//! Time is passed in (`now_ms`, unix milliseconds), never read inside, so tests control it.
 
+pub mod embedded;
 pub mod feed;
-mod recovering;
+mod fjall;
+mod lease;
 mod sled;
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use ruma::{OwnedEventId, OwnedRoomId, OwnedUserId, RoomId};
+use async_trait::async_trait;
+use ruma::{EventId, OwnedEventId, OwnedRoomId, OwnedUserId, RoomId, TransactionId};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-pub use self::sled::SledStore;
-
-use std::sync::Arc;
+pub use self::fjall::FjallBackend;
+pub use self::lease::{Lease, PARTITIONS, Partition};
+pub use self::sled::SledBackend;
 
 use crate::config::{StoreBackend, StoreConfig};
 
-/// Opens the store `config` describes (`store.backend`, `store.path`).
-pub fn open(config: &StoreConfig) -> Result<Arc<dyn Store>, StoreError> {
-    match config.backend {
-        StoreBackend::Sled => {
-            let dir = config.path.join("sled");
-            let store: Arc<dyn Store> = Arc::new(SledStore::open(&dir)?);
-            let reopen: recovering::Reopen =
-                Box::new(move || Ok(Arc::new(SledStore::open(&dir)?) as Arc<dyn Store>));
-            Ok(Arc::new(recovering::Recovering::new(store, reopen)))
+/// The four concerns of one store.
+#[derive(Clone)]
+pub struct Stores {
+    pub journal: Arc<dyn JournalStore>,
+    pub history: Arc<dyn HistoryStore>,
+    pub sessions: Arc<dyn SessionStore>,
+    pub pairing: Arc<dyn PairingStore>,
+}
+
+impl Stores {
+    /// One backend serving every concern.
+    pub fn of<S>(store: Arc<S>) -> Self
+    where
+        S: JournalStore + HistoryStore + SessionStore + PairingStore + 'static,
+    {
+        Self {
+            journal: store.clone(),
+            history: store.clone(),
+            sessions: store.clone(),
+            pairing: store,
         }
+    }
+}
+
+/// Opens the store `config` describes (`store.backend`, `store.path`).
+pub fn open(config: &StoreConfig) -> Result<Stores, StoreError> {
+    let sled_dir = config.path.join("sled");
+    let fjall_dir = config.path.join("fjall");
+    match config.backend {
+        StoreBackend::Fjall => {
+            if sled_dir.join("conf").exists() && !fjall_dir.exists() {
+                return Err(StoreError::Unavailable(format!(
+                    "{} holds a sled store and store.backend is fjall: set `store.backend: sled` \
+                     to keep using it (its journal, history, sessions and pairings are not read by fjall)",
+                    sled_dir.display()
+                )));
+            }
+            Ok(Stores::of(Arc::new(embedded::Embedded::open(move || {
+                FjallBackend::open(&fjall_dir)
+            })?)))
+        }
+        StoreBackend::Sled => Ok(Stores::of(Arc::new(embedded::Embedded::open(move || {
+            SledBackend::open(&sled_dir)
+        })?))),
     }
 }
 
@@ -160,92 +205,197 @@ pub(crate) fn random_pairing_code() -> String {
 /// How many lines of history a room keeps; older ones are trimmed.
 pub const HISTORY_PER_ROOM: usize = 1000;
 
-/// A storage failure; the message names what was being done.
-#[derive(Debug, thiserror::Error)]
-#[error("store: {0}")]
-pub struct StoreError(pub String);
+/// Which session a line of memory belongs to: an agent's conversation in a room, or in
+/// one thread of it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct SessionKey {
+    pub agent: String,
+    pub room: OwnedRoomId,
+    pub thread: Option<OwnedEventId>,
+}
 
-/// Durable state of the appservice.
-pub trait Store: Send + Sync {
-    /// Records `txn_id` and journals `events` in one atomic, flushed write — unless the
-    /// txnId was recorded before, in which case nothing is written. An event whose
-    /// event_id was journaled before (in this or any earlier transaction) is left out, so
-    /// every event enters the journal at most once.
-    fn journal_transaction(
+impl SessionKey {
+    pub fn new(agent: &str, room: &RoomId, thread: Option<&EventId>) -> Self {
+        Self {
+            agent: agent.to_owned(),
+            room: room.to_owned(),
+            thread: thread.map(ToOwned::to_owned),
+        }
+    }
+
+    /// The key the embedded backends store lines under: the parts joined by U+001F, which
+    /// never occurs in an ID (the format of earlier versions, so stored memory is kept).
+    pub fn storage_key(&self) -> String {
+        const SEP: char = '\u{1f}';
+        match &self.thread {
+            Some(root) => format!("{}{SEP}{}{SEP}{root}", self.agent, self.room),
+            None => format!("{}{SEP}{}", self.agent, self.room),
+        }
+    }
+}
+
+/// A storage failure, by what a caller can do about it.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    /// The store cannot serve now (I/O error, disk full, being reopened): retry later.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// Another holder owns what was asked for (a partition lease): do not retry as is.
+    #[error("store conflict: {0}")]
+    Conflict(String),
+    /// Stored data cannot be read back: retrying will not help.
+    #[error("store data corrupt: {0}")]
+    Corrupt(String),
+}
+
+impl StoreError {
+    /// Whether the same call may succeed later.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Self::Unavailable(_))
+    }
+}
+
+/// Which journaled event a finish refers to: its sequence number and its room's partition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EventRef {
+    pub seq: u64,
+    pub partition: Partition,
+}
+
+impl JournaledEvent {
+    pub fn reference(&self) -> EventRef {
+        EventRef {
+            seq: self.seq,
+            partition: Partition::of(&self.room_id),
+        }
+    }
+}
+
+/// The transaction journal: what the homeserver handed us, until it is answered.
+#[async_trait]
+pub trait JournalStore: Send + Sync {
+    /// Records `txn_id` and journals `events` in one atomic write that is on stable storage
+    /// when this returns — unless the txnId was recorded before, in which case nothing is
+    /// written. An event whose event_id was journaled before (in this or any earlier
+    /// transaction) is left out, so every event enters the journal at most once.
+    async fn journal_transaction(
         &self,
-        txn_id: &str,
+        txn_id: &TransactionId,
         events: Vec<IncomingEvent>,
+        now_ms: u64,
     ) -> Result<JournalOutcome, StoreError>;
 
-    /// Up to `limit` journaled events not yet finished, in journal order, starting after
-    /// sequence number `after` (from the start when `None`). Replay pages through the
-    /// journal with this instead of loading it whole.
-    fn pending_events(
+    /// Claims `partitions` for `holder` until `now_ms + period`: each one that is free,
+    /// expired, or already `holder`'s. The lease lists the partitions granted; one held by
+    /// another live holder is left out.
+    async fn claim(
         &self,
+        holder: &str,
+        partitions: &[Partition],
+        period: Duration,
+        now_ms: u64,
+    ) -> Result<Lease, StoreError>;
+
+    /// Extends a lease to `now_ms + period`. A partition another holder took over after the
+    /// lease expired is dropped from it; [`StoreError::Conflict`] when none is left.
+    async fn renew(
+        &self,
+        lease: &Lease,
+        period: Duration,
+        now_ms: u64,
+    ) -> Result<Lease, StoreError>;
+
+    /// Gives a lease's partitions up at once.
+    async fn release(&self, lease: &Lease) -> Result<(), StoreError>;
+
+    /// Up to `limit` journaled events of the lease's partitions not yet finished, in
+    /// journal order, after sequence number `after` (from the start when `None`). Replay
+    /// pages through the journal with this instead of loading it whole.
+    async fn pending_events(
+        &self,
+        lease: &Lease,
         after: Option<u64>,
         limit: usize,
     ) -> Result<Vec<JournaledEvent>, StoreError>;
 
+    /// Removes finished events from the journal; [`StoreError::Conflict`] (and nothing
+    /// removed) when one is in a partition the lease does not hold. Written so that it
+    /// survives the process being killed, but not synced to disk: a finish lost to a power
+    /// cut replays an event whose sends carry derived transaction IDs.
+    async fn finish_events(&self, lease: &Lease, events: &[EventRef]) -> Result<(), StoreError>;
+
     /// The sequence number of the newest journaled event not finished yet.
-    fn journal_head(&self) -> Result<Option<u64>, StoreError>;
+    async fn journal_head(&self) -> Result<Option<u64>, StoreError>;
 
     /// How many journaled events are not finished yet.
-    fn pending_count(&self) -> Result<usize, StoreError>;
+    async fn pending_count(&self) -> Result<usize, StoreError>;
 
     /// Whether `event_id` was ever journaled (its dedupe record is kept until pruned).
-    fn was_journaled(&self, event_id: &ruma::EventId) -> Result<bool, StoreError>;
+    async fn was_journaled(&self, event_id: &EventId) -> Result<bool, StoreError>;
 
-    /// Removes the journal entries `seqs`. Not flushed by itself: a finish lost in a crash
-    /// only replays an event whose outbound sends carry derived transaction IDs.
-    fn finish_events(&self, seqs: &[u64]) -> Result<(), StoreError>;
+    /// Forgets txnIds, journaled event_ids and sent-part records written before `cutoff_ms`;
+    /// returns how many records went. Homeservers redeliver within minutes, not days.
+    async fn prune_dedupe_records(&self, cutoff_ms: u64) -> Result<usize, StoreError>;
 
-    /// Forgets txnIds and journaled event_ids recorded before `cutoff_ms` (unix ms); returns
-    /// how many records were removed. Homeservers redeliver within minutes, not days.
-    fn prune_dedupe_records(&self, cutoff_ms: u64) -> Result<usize, StoreError>;
-
-    /// Remembers that part `part` of the answer `answer` (a key the caller derives from
-    /// what the answer answers) was posted as `event_id`, so a run replayed after a crash
-    /// edits that message instead of leaving it half-streamed. Pruned with the dedupe records.
-    fn record_sent_part(
+    /// Remembers that part `part` of the answer `answer` (a key the caller derives from what
+    /// the answer answers) was posted as `event_id`, so a run replayed after a crash edits
+    /// that message instead of leaving it half-streamed. Pruned with the dedupe records.
+    async fn record_sent_part(
         &self,
         answer: &str,
         part: usize,
-        event_id: &ruma::EventId,
+        event_id: &EventId,
+        now_ms: u64,
     ) -> Result<(), StoreError>;
 
     /// The parts of `answer` posted so far, in order.
-    fn sent_parts(&self, answer: &str) -> Result<Vec<OwnedEventId>, StoreError>;
+    async fn sent_parts(&self, answer: &str) -> Result<Vec<OwnedEventId>, StoreError>;
+}
 
-    /// Appends lines to a session's memory, then forgets its oldest lines beyond `keep`.
-    /// `session` is an opaque key (agent, room and thread joined by the caller).
-    fn append_session(
+/// Room history: what was said where, as conversation context.
+#[async_trait]
+pub trait HistoryStore: Send + Sync {
+    /// Appends a line to a room's history; lines beyond the room's newest
+    /// [`HISTORY_PER_ROOM`] are trimmed from time to time.
+    async fn append_history(
         &self,
-        session: &str,
+        room_id: &RoomId,
+        entry: &HistoryEntry,
+    ) -> Result<(), StoreError>;
+
+    /// The last `limit` lines of a room's history, oldest first.
+    async fn recent_history(
+        &self,
+        room_id: &RoomId,
+        limit: usize,
+    ) -> Result<Vec<HistoryEntry>, StoreError>;
+}
+
+/// Agents' conversation memory, per session.
+#[async_trait]
+pub trait SessionStore: Send + Sync {
+    /// Appends lines to a session's memory, then forgets its oldest lines beyond `keep`.
+    async fn append_session(
+        &self,
+        session: &SessionKey,
         entries: &[SessionEntry],
         keep: usize,
     ) -> Result<(), StoreError>;
 
     /// A session's memory, oldest first (at most the `keep` of the last append).
-    fn session(&self, session: &str) -> Result<Vec<SessionEntry>, StoreError>;
+    async fn session(&self, session: &SessionKey) -> Result<Vec<SessionEntry>, StoreError>;
 
     /// Forgets a session's memory; returns how many lines went.
-    fn clear_session(&self, session: &str) -> Result<usize, StoreError>;
+    async fn clear_session(&self, session: &SessionKey) -> Result<usize, StoreError>;
+}
 
-    /// Appends a line to a room's history; lines beyond the room's newest
-    /// [`HISTORY_PER_ROOM`] are trimmed from time to time.
-    fn append_history(&self, room_id: &RoomId, entry: &HistoryEntry) -> Result<(), StoreError>;
-
-    /// The last `limit` lines of a room's history, oldest first.
-    fn recent_history(
-        &self,
-        room_id: &RoomId,
-        limit: usize,
-    ) -> Result<Vec<HistoryEntry>, StoreError>;
-
+/// DM pairing: people waiting for an admin, and the approved ones.
+#[async_trait]
+pub trait PairingStore: Send + Sync {
     /// The sender's live pairing request, or a new one with a fresh unique code. A request
     /// older than `ttl` (relative to `now_ms`) is expired and replaced. Returns the request
-    /// and whether it was created by this call. Callers check [`Store::is_paired`] first.
-    fn pairing_request(
+    /// and whether it was created by this call. Callers check [`PairingStore::is_paired`] first.
+    async fn pairing_request(
         &self,
         channel: &str,
         sender: &str,
@@ -256,7 +406,7 @@ pub trait Store: Send + Sync {
     /// Approves the live request with `code` (case-insensitive; spaces and `-` ignored):
     /// removes it and records the sender as paired, atomically. `None` when no live request
     /// has that code.
-    fn approve_pairing(
+    async fn approve_pairing(
         &self,
         code: &str,
         now_ms: u64,
@@ -264,113 +414,265 @@ pub trait Store: Send + Sync {
     ) -> Result<Option<PairingRequest>, StoreError>;
 
     /// Live (unexpired) requests, oldest first.
-    fn pending_pairings(
+    async fn pending_pairings(
         &self,
         now_ms: u64,
         ttl: Duration,
     ) -> Result<Vec<PairingRequest>, StoreError>;
 
     /// Whether `sender` on `channel` was approved.
-    fn is_paired(&self, channel: &str, sender: &str) -> Result<bool, StoreError>;
+    async fn is_paired(&self, channel: &str, sender: &str) -> Result<bool, StoreError>;
 
     /// Every approved sender, ordered by channel then sender.
-    fn paired_senders(&self) -> Result<Vec<PairedSender>, StoreError>;
+    async fn paired_senders(&self) -> Result<Vec<PairedSender>, StoreError>;
 
     /// Forgets an approval; returns whether there was one.
-    fn revoke_pairing(&self, channel: &str, sender: &str) -> Result<bool, StoreError>;
+    async fn revoke_pairing(&self, channel: &str, sender: &str) -> Result<bool, StoreError>;
 }
 
-/// The tests every [`Store`] backend must pass. Invoke with an expression that builds a
-/// fresh store and a function that reopens it from the same place:
-/// `store_conformance_tests!(fresh_store(), |s| reopen(s));`
-#[macro_export]
-macro_rules! store_conformance_tests {
-    ($fresh:expr, $reopen:expr) => {
-        use $crate::store::{HistoryEntry, IncomingEvent, JournalOutcome, PairedSender, SessionEntry, SessionRole, Store};
+/// What the conformance macros share: fixed times, builders and a lease on everything.
+#[doc(hidden)]
+pub mod conformance {
+    use crate::store::{IncomingEvent, SessionEntry, SessionKey, SessionRole, Stores};
 
-        fn event(n: u32, room: &str) -> IncomingEvent {
-            IncomingEvent {
-                room_id: ruma::RoomId::parse(room).unwrap(),
-                event_id: ruma::EventId::parse(format!("$ev{n}")).unwrap(),
-                json: serde_json::value::to_raw_value(&serde_json::json!({"n": n})).unwrap(),
+    /// "now" for the writes of these tests.
+    pub const NOW: u64 = 1_800_000_000_000;
+
+    pub fn txn(id: &str) -> &ruma::TransactionId {
+        id.into()
+    }
+
+    /// The session `agent‖room[‖thread]` (parts joined by U+001F).
+    pub fn key(joined: &str) -> SessionKey {
+        let mut parts = joined.split('\u{1f}');
+        let agent = parts.next().unwrap();
+        let room = ruma::RoomId::parse(parts.next().unwrap()).unwrap();
+        let thread = parts.next().map(|t| ruma::EventId::parse(t).unwrap());
+        SessionKey::new(agent, &room, thread.as_deref())
+    }
+
+    /// A lease on every partition, for a single holder.
+    pub async fn all(store: &Stores) -> crate::store::Lease {
+        store
+            .journal
+            .claim(
+                "tests",
+                &crate::store::Partition::all(),
+                std::time::Duration::from_secs(60),
+                NOW,
+            )
+            .await
+            .unwrap()
+    }
+
+    pub fn event(n: u32, room: &str) -> IncomingEvent {
+        IncomingEvent {
+            room_id: ruma::RoomId::parse(room).unwrap(),
+            event_id: ruma::EventId::parse(format!("$ev{n}")).unwrap(),
+            json: serde_json::value::to_raw_value(&serde_json::json!({"n": n})).unwrap(),
+        }
+    }
+
+    pub fn room_in(partition: crate::store::Partition, n: &mut u32) -> String {
+        loop {
+            *n += 1;
+            let room = format!("!r{n}:x");
+            if crate::store::Partition::of(&ruma::RoomId::parse(&room).unwrap()) == partition {
+                return room;
             }
         }
+    }
 
-        #[test]
-        fn journals_and_lists_in_order() {
+    /// Pairing requests live an hour in these tests; `T0` is an arbitrary unix ms.
+    pub const PAIRING_TTL: std::time::Duration = std::time::Duration::from_secs(3600);
+
+    pub const PAIRING_TTL_MS: u64 = 3_600_000;
+
+    pub const T0: u64 = 1_700_000_000_000;
+
+    pub fn line(role: SessionRole, content: &str) -> SessionEntry {
+        SessionEntry {
+            role,
+            content: content.into(),
+            ts: 1,
+        }
+    }
+
+    pub fn assert_pairing_code(code: &str) {
+        assert_eq!(
+            code.chars().count(),
+            8,
+            "code {code:?} must have 8 characters"
+        );
+        assert!(
+            code.chars()
+                .all(|c| "ABCDEFGHJKLMNPQRSTUVWXYZ23456789".contains(c)),
+            "code {code:?} must use only the unambiguous alphabet"
+        );
+    }
+
+    /// Issues a request for `sender` on `channel` at `now` and approves it.
+    pub async fn pair(store: &crate::store::Stores, channel: &str, sender: &str, now: u64) {
+        let (request, _) = store
+            .pairing
+            .pairing_request(channel, sender, now, PAIRING_TTL)
+            .await
+            .unwrap();
+        assert!(
+            store
+                .pairing
+                .approve_pairing(&request.code, now, PAIRING_TTL)
+                .await
+                .unwrap()
+                .is_some()
+        );
+    }
+}
+
+/// The conformance tests of a backend's [`JournalStore`]. Invoke with an expression that builds
+/// fresh [`Stores`] (and a guard that keeps its directory) and a function that reopens them:
+/// `journal_conformance_tests!(fresh(), reopen);`
+#[macro_export]
+macro_rules! journal_conformance_tests {
+    ($fresh:expr, $reopen:expr) => {
+        #[allow(unused_imports)]
+        use $crate::store::conformance::*;
+        #[allow(unused_imports)]
+        use $crate::store::{HistoryEntry, JournalOutcome, PairedSender, SessionRole};
+
+        #[tokio::test]
+        async fn journals_and_lists_in_order() {
             let (store, _guard) = $fresh;
-            let out = store.journal_transaction("t1", vec![event(1, "!a"), event(2, "!b")]).unwrap();
+            let lease = all(&store).await;
+            let out = store.journal.journal_transaction(txn("t1"), vec![event(1, "!a"), event(2, "!b")], NOW).await.unwrap();
             let JournalOutcome::Journaled(journaled) = out else { panic!("expected Journaled") };
             let seqs: Vec<u64> = journaled.iter().map(|e| e.seq).collect();
             assert_eq!(seqs.len(), 2);
             assert!(seqs[0] < seqs[1]);
-            store.journal_transaction("t2", vec![event(3, "!a")]).unwrap();
-            let pending = store.pending_events(None, 100).unwrap();
+            store.journal.journal_transaction(txn("t2"), vec![event(3, "!a")], NOW).await.unwrap();
+            let pending = store.journal.pending_events(&lease, None, 100).await.unwrap();
             let ids: Vec<&str> = pending.iter().map(|e| e.event_id.as_str()).collect();
             assert_eq!(ids, ["$ev1", "$ev2", "$ev3"]);
             assert_eq!(pending[1].room_id.as_str(), "!b");
             assert_eq!(pending[2].json.get(), r#"{"n":3}"#);
         }
 
-        #[test]
-        fn a_repeated_txn_id_writes_nothing() {
+        #[tokio::test]
+        async fn a_repeated_txn_id_writes_nothing() {
             let (store, _guard) = $fresh;
-            store.journal_transaction("t1", vec![event(1, "!a")]).unwrap();
-            let again = store.journal_transaction("t1", vec![event(1, "!a"), event(9, "!a")]).unwrap();
+            let lease = all(&store).await;
+            store.journal.journal_transaction(txn("t1"), vec![event(1, "!a")], NOW).await.unwrap();
+            let again = store.journal.journal_transaction(txn("t1"), vec![event(1, "!a"), event(9, "!a")], NOW).await.unwrap();
             assert!(matches!(again, JournalOutcome::Duplicate));
-            assert_eq!(store.pending_events(None, 100).unwrap().len(), 1);
+            assert_eq!(store.journal.pending_events(&lease, None, 100).await.unwrap().len(), 1);
         }
 
-        #[test]
-        fn an_event_is_journaled_once_whatever_carries_it() {
+        #[tokio::test]
+        async fn an_event_is_journaled_once_whatever_carries_it() {
             let (store, _guard) = $fresh;
+            let lease = all(&store).await;
             let JournalOutcome::Journaled(first) =
-                store.journal_transaction("t1", vec![event(1, "!a"), event(1, "!a"), event(2, "!a")]).unwrap()
+                store.journal.journal_transaction(txn("t1"), vec![event(1, "!a"), event(1, "!a"), event(2, "!a")], NOW).await.unwrap()
             else {
                 panic!("expected Journaled")
             };
             let ids: Vec<&str> = first.iter().map(|e| e.event_id.as_str()).collect();
             assert_eq!(ids, ["$ev1", "$ev2"], "a copy inside one transaction is left out");
             let JournalOutcome::Journaled(second) =
-                store.journal_transaction("t2", vec![event(2, "!a"), event(3, "!a")]).unwrap()
+                store.journal.journal_transaction(txn("t2"), vec![event(2, "!a"), event(3, "!a")], NOW).await.unwrap()
             else {
                 panic!("expected Journaled")
             };
             assert_eq!(second.len(), 1, "an event from an earlier transaction is left out");
             assert_eq!(second[0].event_id.as_str(), "$ev3");
-            store.finish_events(&[first[0].seq]).unwrap();
-            let JournalOutcome::Journaled(third) = store.journal_transaction("t3", vec![event(1, "!a")]).unwrap() else {
+            store.journal.finish_events(&lease, &[first[0].reference()]).await.unwrap();
+            let JournalOutcome::Journaled(third) = store.journal.journal_transaction(txn("t3"), vec![event(1, "!a")], NOW).await.unwrap() else {
                 panic!("expected Journaled")
             };
             assert!(third.is_empty(), "a finished event is not journaled again");
-            assert_eq!(store.pending_count().unwrap(), 2);
+            assert_eq!(store.journal.pending_count().await.unwrap(), 2);
         }
 
-        #[test]
-        fn sent_parts_are_remembered_per_answer_across_reopening() {
+        #[tokio::test]
+        async fn a_lease_is_exclusive_until_it_expires_then_taken_over() {
+            use $crate::store::{Partition, StoreError};
+            let (store, _guard) = $fresh;
+            let minute = std::time::Duration::from_secs(60);
+            let (p0, p1) = (Partition(0), Partition(1));
+            let a = store.journal.claim("a", &[p0, p1], minute, NOW).await.unwrap();
+            assert_eq!(a.partitions, [p0, p1]);
+            assert_eq!(a.expires_ms, NOW + 60_000);
+            // b gets nothing while a's lease lives, then takes the partitions over.
+            let b = store.journal.claim("b", &[p0, p1], minute, NOW + 59_999).await.unwrap();
+            assert!(b.partitions.is_empty(), "{b:?}");
+            let b = store.journal.claim("b", &[p1], minute, NOW + 60_001).await.unwrap();
+            assert_eq!(b.partitions, [p1]);
+            // a's renewal keeps only what it still holds; b's release frees p1 for a again.
+            let a = store.journal.renew(&a, minute, NOW + 60_002).await.unwrap();
+            assert_eq!(a.partitions, [p0]);
+            let lost = $crate::store::Lease { holder: "a".into(), partitions: vec![p1], expires_ms: 0 };
+            assert!(matches!(store.journal.renew(&lost, minute, NOW + 60_003).await, Err(StoreError::Conflict(_))));
+            store.journal.release(&b).await.unwrap();
+            let a = store.journal.claim("a", &[p0, p1], minute, NOW + 60_004).await.unwrap();
+            assert_eq!(a.partitions, [p0, p1]);
+        }
+
+        #[tokio::test]
+        async fn a_holder_sees_and_finishes_only_its_partitions() {
+            use $crate::store::{Partition, StoreError};
+            let (store, _guard) = $fresh;
+            let minute = std::time::Duration::from_secs(60);
+            let mut n = 0;
+            let (mine, theirs) = (room_in(Partition(3), &mut n), room_in(Partition(4), &mut n));
+            let JournalOutcome::Journaled(journaled) = store
+                .journal
+                .journal_transaction(txn("t1"), vec![event(1, &mine), event(2, &theirs), event(3, &mine)], NOW)
+                .await
+                .unwrap()
+            else {
+                panic!("expected Journaled")
+            };
+            let a = store.journal.claim("a", &[Partition(3)], minute, NOW).await.unwrap();
+            let b = store.journal.claim("b", &[Partition(4)], minute, NOW).await.unwrap();
+            let seen: Vec<String> = store.journal.pending_events(&a, None, 1).await.unwrap().into_iter().map(|e| e.event_id.to_string()).collect();
+            assert_eq!(seen, ["$ev1"], "a page holds the lease's events only");
+            let seen: Vec<String> = store.journal.pending_events(&a, None, 10).await.unwrap().into_iter().map(|e| e.event_id.to_string()).collect();
+            assert_eq!(seen, ["$ev1", "$ev3"]);
+            // a cannot finish b's event, and a refused finish removes nothing.
+            let refused = store.journal.finish_events(&a, &[journaled[0].reference(), journaled[1].reference()]).await;
+            assert!(matches!(refused, Err(StoreError::Conflict(_))), "{refused:?}");
+            assert_eq!(store.journal.pending_count().await.unwrap(), 3);
+            store.journal.finish_events(&b, &[journaled[1].reference()]).await.unwrap();
+            assert!(store.journal.pending_events(&b, None, 10).await.unwrap().is_empty());
+            assert_eq!(store.journal.pending_count().await.unwrap(), 2);
+        }
+
+        #[tokio::test]
+        async fn sent_parts_are_remembered_per_answer_across_reopening() {
             let (store, guard) = $fresh;
             let (a, b) = (ruma::EventId::parse("$a").unwrap(), ruma::EventId::parse("$b").unwrap());
-            store.record_sent_part("answer1", 1, &b).unwrap();
-            store.record_sent_part("answer1", 0, &a).unwrap();
-            store.record_sent_part("answer10", 0, &b).unwrap();
+            store.journal.record_sent_part("answer1", 1, &b, NOW).await.unwrap();
+            store.journal.record_sent_part("answer1", 0, &a, NOW).await.unwrap();
+            store.journal.record_sent_part("answer10", 0, &b, NOW).await.unwrap();
             let store = ($reopen)(store, &guard);
-            assert_eq!(store.sent_parts("answer1").unwrap(), vec![a.clone(), b.clone()]);
-            assert_eq!(store.sent_parts("answer10").unwrap(), vec![b]);
-            assert!(store.sent_parts("answer2").unwrap().is_empty());
-            assert_eq!(store.prune_dedupe_records($crate::unix_ms() + 1).unwrap(), 3);
-            assert!(store.sent_parts("answer1").unwrap().is_empty());
+            assert_eq!(store.journal.sent_parts("answer1").await.unwrap(), vec![a.clone(), b.clone()]);
+            assert_eq!(store.journal.sent_parts("answer10").await.unwrap(), vec![b]);
+            assert!(store.journal.sent_parts("answer2").await.unwrap().is_empty());
+            assert_eq!(store.journal.prune_dedupe_records(NOW + 1).await.unwrap(), 3);
+            assert!(store.journal.sent_parts("answer1").await.unwrap().is_empty());
         }
 
-        #[test]
-        fn the_journal_pages_in_order() {
+        #[tokio::test]
+        async fn the_journal_pages_in_order() {
             let (store, _guard) = $fresh;
+            let lease = all(&store).await;
             for n in 0..7u32 {
-                store.journal_transaction(&format!("t{n}"), vec![event(n, "!a")]).unwrap();
+                store.journal.journal_transaction(txn(&format!("t{n}")), vec![event(n, "!a")], NOW).await.unwrap();
             }
             let mut seen = Vec::new();
             let mut after = None;
             loop {
-                let page = store.pending_events(after, 3).unwrap();
+                let page = store.journal.pending_events(&lease, after, 3).await.unwrap();
                 if page.is_empty() {
                     break;
                 }
@@ -382,42 +684,43 @@ macro_rules! store_conformance_tests {
             assert_eq!(seen, expected);
         }
 
-        #[test]
-        fn an_empty_transaction_is_still_recorded() {
+        #[tokio::test]
+        async fn an_empty_transaction_is_still_recorded() {
             let (store, _guard) = $fresh;
-            assert!(matches!(store.journal_transaction("t0", vec![]).unwrap(), JournalOutcome::Journaled(v) if v.is_empty()));
-            assert!(matches!(store.journal_transaction("t0", vec![]).unwrap(), JournalOutcome::Duplicate));
+            assert!(matches!(store.journal.journal_transaction(txn("t0"), vec![], NOW).await.unwrap(), JournalOutcome::Journaled(v) if v.is_empty()));
+            assert!(matches!(store.journal.journal_transaction(txn("t0"), vec![], NOW).await.unwrap(), JournalOutcome::Duplicate));
         }
 
-        #[test]
-        fn finishing_removes_from_the_journal_and_records_the_event() {
+        #[tokio::test]
+        async fn finishing_removes_from_the_journal_and_records_the_event() {
             let (store, _guard) = $fresh;
+            let lease = all(&store).await;
             let JournalOutcome::Journaled(journaled) =
-                store.journal_transaction("t1", vec![event(1, "!a"), event(2, "!a")]).unwrap()
+                store.journal.journal_transaction(txn("t1"), vec![event(1, "!a"), event(2, "!a")], NOW).await.unwrap()
             else {
                 panic!("expected Journaled")
             };
-            let seqs: Vec<u64> = journaled.iter().map(|e| e.seq).collect();
             let ev1 = ruma::EventId::parse("$ev1").unwrap();
-            assert!(store.was_journaled(&ev1).unwrap());
-            assert!(!store.was_journaled(&ruma::EventId::parse("$never").unwrap()).unwrap());
-            store.finish_events(&seqs[..1]).unwrap();
-            assert!(store.was_journaled(&ev1).unwrap());
-            let pending = store.pending_events(None, 100).unwrap();
+            assert!(store.journal.was_journaled(&ev1).await.unwrap());
+            assert!(!store.journal.was_journaled(&ruma::EventId::parse("$never").unwrap()).await.unwrap());
+            store.journal.finish_events(&lease, &[journaled[0].reference()]).await.unwrap();
+            assert!(store.journal.was_journaled(&ev1).await.unwrap());
+            let pending = store.journal.pending_events(&lease, None, 100).await.unwrap();
             assert_eq!(pending.len(), 1);
             assert_eq!(pending[0].event_id.as_str(), "$ev2");
         }
 
-        #[test]
-        fn state_survives_reopening() {
+        #[tokio::test]
+        async fn state_survives_reopening() {
             let (store, guard) = $fresh;
+            let lease = all(&store).await;
             let JournalOutcome::Journaled(journaled) =
-                store.journal_transaction("t1", vec![event(1, "!a"), event(2, "!a")]).unwrap()
+                store.journal.journal_transaction(txn("t1"), vec![event(1, "!a"), event(2, "!a")], NOW).await.unwrap()
             else {
                 panic!("expected Journaled")
             };
             let seqs: Vec<u64> = journaled.iter().map(|e| e.seq).collect();
-            store.finish_events(&seqs[..1]).unwrap();
+            store.journal.finish_events(&lease, &[journaled[0].reference()]).await.unwrap();
             let room = ruma::RoomId::parse("!a").unwrap();
             let entry = HistoryEntry {
                 event_id: ruma::EventId::parse("$ev1").unwrap(),
@@ -427,39 +730,54 @@ macro_rules! store_conformance_tests {
                 thread_root: Some(ruma::EventId::parse("$root").unwrap()),
                 routed_to: vec!["damon".into()],
             };
-            store.append_history(&room, &entry).unwrap();
+            store.history.append_history(&room, &entry).await.unwrap();
             let store = ($reopen)(store, &guard);
-            assert!(matches!(store.journal_transaction("t1", vec![]).unwrap(), JournalOutcome::Duplicate));
-            assert!(store.was_journaled(&ruma::EventId::parse("$ev1").unwrap()).unwrap());
-            let pending = store.pending_events(None, 100).unwrap();
+            let lease = all(&store).await;
+            assert!(matches!(store.journal.journal_transaction(txn("t1"), vec![], NOW).await.unwrap(), JournalOutcome::Duplicate));
+            assert!(store.journal.was_journaled(&ruma::EventId::parse("$ev1").unwrap()).await.unwrap());
+            let pending = store.journal.pending_events(&lease, None, 100).await.unwrap();
             assert_eq!(pending.len(), 1);
             assert_eq!(pending[0].event_id.as_str(), "$ev2");
-            assert_eq!(store.recent_history(&room, 10).unwrap(), vec![entry]);
+            assert_eq!(store.history.recent_history(&room, 10).await.unwrap(), vec![entry]);
             // New sequence numbers still sort after the ones journaled before reopening.
-            let JournalOutcome::Journaled(later) = store.journal_transaction("t2", vec![event(3, "!a")]).unwrap() else {
+            let JournalOutcome::Journaled(later) = store.journal.journal_transaction(txn("t2"), vec![event(3, "!a")], NOW).await.unwrap() else {
                 panic!("expected Journaled")
             };
             assert!(later[0].seq > seqs[1]);
         }
 
-        #[test]
-        fn pruning_forgets_only_old_dedupe_records() {
+        #[tokio::test]
+        async fn pruning_forgets_only_old_dedupe_records() {
             let (store, _guard) = $fresh;
-            let JournalOutcome::Journaled(journaled) = store.journal_transaction("t1", vec![event(1, "!a")]).unwrap()
+            let lease = all(&store).await;
+            let JournalOutcome::Journaled(journaled) = store.journal.journal_transaction(txn("t1"), vec![event(1, "!a")], NOW).await.unwrap()
             else {
                 panic!("expected Journaled")
             };
-            store.finish_events(&[journaled[0].seq]).unwrap();
-            let recorded_before = $crate::unix_ms().saturating_sub(3_600_000);
-            assert_eq!(store.prune_dedupe_records(recorded_before).unwrap(), 0);
-            assert!(store.was_journaled(&journaled[0].event_id).unwrap());
-            assert_eq!(store.prune_dedupe_records($crate::unix_ms() + 1).unwrap(), 2);
-            assert!(!store.was_journaled(&journaled[0].event_id).unwrap());
-            assert!(matches!(store.journal_transaction("t1", vec![]).unwrap(), JournalOutcome::Journaled(_)));
+            store.journal.finish_events(&lease, &[journaled[0].reference()]).await.unwrap();
+            let recorded_before = NOW.saturating_sub(3_600_000);
+            assert_eq!(store.journal.prune_dedupe_records(recorded_before).await.unwrap(), 0);
+            assert!(store.journal.was_journaled(&journaled[0].event_id).await.unwrap());
+            assert_eq!(store.journal.prune_dedupe_records(NOW + 1).await.unwrap(), 2);
+            assert!(!store.journal.was_journaled(&journaled[0].event_id).await.unwrap());
+            assert!(matches!(store.journal.journal_transaction(txn("t1"), vec![], NOW).await.unwrap(), JournalOutcome::Journaled(_)));
         }
+    };
+}
 
-        #[test]
-        fn history_is_trimmed_to_its_retention_and_reads_agree_after_reopening() {
+/// The conformance tests of a backend's [`HistoryStore`]. Invoke with an expression that builds
+/// fresh [`Stores`] (and a guard that keeps its directory) and a function that reopens them:
+/// `history_conformance_tests!(fresh(), reopen);`
+#[macro_export]
+macro_rules! history_conformance_tests {
+    ($fresh:expr, $reopen:expr) => {
+        #[allow(unused_imports)]
+        use $crate::store::conformance::*;
+        #[allow(unused_imports)]
+        use $crate::store::{HistoryEntry, JournalOutcome, PairedSender, SessionRole};
+
+        #[tokio::test]
+        async fn history_is_trimmed_to_its_retention_and_reads_agree_after_reopening() {
             let (store, guard) = $fresh;
             let room = ruma::RoomId::parse("!busy").unwrap();
             let total = $crate::store::HISTORY_PER_ROOM + 300;
@@ -472,25 +790,50 @@ macro_rules! store_conformance_tests {
                     thread_root: None,
                     routed_to: Vec::new(),
                 };
-                store.append_history(&room, &entry).unwrap();
+                store.history.append_history(&room, &entry).await.unwrap();
                 if n == 5 {
                     // Warm the cache early so later appends go through it.
-                    assert_eq!(store.recent_history(&room, 3).unwrap().len(), 3);
+                    assert_eq!(
+                        store.history.recent_history(&room, 3).await.unwrap().len(),
+                        3
+                    );
                 }
             }
-            let cached: Vec<String> = store.recent_history(&room, 100).unwrap().into_iter().map(|e| e.body).collect();
+            let cached: Vec<String> = store
+                .history
+                .recent_history(&room, 100)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|e| e.body)
+                .collect();
             assert_eq!(cached.len(), 100);
             assert_eq!(cached.last().unwrap(), &format!("line {}", total - 1));
             let store = ($reopen)(store, &guard);
-            let all = store.recent_history(&room, 10 * total).unwrap();
-            assert!(all.len() < total, "trimmed: {} of {total} lines kept", all.len());
+            let all = store
+                .history
+                .recent_history(&room, 10 * total)
+                .await
+                .unwrap();
+            assert!(
+                all.len() < total,
+                "trimmed: {} of {total} lines kept",
+                all.len()
+            );
             assert!(all.len() >= $crate::store::HISTORY_PER_ROOM);
-            let from_disk: Vec<String> = store.recent_history(&room, 100).unwrap().into_iter().map(|e| e.body).collect();
+            let from_disk: Vec<String> = store
+                .history
+                .recent_history(&room, 100)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|e| e.body)
+                .collect();
             assert_eq!(from_disk, cached);
         }
 
-        #[test]
-        fn history_is_per_room_bounded_and_oldest_first() {
+        #[tokio::test]
+        async fn history_is_per_room_bounded_and_oldest_first() {
             let (store, _guard) = $fresh;
             let a = ruma::RoomId::parse("!a").unwrap();
             let b = ruma::RoomId::parse("!ab").unwrap();
@@ -503,232 +846,623 @@ macro_rules! store_conformance_tests {
                     thread_root: None,
                     routed_to: Vec::new(),
                 };
-                store.append_history(&a, &entry).unwrap();
+                store.history.append_history(&a, &entry).await.unwrap();
             }
             store
-                .append_history(&b, &HistoryEntry {
-                    event_id: ruma::EventId::parse("$other").unwrap(),
-                    sender: ruma::UserId::parse("@bob:x").unwrap(),
-                    body: "elsewhere".into(),
-                    ts: 9,
-                    thread_root: None,
-                    routed_to: Vec::new(),
-                })
+                .history
+                .append_history(
+                    &b,
+                    &HistoryEntry {
+                        event_id: ruma::EventId::parse("$other").unwrap(),
+                        sender: ruma::UserId::parse("@bob:x").unwrap(),
+                        body: "elsewhere".into(),
+                        ts: 9,
+                        thread_root: None,
+                        routed_to: Vec::new(),
+                    },
+                )
+                .await
                 .unwrap();
-            let bodies: Vec<String> = store.recent_history(&a, 3).unwrap().into_iter().map(|e| e.body).collect();
+            let bodies: Vec<String> = store
+                .history
+                .recent_history(&a, 3)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|e| e.body)
+                .collect();
             assert_eq!(bodies, ["line 2", "line 3", "line 4"]);
-            assert_eq!(store.recent_history(&b, 3).unwrap().len(), 1);
-            assert!(store.recent_history(&ruma::RoomId::parse("!none").unwrap(), 3).unwrap().is_empty());
+            assert_eq!(store.history.recent_history(&b, 3).await.unwrap().len(), 1);
+            assert!(
+                store
+                    .history
+                    .recent_history(&ruma::RoomId::parse("!none").unwrap(), 3)
+                    .await
+                    .unwrap()
+                    .is_empty()
+            );
         }
+    };
+}
 
-        /// Pairing requests live an hour in these tests; `T0` is an arbitrary unix ms.
-        const PAIRING_TTL: std::time::Duration = std::time::Duration::from_secs(3600);
-        const PAIRING_TTL_MS: u64 = 3_600_000;
-        const T0: u64 = 1_700_000_000_000;
+/// The conformance tests of a backend's [`SessionStore`]. Invoke with an expression that builds
+/// fresh [`Stores`] (and a guard that keeps its directory) and a function that reopens them:
+/// `session_conformance_tests!(fresh(), reopen);`
+#[macro_export]
+macro_rules! session_conformance_tests {
+    ($fresh:expr, $reopen:expr) => {
+        #[allow(unused_imports)]
+        use $crate::store::conformance::*;
+        #[allow(unused_imports)]
+        use $crate::store::{HistoryEntry, JournalOutcome, PairedSender, SessionRole};
 
-        fn line(role: SessionRole, content: &str) -> SessionEntry {
-            SessionEntry { role, content: content.into(), ts: 1 }
-        }
-
-        #[test]
-        fn sessions_are_separate_bounded_and_oldest_first() {
+        #[tokio::test]
+        async fn sessions_are_separate_bounded_and_oldest_first() {
             let (store, _guard) = $fresh;
             for i in 0..5 {
                 store
-                    .append_session("damon\u{1f}!a", &[line(SessionRole::User, &format!("q{i}")), line(SessionRole::Assistant, &format!("a{i}"))], 4)
+                    .sessions
+                    .append_session(
+                        &key("damon\u{1f}!a"),
+                        &[
+                            line(SessionRole::User, &format!("q{i}")),
+                            line(SessionRole::Assistant, &format!("a{i}")),
+                        ],
+                        4,
+                    )
+                    .await
                     .unwrap();
             }
-            store.append_session("damon\u{1f}!a\u{1f}$t", &[line(SessionRole::User, "in thread")], 4).unwrap();
-            let contents: Vec<String> = store.session("damon\u{1f}!a").unwrap().into_iter().map(|e| e.content).collect();
+            store
+                .sessions
+                .append_session(
+                    &key("damon\u{1f}!a\u{1f}$t"),
+                    &[line(SessionRole::User, "in thread")],
+                    4,
+                )
+                .await
+                .unwrap();
+            let contents: Vec<String> = store
+                .sessions
+                .session(&key("damon\u{1f}!a"))
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|e| e.content)
+                .collect();
             assert_eq!(contents, ["q3", "a3", "q4", "a4"]);
-            assert_eq!(store.session("damon\u{1f}!a\u{1f}$t").unwrap().len(), 1);
-            assert!(store.session("coder\u{1f}!a").unwrap().is_empty());
-        }
-
-        #[test]
-        fn clearing_a_session_leaves_the_others_and_survives_reopening() {
-            let (store, guard) = $fresh;
-            {
-                store.append_session("damon\u{1f}!a", &[line(SessionRole::User, "one"), line(SessionRole::Assistant, "two")], 10).unwrap();
-                store.append_session("damon\u{1f}!a\u{1f}$t", &[line(SessionRole::User, "thread")], 10).unwrap();
-                store.append_session("coder\u{1f}!a", &[line(SessionRole::User, "other")], 10).unwrap();
-                assert_eq!(store.clear_session("damon\u{1f}!a").unwrap(), 2);
-                assert_eq!(store.clear_session("damon\u{1f}!a").unwrap(), 0);
-            }
-            let store = $reopen(store, &guard);
-            assert!(store.session("damon\u{1f}!a").unwrap().is_empty());
-            assert_eq!(store.session("damon\u{1f}!a\u{1f}$t").unwrap()[0].content, "thread");
-            assert_eq!(store.session("coder\u{1f}!a").unwrap()[0].content, "other");
-        }
-
-        fn assert_pairing_code(code: &str) {
-            assert_eq!(code.chars().count(), 8, "code {code:?} must have 8 characters");
+            assert_eq!(
+                store
+                    .sessions
+                    .session(&key("damon\u{1f}!a\u{1f}$t"))
+                    .await
+                    .unwrap()
+                    .len(),
+                1
+            );
             assert!(
-                code.chars().all(|c| "ABCDEFGHJKLMNPQRSTUVWXYZ23456789".contains(c)),
-                "code {code:?} must use only the unambiguous alphabet"
+                store
+                    .sessions
+                    .session(&key("coder\u{1f}!a"))
+                    .await
+                    .unwrap()
+                    .is_empty()
             );
         }
 
-        /// Issues a request for `sender` on `channel` at `now` and approves it.
-        fn pair<S: Store>(store: &S, channel: &str, sender: &str, now: u64) {
-            let (request, _) = store.pairing_request(channel, sender, now, PAIRING_TTL).unwrap();
-            assert!(store.approve_pairing(&request.code, now, PAIRING_TTL).unwrap().is_some());
+        #[tokio::test]
+        async fn clearing_a_session_leaves_the_others_and_survives_reopening() {
+            let (store, guard) = $fresh;
+            {
+                store
+                    .sessions
+                    .append_session(
+                        &key("damon\u{1f}!a"),
+                        &[
+                            line(SessionRole::User, "one"),
+                            line(SessionRole::Assistant, "two"),
+                        ],
+                        10,
+                    )
+                    .await
+                    .unwrap();
+                store
+                    .sessions
+                    .append_session(
+                        &key("damon\u{1f}!a\u{1f}$t"),
+                        &[line(SessionRole::User, "thread")],
+                        10,
+                    )
+                    .await
+                    .unwrap();
+                store
+                    .sessions
+                    .append_session(
+                        &key("coder\u{1f}!a"),
+                        &[line(SessionRole::User, "other")],
+                        10,
+                    )
+                    .await
+                    .unwrap();
+                assert_eq!(
+                    store
+                        .sessions
+                        .clear_session(&key("damon\u{1f}!a"))
+                        .await
+                        .unwrap(),
+                    2
+                );
+                assert_eq!(
+                    store
+                        .sessions
+                        .clear_session(&key("damon\u{1f}!a"))
+                        .await
+                        .unwrap(),
+                    0
+                );
+            }
+            let store = ($reopen)(store, &guard);
+            assert!(
+                store
+                    .sessions
+                    .session(&key("damon\u{1f}!a"))
+                    .await
+                    .unwrap()
+                    .is_empty()
+            );
+            assert_eq!(
+                store
+                    .sessions
+                    .session(&key("damon\u{1f}!a\u{1f}$t"))
+                    .await
+                    .unwrap()[0]
+                    .content,
+                "thread"
+            );
+            assert_eq!(
+                store.sessions.session(&key("coder\u{1f}!a")).await.unwrap()[0].content,
+                "other"
+            );
         }
+    };
+}
 
-        #[test]
-        fn a_pairing_request_is_reused_while_live() {
+/// The conformance tests of a backend's [`PairingStore`]. Invoke with an expression that builds
+/// fresh [`Stores`] (and a guard that keeps its directory) and a function that reopens them:
+/// `pairing_conformance_tests!(fresh(), reopen);`
+#[macro_export]
+macro_rules! pairing_conformance_tests {
+    ($fresh:expr, $reopen:expr) => {
+        #[allow(unused_imports)]
+        use $crate::store::conformance::*;
+        #[allow(unused_imports)]
+        use $crate::store::{HistoryEntry, JournalOutcome, PairedSender, SessionRole};
+
+        #[tokio::test]
+        async fn a_pairing_request_is_reused_while_live() {
             let (store, _guard) = $fresh;
-            let (first, created) = store.pairing_request("matrix", "@eve:x", T0, PAIRING_TTL).unwrap();
+            let (first, created) = store
+                .pairing
+                .pairing_request("matrix", "@eve:x", T0, PAIRING_TTL)
+                .await
+                .unwrap();
             assert!(created);
             assert_pairing_code(&first.code);
-            assert_eq!((first.channel.as_str(), first.sender.as_str(), first.created_ms), ("matrix", "@eve:x", T0));
+            assert_eq!(
+                (
+                    first.channel.as_str(),
+                    first.sender.as_str(),
+                    first.created_ms
+                ),
+                ("matrix", "@eve:x", T0)
+            );
             // Still live at exactly `ttl` old: the same request, not a new one.
-            let (again, created) =
-                store.pairing_request("matrix", "@eve:x", T0 + PAIRING_TTL_MS, PAIRING_TTL).unwrap();
+            let (again, created) = store
+                .pairing
+                .pairing_request("matrix", "@eve:x", T0 + PAIRING_TTL_MS, PAIRING_TTL)
+                .await
+                .unwrap();
             assert!(!created);
             assert_eq!(again, first);
-            assert_eq!(store.pending_pairings(T0 + 1, PAIRING_TTL).unwrap(), vec![first]);
+            assert_eq!(
+                store
+                    .pairing
+                    .pending_pairings(T0 + 1, PAIRING_TTL)
+                    .await
+                    .unwrap(),
+                vec![first]
+            );
         }
 
-        #[test]
-        fn each_sender_gets_its_own_code() {
+        #[tokio::test]
+        async fn each_sender_gets_its_own_code() {
             let (store, _guard) = $fresh;
             let mut codes = std::collections::HashSet::new();
             for n in 0..40 {
-                let (request, created) =
-                    store.pairing_request("matrix", &format!("@user{n}:x"), T0 + n, PAIRING_TTL).unwrap();
+                let (request, created) = store
+                    .pairing
+                    .pairing_request("matrix", &format!("@user{n}:x"), T0 + n, PAIRING_TTL)
+                    .await
+                    .unwrap();
                 assert!(created);
                 assert_pairing_code(&request.code);
                 assert!(codes.insert(request.code), "codes must be unique");
             }
             // The same id on another channel is another person.
-            let (other, created) = store.pairing_request("telegram", "@user0:x", T0, PAIRING_TTL).unwrap();
+            let (other, created) = store
+                .pairing
+                .pairing_request("telegram", "@user0:x", T0, PAIRING_TTL)
+                .await
+                .unwrap();
             assert!(created);
             assert!(!codes.contains(&other.code));
-            assert_eq!(store.pending_pairings(T0 + 100, PAIRING_TTL).unwrap().len(), 41);
+            assert_eq!(
+                store
+                    .pairing
+                    .pending_pairings(T0 + 100, PAIRING_TTL)
+                    .await
+                    .unwrap()
+                    .len(),
+                41
+            );
         }
 
-        #[test]
-        fn an_expired_pairing_request_is_replaced() {
+        #[tokio::test]
+        async fn an_expired_pairing_request_is_replaced() {
             let (store, _guard) = $fresh;
-            let (old, _) = store.pairing_request("matrix", "@eve:x", T0, PAIRING_TTL).unwrap();
+            let (old, _) = store
+                .pairing
+                .pairing_request("matrix", "@eve:x", T0, PAIRING_TTL)
+                .await
+                .unwrap();
             let later = T0 + PAIRING_TTL_MS + 1;
-            let (new, created) = store.pairing_request("matrix", "@eve:x", later, PAIRING_TTL).unwrap();
+            let (new, created) = store
+                .pairing
+                .pairing_request("matrix", "@eve:x", later, PAIRING_TTL)
+                .await
+                .unwrap();
             assert!(created);
             assert_pairing_code(&new.code);
             assert_ne!(new.code, old.code);
             assert_eq!(new.created_ms, later);
-            assert_eq!(store.pending_pairings(later, PAIRING_TTL).unwrap(), vec![new.clone()]);
-            // The old code is dead; the new one works.
-            assert_eq!(store.approve_pairing(&old.code, later, PAIRING_TTL).unwrap(), None);
-            assert!(!store.is_paired("matrix", "@eve:x").unwrap());
-            assert_eq!(store.approve_pairing(&new.code, later, PAIRING_TTL).unwrap(), Some(new));
-        }
-
-        #[test]
-        fn approving_pairs_the_sender_once() {
-            let (store, _guard) = $fresh;
-            let (request, _) = store.pairing_request("matrix", "@eve:x", T0, PAIRING_TTL).unwrap();
-            let (bystander, _) = store.pairing_request("matrix", "@bob:x", T0, PAIRING_TTL).unwrap();
-            assert!(!store.is_paired("matrix", "@eve:x").unwrap());
-            // As an admin might type it: lower case, dashed, padded.
-            let typed = format!(" {}-{} ", request.code[..4].to_lowercase(), request.code[4..].to_lowercase());
-            let approved = store.approve_pairing(&typed, T0 + 10, PAIRING_TTL).unwrap();
-            assert_eq!(approved, Some(request.clone()));
-            assert!(store.is_paired("matrix", "@eve:x").unwrap());
-            assert!(!store.is_paired("matrix", "@bob:x").unwrap());
-            assert_eq!(store.pending_pairings(T0 + 10, PAIRING_TTL).unwrap(), vec![bystander]);
             assert_eq!(
-                store.paired_senders().unwrap(),
-                vec![PairedSender { channel: "matrix".into(), sender: "@eve:x".into(), approved_ms: T0 + 10 }]
+                store
+                    .pairing
+                    .pending_pairings(later, PAIRING_TTL)
+                    .await
+                    .unwrap(),
+                vec![new.clone()]
             );
-            assert_eq!(store.approve_pairing(&request.code, T0 + 20, PAIRING_TTL).unwrap(), None);
-            assert_eq!(store.paired_senders().unwrap()[0].approved_ms, T0 + 10);
+            // The old code is dead; the new one works.
+            assert_eq!(
+                store
+                    .pairing
+                    .approve_pairing(&old.code, later, PAIRING_TTL)
+                    .await
+                    .unwrap(),
+                None
+            );
+            assert!(!store.pairing.is_paired("matrix", "@eve:x").await.unwrap());
+            assert_eq!(
+                store
+                    .pairing
+                    .approve_pairing(&new.code, later, PAIRING_TTL)
+                    .await
+                    .unwrap(),
+                Some(new)
+            );
         }
 
-        #[test]
-        fn an_unknown_or_expired_code_approves_nothing() {
+        #[tokio::test]
+        async fn approving_pairs_the_sender_once() {
             let (store, _guard) = $fresh;
-            let (request, _) = store.pairing_request("matrix", "@eve:x", T0, PAIRING_TTL).unwrap();
+            let (request, _) = store
+                .pairing
+                .pairing_request("matrix", "@eve:x", T0, PAIRING_TTL)
+                .await
+                .unwrap();
+            let (bystander, _) = store
+                .pairing
+                .pairing_request("matrix", "@bob:x", T0, PAIRING_TTL)
+                .await
+                .unwrap();
+            assert!(!store.pairing.is_paired("matrix", "@eve:x").await.unwrap());
+            // As an admin might type it: lower case, dashed, padded.
+            let typed = format!(
+                " {}-{} ",
+                request.code[..4].to_lowercase(),
+                request.code[4..].to_lowercase()
+            );
+            let approved = store
+                .pairing
+                .approve_pairing(&typed, T0 + 10, PAIRING_TTL)
+                .await
+                .unwrap();
+            assert_eq!(approved, Some(request.clone()));
+            assert!(store.pairing.is_paired("matrix", "@eve:x").await.unwrap());
+            assert!(!store.pairing.is_paired("matrix", "@bob:x").await.unwrap());
+            assert_eq!(
+                store
+                    .pairing
+                    .pending_pairings(T0 + 10, PAIRING_TTL)
+                    .await
+                    .unwrap(),
+                vec![bystander]
+            );
+            assert_eq!(
+                store.pairing.paired_senders().await.unwrap(),
+                vec![PairedSender {
+                    channel: "matrix".into(),
+                    sender: "@eve:x".into(),
+                    approved_ms: T0 + 10
+                }]
+            );
+            assert_eq!(
+                store
+                    .pairing
+                    .approve_pairing(&request.code, T0 + 20, PAIRING_TTL)
+                    .await
+                    .unwrap(),
+                None
+            );
+            assert_eq!(
+                store.pairing.paired_senders().await.unwrap()[0].approved_ms,
+                T0 + 10
+            );
+        }
+
+        #[tokio::test]
+        async fn an_unknown_or_expired_code_approves_nothing() {
+            let (store, _guard) = $fresh;
+            let (request, _) = store
+                .pairing
+                .pairing_request("matrix", "@eve:x", T0, PAIRING_TTL)
+                .await
+                .unwrap();
             // A valid-looking code that differs from the issued one in its first character.
-            let wrong: String = std::iter::once(if request.code.starts_with('A') { 'B' } else { 'A' })
-                .chain(request.code.chars().skip(1))
-                .collect();
+            let wrong: String = std::iter::once(if request.code.starts_with('A') {
+                'B'
+            } else {
+                'A'
+            })
+            .chain(request.code.chars().skip(1))
+            .collect();
             for code in [wrong.as_str(), "", "-", &request.code[..7]] {
-                assert_eq!(store.approve_pairing(code, T0, PAIRING_TTL).unwrap(), None, "code {code:?}");
+                assert_eq!(
+                    store
+                        .pairing
+                        .approve_pairing(code, T0, PAIRING_TTL)
+                        .await
+                        .unwrap(),
+                    None,
+                    "code {code:?}"
+                );
             }
-            assert_eq!(store.approve_pairing(&request.code, T0 + PAIRING_TTL_MS + 1, PAIRING_TTL).unwrap(), None);
-            assert!(!store.is_paired("matrix", "@eve:x").unwrap());
-            assert!(store.paired_senders().unwrap().is_empty());
-            assert_eq!(store.pending_pairings(T0, PAIRING_TTL).unwrap(), vec![request]);
+            assert_eq!(
+                store
+                    .pairing
+                    .approve_pairing(&request.code, T0 + PAIRING_TTL_MS + 1, PAIRING_TTL)
+                    .await
+                    .unwrap(),
+                None
+            );
+            assert!(!store.pairing.is_paired("matrix", "@eve:x").await.unwrap());
+            assert!(store.pairing.paired_senders().await.unwrap().is_empty());
+            assert_eq!(
+                store
+                    .pairing
+                    .pending_pairings(T0, PAIRING_TTL)
+                    .await
+                    .unwrap(),
+                vec![request]
+            );
         }
 
-        #[test]
-        fn pending_pairings_are_live_and_oldest_first() {
+        #[tokio::test]
+        async fn pending_pairings_are_live_and_oldest_first() {
             let (store, _guard) = $fresh;
-            let (a, _) = store.pairing_request("matrix", "@a:x", T0, PAIRING_TTL).unwrap();
-            let (b, _) = store.pairing_request("matrix", "@b:x", T0 + 10, PAIRING_TTL).unwrap();
-            let (c, _) = store.pairing_request("telegram", "42", T0 + 5, PAIRING_TTL).unwrap();
-            assert_eq!(store.pending_pairings(T0 + 10, PAIRING_TTL).unwrap(), vec![a, c.clone(), b.clone()]);
+            let (a, _) = store
+                .pairing
+                .pairing_request("matrix", "@a:x", T0, PAIRING_TTL)
+                .await
+                .unwrap();
+            let (b, _) = store
+                .pairing
+                .pairing_request("matrix", "@b:x", T0 + 10, PAIRING_TTL)
+                .await
+                .unwrap();
+            let (c, _) = store
+                .pairing
+                .pairing_request("telegram", "42", T0 + 5, PAIRING_TTL)
+                .await
+                .unwrap();
+            assert_eq!(
+                store
+                    .pairing
+                    .pending_pairings(T0 + 10, PAIRING_TTL)
+                    .await
+                    .unwrap(),
+                vec![a, c.clone(), b.clone()]
+            );
             // `a` is now older than the ttl; `c` is exactly ttl old and still live.
-            assert_eq!(store.pending_pairings(T0 + 5 + PAIRING_TTL_MS, PAIRING_TTL).unwrap(), vec![c, b]);
-            assert!(store.pending_pairings(T0 + 11 + PAIRING_TTL_MS, PAIRING_TTL).unwrap().is_empty());
+            assert_eq!(
+                store
+                    .pairing
+                    .pending_pairings(T0 + 5 + PAIRING_TTL_MS, PAIRING_TTL)
+                    .await
+                    .unwrap(),
+                vec![c, b]
+            );
+            assert!(
+                store
+                    .pairing
+                    .pending_pairings(T0 + 11 + PAIRING_TTL_MS, PAIRING_TTL)
+                    .await
+                    .unwrap()
+                    .is_empty()
+            );
         }
 
-        #[test]
-        fn pairing_is_per_channel_and_ordered() {
+        #[tokio::test]
+        async fn pairing_is_per_channel_and_ordered() {
             let (store, _guard) = $fresh;
-            pair(&store, "matrix", "@z:x", T0);
-            pair(&store, "m", "@b:x", T0 + 1);
-            pair(&store, "matrix", "@a:x", T0 + 2);
-            pair(&store, "telegram", "@a:x", T0 + 3);
-            assert!(store.is_paired("matrix", "@z:x").unwrap());
-            assert!(!store.is_paired("telegram", "@z:x").unwrap());
-            assert!(!store.is_paired("m", "@a:x").unwrap());
-            assert!(!store.is_paired("matrix", "@z").unwrap());
-            let listed: Vec<(String, String)> =
-                store.paired_senders().unwrap().into_iter().map(|p| (p.channel, p.sender)).collect();
-            let expected = [("m", "@b:x"), ("matrix", "@a:x"), ("matrix", "@z:x"), ("telegram", "@a:x")];
-            assert_eq!(listed, expected.map(|(c, s)| (c.to_string(), s.to_string())));
+            pair(&store, "matrix", "@z:x", T0).await;
+            pair(&store, "m", "@b:x", T0 + 1).await;
+            pair(&store, "matrix", "@a:x", T0 + 2).await;
+            pair(&store, "telegram", "@a:x", T0 + 3).await;
+            assert!(store.pairing.is_paired("matrix", "@z:x").await.unwrap());
+            assert!(!store.pairing.is_paired("telegram", "@z:x").await.unwrap());
+            assert!(!store.pairing.is_paired("m", "@a:x").await.unwrap());
+            assert!(!store.pairing.is_paired("matrix", "@z").await.unwrap());
+            let listed: Vec<(String, String)> = store
+                .pairing
+                .paired_senders()
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|p| (p.channel, p.sender))
+                .collect();
+            let expected = [
+                ("m", "@b:x"),
+                ("matrix", "@a:x"),
+                ("matrix", "@z:x"),
+                ("telegram", "@a:x"),
+            ];
+            assert_eq!(
+                listed,
+                expected.map(|(c, s)| (c.to_string(), s.to_string()))
+            );
         }
 
-        #[test]
-        fn revoking_forgets_an_approval() {
+        #[tokio::test]
+        async fn revoking_forgets_an_approval() {
             let (store, _guard) = $fresh;
-            pair(&store, "matrix", "@eve:x", T0);
-            pair(&store, "matrix", "@bob:x", T0);
-            assert!(!store.revoke_pairing("telegram", "@eve:x").unwrap());
-            assert!(store.revoke_pairing("matrix", "@eve:x").unwrap());
-            assert!(!store.is_paired("matrix", "@eve:x").unwrap());
-            assert!(!store.revoke_pairing("matrix", "@eve:x").unwrap());
-            let left: Vec<String> = store.paired_senders().unwrap().into_iter().map(|p| p.sender).collect();
+            pair(&store, "matrix", "@eve:x", T0).await;
+            pair(&store, "matrix", "@bob:x", T0).await;
+            assert!(
+                !store
+                    .pairing
+                    .revoke_pairing("telegram", "@eve:x")
+                    .await
+                    .unwrap()
+            );
+            assert!(
+                store
+                    .pairing
+                    .revoke_pairing("matrix", "@eve:x")
+                    .await
+                    .unwrap()
+            );
+            assert!(!store.pairing.is_paired("matrix", "@eve:x").await.unwrap());
+            assert!(
+                !store
+                    .pairing
+                    .revoke_pairing("matrix", "@eve:x")
+                    .await
+                    .unwrap()
+            );
+            let left: Vec<String> = store
+                .pairing
+                .paired_senders()
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|p| p.sender)
+                .collect();
             assert_eq!(left, ["@bob:x"]);
             // A revoked sender can pair again with a new request.
-            let (request, created) = store.pairing_request("matrix", "@eve:x", T0 + 1, PAIRING_TTL).unwrap();
+            let (request, created) = store
+                .pairing
+                .pairing_request("matrix", "@eve:x", T0 + 1, PAIRING_TTL)
+                .await
+                .unwrap();
             assert!(created);
-            assert!(store.approve_pairing(&request.code, T0 + 1, PAIRING_TTL).unwrap().is_some());
-            assert!(store.is_paired("matrix", "@eve:x").unwrap());
+            assert!(
+                store
+                    .pairing
+                    .approve_pairing(&request.code, T0 + 1, PAIRING_TTL)
+                    .await
+                    .unwrap()
+                    .is_some()
+            );
+            assert!(store.pairing.is_paired("matrix", "@eve:x").await.unwrap());
         }
 
-        #[test]
-        fn pairings_survive_reopening() {
+        #[tokio::test]
+        async fn pairings_survive_reopening() {
             let (store, guard) = $fresh;
-            pair(&store, "matrix", "@eve:x", T0);
-            let (waiting, _) = store.pairing_request("matrix", "@bob:x", T0 + 1, PAIRING_TTL).unwrap();
+            pair(&store, "matrix", "@eve:x", T0).await;
+            let (waiting, _) = store
+                .pairing
+                .pairing_request("matrix", "@bob:x", T0 + 1, PAIRING_TTL)
+                .await
+                .unwrap();
             let store = ($reopen)(store, &guard);
-            assert!(store.is_paired("matrix", "@eve:x").unwrap());
+            assert!(store.pairing.is_paired("matrix", "@eve:x").await.unwrap());
             assert_eq!(
-                store.paired_senders().unwrap(),
-                vec![PairedSender { channel: "matrix".into(), sender: "@eve:x".into(), approved_ms: T0 }]
+                store.pairing.paired_senders().await.unwrap(),
+                vec![PairedSender {
+                    channel: "matrix".into(),
+                    sender: "@eve:x".into(),
+                    approved_ms: T0
+                }]
             );
-            assert_eq!(store.pending_pairings(T0 + 2, PAIRING_TTL).unwrap(), vec![waiting.clone()]);
-            let (again, created) = store.pairing_request("matrix", "@bob:x", T0 + 2, PAIRING_TTL).unwrap();
+            assert_eq!(
+                store
+                    .pairing
+                    .pending_pairings(T0 + 2, PAIRING_TTL)
+                    .await
+                    .unwrap(),
+                vec![waiting.clone()]
+            );
+            let (again, created) = store
+                .pairing
+                .pairing_request("matrix", "@bob:x", T0 + 2, PAIRING_TTL)
+                .await
+                .unwrap();
             assert!(!created);
             assert_eq!(again, waiting);
-            assert_eq!(store.approve_pairing(&waiting.code, T0 + 3, PAIRING_TTL).unwrap(), Some(waiting));
+            assert_eq!(
+                store
+                    .pairing
+                    .approve_pairing(&waiting.code, T0 + 3, PAIRING_TTL)
+                    .await
+                    .unwrap(),
+                Some(waiting)
+            );
             let store = ($reopen)(store, &guard);
-            assert!(store.is_paired("matrix", "@bob:x").unwrap());
-            assert!(store.pending_pairings(T0 + 3, PAIRING_TTL).unwrap().is_empty());
+            assert!(store.pairing.is_paired("matrix", "@bob:x").await.unwrap());
+            assert!(
+                store
+                    .pairing
+                    .pending_pairings(T0 + 3, PAIRING_TTL)
+                    .await
+                    .unwrap()
+                    .is_empty()
+            );
+        }
+    };
+}
+
+/// Every concern's conformance tests, each in its own module.
+#[macro_export]
+macro_rules! store_conformance_tests {
+    ($fresh:expr, $reopen:expr) => {
+        mod journal {
+            use super::*;
+            $crate::journal_conformance_tests!($fresh, $reopen);
+        }
+        mod history {
+            use super::*;
+            $crate::history_conformance_tests!($fresh, $reopen);
+        }
+        mod sessions {
+            use super::*;
+            $crate::session_conformance_tests!($fresh, $reopen);
+        }
+        mod pairing {
+            use super::*;
+            $crate::pairing_conformance_tests!($fresh, $reopen);
         }
     };
 }
@@ -739,16 +1473,16 @@ mod tests {
         PAIRING_CODE_ALPHABET, PAIRING_CODE_LEN, normalize_pairing_code, random_pairing_code,
     };
 
-    #[test]
-    fn pairing_codes_are_normalized_as_typed() {
+    #[tokio::test]
+    async fn pairing_codes_are_normalized_as_typed() {
         assert_eq!(normalize_pairing_code("abcd-efgh"), "ABCDEFGH");
         assert_eq!(normalize_pairing_code(" Ab Cd - 2345 "), "ABCD2345");
         assert_eq!(normalize_pairing_code("ABCDEFGH"), "ABCDEFGH");
         assert_eq!(normalize_pairing_code(" - "), "");
     }
 
-    #[test]
-    fn random_pairing_codes_use_the_alphabet() {
+    #[tokio::test]
+    async fn random_pairing_codes_use_the_alphabet() {
         for _ in 0..200 {
             let code = random_pairing_code();
             assert_eq!(code.len(), PAIRING_CODE_LEN);

@@ -1,4 +1,4 @@
-//! The embedded sled backend of [`Store`].
+//! The embedded sled [`Backend`](super::embedded::Backend).
 //!
 //! Trees: `txns` (txnId → unix ms), `journal` (seq, big-endian → [`JournaledEvent`] JSON),
 //! `processed` (event_id → unix ms of journaling: the dedupe record of every event ever
@@ -13,22 +13,22 @@
 //! A code is found by scanning `pairing_requests`: it holds one entry per person waiting for
 //! an admin, and expired entries are dropped whenever a new request is written.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::HashSet;
 use std::path::Path;
-use std::sync::Mutex;
 use std::time::Duration;
 
 use ::sled::transaction::{ConflictableTransactionError, TransactionError};
 use ::sled::{Db, Transactional, Tree};
-use ruma::{EventId, OwnedRoomId, RoomId};
+use ruma::{EventId, RoomId};
 
+use super::embedded::Backend;
 use super::{
     HISTORY_PER_ROOM, HistoryEntry, IncomingEvent, JournalOutcome, JournaledEvent, PairedSender,
-    PairingRequest, SessionEntry, Store, StoreError, normalize_pairing_code, random_pairing_code,
+    PairingRequest, SessionEntry, StoreError, normalize_pairing_code, random_pairing_code,
 };
 
-/// sled-backed [`Store`]; one directory on disk.
-pub struct SledStore {
+/// A sled database; one directory on disk.
+pub struct SledBackend {
     db: Db,
     txns: Tree,
     journal: Tree,
@@ -38,14 +38,13 @@ pub struct SledStore {
     paired: Tree,
     sessions: Tree,
     sent: Tree,
-    recent: Mutex<RecentHistory>,
 }
 
 /// How many times opening waits 20 ms for sled's file lock (five seconds in all: under load its
 /// threads have been seen to hold it for over a second).
 const LOCK_WAITS: u32 = 250;
 
-impl SledStore {
+impl SledBackend {
     /// Opens (or creates) the store in `dir`.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
         let config = ::sled::Config::new()
@@ -69,14 +68,17 @@ impl SledStore {
                 }
                 other => {
                     break other.map_err(|e| {
-                        StoreError(format!("cannot open sled store at {}: {e}", dir.display()))
+                        StoreError::Unavailable(format!(
+                            "cannot open sled store at {}: {e}",
+                            dir.display()
+                        ))
                     })?;
                 }
             }
         };
         let tree = |name: &str| {
             db.open_tree(name)
-                .map_err(|e| StoreError(format!("cannot open tree {name}: {e}")))
+                .map_err(|e| StoreError::Unavailable(format!("cannot open tree {name}: {e}")))
         };
         Ok(Self {
             txns: tree("txns")?,
@@ -87,7 +89,6 @@ impl SledStore {
             paired: tree("paired")?,
             sessions: tree("sessions")?,
             sent: tree("sent")?,
-            recent: Mutex::new(RecentHistory::default()),
             db,
         })
     }
@@ -96,7 +97,7 @@ impl SledStore {
         self.db
             .flush()
             .map(|_| ())
-            .map_err(|e| StoreError(format!("flush failed: {e}")))
+            .map_err(|e| StoreError::Unavailable(format!("flush failed: {e}")))
     }
 
     /// Every stored pairing request with its key, expired ones included.
@@ -104,16 +105,13 @@ impl SledStore {
         self.pairing_requests
             .iter()
             .map(|item| {
-                let (key, value) =
-                    item.map_err(|e| StoreError(format!("cannot read pairing requests: {e}")))?;
+                let (key, value) = item.map_err(|e| {
+                    StoreError::Unavailable(format!("cannot read pairing requests: {e}"))
+                })?;
                 Ok((key, decode_pairing_request(&value)?))
             })
             .collect()
     }
-}
-
-fn now_ms() -> [u8; 8] {
-    crate::unix_ms().to_be_bytes()
 }
 
 fn history_key(room_id: &RoomId, seq: u64) -> Vec<u8> {
@@ -142,65 +140,21 @@ fn pairing_key(channel: &str, sender: &str) -> Vec<u8> {
 }
 
 fn decode_pairing_request(bytes: &[u8]) -> Result<PairingRequest, StoreError> {
-    serde_json::from_slice(bytes).map_err(|e| StoreError(format!("corrupt pairing request: {e}")))
+    serde_json::from_slice(bytes)
+        .map_err(|e| StoreError::Corrupt(format!("corrupt pairing request: {e}")))
 }
 
 fn encode<T: serde::Serialize>(value: &T, what: &str) -> Result<Vec<u8>, StoreError> {
-    serde_json::to_vec(value).map_err(|e| StoreError(format!("cannot encode {what}: {e}")))
+    serde_json::to_vec(value)
+        .map_err(|e| StoreError::Unavailable(format!("cannot encode {what}: {e}")))
 }
 
-/// How many of a room's newest lines the in-memory cache keeps (routing reads 100 per
-/// message; reading and parsing them from disk each time was most of a message's cost).
-const CACHED_LINES: usize = 128;
-/// How many rooms the cache holds before it forgets one.
-const CACHED_ROOMS: usize = 4096;
 /// A room's history is trimmed to [`HISTORY_PER_ROOM`] about once every this many appends.
 const TRIM_EVERY: u64 = 64;
 
-/// The newest lines of recently active rooms, kept in step with every append.
-#[derive(Default)]
-struct RecentHistory {
-    rooms: HashMap<OwnedRoomId, VecDeque<HistoryEntry>>,
-}
-
-impl RecentHistory {
-    fn get(&self, room_id: &RoomId, limit: usize) -> Option<Vec<HistoryEntry>> {
-        let lines = self.rooms.get(room_id)?;
-        let skip = lines.len().saturating_sub(limit);
-        Some(lines.iter().skip(skip).cloned().collect())
-    }
-
-    /// Caches what was read from disk (the newest lines, oldest first).
-    fn fill(&mut self, room_id: &RoomId, lines: &[HistoryEntry]) {
-        self.make_room();
-        let skip = lines.len().saturating_sub(CACHED_LINES);
-        self.rooms
-            .insert(room_id.to_owned(), lines[skip..].iter().cloned().collect());
-    }
-
-    /// Appends to a cached room; an uncached room is read from disk when next asked.
-    fn push(&mut self, room_id: &RoomId, entry: &HistoryEntry) {
-        if let Some(lines) = self.rooms.get_mut(room_id) {
-            lines.push_back(entry.clone());
-            if lines.len() > CACHED_LINES {
-                lines.pop_front();
-            }
-        }
-    }
-
-    fn make_room(&mut self) {
-        if self.rooms.len() >= CACHED_ROOMS {
-            let victim = self.rooms.keys().next().cloned();
-            if let Some(victim) = victim {
-                self.rooms.remove(&victim);
-            }
-        }
-    }
-}
-
-impl SledStore {
+impl SledBackend {
     /// The last `limit` lines of a room's history from disk, oldest first.
-    fn read_history(
+    fn history_from_disk(
         &self,
         room_id: &RoomId,
         limit: usize,
@@ -214,9 +168,9 @@ impl SledStore {
             .take(limit)
             .map(|item| {
                 let (_, value) =
-                    item.map_err(|e| StoreError(format!("cannot read history: {e}")))?;
+                    item.map_err(|e| StoreError::Unavailable(format!("cannot read history: {e}")))?;
                 serde_json::from_slice(&value)
-                    .map_err(|e| StoreError(format!("corrupt history entry: {e}")))
+                    .map_err(|e| StoreError::Corrupt(format!("corrupt history entry: {e}")))
             })
             .collect::<Result<Vec<HistoryEntry>, _>>()?;
         entries.reverse();
@@ -232,7 +186,9 @@ impl SledStore {
             .scan_prefix(&prefix)
             .keys()
             .collect::<Result<_, _>>()
-            .map_err(|e| StoreError(format!("cannot read history of {room_id}: {e}")))?;
+            .map_err(|e| {
+                StoreError::Unavailable(format!("cannot read history of {room_id}: {e}"))
+            })?;
         let excess = keys.len().saturating_sub(HISTORY_PER_ROOM);
         if excess == 0 {
             return Ok(());
@@ -243,15 +199,16 @@ impl SledStore {
         }
         self.history
             .apply_batch(batch)
-            .map_err(|e| StoreError(format!("cannot trim history of {room_id}: {e}")))
+            .map_err(|e| StoreError::Unavailable(format!("cannot trim history of {room_id}: {e}")))
     }
 }
 
-impl Store for SledStore {
+impl Backend for SledBackend {
     fn journal_transaction(
         &self,
         txn_id: &str,
         events: Vec<IncomingEvent>,
+        now_ms: u64,
     ) -> Result<JournalOutcome, StoreError> {
         // Sequence numbers are taken before the transaction: sled may run the closure more
         // than once, and a gap in the sequence is harmless.
@@ -260,7 +217,7 @@ impl Store for SledStore {
             let seq = self
                 .db
                 .generate_id()
-                .map_err(|e| StoreError(format!("cannot allocate sequence: {e}")))?;
+                .map_err(|e| StoreError::Unavailable(format!("cannot allocate sequence: {e}")))?;
             let record = JournaledEvent {
                 seq,
                 room_id: event.room_id,
@@ -268,10 +225,10 @@ impl Store for SledStore {
                 json: event.json,
             };
             let bytes = serde_json::to_vec(&record)
-                .map_err(|e| StoreError(format!("cannot encode event: {e}")))?;
+                .map_err(|e| StoreError::Unavailable(format!("cannot encode event: {e}")))?;
             records.push((record, bytes));
         }
-        let stamp = now_ms();
+        let stamp = now_ms.to_be_bytes();
         let result = (&self.txns, &self.journal, &self.processed).transaction(
             |(txns, journal, processed)| {
                 if txns.get(txn_id.as_bytes())?.is_some() {
@@ -303,7 +260,7 @@ impl Store for SledStore {
                 ))
             }
             Err(TransactionError::Abort(())) => Ok(JournalOutcome::Duplicate),
-            Err(TransactionError::Storage(e)) => Err(StoreError(format!(
+            Err(TransactionError::Storage(e)) => Err(StoreError::Unavailable(format!(
                 "cannot journal transaction {txn_id}: {e}"
             ))),
         }
@@ -322,9 +279,9 @@ impl Store for SledStore {
             .take(limit)
             .map(|item| {
                 let (_, value) =
-                    item.map_err(|e| StoreError(format!("cannot read journal: {e}")))?;
+                    item.map_err(|e| StoreError::Unavailable(format!("cannot read journal: {e}")))?;
                 serde_json::from_slice(&value)
-                    .map_err(|e| StoreError(format!("corrupt journal entry: {e}")))
+                    .map_err(|e| StoreError::Corrupt(format!("corrupt journal entry: {e}")))
             })
             .collect()
     }
@@ -333,7 +290,7 @@ impl Store for SledStore {
         let last = self
             .journal
             .last()
-            .map_err(|e| StoreError(format!("cannot read journal: {e}")))?;
+            .map_err(|e| StoreError::Unavailable(format!("cannot read journal: {e}")))?;
         Ok(last.and_then(|(key, _)| key.as_ref().try_into().ok().map(u64::from_be_bytes)))
     }
 
@@ -344,7 +301,7 @@ impl Store for SledStore {
     fn was_journaled(&self, event_id: &EventId) -> Result<bool, StoreError> {
         self.processed
             .contains_key(event_id.as_bytes())
-            .map_err(|e| StoreError(format!("cannot read processed events: {e}")))
+            .map_err(|e| StoreError::Unavailable(format!("cannot read processed events: {e}")))
     }
 
     fn finish_events(&self, seqs: &[u64]) -> Result<(), StoreError> {
@@ -353,7 +310,7 @@ impl Store for SledStore {
             batch.remove(&seq.to_be_bytes());
         }
         self.journal.apply_batch(batch).map_err(|e| {
-            StoreError(format!(
+            StoreError::Unavailable(format!(
                 "cannot finish {} journaled events: {e}",
                 seqs.len()
             ))
@@ -364,8 +321,9 @@ impl Store for SledStore {
         let mut removed = 0;
         for tree in [&self.txns, &self.processed, &self.sent] {
             for item in tree.iter() {
-                let (key, stamp) =
-                    item.map_err(|e| StoreError(format!("cannot scan dedupe records: {e}")))?;
+                let (key, stamp) = item.map_err(|e| {
+                    StoreError::Unavailable(format!("cannot scan dedupe records: {e}"))
+                })?;
                 // Every record here starts with the unix ms it was written at.
                 let recorded = stamp
                     .get(..8)
@@ -373,8 +331,9 @@ impl Store for SledStore {
                     .map(u64::from_be_bytes)
                     .unwrap_or(0);
                 if recorded < cutoff {
-                    tree.remove(key)
-                        .map_err(|e| StoreError(format!("cannot prune dedupe records: {e}")))?;
+                    tree.remove(key).map_err(|e| {
+                        StoreError::Unavailable(format!("cannot prune dedupe records: {e}"))
+                    })?;
                     removed += 1;
                 }
             }
@@ -388,14 +347,15 @@ impl Store for SledStore {
         answer: &str,
         part: usize,
         event_id: &EventId,
+        now_ms: u64,
     ) -> Result<(), StoreError> {
         let mut key = session_prefix(answer);
         key.extend_from_slice(&(part as u32).to_be_bytes());
-        let mut value = now_ms().to_vec();
+        let mut value = now_ms.to_be_bytes().to_vec();
         value.extend_from_slice(event_id.as_bytes());
         self.sent
             .insert(key, value)
-            .map_err(|e| StoreError(format!("cannot record a sent message: {e}")))?;
+            .map_err(|e| StoreError::Unavailable(format!("cannot record a sent message: {e}")))?;
         self.flush()
     }
 
@@ -404,12 +364,13 @@ impl Store for SledStore {
             .scan_prefix(session_prefix(answer))
             .values()
             .map(|value| {
-                let value =
-                    value.map_err(|e| StoreError(format!("cannot read sent messages: {e}")))?;
+                let value = value.map_err(|e| {
+                    StoreError::Unavailable(format!("cannot read sent messages: {e}"))
+                })?;
                 let id = std::str::from_utf8(value.get(8..).unwrap_or_default())
                     .ok()
                     .and_then(|s| EventId::parse(s).ok())
-                    .ok_or_else(|| StoreError("corrupt sent-message record".into()))?;
+                    .ok_or_else(|| StoreError::Corrupt("corrupt sent-message record".into()))?;
                 Ok(id)
             })
             .collect()
@@ -427,23 +388,23 @@ impl Store for SledStore {
             let seq = self
                 .db
                 .generate_id()
-                .map_err(|e| StoreError(format!("cannot allocate sequence: {e}")))?;
+                .map_err(|e| StoreError::Unavailable(format!("cannot allocate sequence: {e}")))?;
             let mut key = prefix.clone();
             key.extend_from_slice(&seq.to_be_bytes());
             let bytes = serde_json::to_vec(entry)
-                .map_err(|e| StoreError(format!("cannot encode session line: {e}")))?;
+                .map_err(|e| StoreError::Unavailable(format!("cannot encode session line: {e}")))?;
             batch.insert(key, bytes);
         }
         self.sessions
             .apply_batch(batch)
-            .map_err(|e| StoreError(format!("cannot append to session: {e}")))?;
+            .map_err(|e| StoreError::Unavailable(format!("cannot append to session: {e}")))?;
         // Forget the oldest lines beyond `keep`.
         let keys: Vec<::sled::IVec> = self
             .sessions
             .scan_prefix(&prefix)
             .keys()
             .collect::<Result<_, _>>()
-            .map_err(|e| StoreError(format!("cannot read session: {e}")))?;
+            .map_err(|e| StoreError::Unavailable(format!("cannot read session: {e}")))?;
         if keys.len() > keep {
             let mut batch = ::sled::Batch::default();
             for key in &keys[..keys.len() - keep] {
@@ -451,7 +412,7 @@ impl Store for SledStore {
             }
             self.sessions
                 .apply_batch(batch)
-                .map_err(|e| StoreError(format!("cannot trim session: {e}")))?;
+                .map_err(|e| StoreError::Unavailable(format!("cannot trim session: {e}")))?;
         }
         Ok(())
     }
@@ -461,9 +422,10 @@ impl Store for SledStore {
             .scan_prefix(session_prefix(session))
             .values()
             .map(|value| {
-                let value = value.map_err(|e| StoreError(format!("cannot read session: {e}")))?;
+                let value = value
+                    .map_err(|e| StoreError::Unavailable(format!("cannot read session: {e}")))?;
                 serde_json::from_slice(&value)
-                    .map_err(|e| StoreError(format!("corrupt session line: {e}")))
+                    .map_err(|e| StoreError::Corrupt(format!("corrupt session line: {e}")))
             })
             .collect()
     }
@@ -472,12 +434,14 @@ impl Store for SledStore {
         let mut batch = ::sled::Batch::default();
         let mut removed = 0;
         for key in self.sessions.scan_prefix(session_prefix(session)).keys() {
-            batch.remove(key.map_err(|e| StoreError(format!("cannot read session: {e}")))?);
+            batch.remove(
+                key.map_err(|e| StoreError::Unavailable(format!("cannot read session: {e}")))?,
+            );
             removed += 1;
         }
         self.sessions
             .apply_batch(batch)
-            .map_err(|e| StoreError(format!("cannot clear session: {e}")))?;
+            .map_err(|e| StoreError::Unavailable(format!("cannot clear session: {e}")))?;
         self.flush()?;
         Ok(removed)
     }
@@ -486,41 +450,26 @@ impl Store for SledStore {
         let seq = self
             .db
             .generate_id()
-            .map_err(|e| StoreError(format!("cannot allocate sequence: {e}")))?;
+            .map_err(|e| StoreError::Unavailable(format!("cannot allocate sequence: {e}")))?;
         let bytes = serde_json::to_vec(entry)
-            .map_err(|e| StoreError(format!("cannot encode history: {e}")))?;
+            .map_err(|e| StoreError::Unavailable(format!("cannot encode history: {e}")))?;
         self.history
             .insert(history_key(room_id, seq), bytes)
-            .map_err(|e| StoreError(format!("cannot append history of {room_id}: {e}")))?;
-        self.recent
-            .lock()
-            .expect("history cache lock")
-            .push(room_id, entry);
+            .map_err(|e| {
+                StoreError::Unavailable(format!("cannot append history of {room_id}: {e}"))
+            })?;
         if seq % TRIM_EVERY == 0 {
             self.trim_history(room_id)?;
         }
         Ok(())
     }
 
-    fn recent_history(
+    fn read_history(
         &self,
         room_id: &RoomId,
         limit: usize,
     ) -> Result<Vec<HistoryEntry>, StoreError> {
-        if limit <= CACHED_LINES
-            && let Some(lines) = self
-                .recent
-                .lock()
-                .expect("history cache lock")
-                .get(room_id, limit)
-        {
-            return Ok(lines);
-        }
-        let read = self.read_history(room_id, limit.max(CACHED_LINES))?;
-        let mut cache = self.recent.lock().expect("history cache lock");
-        cache.fill(room_id, &read);
-        let skip = read.len().saturating_sub(limit);
-        Ok(read[skip..].to_vec())
+        self.history_from_disk(room_id, limit)
     }
 
     fn pairing_request(
@@ -534,7 +483,7 @@ impl Store for SledStore {
         let existing = self
             .pairing_requests
             .get(&key)
-            .map_err(|e| StoreError(format!("cannot read pairing requests: {e}")))?;
+            .map_err(|e| StoreError::Unavailable(format!("cannot read pairing requests: {e}")))?;
         if let Some(bytes) = existing {
             let request = decode_pairing_request(&bytes)?;
             if request.is_live(now_ms, ttl) {
@@ -590,7 +539,7 @@ impl Store for SledStore {
             })
             .map_err(|e| match e {
                 TransactionError::Abort(e) => e,
-                TransactionError::Storage(e) => StoreError(format!(
+                TransactionError::Storage(e) => StoreError::Unavailable(format!(
                     "cannot issue pairing code for {sender} on {channel}: {e}"
                 )),
             })?;
@@ -647,7 +596,7 @@ impl Store for SledStore {
             .map_err(|e| match e {
                 TransactionError::Abort(e) => e,
                 TransactionError::Storage(e) => {
-                    StoreError(format!("cannot approve pairing code {code}: {e}"))
+                    StoreError::Unavailable(format!("cannot approve pairing code {code}: {e}"))
                 }
             })?;
         if !approved {
@@ -677,7 +626,7 @@ impl Store for SledStore {
     fn is_paired(&self, channel: &str, sender: &str) -> Result<bool, StoreError> {
         self.paired
             .contains_key(pairing_key(channel, sender))
-            .map_err(|e| StoreError(format!("cannot read paired senders: {e}")))
+            .map_err(|e| StoreError::Unavailable(format!("cannot read paired senders: {e}")))
     }
 
     fn paired_senders(&self) -> Result<Vec<PairedSender>, StoreError> {
@@ -685,10 +634,11 @@ impl Store for SledStore {
             .paired
             .iter()
             .map(|item| {
-                let (_, value) =
-                    item.map_err(|e| StoreError(format!("cannot read paired senders: {e}")))?;
+                let (_, value) = item.map_err(|e| {
+                    StoreError::Unavailable(format!("cannot read paired senders: {e}"))
+                })?;
                 serde_json::from_slice(&value)
-                    .map_err(|e| StoreError(format!("corrupt paired sender: {e}")))
+                    .map_err(|e| StoreError::Corrupt(format!("corrupt paired sender: {e}")))
             })
             .collect::<Result<Vec<PairedSender>, _>>()?;
         // Key order puts channel `ab` before `a` (0xFF sorts last), so sort by the strings.
@@ -701,7 +651,7 @@ impl Store for SledStore {
             .paired
             .remove(pairing_key(channel, sender))
             .map_err(|e| {
-                StoreError(format!(
+                StoreError::Unavailable(format!(
                     "cannot revoke pairing of {sender} on {channel}: {e}"
                 ))
             })?;
@@ -714,16 +664,27 @@ impl Store for SledStore {
 
 #[cfg(test)]
 mod tests {
-    use super::SledStore;
+    use std::sync::Arc;
 
-    fn fresh() -> (SledStore, tempfile::TempDir) {
-        let dir = tempfile::tempdir().unwrap();
-        (SledStore::open(dir.path()).unwrap(), dir)
+    use super::SledBackend;
+    use crate::store::Stores;
+    use crate::store::embedded::Embedded;
+
+    fn open(dir: &std::path::Path) -> Stores {
+        let dir = dir.to_owned();
+        Stores::of(Arc::new(
+            Embedded::open(move || SledBackend::open(&dir)).unwrap(),
+        ))
     }
 
-    fn reopen(store: SledStore, dir: &tempfile::TempDir) -> SledStore {
-        drop(store);
-        SledStore::open(dir.path()).unwrap()
+    fn fresh() -> (Stores, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        (open(dir.path()), dir)
+    }
+
+    fn reopen(stores: Stores, dir: &tempfile::TempDir) -> Stores {
+        drop(stores);
+        open(dir.path())
     }
 
     crate::store_conformance_tests!(fresh(), reopen);

@@ -1,0 +1,665 @@
+//! The embedded fjall [`Backend`], agentbus's default engine: an LSM tree whose write-ahead
+//! journal takes a transaction's events in one append, synced with `fdatasync` before the
+//! homeserver gets its 200. Concurrent transactions share one sync (group commit).
+//!
+//! Partitions: `txns` (txnId → unix ms), `journal` (seq, big-endian → [`JournaledEvent`]
+//! JSON), `processed` (event_id → unix ms of journaling: the dedupe record of every event
+//! journaled), `history` (room_id ‖ 0xFF ‖ seq → [`HistoryEntry`] JSON), `pairing_requests`
+//! and `paired` (channel ‖ 0xFF ‖ sender → [`PairingRequest`] / [`PairedSender`] JSON),
+//! `sessions` (session ‖ 0xFF ‖ seq → [`SessionEntry`] JSON), `sent` (answer ‖ 0xFF ‖ part →
+//! unix ms ‖ event_id) and `meta` (the sequence reservation). 0xFF never occurs in UTF-8, so
+//! a room's history is one contiguous prefix and a (channel, sender) key is unambiguous.
+//!
+//! Every write reaches the operating system before it returns, so it survives the process
+//! being killed; only the journal write is synced to the disk, so after a power cut the
+//! newest history lines, finishes and session lines may be missing (events replay).
+//!
+//! fjall does not lock its directory; [`FjallBackend::open`] takes an exclusive lock on a
+//! `LOCK` file in it, so a second agentbus on the same store fails at start.
+
+use std::collections::HashSet;
+use std::fs::File;
+use std::path::Path;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use ::fjall::{Config, Keyspace, PartitionCreateOptions, PartitionHandle, PersistMode};
+use ruma::{EventId, OwnedEventId, RoomId};
+
+use super::embedded::Backend;
+use super::{
+    HISTORY_PER_ROOM, HistoryEntry, IncomingEvent, JournalOutcome, JournaledEvent, PairedSender,
+    PairingRequest, SessionEntry, StoreError, normalize_pairing_code, random_pairing_code,
+};
+
+/// Sequence numbers are reserved on disk this many at a time.
+const SEQ_BLOCK: u64 = 1 << 16;
+/// A room's history is trimmed to [`HISTORY_PER_ROOM`] about once every this many appends.
+const TRIM_EVERY: u64 = 64;
+/// How many times opening waits 20 ms for the directory's lock (a reopen in the same
+/// process can race the previous handle's background threads).
+const LOCK_WAITS: u32 = 250;
+
+/// A fjall keyspace; one directory on disk.
+pub struct FjallBackend {
+    keyspace: Keyspace,
+    txns: PartitionHandle,
+    journal: PartitionHandle,
+    processed: PartitionHandle,
+    history: PartitionHandle,
+    pairing_requests: PartitionHandle,
+    paired: PartitionHandle,
+    sessions: PartitionHandle,
+    sent: PartitionHandle,
+    meta: PartitionHandle,
+    /// Next sequence number, and the end of the block reserved on disk.
+    next_seq: AtomicU64,
+    reserved: Mutex<u64>,
+    /// Serialises the check-then-write of journaling (txnId and event dedupe).
+    journaling: Mutex<()>,
+    /// Serialises pairing's read-modify-write.
+    pairing: Mutex<()>,
+    /// Group commit: how many journal writes were made, and how many are known synced.
+    written: AtomicU64,
+    synced: Mutex<u64>,
+    _lock: File,
+}
+
+fn unavailable(what: &str) -> impl Fn(::fjall::Error) -> StoreError + '_ {
+    move |e| StoreError::Unavailable(format!("{what}: {e}"))
+}
+
+fn corrupt(what: &str) -> impl Fn(serde_json::Error) -> StoreError + '_ {
+    move |e| StoreError::Corrupt(format!("{what}: {e}"))
+}
+
+fn encode<T: serde::Serialize>(value: &T, what: &str) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(value)
+        .map_err(|e| StoreError::Unavailable(format!("cannot encode {what}: {e}")))
+}
+
+/// name ‖ 0xFF: the prefix of one room's history, one session or one answer's parts.
+fn prefix(name: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(name.len() + 9);
+    key.extend_from_slice(name.as_bytes());
+    key.push(0xFF);
+    key
+}
+
+fn pairing_key(channel: &str, sender: &str) -> Vec<u8> {
+    let mut key = prefix(channel);
+    key.extend_from_slice(sender.as_bytes());
+    key
+}
+
+fn stamp_of(value: &[u8]) -> u64 {
+    value
+        .get(..8)
+        .and_then(|b| b.try_into().ok())
+        .map(u64::from_be_bytes)
+        .unwrap_or(0)
+}
+
+fn lock_dir(dir: &Path) -> Result<File, StoreError> {
+    std::fs::create_dir_all(dir).map_err(|e| {
+        StoreError::Unavailable(format!(
+            "cannot create store directory {}: {e}",
+            dir.display()
+        ))
+    })?;
+    let path = dir.join("LOCK");
+    let file = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| StoreError::Unavailable(format!("cannot open {}: {e}", path.display())))?;
+    let mut waits = LOCK_WAITS;
+    loop {
+        match file.try_lock() {
+            Ok(()) => return Ok(file),
+            Err(std::fs::TryLockError::WouldBlock) if waits > 0 => {
+                waits -= 1;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(StoreError::Unavailable(format!(
+                    "{} is in use by another agentbus process",
+                    dir.display()
+                )));
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(StoreError::Unavailable(format!(
+                    "cannot lock {}: {e}",
+                    path.display()
+                )));
+            }
+        }
+    }
+}
+
+impl FjallBackend {
+    /// Opens (or creates) the store in `dir`.
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        let lock = lock_dir(dir)?;
+        let keyspace = Config::new(dir)
+            // Two cores: one background thread each for flushing and compacting is plenty.
+            .flush_workers(1)
+            .compaction_workers(1)
+            .max_write_buffer_size(64 * 1024 * 1024)
+            .open()
+            .map_err(|e| {
+                StoreError::Unavailable(format!(
+                    "cannot open fjall store at {}: {e}",
+                    dir.display()
+                ))
+            })?;
+        let partition = |name: &str| {
+            keyspace
+                .open_partition(name, PartitionCreateOptions::default())
+                .map_err(unavailable(&format!("cannot open partition {name}")))
+        };
+        let meta = partition("meta")?;
+        let journal = partition("journal")?;
+        let reserved_on_disk = meta
+            .get("seq")
+            .map_err(unavailable("cannot read the sequence reservation"))?
+            .map(|v| stamp_of(&v))
+            .unwrap_or(0);
+        let last_journaled = journal
+            .last_key_value()
+            .map_err(unavailable("cannot read the journal"))?
+            .map(|(k, _)| stamp_of(&k) + 1)
+            .unwrap_or(0);
+        let next = reserved_on_disk.max(last_journaled);
+        Ok(Self {
+            txns: partition("txns")?,
+            processed: partition("processed")?,
+            history: partition("history")?,
+            pairing_requests: partition("pairing_requests")?,
+            paired: partition("paired")?,
+            sessions: partition("sessions")?,
+            sent: partition("sent")?,
+            journal,
+            meta,
+            keyspace,
+            next_seq: AtomicU64::new(next),
+            reserved: Mutex::new(next),
+            journaling: Mutex::new(()),
+            pairing: Mutex::new(()),
+            written: AtomicU64::new(0),
+            synced: Mutex::new(0),
+            _lock: lock,
+        })
+    }
+
+    /// `n` fresh sequence numbers, increasing across restarts: a block is reserved on disk
+    /// before any number of it is handed out.
+    fn seqs(&self, n: u64) -> Result<u64, StoreError> {
+        let first = self.next_seq.fetch_add(n, Ordering::AcqRel);
+        let end = first + n;
+        let mut reserved = self.reserved.lock().expect("sequence lock");
+        if end > *reserved {
+            let block = end + SEQ_BLOCK;
+            self.meta
+                .insert("seq", block.to_be_bytes())
+                .map_err(unavailable("cannot reserve sequence numbers"))?;
+            self.keyspace
+                .persist(PersistMode::SyncData)
+                .map_err(unavailable("cannot sync the sequence reservation"))?;
+            *reserved = block;
+        }
+        Ok(first)
+    }
+
+    /// Waits until every journal write made before this call is on stable storage; one
+    /// `fdatasync` covers the writes of every caller waiting meanwhile.
+    fn sync_journal(&self, written: u64) -> Result<(), StoreError> {
+        let mut synced = self.synced.lock().expect("sync lock");
+        if *synced >= written {
+            return Ok(()); // another caller's sync covered this write
+        }
+        let upto = self.written.load(Ordering::Acquire);
+        self.keyspace
+            .persist(PersistMode::SyncData)
+            .map_err(unavailable("cannot sync the journal"))?;
+        *synced = upto;
+        Ok(())
+    }
+
+    fn all_pairing_requests(&self) -> Result<Vec<(Vec<u8>, PairingRequest)>, StoreError> {
+        self.pairing_requests
+            .iter()
+            .map(|item| {
+                let (key, value) = item.map_err(unavailable("cannot read pairing requests"))?;
+                let request = serde_json::from_slice(&value).map_err(corrupt("pairing request"))?;
+                Ok((key.to_vec(), request))
+            })
+            .collect()
+    }
+
+    fn keys_with_prefix(
+        &self,
+        tree: &PartitionHandle,
+        key: &[u8],
+    ) -> Result<Vec<Vec<u8>>, StoreError> {
+        tree.prefix(key)
+            .map(|item| {
+                item.map(|(k, _)| k.to_vec())
+                    .map_err(unavailable("cannot scan the store"))
+            })
+            .collect()
+    }
+
+    fn trim_history(&self, room_id: &RoomId) -> Result<(), StoreError> {
+        let keys = self.keys_with_prefix(&self.history, &prefix(room_id.as_str()))?;
+        let excess = keys.len().saturating_sub(HISTORY_PER_ROOM);
+        if excess == 0 {
+            return Ok(());
+        }
+        let mut batch = self.keyspace.batch();
+        for key in &keys[..excess] {
+            batch.remove(&self.history, key.as_slice());
+        }
+        batch
+            .commit()
+            .map_err(unavailable(&format!("cannot trim history of {room_id}")))
+    }
+}
+
+impl Backend for FjallBackend {
+    fn journal_transaction(
+        &self,
+        txn_id: &str,
+        events: Vec<IncomingEvent>,
+        now_ms: u64,
+    ) -> Result<JournalOutcome, StoreError> {
+        let stamp = now_ms.to_be_bytes();
+        let written = {
+            let _one_at_a_time = self.journaling.lock().expect("journal lock");
+            if self
+                .txns
+                .contains_key(txn_id)
+                .map_err(unavailable("cannot read transactions"))?
+            {
+                return Ok(JournalOutcome::Duplicate);
+            }
+            // `processed` is the dedupe record of every event_id ever journaled; a copy (the
+            // same event twice in one transaction, or again in another) is left out here, so
+            // nothing downstream can see it twice.
+            let mut fresh = Vec::with_capacity(events.len());
+            let mut seen = HashSet::with_capacity(events.len());
+            for event in events {
+                if !seen.insert(event.event_id.clone()) {
+                    continue;
+                }
+                if self
+                    .processed
+                    .contains_key(event.event_id.as_bytes())
+                    .map_err(unavailable("cannot read processed events"))?
+                {
+                    continue;
+                }
+                fresh.push(event);
+            }
+            let first = self.seqs(fresh.len() as u64)?;
+            let mut batch = self.keyspace.batch();
+            batch.insert(&self.txns, txn_id, stamp);
+            let mut journaled = Vec::with_capacity(fresh.len());
+            for (seq, event) in (first..).zip(fresh) {
+                let record = JournaledEvent {
+                    seq,
+                    room_id: event.room_id,
+                    event_id: event.event_id,
+                    json: event.json,
+                };
+                batch.insert(&self.journal, seq.to_be_bytes(), encode(&record, "event")?);
+                batch.insert(&self.processed, record.event_id.as_bytes(), stamp);
+                journaled.push(record);
+            }
+            batch
+                .commit()
+                .map_err(unavailable(&format!("cannot journal transaction {txn_id}")))?;
+            (self.written.fetch_add(1, Ordering::AcqRel) + 1, journaled)
+        };
+        self.sync_journal(written.0)?;
+        Ok(JournalOutcome::Journaled(written.1))
+    }
+
+    fn pending_events(
+        &self,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<JournaledEvent>, StoreError> {
+        let start = after.map_or(0, |seq| seq.saturating_add(1));
+        self.journal
+            .range(start.to_be_bytes()..)
+            .take(limit)
+            .map(|item| {
+                let (_, value) = item.map_err(unavailable("cannot read the journal"))?;
+                serde_json::from_slice(&value).map_err(corrupt("journal entry"))
+            })
+            .collect()
+    }
+
+    fn journal_head(&self) -> Result<Option<u64>, StoreError> {
+        Ok(self
+            .journal
+            .last_key_value()
+            .map_err(unavailable("cannot read the journal"))?
+            .map(|(k, _)| stamp_of(&k)))
+    }
+
+    fn pending_count(&self) -> Result<usize, StoreError> {
+        self.journal
+            .len()
+            .map_err(unavailable("cannot count the journal"))
+    }
+
+    fn was_journaled(&self, event_id: &EventId) -> Result<bool, StoreError> {
+        self.processed
+            .contains_key(event_id.as_bytes())
+            .map_err(unavailable("cannot read processed events"))
+    }
+
+    fn finish_events(&self, seqs: &[u64]) -> Result<(), StoreError> {
+        let mut batch = self.keyspace.batch();
+        for seq in seqs {
+            batch.remove(&self.journal, seq.to_be_bytes());
+        }
+        batch.commit().map_err(unavailable(&format!(
+            "cannot finish {} journaled events",
+            seqs.len()
+        )))
+    }
+
+    fn prune_dedupe_records(&self, cutoff_ms: u64) -> Result<usize, StoreError> {
+        let mut removed = 0;
+        for tree in [&self.txns, &self.processed, &self.sent] {
+            let mut batch = self.keyspace.batch();
+            for item in tree.iter() {
+                let (key, stamp) = item.map_err(unavailable("cannot scan dedupe records"))?;
+                // Every record here starts with the unix ms it was written at.
+                if stamp_of(&stamp) < cutoff_ms {
+                    batch.remove(tree, key);
+                    removed += 1;
+                }
+            }
+            batch
+                .commit()
+                .map_err(unavailable("cannot prune dedupe records"))?;
+        }
+        Ok(removed)
+    }
+
+    fn record_sent_part(
+        &self,
+        answer: &str,
+        part: usize,
+        event_id: &EventId,
+        now_ms: u64,
+    ) -> Result<(), StoreError> {
+        let mut key = prefix(answer);
+        key.extend_from_slice(&(part as u32).to_be_bytes());
+        let mut value = now_ms.to_be_bytes().to_vec();
+        value.extend_from_slice(event_id.as_bytes());
+        self.sent
+            .insert(key, value)
+            .map_err(unavailable("cannot record a sent message"))
+    }
+
+    fn sent_parts(&self, answer: &str) -> Result<Vec<OwnedEventId>, StoreError> {
+        self.sent
+            .prefix(prefix(answer))
+            .map(|item| {
+                let (_, value) = item.map_err(unavailable("cannot read sent messages"))?;
+                std::str::from_utf8(value.get(8..).unwrap_or_default())
+                    .ok()
+                    .and_then(|s| EventId::parse(s).ok())
+                    .ok_or_else(|| StoreError::Corrupt("sent-message record".into()))
+            })
+            .collect()
+    }
+
+    fn append_session(
+        &self,
+        session: &str,
+        entries: &[SessionEntry],
+        keep: usize,
+    ) -> Result<(), StoreError> {
+        let start = prefix(session);
+        let first = self.seqs(entries.len() as u64)?;
+        let mut batch = self.keyspace.batch();
+        for (seq, entry) in (first..).zip(entries) {
+            let mut key = start.clone();
+            key.extend_from_slice(&seq.to_be_bytes());
+            batch.insert(&self.sessions, key, encode(entry, "session line")?);
+        }
+        batch
+            .commit()
+            .map_err(unavailable("cannot append to session"))?;
+        let keys = self.keys_with_prefix(&self.sessions, &start)?;
+        if keys.len() > keep {
+            let mut batch = self.keyspace.batch();
+            for key in &keys[..keys.len() - keep] {
+                batch.remove(&self.sessions, key.as_slice());
+            }
+            batch.commit().map_err(unavailable("cannot trim session"))?;
+        }
+        Ok(())
+    }
+
+    fn session(&self, session: &str) -> Result<Vec<SessionEntry>, StoreError> {
+        self.sessions
+            .prefix(prefix(session))
+            .map(|item| {
+                let (_, value) = item.map_err(unavailable("cannot read session"))?;
+                serde_json::from_slice(&value).map_err(corrupt("session line"))
+            })
+            .collect()
+    }
+
+    fn clear_session(&self, session: &str) -> Result<usize, StoreError> {
+        let keys = self.keys_with_prefix(&self.sessions, &prefix(session))?;
+        let mut batch = self.keyspace.batch();
+        for key in &keys {
+            batch.remove(&self.sessions, key.as_slice());
+        }
+        batch
+            .commit()
+            .map_err(unavailable("cannot clear session"))?;
+        Ok(keys.len())
+    }
+
+    fn append_history(&self, room_id: &RoomId, entry: &HistoryEntry) -> Result<(), StoreError> {
+        let seq = self.seqs(1)?;
+        let mut key = prefix(room_id.as_str());
+        key.extend_from_slice(&seq.to_be_bytes());
+        self.history
+            .insert(key, encode(entry, "history")?)
+            .map_err(unavailable(&format!("cannot append history of {room_id}")))?;
+        if seq % TRIM_EVERY == 0 {
+            self.trim_history(room_id)?;
+        }
+        Ok(())
+    }
+
+    fn read_history(
+        &self,
+        room_id: &RoomId,
+        limit: usize,
+    ) -> Result<Vec<HistoryEntry>, StoreError> {
+        let mut entries = self
+            .history
+            .prefix(prefix(room_id.as_str()))
+            .rev()
+            .take(limit)
+            .map(|item| {
+                let (_, value) = item.map_err(unavailable("cannot read history"))?;
+                serde_json::from_slice(&value).map_err(corrupt("history entry"))
+            })
+            .collect::<Result<Vec<HistoryEntry>, _>>()?;
+        entries.reverse();
+        Ok(entries)
+    }
+
+    fn pairing_request(
+        &self,
+        channel: &str,
+        sender: &str,
+        now_ms: u64,
+        ttl: Duration,
+    ) -> Result<(PairingRequest, bool), StoreError> {
+        let _one_at_a_time = self.pairing.lock().expect("pairing lock");
+        let key = pairing_key(channel, sender);
+        let stored = self.all_pairing_requests()?;
+        if let Some((_, request)) = stored.iter().find(|(k, _)| *k == key)
+            && request.is_live(now_ms, ttl)
+        {
+            return Ok((request.clone(), false));
+        }
+        // A new code must differ from every stored one: live codes must stay unique, and
+        // never reusing an expired code keeps a stale code from approving someone else.
+        let taken: HashSet<&str> = stored.iter().map(|(_, r)| r.code.as_str()).collect();
+        let code = loop {
+            let code = random_pairing_code();
+            if !taken.contains(code.as_str()) {
+                break code;
+            }
+        };
+        let request = PairingRequest {
+            code,
+            channel: channel.to_owned(),
+            sender: sender.to_owned(),
+            created_ms: now_ms,
+        };
+        let mut batch = self.keyspace.batch();
+        for (old, r) in &stored {
+            if !r.is_live(now_ms, ttl) && *old != key {
+                batch.remove(&self.pairing_requests, old.as_slice());
+            }
+        }
+        batch.insert(
+            &self.pairing_requests,
+            key,
+            encode(&request, "pairing request")?,
+        );
+        batch.commit().map_err(unavailable(&format!(
+            "cannot issue pairing code for {sender} on {channel}"
+        )))?;
+        Ok((request, true))
+    }
+
+    fn approve_pairing(
+        &self,
+        code: &str,
+        now_ms: u64,
+        ttl: Duration,
+    ) -> Result<Option<PairingRequest>, StoreError> {
+        let code = normalize_pairing_code(code);
+        if code.is_empty() {
+            return Ok(None);
+        }
+        let _one_at_a_time = self.pairing.lock().expect("pairing lock");
+        let Some((key, request)) = self
+            .all_pairing_requests()?
+            .into_iter()
+            .find(|(_, r)| r.code == code && r.is_live(now_ms, ttl))
+        else {
+            return Ok(None);
+        };
+        let paired = PairedSender {
+            channel: request.channel.clone(),
+            sender: request.sender.clone(),
+            approved_ms: now_ms,
+        };
+        let mut batch = self.keyspace.batch();
+        batch.remove(&self.pairing_requests, key.as_slice());
+        batch.insert(&self.paired, key, encode(&paired, "paired sender")?);
+        batch
+            .commit()
+            .map_err(unavailable(&format!("cannot approve pairing code {code}")))?;
+        Ok(Some(request))
+    }
+
+    fn pending_pairings(
+        &self,
+        now_ms: u64,
+        ttl: Duration,
+    ) -> Result<Vec<PairingRequest>, StoreError> {
+        let mut live: Vec<PairingRequest> = self
+            .all_pairing_requests()?
+            .into_iter()
+            .map(|(_, request)| request)
+            .filter(|request| request.is_live(now_ms, ttl))
+            .collect();
+        live.sort_by(|a, b| {
+            (a.created_ms, &a.channel, &a.sender).cmp(&(b.created_ms, &b.channel, &b.sender))
+        });
+        Ok(live)
+    }
+
+    fn is_paired(&self, channel: &str, sender: &str) -> Result<bool, StoreError> {
+        self.paired
+            .contains_key(pairing_key(channel, sender))
+            .map_err(unavailable("cannot read paired senders"))
+    }
+
+    fn paired_senders(&self) -> Result<Vec<PairedSender>, StoreError> {
+        let mut senders = self
+            .paired
+            .iter()
+            .map(|item| {
+                let (_, value) = item.map_err(unavailable("cannot read paired senders"))?;
+                serde_json::from_slice(&value).map_err(corrupt("paired sender"))
+            })
+            .collect::<Result<Vec<PairedSender>, _>>()?;
+        // Key order puts channel `ab` before `a` (0xFF sorts last), so sort by the strings.
+        senders.sort_by(|a, b| (&a.channel, &a.sender).cmp(&(&b.channel, &b.sender)));
+        Ok(senders)
+    }
+
+    fn revoke_pairing(&self, channel: &str, sender: &str) -> Result<bool, StoreError> {
+        let key = pairing_key(channel, sender);
+        let _one_at_a_time = self.pairing.lock().expect("pairing lock");
+        let was = self
+            .paired
+            .contains_key(&key)
+            .map_err(unavailable("cannot read paired senders"))?;
+        if was {
+            self.paired.remove(key).map_err(unavailable(&format!(
+                "cannot revoke pairing of {sender} on {channel}"
+            )))?;
+        }
+        Ok(was)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::FjallBackend;
+    use crate::store::Stores;
+    use crate::store::embedded::Embedded;
+
+    fn open(dir: &std::path::Path) -> Stores {
+        let dir = dir.to_owned();
+        Stores::of(Arc::new(
+            Embedded::open(move || FjallBackend::open(&dir)).unwrap(),
+        ))
+    }
+
+    fn fresh() -> (Stores, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        (open(dir.path()), dir)
+    }
+
+    fn reopen(stores: Stores, dir: &tempfile::TempDir) -> Stores {
+        drop(stores);
+        open(dir.path())
+    }
+
+    crate::store_conformance_tests!(fresh(), reopen);
+}
