@@ -502,7 +502,7 @@ impl Inbox {
             return;
         }
         let lease = self.lease();
-        match self.store.journal.finish_events(&lease, done).await {
+        match self.store.journal.finish_events(&lease, done, &[]).await {
             Ok(()) => self.backlog.finish(done.len()),
             Err(e) => {
                 tracing::error!(events = done.len(), error = %e, "could not finish events; they are redone on the next start")
@@ -539,7 +539,7 @@ impl Inbox {
                 tracing::info!(event_id = %event.event_id, "answer interrupted by shutdown; the event stays journaled");
                 return;
             }
-            match store.finish_events(&lease, &[event.reference()]).await {
+            match store.finish_events(&lease, &[event.reference()], &[]).await {
                 Ok(()) => backlog.finish(1),
                 Err(e) => tracing::error!(event_id = %event.event_id, error = %e, "could not finish event"),
             }

@@ -41,7 +41,13 @@ pub trait Backend: Send + Sync + 'static {
     fn journal_head(&self) -> Result<Option<u64>, StoreError>;
     fn pending_count(&self) -> Result<usize, StoreError>;
     fn was_journaled(&self, event_id: &EventId) -> Result<bool, StoreError>;
-    fn finish_events(&self, seqs: &[u64]) -> Result<(), StoreError>;
+    /// Removes `seqs` from the journal and appends `history`, atomically where the engine
+    /// can.
+    fn finish_events(
+        &self,
+        seqs: &[u64],
+        history: &[(OwnedRoomId, HistoryEntry)],
+    ) -> Result<(), StoreError>;
     fn prune_dedupe_records(&self, cutoff_ms: u64) -> Result<usize, StoreError>;
     fn record_sent_part(
         &self,
@@ -245,12 +251,22 @@ impl<B: Backend> JournalStore for Embedded<B> {
         Ok(events)
     }
 
-    async fn finish_events(&self, lease: &Lease, events: &[EventRef]) -> Result<(), StoreError> {
+    async fn finish_events(
+        &self,
+        lease: &Lease,
+        events: &[EventRef],
+        history: &[(OwnedRoomId, HistoryEntry)],
+    ) -> Result<(), StoreError> {
         for event in events {
             self.leases.check(lease, event.partition)?;
         }
         let seqs: Vec<u64> = events.iter().map(|e| e.seq).collect();
-        self.with(|b| b.finish_events(&seqs))
+        self.with(|b| b.finish_events(&seqs, history))?;
+        let mut cache = self.recent.lock().expect("history cache lock");
+        for (room_id, entry) in history {
+            cache.push(room_id, entry);
+        }
+        Ok(())
     }
 
     async fn journal_head(&self) -> Result<Option<u64>, StoreError> {
@@ -476,12 +492,12 @@ mod tests {
             seq: 0,
             partition: Partition(1),
         };
-        let refused = store.finish_events(&mine, &[event]).await;
+        let refused = store.finish_events(&mine, &[event], &[]).await;
         assert!(
             matches!(refused, Err(StoreError::Conflict(_))),
             "{refused:?}"
         );
         assert!(!store.is_failing(), "a conflict does not reopen the store");
-        store.finish_events(&theirs, &[event]).await.unwrap();
+        store.finish_events(&theirs, &[event], &[]).await.unwrap();
     }
 }

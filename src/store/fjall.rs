@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use ::fjall::{Config, Keyspace, PartitionCreateOptions, PartitionHandle, PersistMode};
-use ruma::{EventId, OwnedEventId, RoomId};
+use ruma::{EventId, OwnedEventId, OwnedRoomId, RoomId};
 
 use super::embedded::Backend;
 use super::{
@@ -363,15 +363,33 @@ impl Backend for FjallBackend {
             .map_err(unavailable("cannot read processed events"))
     }
 
-    fn finish_events(&self, seqs: &[u64]) -> Result<(), StoreError> {
+    fn finish_events(
+        &self,
+        seqs: &[u64],
+        history: &[(OwnedRoomId, HistoryEntry)],
+    ) -> Result<(), StoreError> {
         let mut batch = self.keyspace.batch();
         for seq in seqs {
             batch.remove(&self.journal, seq.to_be_bytes());
         }
+        let first = self.seqs(history.len() as u64)?;
+        let mut trim = Vec::new();
+        for (seq, (room_id, entry)) in (first..).zip(history) {
+            let mut key = prefix(room_id.as_str());
+            key.extend_from_slice(&seq.to_be_bytes());
+            batch.insert(&self.history, key, encode(entry, "history")?);
+            if seq % TRIM_EVERY == 0 {
+                trim.push(room_id);
+            }
+        }
         batch.commit().map_err(unavailable(&format!(
             "cannot finish {} journaled events",
             seqs.len()
-        )))
+        )))?;
+        for room_id in trim {
+            self.trim_history(room_id)?;
+        }
+        Ok(())
     }
 
     fn prune_dedupe_records(&self, cutoff_ms: u64) -> Result<usize, StoreError> {

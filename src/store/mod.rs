@@ -318,11 +318,18 @@ pub trait JournalStore: Send + Sync {
         limit: usize,
     ) -> Result<Vec<JournaledEvent>, StoreError>;
 
-    /// Removes finished events from the journal; [`StoreError::Conflict`] (and nothing
-    /// removed) when one is in a partition the lease does not hold. Written so that it
-    /// survives the process being killed, but not synced to disk: a finish lost to a power
-    /// cut replays an event whose sends carry derived transaction IDs.
-    async fn finish_events(&self, lease: &Lease, events: &[EventRef]) -> Result<(), StoreError>;
+    /// Removes finished events from the journal and appends the room history lines they
+    /// leave (`history`, in order), in one write: an event replayed after a crash does not
+    /// add its line twice. [`StoreError::Conflict`] (and nothing written) when an event is in
+    /// a partition the lease does not hold. Written so that it survives the process being
+    /// killed, but not synced to disk: a finish lost to a power cut replays an event whose
+    /// sends carry derived transaction IDs.
+    async fn finish_events(
+        &self,
+        lease: &Lease,
+        events: &[EventRef],
+        history: &[(OwnedRoomId, HistoryEntry)],
+    ) -> Result<(), StoreError>;
 
     /// The sequence number of the newest journaled event not finished yet.
     async fn journal_head(&self) -> Result<Option<u64>, StoreError>;
@@ -585,7 +592,7 @@ macro_rules! journal_conformance_tests {
             };
             assert_eq!(second.len(), 1, "an event from an earlier transaction is left out");
             assert_eq!(second[0].event_id.as_str(), "$ev3");
-            store.journal.finish_events(&lease, &[first[0].reference()]).await.unwrap();
+            store.journal.finish_events(&lease, &[first[0].reference()], &[]).await.unwrap();
             let JournalOutcome::Journaled(third) = store.journal.journal_transaction(txn("t3"), vec![event(1, "!a")], NOW).await.unwrap() else {
                 panic!("expected Journaled")
             };
@@ -639,10 +646,10 @@ macro_rules! journal_conformance_tests {
             let seen: Vec<String> = store.journal.pending_events(&a, None, 10).await.unwrap().into_iter().map(|e| e.event_id.to_string()).collect();
             assert_eq!(seen, ["$ev1", "$ev3"]);
             // a cannot finish b's event, and a refused finish removes nothing.
-            let refused = store.journal.finish_events(&a, &[journaled[0].reference(), journaled[1].reference()]).await;
+            let refused = store.journal.finish_events(&a, &[journaled[0].reference(), journaled[1].reference()], &[]).await;
             assert!(matches!(refused, Err(StoreError::Conflict(_))), "{refused:?}");
             assert_eq!(store.journal.pending_count().await.unwrap(), 3);
-            store.journal.finish_events(&b, &[journaled[1].reference()]).await.unwrap();
+            store.journal.finish_events(&b, &[journaled[1].reference()], &[]).await.unwrap();
             assert!(store.journal.pending_events(&b, None, 10).await.unwrap().is_empty());
             assert_eq!(store.journal.pending_count().await.unwrap(), 2);
         }
@@ -660,6 +667,36 @@ macro_rules! journal_conformance_tests {
             assert!(store.journal.sent_parts("answer2").await.unwrap().is_empty());
             assert_eq!(store.journal.prune_dedupe_records(NOW + 1).await.unwrap(), 3);
             assert!(store.journal.sent_parts("answer1").await.unwrap().is_empty());
+        }
+
+        #[tokio::test]
+        async fn finishing_writes_the_history_lines_of_the_events() {
+            let (store, guard) = $fresh;
+            let lease = all(&store).await;
+            let JournalOutcome::Journaled(journaled) =
+                store.journal.journal_transaction(txn("t1"), vec![event(1, "!a"), event(2, "!b")], NOW).await.unwrap()
+            else {
+                panic!("expected Journaled")
+            };
+            let line = |e: &$crate::store::JournaledEvent| HistoryEntry {
+                event_id: e.event_id.clone(),
+                sender: ruma::UserId::parse("@alice:x").unwrap(),
+                body: format!("said {}", e.event_id),
+                ts: 1,
+                thread_root: None,
+                routed_to: Vec::new(),
+            };
+            let lines: Vec<(ruma::OwnedRoomId, HistoryEntry)> =
+                journaled.iter().map(|e| (e.room_id.clone(), line(e))).collect();
+            let refs: Vec<$crate::store::EventRef> = journaled.iter().map(|e| e.reference()).collect();
+            store.journal.finish_events(&lease, &refs, &lines).await.unwrap();
+            assert_eq!(store.journal.pending_count().await.unwrap(), 0);
+            let a = ruma::RoomId::parse("!a").unwrap();
+            assert_eq!(store.history.recent_history(&a, 10).await.unwrap(), vec![lines[0].1.clone()]);
+            let store = ($reopen)(store, &guard);
+            let b = ruma::RoomId::parse("!b").unwrap();
+            assert_eq!(store.history.recent_history(&b, 10).await.unwrap(), vec![lines[1].1.clone()]);
+            assert_eq!(store.journal.pending_count().await.unwrap(), 0);
         }
 
         #[tokio::test]
@@ -703,7 +740,7 @@ macro_rules! journal_conformance_tests {
             let ev1 = ruma::EventId::parse("$ev1").unwrap();
             assert!(store.journal.was_journaled(&ev1).await.unwrap());
             assert!(!store.journal.was_journaled(&ruma::EventId::parse("$never").unwrap()).await.unwrap());
-            store.journal.finish_events(&lease, &[journaled[0].reference()]).await.unwrap();
+            store.journal.finish_events(&lease, &[journaled[0].reference()], &[]).await.unwrap();
             assert!(store.journal.was_journaled(&ev1).await.unwrap());
             let pending = store.journal.pending_events(&lease, None, 100).await.unwrap();
             assert_eq!(pending.len(), 1);
@@ -720,7 +757,7 @@ macro_rules! journal_conformance_tests {
                 panic!("expected Journaled")
             };
             let seqs: Vec<u64> = journaled.iter().map(|e| e.seq).collect();
-            store.journal.finish_events(&lease, &[journaled[0].reference()]).await.unwrap();
+            store.journal.finish_events(&lease, &[journaled[0].reference()], &[]).await.unwrap();
             let room = ruma::RoomId::parse("!a").unwrap();
             let entry = HistoryEntry {
                 event_id: ruma::EventId::parse("$ev1").unwrap(),
@@ -754,7 +791,7 @@ macro_rules! journal_conformance_tests {
             else {
                 panic!("expected Journaled")
             };
-            store.journal.finish_events(&lease, &[journaled[0].reference()]).await.unwrap();
+            store.journal.finish_events(&lease, &[journaled[0].reference()], &[]).await.unwrap();
             let recorded_before = NOW.saturating_sub(3_600_000);
             assert_eq!(store.journal.prune_dedupe_records(recorded_before).await.unwrap(), 0);
             assert!(store.journal.was_journaled(&journaled[0].event_id).await.unwrap());

@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use ::sled::transaction::{ConflictableTransactionError, TransactionError};
 use ::sled::{Db, Transactional, Tree};
-use ruma::{EventId, RoomId};
+use ruma::{EventId, OwnedRoomId, RoomId};
 
 use super::embedded::Backend;
 use super::{
@@ -304,7 +304,16 @@ impl Backend for SledBackend {
             .map_err(|e| StoreError::Unavailable(format!("cannot read processed events: {e}")))
     }
 
-    fn finish_events(&self, seqs: &[u64]) -> Result<(), StoreError> {
+    fn finish_events(
+        &self,
+        seqs: &[u64],
+        history: &[(OwnedRoomId, HistoryEntry)],
+    ) -> Result<(), StoreError> {
+        // sled batches one tree at a time: the lines go first, so a crash in between
+        // repeats a line rather than losing one.
+        for (room_id, entry) in history {
+            self.append_history(room_id, entry)?;
+        }
         let mut batch = ::sled::Batch::default();
         for seq in seqs {
             batch.remove(&seq.to_be_bytes());
