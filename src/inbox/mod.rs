@@ -7,6 +7,8 @@
 //! route the rest and have the chosen agents answer, then mark the event processed. On
 //! startup the journal's unprocessed events are replayed first.
 
+pub mod decode;
+
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
