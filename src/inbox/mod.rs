@@ -20,7 +20,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::agents::{AgentRuntime, Delivery, ImageRef, Job, Submitted, Trigger, Turn};
+use crate::agents::{AgentRuntime, Delivery, ImageRef, Job, Submitted, Trigger, Turn, notices};
 use crate::config::Config;
 use crate::matrix::MatrixClient;
 use crate::matrix::keys::HOPS_KEY;
@@ -681,11 +681,7 @@ impl Inbox {
                 }
                 Submitted::Busy => {
                     tracing::warn!(agent = %agent.id, room_id = %event.room_id, event_id = %event.event_id, "session queue full; message not queued");
-                    let text = format!(
-                        "⏳ {} is busy: {} messages here are already waiting for an answer. Please send this again in a little while.",
-                        agent.display_name(),
-                        agent.queue_limit
-                    );
+                    let text = notices::busy(agent);
                     let said = self
                         .runtime
                         .notice(&agent.id, &turn.trigger(), "busy", &text)
@@ -768,13 +764,7 @@ impl Inbox {
                 return Delivery::Undeliverable;
             }
         };
-        let text = format!(
-            "🔐 I don't know you yet, so I can't answer. Your pairing code is {code}. \
-             Ask an admin of this agentbus to approve it with: agentbus pairing approve {code} \
-             (the code expires in {ttl}).",
-            code = request.code,
-            ttl = humantime::format_duration(PAIRING_TTL),
-        );
+        let text = notices::pairing_code(&request.code, PAIRING_TTL);
         self.runtime
             .notice(agent_id, trigger, "pairing", &text)
             .await
@@ -803,10 +793,8 @@ impl Inbox {
             thread_root: None,
             hops: 1,
         };
-        let text = "🔒 This message is end-to-end encrypted and agents cannot read it. \
-                    Please talk to agents in an unencrypted room (in Element: start the chat with encryption turned off).";
         self.runtime
-            .notice(&agent.id, &trigger, "encrypted", text)
+            .notice(&agent.id, &trigger, "encrypted", notices::encrypted())
             .await
     }
 
