@@ -11,8 +11,10 @@
 //!   dedupe records, room history, sessions, pairing, sent-message records; sled is the
 //!   embedded backend, opened by [`store::open`].
 //! - [`inbox`] — per-room ordered workers over the journal: replay first, then what the
-//!   feed brings; the room's facts (members, aliases: cached), routing, and the chosen
-//!   agents' jobs; an event leaves the journal when its answers are delivered.
+//!   feed brings; each event decoded once into a typed value, then the stages in order:
+//!   the bridges' relay hook, commands (`!reset`), the room's facts (members, aliases,
+//!   replied-to sender: cached), routing, and the chosen agents' jobs; an event leaves
+//!   the journal when its answers are delivered.
 //! - [`router`] — pure routing: (message, room facts, recent lines) → `RouteDecision` with
 //!   a reason; the [`router::explain`] seam answers "who would answer?".
 //! - [`agents`] — the agent runtime: a lane per session (agent + room + thread), memory

@@ -6,8 +6,10 @@
 //! - [`memory`]: the session's stored history, fitted to a token budget.
 //! - [`stream`]: the answer as a message plus throttled edits.
 //! - [`tools`]: the built-in tools and the allow/deny policy.
+//! - [`notices`]: everything an agent says that is not a model's answer.
 
 pub mod memory;
+pub mod notices;
 pub mod session;
 pub mod stream;
 pub mod tools;
@@ -250,17 +252,11 @@ impl AgentRuntime {
         let text = match self.store.sessions.clear_session(session).await {
             Ok(lines) => {
                 tracing::info!(agent = %agent.id, room_id = %turn.room_id, lines, "session reset");
-                format!(
-                    "🧹 {} has forgotten this conversation ({lines} messages); the next message starts afresh.",
-                    agent.display_name()
-                )
+                notices::reset_done(agent, lines)
             }
             Err(e) => {
                 tracing::error!(agent = %agent.id, room_id = %turn.room_id, error = %e, "could not reset the session");
-                format!(
-                    "⚠️ {} could not forget this conversation: the store failed.",
-                    agent.display_name()
-                )
+                notices::reset_failed(agent)
             }
         };
         self.notice(&agent.id, &turn.trigger(), "reset", &text)
@@ -277,11 +273,7 @@ impl AgentRuntime {
         if let Some(image_model) = agent.image_model_ref() {
             return Ok(vec![image_model]);
         }
-        Err(Notice(format!(
-            "🖼️ {}'s model ({}) reads text only, so it cannot see images. Describe the picture in words, or set image_model for this agent to a model with input: [text, image].",
-            agent.display_name(),
-            chain[0],
-        )))
+        Err(Notice(notices::text_only_model(agent, &chain[0])))
     }
 
     /// Downloads a turn's image as the agent, for the model.
@@ -291,20 +283,13 @@ impl AgentRuntime {
         agent_user: &UserId,
         image: &ImageRef,
     ) -> Result<Image, Ended> {
-        let too_big = || {
-            Notice(format!(
-                "🖼️ The image {} is larger than the {} MB {} can look at.",
-                image.name,
-                MAX_IMAGE_BYTES / (1024 * 1024),
-                agent.display_name()
-            ))
-        };
+        let too_big = || Notice(notices::image_too_big(agent, &image.name, MAX_IMAGE_BYTES));
         if image.size.is_some_and(|s| s > MAX_IMAGE_BYTES as u64) {
             return Err(too_big());
         }
         let (bytes, content_type) = self.matrix.download_media(agent_user, &image.mxc).await.map_err(|e| {
             tracing::warn!(agent = %agent.id, mxc = %image.mxc, error = %e, "could not download an image");
-            Notice(format!("🖼️ {} could not download the image {}: {e}", agent.display_name(), image.name))
+            Notice(notices::image_download_failed(agent, &image.name, &e))
         })?;
         if bytes.len() > MAX_IMAGE_BYTES {
             return Err(too_big());
@@ -425,7 +410,7 @@ impl AgentRuntime {
                 Err(failure) => {
                     tracing::warn!(agent = %agent.id, room_id = %last.room_id, %failure, "no model answered");
                     if writer.text().trim().is_empty() {
-                        return Err(Notice(failure_notice(agent, &failure)));
+                        return Err(Notice(notices::no_model_answered(agent, &failure)));
                     }
                     cut_off = failure.attempts.last().map(|a| a.error.clone());
                     break;
@@ -475,11 +460,8 @@ impl AgentRuntime {
         let answer = writer.text().trim().to_owned();
         if answer.is_empty() {
             return Err(Notice(match cut_off {
-                Some(error) => format!("⚠️ {} could not answer: {error}", agent.display_name()),
-                None => format!(
-                    "⚠️ {} could not answer: the model gave an empty answer.",
-                    agent.display_name()
-                ),
+                Some(error) => notices::broke_off(agent, &error),
+                None => notices::empty_answer(agent),
             }));
         }
         let parts = writer.finish().await.map_err(Ended::Undelivered)?;
@@ -524,10 +506,7 @@ impl AgentRuntime {
             tracing::warn!(agent = %agent.id, error = %e, "could not remember the turn");
         }
         match cut_off {
-            Some(error) => Err(Notice(format!(
-                "⚠️ {}'s answer was cut off: {error}",
-                agent.display_name()
-            ))),
+            Some(error) => Err(Notice(notices::cut_off(agent, &error))),
             None => Ok(()),
         }
     }
@@ -586,22 +565,6 @@ impl Typing {
             tracing::debug!(agent = %self.user, room_id = %self.room, error = %e, "could not clear typing");
         }
     }
-}
-
-/// The notice for a turn no model answered.
-fn failure_notice(agent: &AgentConfig, failure: &crate::llm::Failure) -> String {
-    if !failure.attempts.is_empty()
-        && failure
-            .attempts
-            .iter()
-            .all(|a| matches!(a.error, LlmError::WarmingUp))
-    {
-        return format!(
-            "⏳ {}'s model is still warming up (the local model server is starting). Please try again in a minute.",
-            agent.display_name()
-        );
-    }
-    format!("⚠️ {} could not answer: {failure}", agent.display_name())
 }
 
 /// An `m.room.message` content replying to the trigger (in its thread when it was in one)

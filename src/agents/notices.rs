@@ -1,0 +1,172 @@
+//! Everything an agent says that is not a model's answer: the notices sent as `m.notice`
+//! replies when it is busy, does not know the sender, cannot read the message, or could
+//! not answer. One place, so the wording stays consistent and each notice names the
+//! thing (agent, model, image) and what the person can do next.
+
+use std::fmt::Display;
+use std::time::Duration;
+
+use crate::config::{AgentConfig, ModelRef};
+use crate::llm::{Failure, LlmError};
+
+/// The agent's session queue is full; the message was not queued.
+pub fn busy(agent: &AgentConfig) -> String {
+    format!(
+        "⏳ {} is busy: {} messages here are already waiting for an answer. Please send this again in a little while.",
+        agent.display_name(),
+        agent.queue_limit
+    )
+}
+
+/// An unknown DM sender's pairing code, and how an admin approves it.
+pub fn pairing_code(code: &str, ttl: Duration) -> String {
+    format!(
+        "🔐 I don't know you yet, so I can't answer. Your pairing code is {code}. \
+         Ask an admin of this agentbus to approve it with: agentbus pairing approve {code} \
+         (the code expires in {ttl}).",
+        ttl = humantime::format_duration(ttl),
+    )
+}
+
+/// An end-to-end encrypted message, which agents cannot read.
+pub fn encrypted() -> &'static str {
+    "🔒 This message is end-to-end encrypted and agents cannot read it. \
+     Please talk to agents in an unencrypted room (in Element: start the chat with encryption turned off)."
+}
+
+/// `!reset` forgot the session's `lines` remembered messages.
+pub fn reset_done(agent: &AgentConfig, lines: usize) -> String {
+    format!(
+        "🧹 {} has forgotten this conversation ({lines} messages); the next message starts afresh.",
+        agent.display_name()
+    )
+}
+
+/// `!reset` failed: the store could not clear the session.
+pub fn reset_failed(agent: &AgentConfig) -> String {
+    format!(
+        "⚠️ {} could not forget this conversation: the store failed.",
+        agent.display_name()
+    )
+}
+
+/// An image reached an agent whose model reads text only, with no `image_model` set.
+pub fn text_only_model(agent: &AgentConfig, model: &ModelRef) -> String {
+    format!(
+        "🖼️ {}'s model ({model}) reads text only, so it cannot see images. Describe the picture in words, or set image_model for this agent to a model with input: [text, image].",
+        agent.display_name(),
+    )
+}
+
+/// An image larger than the agent passes to a model.
+pub fn image_too_big(agent: &AgentConfig, name: &str, max_bytes: usize) -> String {
+    format!(
+        "🖼️ The image {name} is larger than the {} MB {} can look at.",
+        max_bytes / (1024 * 1024),
+        agent.display_name()
+    )
+}
+
+/// The agent could not download an image from the homeserver.
+pub fn image_download_failed(agent: &AgentConfig, name: &str, error: &dyn Display) -> String {
+    format!(
+        "🖼️ {} could not download the image {name}: {error}",
+        agent.display_name()
+    )
+}
+
+/// No model of the agent's chain answered the turn.
+pub fn no_model_answered(agent: &AgentConfig, failure: &Failure) -> String {
+    if !failure.attempts.is_empty()
+        && failure
+            .attempts
+            .iter()
+            .all(|a| matches!(a.error, LlmError::WarmingUp))
+    {
+        return format!(
+            "⏳ {}'s model is still warming up (the local model server is starting). Please try again in a minute.",
+            agent.display_name()
+        );
+    }
+    format!("⚠️ {} could not answer: {failure}", agent.display_name())
+}
+
+/// The answer broke off before any text arrived.
+pub fn broke_off(agent: &AgentConfig, error: &LlmError) -> String {
+    format!("⚠️ {} could not answer: {error}", agent.display_name())
+}
+
+/// The model answered with nothing.
+pub fn empty_answer(agent: &AgentConfig) -> String {
+    format!(
+        "⚠️ {} could not answer: the model gave an empty answer.",
+        agent.display_name()
+    )
+}
+
+/// The answer broke off after part of it was posted.
+pub fn cut_off(agent: &AgentConfig, error: &LlmError) -> String {
+    format!("⚠️ {}'s answer was cut off: {error}", agent.display_name())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn agent() -> AgentConfig {
+        let config = crate::config::Config::parse(
+            r#"
+homeserver: { url: "http://127.0.0.1:1", server_name: example.org }
+appservice: { as_token: a, hs_token: h }
+providers: { echo: { api: echo } }
+agents: [ { id: damon, display_name: Damon, provider: echo, queue_limit: 3 } ]
+"#,
+        )
+        .expect("config");
+        config.agents[0].clone()
+    }
+
+    #[test]
+    fn busy_names_the_agent_and_how_many_wait() {
+        let text = busy(&agent());
+        assert!(text.contains("Damon is busy: 3 messages"), "{text}");
+        assert!(text.contains("send this again"), "{text}");
+    }
+
+    #[test]
+    fn the_pairing_prompt_gives_the_code_the_command_and_the_expiry() {
+        let text = pairing_code("ABCD-EFGH", Duration::from_secs(3600));
+        assert!(text.contains("Your pairing code is ABCD-EFGH."), "{text}");
+        assert!(
+            text.contains("agentbus pairing approve ABCD-EFGH"),
+            "{text}"
+        );
+        assert!(text.contains("expires in 1h"), "{text}");
+    }
+
+    #[test]
+    fn the_encrypted_notice_says_what_to_do() {
+        assert!(encrypted().contains("end-to-end encrypted"));
+        assert!(encrypted().contains("encryption turned off"));
+    }
+
+    #[test]
+    fn failure_notices_name_the_agent_and_the_cause() {
+        let agent = agent();
+        assert_eq!(
+            cut_off(&agent, &LlmError::WarmingUp),
+            format!("⚠️ Damon's answer was cut off: {}", LlmError::WarmingUp)
+        );
+        assert_eq!(
+            empty_answer(&agent),
+            "⚠️ Damon could not answer: the model gave an empty answer."
+        );
+        assert!(
+            reset_done(&agent, 4).contains("Damon has forgotten this conversation (4 messages)")
+        );
+        assert!(
+            image_too_big(&agent, "cat.png", 10 * 1024 * 1024)
+                .contains("cat.png is larger than the 10 MB Damon")
+        );
+    }
+}

@@ -1,0 +1,280 @@
+//! The stages a room worker runs for each decoded event, in order.
+//!
+//! A message goes through: the bridges' relay hook → which messages agents look at (not
+//! our own users' unless agents may talk to each other, not edits, not notices) →
+//! [`commands`](super::commands) → [`facts`](super::facts) → routing (pure) → recording
+//! (room history, loop guard) → agents (queue a job for each routed agent, or the pairing
+//! code). Memberships (join on invite) and encrypted messages (say we cannot read them)
+//! have a stage each.
+
+use ruma::events::room::member::MembershipState;
+use ruma::{OwnedRoomId, RoomId};
+
+use super::commands::{self, Command};
+use super::decode::{Encrypted, Membership, Message};
+use super::facts::Facts;
+use super::{Answers, Inbox, Processed, held};
+use crate::agents::{Delivery, Job, Submitted, Trigger, Turn, notices};
+use crate::router::{MATRIX, MessageFacts, RouteDecision, Strategy};
+use crate::store::{HistoryEntry, PAIRING_TTL};
+
+impl Inbox {
+    /// A message, through every stage; returns the answers the event waits for.
+    pub(super) async fn on_message(&self, message: &Message<'_>) -> Processed {
+        self.relay(message);
+        if !self.is_for_agents(message) {
+            return Processed::default();
+        }
+        let command = commands::parse(&message.body);
+        let facts = self.gather_facts(message).await;
+        let decision = self.decide(message.room_id, &facts, facts.message(message));
+        let line = self.record(message, &facts, &decision).await;
+        Processed {
+            answers: self.answer(message, &facts, decision, command).await,
+            line,
+        }
+    }
+
+    /// The bridges' seam: where a message in a portal room will be relayed out to its
+    /// platform (our agents' answers included, so it runs before anything filters them).
+    /// No bridge exists yet, so nothing is relayed.
+    fn relay(&self, _message: &Message<'_>) {}
+
+    /// Whether agents look at `message` at all: our own users' messages only when agents
+    /// may talk to each other; edits are not new questions, and by convention bots never
+    /// answer notices.
+    fn is_for_agents(&self, message: &Message<'_>) -> bool {
+        if self.config.is_own_user(&message.sender) && !self.config.routing.agent_to_agent.enabled {
+            return false;
+        }
+        message.edit.is_none() && !message.is_notice()
+    }
+
+    /// Routes a message under the current loop-guard state.
+    pub(super) fn decide(
+        &self,
+        room_id: &RoomId,
+        facts: &Facts,
+        message: MessageFacts<'_>,
+    ) -> RouteDecision {
+        let guard = self.guard.lock().expect("loop guard lock");
+        let context = facts.context();
+        self.router
+            .route(&facts.route_input(room_id, message, &context, &guard))
+    }
+
+    /// Logs the decision, adds a person's message to the room history (our agents'
+    /// answers are recorded by the runtime as they are sent) and counts an agent's
+    /// message to other agents in the loop guard. In a room none of our agents is in,
+    /// nobody reads the line before the event is finished: it is returned, to be written
+    /// with the finish.
+    async fn record(
+        &self,
+        message: &Message<'_>,
+        facts: &Facts,
+        decision: &RouteDecision,
+    ) -> Option<(OwnedRoomId, HistoryEntry)> {
+        let mut deferred = None;
+        let (room_id, sender, event_id) = (message.room_id, &message.sender, message.event_id);
+        if decision.targets.is_empty() {
+            tracing::debug!(
+                room_id = %room_id, sender = %sender, event_id = %event_id,
+                reason = %decision.reason, "routed to nobody"
+            );
+        } else {
+            tracing::info!(
+                room_id = %room_id, sender = %sender, event_id = %event_id,
+                targets = ?decision.targets, strategy = ?decision.strategy, reason = %decision.reason, "routed"
+            );
+        }
+        if !self.config.is_own_user(sender) {
+            let entry = HistoryEntry {
+                event_id: event_id.to_owned(),
+                sender: sender.clone(),
+                body: message.body.clone().into_owned(),
+                ts: message.ts,
+                thread_root: message.thread_root.clone(),
+                routed_to: decision.targets.clone(),
+            };
+            if facts.agents_here {
+                self.append_history(room_id, &entry).await;
+            } else {
+                deferred = Some((room_id.to_owned(), entry));
+            }
+        }
+        if let Some(from) = self.router.agent_of(sender) {
+            let a2a = &self.config.routing.agent_to_agent;
+            let mut guard = self.guard.lock().expect("loop guard lock");
+            for target in &decision.targets {
+                if guard.record(
+                    &from.id,
+                    target,
+                    message.ts,
+                    a2a.pair_limit,
+                    a2a.pair_window,
+                    a2a.cooldown,
+                ) {
+                    tracing::warn!(room_id = %room_id, from = %from.id, to = %target, "loop guard: agent pair cooled down");
+                }
+            }
+        }
+        deferred
+    }
+
+    /// Adds a line to the room's history; a store error is logged, not fatal.
+    pub(super) async fn append_history(&self, room_id: &RoomId, entry: &HistoryEntry) {
+        if let Err(e) = self.store.history.append_history(room_id, entry).await {
+            tracing::warn!(room_id = %room_id, error = %e, "could not record message in history");
+        }
+    }
+
+    /// The agents stage: the pairing code for an unknown DM sender, else a job for each
+    /// routed agent — the command's, or answering the message — or the agent's "busy"
+    /// notice when its session queue is full.
+    async fn answer(
+        &self,
+        message: &Message<'_>,
+        facts: &Facts,
+        decision: RouteDecision,
+        command: Option<Command>,
+    ) -> Answers {
+        if decision.targets.is_empty() && decision.strategy != Strategy::Pairing {
+            return Vec::new();
+        }
+        let turn = self.turn(message, facts);
+        if decision.strategy == Strategy::Pairing {
+            if let Some(agent) = &decision.pairing_agent {
+                return held(self.send_pairing_code(agent, &turn.trigger()).await);
+            }
+            return Vec::new();
+        }
+        let mut answers = Vec::new();
+        for agent in decision
+            .targets
+            .iter()
+            .filter_map(|id| self.config.agents.iter().find(|a| &a.id == id))
+        {
+            let job = match command {
+                Some(Command::Reset) => Job::Reset(turn.clone()),
+                None => Job::Turn(turn.clone()),
+            };
+            match self.runtime.submit(&agent.id, job) {
+                Submitted::Queued(done) => {
+                    tracing::info!(agent = %agent.id, room_id = %turn.room_id, event_id = %turn.event_id, "queued for the agent");
+                    answers.push(done);
+                }
+                Submitted::Busy => {
+                    tracing::warn!(agent = %agent.id, room_id = %turn.room_id, event_id = %turn.event_id, "session queue full; message not queued");
+                    let said = self
+                        .runtime
+                        .notice(&agent.id, &turn.trigger(), "busy", &notices::busy(agent))
+                        .await;
+                    answers.extend(held(said));
+                }
+            }
+        }
+        answers
+    }
+
+    /// The message as the agents' job carries it.
+    fn turn(&self, message: &Message<'_>, facts: &Facts) -> Turn {
+        Turn {
+            room_id: message.room_id.to_owned(),
+            event_id: message.event_id.to_owned(),
+            sender: message.sender.clone(),
+            sender_name: self.display_name(message.room_id, &message.sender),
+            body: message.body.clone().into_owned(),
+            image: message.image.clone(),
+            thread_root: message.thread_root.clone(),
+            hops: message.hops + 1,
+            group: facts
+                .room
+                .joined
+                .iter()
+                .filter(|u| !self.config.is_own_user(u))
+                .count()
+                > 1,
+        }
+    }
+
+    /// Tells an unknown DM sender their pairing code, and nothing else.
+    async fn send_pairing_code(&self, agent_id: &str, trigger: &Trigger<'_>) -> Delivery {
+        let now = crate::unix_ms();
+        let request = match self
+            .store
+            .pairing
+            .pairing_request(MATRIX, trigger.sender.as_str(), now, PAIRING_TTL)
+            .await
+        {
+            Ok((request, created)) => {
+                if created {
+                    tracing::info!(sender = %trigger.sender, code = %request.code, "pairing requested; approve with `agentbus pairing approve {}`", request.code);
+                }
+                request
+            }
+            Err(e) => {
+                tracing::error!(sender = %trigger.sender, error = %e, "could not issue a pairing code");
+                return Delivery::Undeliverable;
+            }
+        };
+        let text = notices::pairing_code(&request.code, PAIRING_TTL);
+        self.runtime
+            .notice(agent_id, trigger, "pairing", &text)
+            .await
+    }
+
+    /// A membership change: the room's cached members are stale; an agent invited joins.
+    pub(super) async fn on_member(&self, room_id: &RoomId, member: &Membership) {
+        self.forget_members(room_id);
+        let Some(target) = &member.target else {
+            return;
+        };
+        let Some(agent) = self.config.agent_by_user(target) else {
+            return;
+        };
+        if member.membership != Some(MembershipState::Invite) {
+            return;
+        }
+        match self.matrix.join_room(target, room_id).await {
+            Ok(()) => {
+                tracing::info!(agent = %agent.id, room_id = %room_id, inviter = %member.sender, "joined on invite")
+            }
+            Err(e) => {
+                tracing::error!(agent = %agent.id, room_id = %room_id, error = %e, "could not join on invite")
+            }
+        }
+    }
+
+    /// An encrypted message cannot be read; the room's first agent says so rather than
+    /// staying silent.
+    pub(super) async fn on_encrypted(
+        &self,
+        room_id: &RoomId,
+        event_id: &ruma::EventId,
+        encrypted: &Encrypted,
+    ) -> Delivery {
+        if self.config.is_own_user(&encrypted.sender) {
+            return Delivery::Delivered;
+        }
+        let room = self.room_facts(room_id).await;
+        let Some(agent) = self
+            .router
+            .candidates()
+            .iter()
+            .find(|c| room.joined.contains(&c.user_id))
+        else {
+            return Delivery::Delivered;
+        };
+        let trigger = Trigger {
+            room_id,
+            event_id,
+            sender: &encrypted.sender,
+            body: "",
+            thread_root: None,
+            hops: 1,
+        };
+        self.runtime
+            .notice(&agent.id, &trigger, "encrypted", notices::encrypted())
+            .await
+    }
+}
