@@ -29,8 +29,11 @@ HS="$ROOT/scripts/dev-homeserver.sh"
 LM="$ROOT/scripts/local-model.sh"
 LM_JOB="$STATE/local-model-job.pid"
 
+# shellcheck source=lib.sh
+. "$ROOT/scripts/lib.sh"
+
+# The demo's steps are short and many: no blank line between them.
 step() { printf '==> %s\n' "$*" >&2; }
-die() { printf 'demo.sh: error: %s\n' "$*" >&2; exit 1; }
 
 stop_all() {
     if [ -f "$STATE/agentbus.pid" ]; then
@@ -46,14 +49,10 @@ stop_all() {
 stop_local_model() {
     if [ -s "$LM_JOB" ]; then
         local job
-        job="$(cat "$LM_JOB")"
         # Only if that PID is still our job, not a process that reused it.
-        if tr '\0' ' ' 2>/dev/null <"/proc/$job/cmdline" | grep -qF "$LM"; then
-            kill -TERM -- "-$job" 2>/dev/null || true
-            for _ in $(seq 1 50); do
-                kill -0 "$job" 2>/dev/null || break
-                sleep 0.1
-            done
+        job="$(live_pid "$LM_JOB" "$LM")"
+        if [ -n "$job" ]; then
+            terminate "-$job" 5 pid_alive "$job" || true
         fi
         rm -f "$LM_JOB"
     fi
@@ -177,14 +176,13 @@ step "starting agentbus on 127.0.0.1:$AS_PORT (log: $STATE/agentbus.log)"
 "$BIN" --config "$CONFIG" serve >>"$STATE/agentbus.log" 2>&1 &
 AGENTBUS_PID=$!
 echo "$AGENTBUS_PID" > "$STATE/agentbus.pid"
-for _ in $(seq 1 300); do
-    if ! kill -0 "$AGENTBUS_PID" 2>/dev/null; then
-        tail -n 20 "$STATE/agentbus.log" >&2
-        die "agentbus exited during startup (log above)"
-    fi
-    grep -q "agentbus is running" "$STATE/agentbus.log" && break
-    sleep 0.2
-done
+# After a minute the demo goes on regardless: the summary below still helps.
+started=0
+wait_for_line "$AGENTBUS_PID" "$STATE/agentbus.log" "agentbus is running" 60 || started=$?
+if [ "$started" = 1 ]; then
+    tail -n 20 "$STATE/agentbus.log" >&2
+    die "agentbus exited during startup (log above)"
+fi
 
 step "creating the demo user and the #project room"
 if [ ! -f "$STATE/demo-password" ]; then

@@ -25,7 +25,8 @@ MARKER="$VENV/.agentbus-install-ok"
 READY_TIMEOUT=180
 STOP_TIMEOUT=15
 
-PROG="$(basename "$0")"
+# shellcheck source=lib.sh
+. "$(dirname -- "${BASH_SOURCE[0]}")/lib.sh"
 
 usage() {
     local code="${1:-2}"
@@ -41,8 +42,6 @@ EOF
     exit "$code"
 }
 
-log() { printf '%s: %s\n' "$PROG" "$*" >&2; }
-die() { log "error: $*"; exit 1; }
 bad_usage() { log "$*"; usage; }
 
 abspath() {
@@ -67,14 +66,11 @@ cmd_install() {
     mkdir -p "$CACHE_DIR"
     local lock="$CACHE_DIR/synapse-$SYNAPSE_VERSION.lock"
     local pip_log="$CACHE_DIR/synapse-$SYNAPSE_VERSION.pip.log"
-    exec 8>"$lock"
-    if ! flock -n 8; then
-        log "waiting for another process installing Synapse $SYNAPSE_VERSION..."
-        flock -w 900 8 || die "timed out waiting for install lock $lock"
-    fi
+    take_lock "$lock" 900 "waiting for another process installing Synapse $SYNAPSE_VERSION..." \
+        || die "timed out waiting for install lock $lock"
     # Whoever held the lock may have just finished the install.
     if [[ -f "$MARKER" ]]; then
-        exec 8>&-
+        release_lock
         return 0
     fi
 
@@ -95,39 +91,17 @@ cmd_install() {
         || die "Synapse installed but does not import (see $pip_log)"
     echo "$SYNAPSE_VERSION" >"$MARKER"
     log "Synapse $SYNAPSE_VERSION installed in $((SECONDS - t0))s"
-    exec 8>&-
+    release_lock
 }
 
 # ---------------------------------------------------------------- helpers --
 
-# Prints the PID of DIR's Synapse if it is alive, otherwise nothing.
-running_pid() {
-    local dir="$1" pid state
-    [[ -s "$dir/synapse.pid" ]] || return 0
-    pid="$(<"$dir/synapse.pid")"
-    [[ "$pid" =~ ^[0-9]+$ ]] || return 0
-    [[ -r "/proc/$pid/stat" ]] || { kill -0 "$pid" 2>/dev/null && echo "$pid"; return 0; }
-    # A zombie passes kill -0 but is dead; in containers nobody may reap it.
-    state="$(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null || true)"
-    [[ -n "$state" && "$state" != Z ]] || return 0
-    # Guard against PID reuse: only claim processes serving this config.
-    tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF -- "$dir/homeserver.yaml" || return 0
-    echo "$pid"
-}
+# Prints the PID of DIR's Synapse if it is alive, otherwise nothing. Only processes
+# serving this config are ours.
+running_pid() { live_pid "$1/synapse.pid" "$1/homeserver.yaml"; }
 
-http_status() {
-    if command -v curl >/dev/null 2>&1; then
-        curl -s -o /dev/null -w '%{http_code}' --max-time 3 "$1" 2>/dev/null || true
-    else
-        "$VENV_PY" - "$1" <<'PY' 2>/dev/null || true
-import sys, urllib.request
-try:
-    print(urllib.request.urlopen(sys.argv[1], timeout=3).status)
-except Exception as e:
-    print(getattr(e, "code", 0))
-PY
-    fi
-}
+# shellcheck disable=SC2317 # called through wait_for_url and stop_process
+synapse_running() { [[ -n "$(running_pid "$1")" ]]; }
 
 # Prints server_name, http port and registration path of a config, one a line.
 read_config() {
@@ -282,9 +256,7 @@ cmd_start() {
     done
     [[ -n "$dir" && -n "$port" && -n "$name" && -n "$reg" ]] \
         || bad_usage "start: --dir, --port, --server-name and --registration are required"
-    if [[ ! "$port" =~ ^[0-9]{1,5}$ ]] || ((10#$port < 1 || 10#$port > 65535)); then
-        bad_usage "start: invalid port '$port'"
-    fi
+    valid_port "$port" || bad_usage "start: invalid port '$port'"
     port=$((10#$port))
     [[ -f "$reg" ]] || die "registration file not found: $reg"
 
@@ -332,38 +304,29 @@ cmd_start() {
 
         rm -f "$dir/synapse.pid"
         : >"$dir/synapse.out"
-        # setsid detaches Synapse from the caller's process group so a Ctrl-C
-        # aimed at the caller does not take the server down; `stop` does that.
-        # The inner shell records its own PID before exec because setsid may
-        # fork, which would make $! the wrong process.
-        # shellcheck disable=SC2016 # $$ and $1 belong to the inner shell
-        (cd "$dir" && exec setsid bash -c 'echo $$ >"$1"; shift; exec "$@"' _ \
-            "$dir/synapse.pid" "$VENV_PY" -m synapse.app.homeserver -c "$cfg" \
+        # Detached from the caller's process group so a Ctrl-C aimed at the
+        # caller does not take the server down; `stop` does that.
+        (cd "$dir" && detached "$dir/synapse.pid" "$VENV_PY" -m synapse.app.homeserver -c "$cfg" \
             </dev/null >>"$dir/synapse.out" 2>&1) &
-        local i
-        for ((i = 0; i < 50; i++)); do
-            [[ -s "$dir/synapse.pid" ]] && break
-            sleep 0.1
-        done
+        wait_for_file "$dir/synapse.pid" || true
         pid="$(<"$dir/synapse.pid")" || die "Synapse did not start (no pid file)"
     fi
 
-    local url="http://127.0.0.1:$port" t0=$SECONDS
-    while :; do
-        [[ "$(http_status "$url/_matrix/client/versions")" == 200 ]] && break
-        if [[ -z "$(running_pid "$dir")" ]]; then
+    local url="http://127.0.0.1:$port" ready=0
+    wait_for_url "$url/_matrix/client/versions" "$READY_TIMEOUT" synapse_running "$dir" || ready=$?
+    case "$ready" in
+        1)
             show_log_tail "$dir"
             die "Synapse (pid $pid) exited before answering on $url"
-        fi
-        if ((SECONDS - t0 >= READY_TIMEOUT)); then
+            ;;
+        2)
             show_log_tail "$dir"
             # A half-started server would keep the port and confuse the next
             # attempt, and callers that see a failure rarely run `stop`.
             stop_dir "$dir"
             die "Synapse did not answer $url/_matrix/client/versions within ${READY_TIMEOUT}s"
-        fi
-        sleep 0.3
-    done
+            ;;
+    esac
     echo "Synapse is up at $url"
 }
 
@@ -389,20 +352,7 @@ stop_dir() {
         rm -f "$dir/synapse.pid"
         return 0
     fi
-    kill -TERM "$pid" 2>/dev/null || true
-    local i
-    for ((i = 0; i < STOP_TIMEOUT * 10; i++)); do
-        [[ -z "$(running_pid "$dir")" ]] && break
-        sleep 0.1
-    done
-    if [[ -n "$(running_pid "$dir")" ]]; then
-        log "Synapse (pid $pid) ignored SIGTERM for ${STOP_TIMEOUT}s; sending SIGKILL"
-        kill -KILL "$pid" 2>/dev/null || true
-        for ((i = 0; i < 50; i++)); do
-            [[ -z "$(running_pid "$dir")" ]] && break
-            sleep 0.1
-        done
-    fi
+    stop_process "$pid" "$STOP_TIMEOUT" Synapse synapse_running "$dir" || true
     rm -f "$dir/synapse.pid"
     log "stopped Synapse for $dir"
 }

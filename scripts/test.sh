@@ -5,8 +5,8 @@
 # (tiny) model, both started by our own scripts.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-
-step() { printf '\n==> %s\n' "$*" >&2; }
+# shellcheck source=lib.sh
+. scripts/lib.sh
 
 step "Synapse for the end-to-end tests (cached after the first run)"
 scripts/dev-homeserver.sh install

@@ -19,12 +19,14 @@
 //!   a reason; the [`router::explain`] seam answers "who would answer?".
 //! - [`agents`] — the agent runtime: a lane per session (agent + room + thread), memory
 //!   within a token budget, the tool loop, the answer streamed as a message plus edits
-//!   with replay-safe transaction IDs, and everything an agent says.
+//!   with replay-safe transaction IDs, and everything an agent says; the built-in tools
+//!   ([`agents::tools`]), one file per tool.
 //! - [`llm`] — streaming model providers behind one trait and the hub above them.
 //! - [`matrix`] — the outbound client-server API as any of our users, with retries, and
 //!   our protocol keys ([`matrix::keys`]).
 //! - [`render`] — Markdown → Matrix HTML, and answers split to fit events.
-//! - [`net`] — HTTP plumbing: error chains, error bodies, token digests.
+//! - [`net`] — HTTP plumbing: error chains, error bodies, token digests; the address
+//!   guard that keeps model-steered requests on the public internet, and HTML as text.
 //! - [`config`] — `agentbus.yaml`, its defaults, env overrides and validation.
 //! - [`ops`] — startup checks, the admin API, metrics.
 //! - [`server`] — the composition root: builds every service once, serves HTTP, runs the

@@ -9,59 +9,53 @@
 
 use std::collections::BTreeMap;
 
-use futures::future::BoxFuture;
 use http::{HeaderMap, HeaderName, HeaderValue};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::sse::SseParser;
-use super::transport::{Decoder, Endpoint};
-use super::{
-    ChatMessage, CompletionRequest, Delta, DeltaStream, FinishReason, LlmError, Provider, Role,
-    Usage,
-};
-use crate::config::ProviderConfig;
+use super::transport::{Decoder, HttpProvider, WireFormat};
+use super::{ChatMessage, CompletionRequest, Delta, FinishReason, LlmError, Role, Usage};
 
 /// The API version this wire format is written against.
 const API_VERSION: &str = "2023-06-01";
 
-/// A provider speaking the Anthropic Messages wire format.
-pub struct AnthropicProvider {
-    endpoint: Endpoint,
-}
+/// A provider speaking the Anthropic Messages wire format; `api_key` is sent as
+/// `x-api-key` when present.
+pub type AnthropicProvider = HttpProvider<Messages>;
 
-impl AnthropicProvider {
-    /// A provider for `config`; `api_key` is sent as `x-api-key` when present.
-    pub fn new(config: &ProviderConfig, api_key: Option<String>) -> Self {
-        let base = super::transport::base_url(config, "https://api.anthropic.com");
+/// The Anthropic Messages wire format.
+pub struct Messages;
+
+impl WireFormat for Messages {
+    const DEFAULT_BASE_URL: &'static str = "https://api.anthropic.com";
+    const PATH: &'static str = "/v1/messages";
+    type Decoder = EventDecoder;
+
+    fn headers(api_key: Option<&str>) -> HeaderMap {
         let mut headers = HeaderMap::new();
         headers.insert(
             HeaderName::from_static("anthropic-version"),
             HeaderValue::from_static(API_VERSION),
         );
-        if let Some(key) = &api_key
+        if let Some(key) = api_key
             && let Ok(mut value) = HeaderValue::from_str(key)
         {
             value.set_sensitive(true);
             headers.insert(HeaderName::from_static("x-api-key"), value);
         }
-        Self {
-            endpoint: Endpoint::new(format!("{base}/v1/messages"), config, headers, api_key),
-        }
+        headers
     }
-}
 
-impl Provider for AnthropicProvider {
-    fn stream(&self, request: CompletionRequest) -> BoxFuture<'_, Result<DeltaStream, LlmError>> {
-        Box::pin(async move {
-            let body = request_body(&request);
-            self.endpoint
-                .start(&body, |secret| EventDecoder {
-                    secret,
-                    ..EventDecoder::default()
-                })
-                .await
-        })
+    fn request_body(request: &CompletionRequest) -> Value {
+        request_body(request)
+    }
+
+    fn decoder(secret: Option<String>) -> EventDecoder {
+        EventDecoder {
+            secret,
+            ..EventDecoder::default()
+        }
     }
 }
 
@@ -268,7 +262,7 @@ struct StreamError {
 /// Reads the event stream. Usage and the stop reason from `message_delta` are held until
 /// `message_stop` so that `Finish` comes last.
 #[derive(Default)]
-struct EventDecoder {
+pub struct EventDecoder {
     sse: SseParser,
     usage: Usage,
     finish: Option<FinishReason>,
@@ -442,7 +436,7 @@ mod tests {
     use super::*;
     use crate::config::ProviderApi;
     use crate::llm::transport::stub::{self, Script, Stub};
-    use crate::llm::{Completion, Image, ToolCall, collect};
+    use crate::llm::{Completion, Image, Provider, ToolCall, collect};
 
     const KEY: &str = "sk-ant-test-0123456789";
     const SSE: &str = "text/event-stream";

@@ -29,6 +29,7 @@ pub use echo::EchoProvider;
 pub use hub::{Attempt, Failure, LlmHub};
 pub use ollama::OllamaProvider;
 pub use openai::OpenAiProvider;
+pub use transport::{HttpProvider, WireFormat};
 
 /// Who said a line of the conversation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -8,45 +8,33 @@
 
 use std::collections::HashMap;
 
-use futures::future::BoxFuture;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::transport::{Decoder, Endpoint};
-use super::{
-    ChatMessage, CompletionRequest, Delta, DeltaStream, FinishReason, LlmError, Provider, Role,
-    Usage,
-};
-use crate::config::ProviderConfig;
+use super::transport::{Decoder, HttpProvider, WireFormat};
+use super::{ChatMessage, CompletionRequest, Delta, FinishReason, LlmError, Role, Usage};
 
-/// A provider speaking Ollama's `/api/chat`.
-pub struct OllamaProvider {
-    endpoint: Endpoint,
-}
+/// A provider speaking Ollama's `/api/chat`. Ollama itself wants no key; one is sent as
+/// a bearer token for the proxies and hosted Ollamas that do.
+pub type OllamaProvider = HttpProvider<OllamaChat>;
 
-impl OllamaProvider {
-    /// A provider for `config`. Ollama itself wants no key; one is sent as a bearer token
-    /// for the proxies and hosted Ollamas that do.
-    pub fn new(config: &ProviderConfig, api_key: Option<String>) -> Self {
-        let base = super::transport::base_url(config, "http://127.0.0.1:11434");
-        let headers = super::transport::bearer(api_key.as_deref());
-        Self {
-            endpoint: Endpoint::new(format!("{base}/api/chat"), config, headers, api_key),
-        }
+/// Ollama's native chat wire format.
+pub struct OllamaChat;
+
+impl WireFormat for OllamaChat {
+    const DEFAULT_BASE_URL: &'static str = "http://127.0.0.1:11434";
+    const PATH: &'static str = "/api/chat";
+    type Decoder = LineDecoder;
+
+    fn request_body(request: &CompletionRequest) -> Value {
+        request_body(request)
     }
-}
 
-impl Provider for OllamaProvider {
-    fn stream(&self, request: CompletionRequest) -> BoxFuture<'_, Result<DeltaStream, LlmError>> {
-        Box::pin(async move {
-            let body = request_body(&request);
-            self.endpoint
-                .start(&body, |secret| LineDecoder {
-                    secret,
-                    ..LineDecoder::default()
-                })
-                .await
-        })
+    fn decoder(secret: Option<String>) -> LineDecoder {
+        LineDecoder {
+            secret,
+            ..LineDecoder::default()
+        }
     }
 }
 
@@ -160,7 +148,7 @@ struct LineFunction {
 
 /// Reads the NDJSON body; each tool call gets the next index.
 #[derive(Default)]
-struct LineDecoder {
+pub struct LineDecoder {
     calls: usize,
     secret: Option<String>,
 }
@@ -236,7 +224,7 @@ mod tests {
     use super::*;
     use crate::config::ProviderApi;
     use crate::llm::transport::stub::{self, Script, Stub};
-    use crate::llm::{Completion, Image, ToolCall, collect};
+    use crate::llm::{Completion, Image, Provider, ToolCall, collect};
 
     const KEY: &str = "ollama-test-0123456789";
     const NDJSON: &str = "application/x-ndjson";

@@ -7,45 +7,34 @@
 //! `data: [DONE]`. With `stream_options.include_usage` the last chunk before `[DONE]` has
 //! `choices: []` and the `usage`.
 
-use futures::future::BoxFuture;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::sse::SseParser;
-use super::transport::{Decoder, Endpoint};
-use super::{
-    ChatMessage, CompletionRequest, Delta, DeltaStream, FinishReason, LlmError, Provider, Role,
-    Usage,
-};
-use crate::config::ProviderConfig;
+use super::transport::{Decoder, HttpProvider, WireFormat};
+use super::{ChatMessage, CompletionRequest, Delta, FinishReason, LlmError, Role, Usage};
 
-/// A provider speaking the Chat Completions wire format.
-pub struct OpenAiProvider {
-    endpoint: Endpoint,
-}
+/// A provider speaking the Chat Completions wire format; `api_key` is sent as a bearer
+/// token when present.
+pub type OpenAiProvider = HttpProvider<ChatCompletions>;
 
-impl OpenAiProvider {
-    /// A provider for `config`; `api_key` is sent as a bearer token when present.
-    pub fn new(config: &ProviderConfig, api_key: Option<String>) -> Self {
-        let base = super::transport::base_url(config, "https://api.openai.com/v1");
-        let headers = super::transport::bearer(api_key.as_deref());
-        Self {
-            endpoint: Endpoint::new(format!("{base}/chat/completions"), config, headers, api_key),
-        }
+/// The Chat Completions wire format.
+pub struct ChatCompletions;
+
+impl WireFormat for ChatCompletions {
+    const DEFAULT_BASE_URL: &'static str = "https://api.openai.com/v1";
+    const PATH: &'static str = "/chat/completions";
+    type Decoder = ChunkDecoder;
+
+    fn request_body(request: &CompletionRequest) -> Value {
+        request_body(request)
     }
-}
 
-impl Provider for OpenAiProvider {
-    fn stream(&self, request: CompletionRequest) -> BoxFuture<'_, Result<DeltaStream, LlmError>> {
-        Box::pin(async move {
-            let body = request_body(&request);
-            self.endpoint
-                .start(&body, |secret| ChunkDecoder {
-                    secret,
-                    ..ChunkDecoder::default()
-                })
-                .await
-        })
+    fn decoder(secret: Option<String>) -> ChunkDecoder {
+        ChunkDecoder {
+            secret,
+            ..ChunkDecoder::default()
+        }
     }
 }
 
@@ -167,7 +156,7 @@ struct ChunkUsage {
 /// Reads the SSE body. The finish reason is held back until `[DONE]` so that `Finish` is
 /// the last delta even though the usage chunk comes after it.
 #[derive(Default)]
-struct ChunkDecoder {
+pub struct ChunkDecoder {
     sse: SseParser,
     finish: Option<FinishReason>,
     saw_tool_calls: bool,
@@ -287,7 +276,7 @@ mod tests {
     use super::*;
     use crate::config::ProviderApi;
     use crate::llm::transport::stub::{self, Script, Stub};
-    use crate::llm::{Completion, Image, ToolCall, collect};
+    use crate::llm::{Completion, Image, Provider, ToolCall, collect};
 
     const KEY: &str = "sk-test-0123456789";
     const SSE: &str = "text/event-stream";

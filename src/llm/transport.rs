@@ -1,20 +1,74 @@
-//! The HTTP side every wire format shares: one POST whose status and headers are awaited
-//! under the provider's `timeout`, and a streamed body turned into [`Delta`]s by a
-//! per-format [`Decoder`], with the same `timeout` bounding each silence between chunks.
+//! The HTTP side every wire format shares: one provider type, [`HttpProvider`], generic
+//! over a [`WireFormat`] (where it posts, its headers, its request body, its
+//! [`Decoder`]); one POST whose status and headers are awaited under the provider's
+//! `timeout`, and a streamed body turned into [`Delta`]s by the format's decoder, with the
+//! same `timeout` bounding each silence between chunks.
 
 use std::collections::VecDeque;
+use std::marker::PhantomData;
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures::future::BoxFuture;
 use futures::stream::{BoxStream, Stream, StreamExt};
 use http::{HeaderMap, HeaderName, HeaderValue};
 
 use super::sse::LineSplitter;
-use super::{Delta, DeltaStream, LlmError};
+use super::{CompletionRequest, Delta, DeltaStream, LlmError, Provider};
 use crate::config::ProviderConfig;
 
+/// One wire format: where its requests go, how they authenticate, what they carry, and
+/// how its streamed answer reads.
+pub trait WireFormat: Send + Sync + 'static {
+    /// The base URL when the config names none.
+    const DEFAULT_BASE_URL: &'static str;
+    /// Appended to the base URL.
+    const PATH: &'static str;
+    /// Reads one answer.
+    type Decoder: Decoder;
+
+    /// The format's own headers (auth, version) for `api_key`; by default a bearer token.
+    fn headers(api_key: Option<&str>) -> HeaderMap {
+        bearer(api_key)
+    }
+
+    /// The JSON body of a streamed request.
+    fn request_body(request: &CompletionRequest) -> serde_json::Value;
+
+    /// A decoder for one answer; it redacts `secret` (the key) from its errors.
+    fn decoder(secret: Option<String>) -> Self::Decoder;
+}
+
+/// A model provider over HTTP speaking the wire format `W`.
+pub struct HttpProvider<W> {
+    endpoint: Endpoint,
+    format: PhantomData<fn() -> W>,
+}
+
+impl<W: WireFormat> HttpProvider<W> {
+    /// A provider for `config`; `api_key` goes where the format sends it, and is redacted
+    /// from every error.
+    pub fn new(config: &ProviderConfig, api_key: Option<String>) -> Self {
+        let base = base_url(config, W::DEFAULT_BASE_URL);
+        let headers = W::headers(api_key.as_deref());
+        Self {
+            endpoint: Endpoint::new(format!("{base}{}", W::PATH), config, headers, api_key),
+            format: PhantomData,
+        }
+    }
+}
+
+impl<W: WireFormat> Provider for HttpProvider<W> {
+    fn stream(&self, request: CompletionRequest) -> BoxFuture<'_, Result<DeltaStream, LlmError>> {
+        Box::pin(async move {
+            let body = W::request_body(&request);
+            self.endpoint.start(&body, W::decoder).await
+        })
+    }
+}
+
 /// Where and how one provider is called.
-pub(super) struct Endpoint {
+struct Endpoint {
     http: reqwest::Client,
     url: String,
     headers: HeaderMap,
@@ -25,7 +79,7 @@ pub(super) struct Endpoint {
 impl Endpoint {
     /// `url` with the format's own `headers` (auth, version), which the config's `headers`
     /// may override. `secret` is redacted from every error.
-    pub(super) fn new(
+    fn new(
         url: String,
         config: &ProviderConfig,
         mut headers: HeaderMap,
@@ -58,16 +112,13 @@ impl Endpoint {
     }
 
     /// The API key, for redaction.
-    pub(super) fn secret(&self) -> Option<&str> {
+    fn secret(&self) -> Option<&str> {
         self.secret.as_deref()
     }
 
     /// POSTs `body` and waits for the status line: a non-2xx status becomes
     /// [`LlmError::Http`] with the provider's message and `Retry-After`.
-    pub(super) async fn post(
-        &self,
-        body: &serde_json::Value,
-    ) -> Result<reqwest::Response, LlmError> {
+    async fn post(&self, body: &serde_json::Value) -> Result<reqwest::Response, LlmError> {
         let request = self
             .http
             .post(&self.url)
@@ -105,7 +156,7 @@ impl Endpoint {
 
     /// POSTs `body` and, once accepted, reads the answer through the decoder `decoder`
     /// makes from the key (which it redacts from errors).
-    pub(super) async fn start<D: Decoder>(
+    async fn start<D: Decoder>(
         &self,
         body: &serde_json::Value,
         decoder: impl FnOnce(Option<String>) -> D,
@@ -115,7 +166,7 @@ impl Endpoint {
     }
 
     /// The body of an accepted `response`, read line by line through `decoder`.
-    pub(super) fn stream(&self, response: reqwest::Response, decoder: impl Decoder) -> DeltaStream {
+    fn stream(&self, response: reqwest::Response, decoder: impl Decoder) -> DeltaStream {
         decode_body(response.bytes_stream(), self.timeout, decoder)
     }
 
@@ -125,7 +176,7 @@ impl Endpoint {
 }
 
 /// `config.base_url` without a trailing `/`, else the format's `default`.
-pub(super) fn base_url(config: &ProviderConfig, default: &str) -> String {
+fn base_url(config: &ProviderConfig, default: &str) -> String {
     config
         .base_url
         .as_ref()
@@ -159,7 +210,7 @@ fn network_error(error: reqwest::Error, timeout: Duration, secret: Option<&str>)
 }
 
 /// What one wire format makes of the lines of its body.
-pub(super) trait Decoder: Send + 'static {
+pub trait Decoder: Send + 'static {
     /// Reads one line (without its line break), pushing what it means to `out`. Returns
     /// `true` at the format's end marker (`[DONE]`, `message_stop`, `"done": true`).
     fn line(&mut self, line: &str, out: &mut Vec<Delta>) -> Result<bool, LlmError>;

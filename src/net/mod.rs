@@ -1,6 +1,10 @@
 //! HTTP plumbing every side shares, and nothing of Matrix or agents: error chains, the
 //! Matrix-style error body our own HTTP APIs answer with, token digests for constant-time
-//! comparison.
+//! comparison; the address guard for outbound requests others can steer ([`guard`]), and
+//! HTML read as text ([`html`]).
+
+pub mod guard;
+pub mod html;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
