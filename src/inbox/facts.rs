@@ -269,6 +269,16 @@ impl Inbox {
             aliases,
         };
         // Ask as each agent in turn; only one that is in the room may see its members.
+        let _turn = self
+            .lookups
+            .acquire()
+            .await
+            .expect("the lookup semaphore is never closed");
+        if let Some((facts, expires)) = self.rooms.lock().expect("room cache lock").get(room_id)
+            && expires.is_none_or(|at| Instant::now() < at)
+        {
+            return facts.clone(); // learnt while waiting for a turn
+        }
         for candidate in self.router.candidates() {
             match self
                 .matrix

@@ -40,12 +40,19 @@ fn lease_holder() -> String {
     format!("{host}:{}", std::process::id())
 }
 
+/// At most this many room lookups (members) are asked of the homeserver at once. A burst
+/// of events in a thousand new rooms made a thousand workers ask at the same moment: the
+/// homeserver's listen queue overflowed, and connections waited for TCP's SYN retries (up
+/// to half a minute) while the rooms' events held the backlog full.
+const LOOKUPS_AT_ONCE: usize = 16;
 /// How long a failed room lookup (members, aliases) is remembered before asking again.
 const FACTS_RETRY: Duration = Duration::from_secs(30);
 /// Journaled events read per page while replaying.
 const REPLAY_PAGE: usize = 512;
-/// At most this many finished events are removed from the journal in one write.
+/// A room worker hands its finished events over after at most this many.
 const FINISH_BATCH: usize = 256;
+/// The finisher writes at most this many finished events at once.
+const FINISH_WRITE: usize = 4096;
 /// A room worker with nothing to do for this long exits; the next event starts a new one.
 const WORKER_IDLE: Duration = Duration::from_secs(300);
 /// Recent room history handed to the router (threads and replies are looked up in it).
@@ -75,6 +82,13 @@ pub struct Inbox {
     router: Router,
     guard: Mutex<LoopGuard>,
     backlog: Arc<Backlog>,
+    /// Where room workers hand their finished events to the finisher, which writes
+    /// everyone's in one write (with a thousand busy rooms, a write per room's batch was
+    /// most of the drain's cost).
+    finishing: mpsc::UnboundedSender<Finished>,
+    finished: Mutex<Option<mpsc::UnboundedReceiver<Finished>>>,
+    /// Bounds the room lookups in flight ([`LOOKUPS_AT_ONCE`]).
+    lookups: tokio::sync::Semaphore,
     /// Room facts by room; an entry learnt from a failure carries when to ask again.
     rooms: Mutex<HashMap<OwnedRoomId, (RoomFacts, Option<Instant>)>>,
     /// Display names of joined members, by room (cached with `rooms`).
@@ -95,7 +109,11 @@ impl Inbox {
         runtime: Arc<AgentRuntime>,
         backlog: Arc<Backlog>,
     ) -> Arc<Self> {
+        let (finishing, finished) = mpsc::unbounded_channel();
         Arc::new(Self {
+            finishing,
+            finished: Mutex::new(Some(finished)),
+            lookups: tokio::sync::Semaphore::new(LOOKUPS_AT_ONCE),
             lease: RwLock::new(Lease {
                 holder: lease_holder(),
                 partitions: Vec::new(),
@@ -249,6 +267,9 @@ impl Inbox {
             HashMap::new();
         self.claim_partitions().await;
         tracker.spawn(self.clone().keep_lease(shutdown.clone()));
+        if let Some(finished) = self.finished.lock().expect("finisher lock").take() {
+            tracker.spawn(self.clone().run_finisher(finished, shutdown.clone()));
+        }
         if let Some(last) = replay_up_to {
             let mut after = None;
             let mut replayed = 0usize;
@@ -384,9 +405,49 @@ impl Inbox {
         }
     }
 
+    /// Hands a room worker's finished events to the finisher.
+    async fn finish(&self, done: &mut Finished) {
+        if done.events.is_empty() {
+            return;
+        }
+        if let Err(mpsc::error::SendError(mut back)) = self.finishing.send(std::mem::take(done)) {
+            // No finisher (not started, or stopped): write them here.
+            self.write_finished(&mut back).await;
+        }
+    }
+
+    /// Writes what the room workers finished, everyone's together, until `shutdown`; then
+    /// what was handed over before it.
+    async fn run_finisher(
+        self: Arc<Self>,
+        mut finished: mpsc::UnboundedReceiver<Finished>,
+        shutdown: CancellationToken,
+    ) {
+        loop {
+            let first = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                first = finished.recv() => first,
+            };
+            let Some(mut batch) = first else { return };
+            while batch.events.len() < FINISH_WRITE {
+                let Ok(more) = finished.try_recv() else { break };
+                batch.events.extend(more.events);
+                batch.lines.extend(more.lines);
+            }
+            self.write_finished(&mut batch).await;
+        }
+        finished.close();
+        let mut rest = Finished::default();
+        while let Ok(more) = finished.try_recv() {
+            rest.events.extend(more.events);
+            rest.lines.extend(more.lines);
+        }
+        self.write_finished(&mut rest).await;
+    }
+
     /// Finishes the events in `done` (removes them from the journal, writes the history
     /// lines they left) in one write.
-    async fn finish(&self, done: &mut Finished) {
+    async fn write_finished(&self, done: &mut Finished) {
         if done.events.is_empty() {
             return;
         }

@@ -261,7 +261,17 @@ impl<B: Backend> JournalStore for Embedded<B> {
             self.leases.check(lease, event.partition)?;
         }
         let seqs: Vec<u64> = events.iter().map(|e| e.seq).collect();
-        self.with(|b| b.finish_events(&seqs, history))?;
+        let backend = self.backend()?;
+        let lines = history.to_vec();
+        // An engine may hold a write back while it flushes: keep that off the async workers.
+        let result = tokio::task::spawn_blocking(move || backend.finish_events(&seqs, &lines))
+            .await
+            .unwrap_or_else(|e| {
+                Err(StoreError::Unavailable(format!(
+                    "finish write aborted: {e}"
+                )))
+            });
+        self.note(result)?;
         let mut cache = self.recent.lock().expect("history cache lock");
         for (room_id, entry) in history {
             cache.push(room_id, entry);
