@@ -7,9 +7,11 @@
 //! - [`appservice`] — the inbound homeserver API. `PUT /transactions/{txnId}` checks the
 //!   hs_token, waits while the inbox's backlog is full (back-pressure), journals the
 //!   events durably — each event_id once, whatever carries it — and answers 200.
-//! - [`store`] — durable state: the journal and its feed to the inbox ([`store::feed`]),
-//!   dedupe records, room history, sessions, pairing, sent-message records; sled is the
-//!   embedded backend, opened by [`store::open`].
+//! - [`store`] — durable state, one async trait per concern: the journal with its partition
+//!   leases, dedupe and sent-message records (`JournalStore`), room history, sessions,
+//!   pairing; the feed to the inbox ([`store::feed`]). [`store::open`] builds the backend
+//!   `store.backend` names: fjall (default) or sled, embedded, through
+//!   [`store::embedded`]; `lease.rs` the partitions, `fjall.rs` / `sled.rs` the engines.
 //! - [`inbox`] — per-room ordered workers over the journal: replay first, then what the
 //!   feed brings; each event decoded once into a typed value, then the stages in order:
 //!   the bridges' relay hook, commands (`!reset`), the room's facts (members, aliases,

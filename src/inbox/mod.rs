@@ -2,8 +2,8 @@
 //!
 //! The transaction handler journals events and submits them to the journal's feed; a
 //! dispatcher hands each to its room's worker. A worker processes its room's events one
-//! at a time, in journal order: [`decode`] makes each a typed value, then the
-//! [`stages`] run on it — the bridges' relay hook, [`commands`], [`facts`], routing,
+//! at a time, in journal order: `decode` makes each a typed value, then the
+//! `stages` run on it — the bridges' relay hook, `commands`, `facts`, routing,
 //! and the chosen agents' jobs — and the event leaves the journal once its answers are
 //! delivered. On startup the journal's unprocessed events are replayed first.
 

@@ -7,7 +7,7 @@
 //! synchronous [`embedded::Backend`] and get the async traits, the history cache, leases
 //! and recovery after a failed write from [`embedded::Embedded`]; a backend shared by
 //! several processes (PostgreSQL) implements the async traits itself. Every backend runs
-//! the same conformance macros ([`journal_conformance_tests!`] and its siblings).
+//! the same conformance macros (`journal_conformance_tests!` and its siblings).
 //!
 //! Time is passed in (`now_ms`, unix milliseconds), never read inside, so tests control it.
 
