@@ -58,6 +58,7 @@ pub async fn put_transaction(
     // holds its next transaction meanwhile), so nothing queues without bound.
     state.feed.backlog().wait_for_room().await;
     let txn = dedupe_key(&txn_id, &events);
+    let event_ids: Vec<ruma::OwnedEventId> = events.iter().map(|e| e.event_id.clone()).collect();
     let outcome = state
         .journal
         .journal_transaction(txn.as_str().into(), events, crate::unix_ms())
@@ -69,6 +70,19 @@ pub async fn put_transaction(
     match outcome {
         JournalOutcome::Duplicate => {
             tracing::debug!(txn_id = %txn_id, "transaction already journaled; acknowledging again");
+            // A refused attempt may have been written after all: make sure the inbox has
+            // what is still waiting (it skips what it has).
+            match state.journal.pending_of(&event_ids).await {
+                Ok(pending) => state.feed.submit(pending),
+                Err(e) => {
+                    tracing::error!(txn_id = %txn_id, error = %e, "could not check a redelivered transaction; the homeserver will retry");
+                    return Err(ApiError::new(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "M_UNKNOWN",
+                        e.to_string(),
+                    ));
+                }
+            }
         }
         JournalOutcome::Journaled(journaled) => {
             tracing::debug!(txn_id = %txn_id, events = count, "transaction journaled");

@@ -87,6 +87,9 @@ pub struct Inbox {
     /// most of the drain's cost).
     finishing: mpsc::UnboundedSender<Finished>,
     finished: Mutex<Option<mpsc::UnboundedReceiver<Finished>>>,
+    /// Sequence numbers handed to room workers and not finished yet: an event handed over
+    /// again (a redelivered transaction) is skipped.
+    in_flight: Arc<Mutex<std::collections::HashSet<u64>>>,
     /// Bounds the room lookups in flight ([`LOOKUPS_AT_ONCE`]).
     lookups: tokio::sync::Semaphore,
     /// Room facts by room; an entry learnt from a failure carries when to ask again.
@@ -114,6 +117,7 @@ impl Inbox {
             finishing,
             finished: Mutex::new(Some(finished)),
             lookups: tokio::sync::Semaphore::new(LOOKUPS_AT_ONCE),
+            in_flight: Arc::default(),
             lease: RwLock::new(Lease {
                 holder: lease_holder(),
                 partitions: Vec::new(),
@@ -331,6 +335,17 @@ impl Inbox {
         shutdown: &CancellationToken,
         tracker: &TaskTracker,
     ) {
+        if !self
+            .in_flight
+            .lock()
+            .expect("in-flight lock")
+            .insert(event.seq)
+        {
+            // Handed over again (a redelivered transaction): it is on its way already.
+            tracing::debug!(event_id = %event.event_id, "event already in hand; skipped");
+            self.backlog.finish(1);
+            return;
+        }
         loop {
             let mut fresh = false;
             let sender = workers.entry(event.room_id.clone()).or_insert_with(|| {
@@ -459,7 +474,14 @@ impl Inbox {
             .finish_events(&lease, events, lines)
             .await
         {
-            Ok(()) => self.backlog.finish(events.len()),
+            Ok(()) => {
+                let mut in_flight = self.in_flight.lock().expect("in-flight lock");
+                for event in events {
+                    in_flight.remove(&event.seq);
+                }
+                drop(in_flight);
+                self.backlog.finish(events.len())
+            }
             Err(e) => {
                 tracing::error!(events = events.len(), error = %e, "could not finish events; they are redone on the next start")
             }
@@ -488,6 +510,7 @@ impl Inbox {
             event.clone(),
         );
         let lease = self.lease();
+        let in_flight = self.in_flight.clone();
         tracker.spawn(async move {
             let outcomes = futures::future::join_all(answers).await;
             // A dropped sender (a lane that died) counts as done: the error was logged.
@@ -496,7 +519,10 @@ impl Inbox {
                 return;
             }
             match store.finish_events(&lease, &[event.reference()], &[]).await {
-                Ok(()) => backlog.finish(1),
+                Ok(()) => {
+                    in_flight.lock().expect("in-flight lock").remove(&event.seq);
+                    backlog.finish(1)
+                }
                 Err(e) => tracing::error!(event_id = %event.event_id, error = %e, "could not finish event"),
             }
         });

@@ -38,6 +38,7 @@ pub trait Backend: Send + Sync + 'static {
         after: Option<u64>,
         limit: usize,
     ) -> Result<Vec<JournaledEvent>, StoreError>;
+    fn pending_of(&self, event_ids: &[OwnedEventId]) -> Result<Vec<JournaledEvent>, StoreError>;
     fn journal_head(&self) -> Result<Option<u64>, StoreError>;
     fn pending_count(&self) -> Result<usize, StoreError>;
     fn was_journaled(&self, event_id: &EventId) -> Result<bool, StoreError>;
@@ -277,6 +278,13 @@ impl<B: Backend> JournalStore for Embedded<B> {
             cache.push(room_id, entry);
         }
         Ok(())
+    }
+
+    async fn pending_of(
+        &self,
+        event_ids: &[OwnedEventId],
+    ) -> Result<Vec<JournaledEvent>, StoreError> {
+        self.with(|b| b.pending_of(event_ids))
     }
 
     async fn journal_head(&self) -> Result<Option<u64>, StoreError> {

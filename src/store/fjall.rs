@@ -317,7 +317,10 @@ impl Backend for FjallBackend {
                     json: event.json,
                 };
                 batch.insert(&self.journal, seq.to_be_bytes(), encode(&record, "event")?);
-                batch.insert(&self.processed, record.event_id.as_bytes(), stamp);
+                // unix ms ‖ seq: the seq finds the event again (`pending_of`).
+                let mut processed = stamp.to_vec();
+                processed.extend_from_slice(&seq.to_be_bytes());
+                batch.insert(&self.processed, record.event_id.as_bytes(), processed);
                 journaled.push(record);
             }
             batch
@@ -343,6 +346,30 @@ impl Backend for FjallBackend {
                 serde_json::from_slice(&value).map_err(corrupt("journal entry"))
             })
             .collect()
+    }
+
+    fn pending_of(&self, event_ids: &[OwnedEventId]) -> Result<Vec<JournaledEvent>, StoreError> {
+        let mut pending = Vec::new();
+        for event_id in event_ids {
+            let Some(record) = self
+                .processed
+                .get(event_id.as_bytes())
+                .map_err(unavailable("cannot read processed events"))?
+            else {
+                continue;
+            };
+            let Some(seq) = record.get(8..16).map(stamp_of) else {
+                continue;
+            };
+            if let Some(value) = self
+                .journal
+                .get(seq.to_be_bytes())
+                .map_err(unavailable("cannot read the journal"))?
+            {
+                pending.push(serde_json::from_slice(&value).map_err(corrupt("journal entry"))?);
+            }
+        }
+        Ok(pending)
     }
 
     fn journal_head(&self) -> Result<Option<u64>, StoreError> {
@@ -682,4 +709,61 @@ mod tests {
     }
 
     crate::store_conformance_tests!(fresh(), reopen);
+
+    #[tokio::test]
+    async fn a_journaled_event_is_found_by_its_id_until_it_is_finished() {
+        use crate::store::{IncomingEvent, JournalOutcome, Partition};
+        let (store, dir) = fresh();
+        let event = |n: u32| IncomingEvent {
+            room_id: ruma::RoomId::parse("!a").unwrap(),
+            event_id: ruma::EventId::parse(format!("$e{n}")).unwrap(),
+            json: serde_json::value::to_raw_value(&serde_json::json!({ "n": n })).unwrap(),
+        };
+        let JournalOutcome::Journaled(journaled) = store
+            .journal
+            .journal_transaction("t1".into(), vec![event(1), event(2)], 1)
+            .await
+            .unwrap()
+        else {
+            panic!("expected Journaled")
+        };
+        let ids: Vec<ruma::OwnedEventId> = ["$e1", "$e2", "$never"]
+            .iter()
+            .map(|id| ruma::EventId::parse(*id).unwrap())
+            .collect();
+        let store = reopen(store, &dir);
+        let found: Vec<u64> = store
+            .journal
+            .pending_of(&ids)
+            .await
+            .unwrap()
+            .iter()
+            .map(|e| e.seq)
+            .collect();
+        assert_eq!(found, [journaled[0].seq, journaled[1].seq]);
+        let lease = store
+            .journal
+            .claim(
+                "t",
+                &Partition::all(),
+                std::time::Duration::from_secs(60),
+                1,
+            )
+            .await
+            .unwrap();
+        store
+            .journal
+            .finish_events(&lease, &[journaled[0].reference()], &[])
+            .await
+            .unwrap();
+        let found: Vec<u64> = store
+            .journal
+            .pending_of(&ids)
+            .await
+            .unwrap()
+            .iter()
+            .map(|e| e.seq)
+            .collect();
+        assert_eq!(found, [journaled[1].seq], "a finished event is not pending");
+    }
 }

@@ -331,6 +331,15 @@ pub trait JournalStore: Send + Sync {
         history: &[(OwnedRoomId, HistoryEntry)],
     ) -> Result<(), StoreError>;
 
+    /// Those of `event_ids` still waiting in the journal. A transaction refused with a 5xx
+    /// can still have been written (the engine failed after the write, and recovered it on
+    /// reopening), so when its redelivery is a duplicate the handler hands these to the
+    /// inbox again; the inbox skips what it already has.
+    async fn pending_of(
+        &self,
+        event_ids: &[OwnedEventId],
+    ) -> Result<Vec<JournaledEvent>, StoreError>;
+
     /// The sequence number of the newest journaled event not finished yet.
     async fn journal_head(&self) -> Result<Option<u64>, StoreError>;
 
