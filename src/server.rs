@@ -126,7 +126,10 @@ impl Services {
     pub fn app(&self) -> axum::Router {
         appservice::router(self.appservice.clone())
             .merge(api::routes(self.admin.clone()))
-            .merge(api::metrics_routes(self.backlog.clone()))
+            .merge(api::metrics_routes(
+                self.backlog.clone(),
+                self.store.journal.clone(),
+            ))
             .fallback(appservice::unrecognized)
     }
 

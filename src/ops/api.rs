@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
 use crate::net::{ApiError, token_digest, token_matches};
 use crate::router::RouteDecision;
 use crate::router::explain::{Explain, ExplainError, RouteQuery};
+use crate::store::JournalStore;
 use crate::store::feed::Backlog;
 use crate::store::{PAIRING_TTL, PairedSender, PairingRequest, PairingStore, StoreError, Stores};
 
@@ -56,12 +57,35 @@ pub fn routes(state: Arc<AdminState>) -> Router {
         .with_state(state)
 }
 
-/// `GET /metrics`: Prometheus text. Unauthenticated, like most exporters: it says how
-/// busy agentbus is, nothing of what was said.
-pub fn metrics_routes(backlog: Arc<Backlog>) -> Router {
+/// `GET /metrics`: Prometheus text; `GET /ready`: `200 {"store":"writable"}`, or `503
+/// {"store":"failing"}` while the store refuses writes (a full disk) — it recovers by
+/// itself. Unauthenticated, like most exporters: they say how busy agentbus is, nothing of
+/// what was said.
+pub fn metrics_routes(backlog: Arc<Backlog>, journal: Arc<dyn JournalStore>) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
         .with_state(backlog)
+        .merge(
+            Router::new()
+                .route("/ready", get(ready))
+                .with_state(journal),
+        )
+}
+
+async fn ready(
+    State(journal): State<Arc<dyn JournalStore>>,
+) -> (StatusCode, Json<serde_json::Value>) {
+    if journal.is_writable() {
+        (
+            StatusCode::OK,
+            Json(serde_json::json!({ "store": "writable" })),
+        )
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({ "store": "failing" })),
+        )
+    }
 }
 
 async fn metrics(State(backlog): State<Arc<Backlog>>) -> String {
@@ -237,5 +261,35 @@ async fn pairing_revoke(
             "M_NOT_FOUND",
             format!("{} is not paired on {}", body.sender, body.channel),
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::body::Body;
+    use axum::http::Request;
+    use tower::ServiceExt;
+
+    use super::*;
+    use crate::store::FjallBackend;
+    use crate::store::embedded::Embedded;
+
+    async fn ready_status(app: &Router) -> StatusCode {
+        let request = Request::get("/ready").body(Body::empty()).unwrap();
+        app.clone().oneshot(request).await.unwrap().status()
+    }
+
+    #[tokio::test]
+    async fn readiness_is_503_while_the_store_refuses_writes_and_200_once_it_recovers() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().to_owned();
+        let store = Arc::new(Embedded::open(move || FjallBackend::open(&path)).unwrap());
+        let app = metrics_routes(Backlog::new(10), store.clone());
+        assert_eq!(ready_status(&app).await, StatusCode::OK);
+        store.fail_once();
+        assert_eq!(ready_status(&app).await, StatusCode::SERVICE_UNAVAILABLE);
+        // The next call reopens the store from disk; it writes again.
+        store.journal_head().await.unwrap();
+        assert_eq!(ready_status(&app).await, StatusCode::OK);
     }
 }

@@ -287,6 +287,10 @@ impl<B: Backend> JournalStore for Embedded<B> {
         self.with(|b| b.pending_of(event_ids))
     }
 
+    fn is_writable(&self) -> bool {
+        !self.is_failing()
+    }
+
     async fn journal_head(&self) -> Result<Option<u64>, StoreError> {
         self.with(|b| b.journal_head())
     }

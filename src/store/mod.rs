@@ -343,6 +343,12 @@ pub trait JournalStore: Send + Sync {
     /// The sequence number of the newest journaled event not finished yet.
     async fn journal_head(&self) -> Result<Option<u64>, StoreError>;
 
+    /// Whether the last write went through (false after a failed one, until the store
+    /// recovers): what readiness reports.
+    fn is_writable(&self) -> bool {
+        true
+    }
+
     /// How many journaled events are not finished yet.
     async fn pending_count(&self) -> Result<usize, StoreError>;
 
