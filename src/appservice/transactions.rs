@@ -73,7 +73,7 @@ pub async fn put_transaction(
             // A refused attempt may have been written after all: make sure the inbox has
             // what is still waiting (it skips what it has).
             match state.journal.pending_of(&event_ids).await {
-                Ok(pending) => state.feed.submit(pending),
+                Ok(pending) => state.feed.resubmit(pending),
                 Err(e) => {
                     tracing::error!(txn_id = %txn_id, error = %e, "could not check a redelivered transaction; the homeserver will retry");
                     return Err(ApiError::new(

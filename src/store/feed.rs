@@ -74,6 +74,12 @@ impl Backlog {
         self.entered.fetch_add(n as u64, Ordering::AcqRel);
     }
 
+    /// Counts events handed to the inbox again (a redelivered transaction's still-pending
+    /// events): they wait like any other, but were not journaled again.
+    pub fn add_resubmitted(&self, n: usize) {
+        self.entered.fetch_add(n as u64, Ordering::AcqRel);
+    }
+
     /// Counts events the transaction handler journaled.
     pub fn add_journaled(&self, n: usize) {
         self.journaled.fetch_add(n as u64, Ordering::Relaxed);
@@ -119,6 +125,21 @@ impl FeedSender {
             return;
         }
         self.backlog.add_journaled(events.len());
+        self.send(events);
+    }
+
+    /// Hands events journaled earlier to the inbox again (it skips those it has), without
+    /// counting them as journaled: `agentbus_events_journaled_total` stays a count of
+    /// journal writes.
+    pub fn resubmit(&self, events: Vec<JournaledEvent>) {
+        if events.is_empty() {
+            return;
+        }
+        self.backlog.add_resubmitted(events.len());
+        self.send(events);
+    }
+
+    fn send(&self, events: Vec<JournaledEvent>) {
         if self.tx.send(events).is_err() {
             tracing::debug!("inbox stopped; events stay journaled for the next start");
         }
@@ -157,5 +178,24 @@ mod tests {
         assert_eq!(backlog.pending(), 2);
         assert_eq!(backlog.journaled_total(), 2);
         assert_eq!(backlog.finished_total(), 2);
+    }
+
+    #[test]
+    fn a_resubmitted_event_waits_but_is_not_counted_as_journaled_again() {
+        let backlog = Backlog::new(10);
+        let (sender, _receiver) = feed(backlog.clone());
+        backlog.add_journaled(1);
+        sender.resubmit(vec![JournaledEvent {
+            seq: 7,
+            room_id: ruma::owned_room_id!("!r"),
+            event_id: ruma::owned_event_id!("$e"),
+            json: serde_json::value::to_raw_value(&serde_json::json!({})).unwrap(),
+        }]);
+        assert_eq!(backlog.journaled_total(), 1);
+        assert_eq!(
+            backlog.pending(),
+            2,
+            "the inbox counts it off when it skips it"
+        );
     }
 }

@@ -41,6 +41,14 @@ pub struct Stores {
 }
 
 impl Stores {
+    /// An embedded engine serving every concern, opened (and reopened after a failure)
+    /// with `open`.
+    pub fn embedded<B: embedded::Backend>(
+        open: impl Fn() -> Result<B, StoreError> + Send + Sync + 'static,
+    ) -> Result<Self, StoreError> {
+        Ok(Self::of(Arc::new(embedded::Embedded::open(open)?)))
+    }
+
     /// One backend serving every concern.
     pub fn of<S>(store: Arc<S>) -> Self
     where
@@ -68,13 +76,9 @@ pub fn open(config: &StoreConfig) -> Result<Stores, StoreError> {
                     sled_dir.display()
                 )));
             }
-            Ok(Stores::of(Arc::new(embedded::Embedded::open(move || {
-                FjallBackend::open(&fjall_dir)
-            })?)))
+            Stores::embedded(move || FjallBackend::open(&fjall_dir))
         }
-        StoreBackend::Sled => Ok(Stores::of(Arc::new(embedded::Embedded::open(move || {
-            SledBackend::open(&sled_dir)
-        })?))),
+        StoreBackend::Sled => Stores::embedded(move || SledBackend::open(&sled_dir)),
     }
 }
 
@@ -190,6 +194,30 @@ pub fn normalize_pairing_code(input: &str) -> String {
         .filter(|c| !c.is_whitespace() && *c != '-')
         .flat_map(char::to_uppercase)
         .collect()
+}
+
+/// The live requests among `requests`, oldest first (ties by channel, then sender): what
+/// every backend's `pending_pairings` returns.
+pub(crate) fn live_oldest_first(
+    requests: impl IntoIterator<Item = PairingRequest>,
+    now_ms: u64,
+    ttl: Duration,
+) -> Vec<PairingRequest> {
+    let mut live: Vec<PairingRequest> = requests
+        .into_iter()
+        .filter(|request| request.is_live(now_ms, ttl))
+        .collect();
+    live.sort_by(|a, b| {
+        (a.created_ms, &a.channel, &a.sender).cmp(&(b.created_ms, &b.channel, &b.sender))
+    });
+    live
+}
+
+/// Approved senders ordered by channel, then sender. (Keys of channel ‖ 0xFF ‖ sender put
+/// channel `ab` before `a`, so backends sort by the strings.)
+pub(crate) fn by_channel_then_sender(mut senders: Vec<PairedSender>) -> Vec<PairedSender> {
+    senders.sort_by(|a, b| (&a.channel, &a.sender).cmp(&(&b.channel, &b.sender)));
+    senders
 }
 
 /// A fresh random pairing code; backends check it against the live ones.

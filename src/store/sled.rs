@@ -24,7 +24,8 @@ use ruma::{EventId, OwnedRoomId, RoomId};
 use super::embedded::Backend;
 use super::{
     HISTORY_PER_ROOM, HistoryEntry, IncomingEvent, JournalOutcome, JournaledEvent, PairedSender,
-    PairingRequest, SessionEntry, StoreError, normalize_pairing_code, random_pairing_code,
+    PairingRequest, SessionEntry, StoreError, by_channel_then_sender, live_oldest_first,
+    normalize_pairing_code, random_pairing_code,
 };
 
 /// A sled database; one directory on disk.
@@ -628,16 +629,11 @@ impl Backend for SledBackend {
         now_ms: u64,
         ttl: Duration,
     ) -> Result<Vec<PairingRequest>, StoreError> {
-        let mut live: Vec<PairingRequest> = self
-            .all_pairing_requests()?
-            .into_iter()
-            .map(|(_, request)| request)
-            .filter(|request| request.is_live(now_ms, ttl))
-            .collect();
-        live.sort_by(|a, b| {
-            (a.created_ms, &a.channel, &a.sender).cmp(&(b.created_ms, &b.channel, &b.sender))
-        });
-        Ok(live)
+        Ok(live_oldest_first(
+            self.all_pairing_requests()?.into_iter().map(|(_, r)| r),
+            now_ms,
+            ttl,
+        ))
     }
 
     fn is_paired(&self, channel: &str, sender: &str) -> Result<bool, StoreError> {
@@ -647,7 +643,7 @@ impl Backend for SledBackend {
     }
 
     fn paired_senders(&self) -> Result<Vec<PairedSender>, StoreError> {
-        let mut senders = self
+        let senders = self
             .paired
             .iter()
             .map(|item| {
@@ -658,9 +654,7 @@ impl Backend for SledBackend {
                     .map_err(|e| StoreError::Corrupt(format!("corrupt paired sender: {e}")))
             })
             .collect::<Result<Vec<PairedSender>, _>>()?;
-        // Key order puts channel `ab` before `a` (0xFF sorts last), so sort by the strings.
-        senders.sort_by(|a, b| (&a.channel, &a.sender).cmp(&(&b.channel, &b.sender)));
-        Ok(senders)
+        Ok(by_channel_then_sender(senders))
     }
 
     fn revoke_pairing(&self, channel: &str, sender: &str) -> Result<bool, StoreError> {
@@ -681,17 +675,12 @@ impl Backend for SledBackend {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use super::SledBackend;
     use crate::store::Stores;
-    use crate::store::embedded::Embedded;
 
     fn open(dir: &std::path::Path) -> Stores {
         let dir = dir.to_owned();
-        Stores::of(Arc::new(
-            Embedded::open(move || SledBackend::open(&dir)).unwrap(),
-        ))
+        Stores::embedded(move || SledBackend::open(&dir)).unwrap()
     }
 
     fn fresh() -> (Stores, tempfile::TempDir) {
