@@ -1,18 +1,21 @@
-//! The embedded fjall [`Backend`], agentbus's default engine: an LSM tree whose write-ahead
-//! journal takes a transaction's events in one append, synced with `fdatasync` before the
-//! homeserver gets its 200. Concurrent transactions share one sync (group commit).
+//! The embedded fjall [`Backend`], agentbus's default engine. The journal is not in the LSM
+//! tree: it is the append-only [`JournalLog`] in `event-log/` (a transaction is one appended
+//! record, synced with `fdatasync` before the homeserver gets its 200; concurrent
+//! transactions share one sync), which also holds the txnId / event_id dedupe window. The
+//! fjall keyspace holds everything that is read by key:
 //!
-//! Partitions: `txns` (txnId → unix ms), `journal` (seq, big-endian → [`JournaledEvent`]
-//! JSON), `processed` (event_id → unix ms of journaling: the dedupe record of every event
-//! journaled), `history` (room_id ‖ 0xFF ‖ seq → [`HistoryEntry`] JSON), `pairing_requests`
-//! and `paired` (channel ‖ 0xFF ‖ sender → [`PairingRequest`] / [`PairedSender`] JSON),
-//! `sessions` (session ‖ 0xFF ‖ seq → [`SessionEntry`] JSON), `sent` (answer ‖ 0xFF ‖ part →
-//! unix ms ‖ event_id) and `meta` (the sequence reservation). 0xFF never occurs in UTF-8, so
-//! a room's history is one contiguous prefix and a (channel, sender) key is unambiguous.
+//! Partitions: `history` (room_id ‖ 0xFF ‖ seq → [`HistoryEntry`] JSON; a person's line is
+//! keyed by its event's journal seq, so writing it again after a crash overwrites it),
+//! `pairing_requests` and `paired` (channel ‖ 0xFF ‖ sender → [`PairingRequest`] /
+//! [`PairedSender`] JSON), `sessions` (session ‖ 0xFF ‖ seq → [`SessionEntry`] JSON), `sent`
+//! (answer ‖ 0xFF ‖ part → unix ms ‖ event_id) and `meta` (the sequence reservation). 0xFF
+//! never occurs in UTF-8, so a room's history is one contiguous prefix and a (channel,
+//! sender) key is unambiguous.
 //!
 //! Every write reaches the operating system before it returns, so it survives the process
-//! being killed; only the journal write is synced to the disk, so after a power cut the
-//! newest history lines, finishes and session lines may be missing (events replay).
+//! being killed; only the journal's transaction records are synced to the disk before they
+//! return, so after a power cut the newest history lines, finishes and session lines may be
+//! missing (events replay).
 //!
 //! fjall does not lock its directory; [`FjallBackend::open`] takes an exclusive lock on a
 //! `LOCK` file in it, so a second agentbus on the same store fails at start.
@@ -28,6 +31,7 @@ use ::fjall::{Config, Keyspace, PartitionCreateOptions, PartitionHandle, Persist
 use ruma::{EventId, OwnedEventId, OwnedRoomId, RoomId};
 
 use super::embedded::Backend;
+use super::log::JournalLog;
 use super::{
     HISTORY_PER_ROOM, HistoryEntry, IncomingEvent, JournalOutcome, JournaledEvent, PairedSender,
     PairingRequest, SessionEntry, StoreError, by_channel_then_sender, live_oldest_first,
@@ -36,8 +40,10 @@ use super::{
 
 /// Sequence numbers are reserved on disk this many at a time.
 const SEQ_BLOCK: u64 = 1 << 16;
+/// The journal log's directory inside the store (see [`super::log`]).
+const LOG_DIR: &str = "event-log";
 /// A room's history is trimmed to [`HISTORY_PER_ROOM`] about once every this many appends.
-const TRIM_EVERY: u64 = 64;
+const TRIM_EVERY: u64 = 256;
 /// How many times opening waits 20 ms for the directory's lock (a reopen in the same
 /// process can race the previous handle's background threads).
 const LOCK_WAITS: u32 = 250;
@@ -45,9 +51,8 @@ const LOCK_WAITS: u32 = 250;
 /// A fjall keyspace; one directory on disk.
 pub struct FjallBackend {
     keyspace: Keyspace,
-    txns: PartitionHandle,
-    journal: PartitionHandle,
-    processed: PartitionHandle,
+    /// The journal proper: pending events and the dedupe window.
+    log: JournalLog,
     history: PartitionHandle,
     pairing_requests: PartitionHandle,
     paired: PartitionHandle,
@@ -57,13 +62,8 @@ pub struct FjallBackend {
     /// Next sequence number, and the end of the block reserved on disk.
     next_seq: AtomicU64,
     reserved: Mutex<u64>,
-    /// Serialises the check-then-write of journaling (txnId and event dedupe).
-    journaling: Mutex<()>,
     /// Serialises pairing's read-modify-write.
     pairing: Mutex<()>,
-    /// Group commit: how many journal writes were made, and how many are known synced.
-    written: AtomicU64,
-    synced: Mutex<u64>,
     _lock: File,
 }
 
@@ -164,35 +164,26 @@ impl FjallBackend {
                 .map_err(unavailable(&format!("cannot open partition {name}")))
         };
         let meta = partition("meta")?;
-        let journal = partition("journal")?;
+        let log = JournalLog::open(&dir.join(LOG_DIR))?;
         let reserved_on_disk = meta
             .get("seq")
             .map_err(unavailable("cannot read the sequence reservation"))?
             .map(|v| stamp_of(&v))
             .unwrap_or(0);
-        let last_journaled = journal
-            .last_key_value()
-            .map_err(unavailable("cannot read the journal"))?
-            .map(|(k, _)| stamp_of(&k) + 1)
-            .unwrap_or(0);
+        let last_journaled = log.newest_seq().map_or(0, |seq| seq + 1);
         let next = reserved_on_disk.max(last_journaled);
         Ok(Self {
-            txns: partition("txns")?,
-            processed: partition("processed")?,
+            log,
             history: partition("history")?,
             pairing_requests: partition("pairing_requests")?,
             paired: partition("paired")?,
             sessions: partition("sessions")?,
             sent: partition("sent")?,
-            journal,
             meta,
             keyspace,
             next_seq: AtomicU64::new(next),
             reserved: Mutex::new(next),
-            journaling: Mutex::new(()),
             pairing: Mutex::new(()),
-            written: AtomicU64::new(0),
-            synced: Mutex::new(0),
             _lock: lock,
         })
     }
@@ -214,21 +205,6 @@ impl FjallBackend {
             *reserved = block;
         }
         Ok(first)
-    }
-
-    /// Waits until every journal write made before this call is on stable storage; one
-    /// `fdatasync` covers the writes of every caller waiting meanwhile.
-    fn sync_journal(&self, written: u64) -> Result<(), StoreError> {
-        let mut synced = self.synced.lock().expect("sync lock");
-        if *synced >= written {
-            return Ok(()); // another caller's sync covered this write
-        }
-        let upto = self.written.load(Ordering::Acquire);
-        self.keyspace
-            .persist(PersistMode::SyncData)
-            .map_err(unavailable("cannot sync the journal"))?;
-        *synced = upto;
-        Ok(())
     }
 
     fn all_pairing_requests(&self) -> Result<Vec<(Vec<u8>, PairingRequest)>, StoreError> {
@@ -278,59 +254,7 @@ impl Backend for FjallBackend {
         events: Vec<IncomingEvent>,
         now_ms: u64,
     ) -> Result<JournalOutcome, StoreError> {
-        let stamp = now_ms.to_be_bytes();
-        let written = {
-            let _one_at_a_time = self.journaling.lock().expect("journal lock");
-            if self
-                .txns
-                .contains_key(txn_id)
-                .map_err(unavailable("cannot read transactions"))?
-            {
-                return Ok(JournalOutcome::Duplicate);
-            }
-            // `processed` is the dedupe record of every event_id ever journaled; a copy (the
-            // same event twice in one transaction, or again in another) is left out here, so
-            // nothing downstream can see it twice.
-            let mut fresh = Vec::with_capacity(events.len());
-            let mut seen = HashSet::with_capacity(events.len());
-            for event in events {
-                if !seen.insert(event.event_id.clone()) {
-                    continue;
-                }
-                if self
-                    .processed
-                    .contains_key(event.event_id.as_bytes())
-                    .map_err(unavailable("cannot read processed events"))?
-                {
-                    continue;
-                }
-                fresh.push(event);
-            }
-            let first = self.seqs(fresh.len() as u64)?;
-            let mut batch = self.keyspace.batch();
-            batch.insert(&self.txns, txn_id, stamp);
-            let mut journaled = Vec::with_capacity(fresh.len());
-            for (seq, event) in (first..).zip(fresh) {
-                let record = JournaledEvent {
-                    seq,
-                    room_id: event.room_id,
-                    event_id: event.event_id,
-                    json: event.json,
-                };
-                batch.insert(&self.journal, seq.to_be_bytes(), encode(&record, "event")?);
-                // unix ms ‖ seq: the seq finds the event again (`pending_of`).
-                let mut processed = stamp.to_vec();
-                processed.extend_from_slice(&seq.to_be_bytes());
-                batch.insert(&self.processed, record.event_id.as_bytes(), processed);
-                journaled.push(record);
-            }
-            batch
-                .commit()
-                .map_err(unavailable(&format!("cannot journal transaction {txn_id}")))?;
-            (self.written.fetch_add(1, Ordering::AcqRel) + 1, journaled)
-        };
-        self.sync_journal(written.0)?;
-        Ok(JournalOutcome::Journaled(written.1))
+        self.log.journal(txn_id, events, now_ms, |n| self.seqs(n))
     }
 
     fn pending_events(
@@ -338,59 +262,23 @@ impl Backend for FjallBackend {
         after: Option<u64>,
         limit: usize,
     ) -> Result<Vec<JournaledEvent>, StoreError> {
-        let start = after.map_or(0, |seq| seq.saturating_add(1));
-        self.journal
-            .range(start.to_be_bytes()..)
-            .take(limit)
-            .map(|item| {
-                let (_, value) = item.map_err(unavailable("cannot read the journal"))?;
-                serde_json::from_slice(&value).map_err(corrupt("journal entry"))
-            })
-            .collect()
+        Ok(self.log.pending_events(after, limit))
     }
 
     fn pending_of(&self, event_ids: &[OwnedEventId]) -> Result<Vec<JournaledEvent>, StoreError> {
-        let mut pending = Vec::new();
-        for event_id in event_ids {
-            let Some(record) = self
-                .processed
-                .get(event_id.as_bytes())
-                .map_err(unavailable("cannot read processed events"))?
-            else {
-                continue;
-            };
-            let Some(seq) = record.get(8..16).map(stamp_of) else {
-                continue;
-            };
-            if let Some(value) = self
-                .journal
-                .get(seq.to_be_bytes())
-                .map_err(unavailable("cannot read the journal"))?
-            {
-                pending.push(serde_json::from_slice(&value).map_err(corrupt("journal entry"))?);
-            }
-        }
-        Ok(pending)
+        Ok(self.log.pending_of(event_ids))
     }
 
     fn journal_head(&self) -> Result<Option<u64>, StoreError> {
-        Ok(self
-            .journal
-            .last_key_value()
-            .map_err(unavailable("cannot read the journal"))?
-            .map(|(k, _)| stamp_of(&k)))
+        Ok(self.log.head())
     }
 
     fn pending_count(&self) -> Result<usize, StoreError> {
-        self.journal
-            .len()
-            .map_err(unavailable("cannot count the journal"))
+        Ok(self.log.pending_count())
     }
 
     fn was_journaled(&self, event_id: &EventId) -> Result<bool, StoreError> {
-        self.processed
-            .contains_key(event_id.as_bytes())
-            .map_err(unavailable("cannot read processed events"))
+        Ok(self.log.seq_of(event_id).is_some())
     }
 
     fn finish_events(
@@ -398,33 +286,39 @@ impl Backend for FjallBackend {
         seqs: &[u64],
         history: &[(OwnedRoomId, HistoryEntry)],
     ) -> Result<(), StoreError> {
-        let mut batch = self.keyspace.batch();
-        for seq in seqs {
-            batch.remove(&self.journal, seq.to_be_bytes());
-        }
-        let first = self.seqs(history.len() as u64)?;
-        let mut trim = Vec::new();
-        for (seq, (room_id, entry)) in (first..).zip(history) {
-            let mut key = prefix(room_id.as_str());
-            key.extend_from_slice(&seq.to_be_bytes());
-            batch.insert(&self.history, key, encode(entry, "history")?);
-            if seq % TRIM_EVERY == 0 {
-                trim.push(room_id);
+        // History first, keyed by the event's own sequence number where it has one: if the
+        // process dies before the finish record is written, the replay writes the same keys
+        // again instead of a second copy.
+        if !history.is_empty() {
+            let mut batch = self.keyspace.batch();
+            let mut trim = Vec::new();
+            let known = self.log.seqs_of(history.iter().map(|(_, e)| &*e.event_id));
+            for ((room_id, entry), seq) in history.iter().zip(known) {
+                let seq = match seq {
+                    Some(seq) => seq,
+                    None => self.seqs(1)?,
+                };
+                let mut key = prefix(room_id.as_str());
+                key.extend_from_slice(&seq.to_be_bytes());
+                batch.insert(&self.history, key, encode(entry, "history")?);
+                if seq % TRIM_EVERY == 0 {
+                    trim.push(room_id);
+                }
+            }
+            batch.commit().map_err(unavailable(&format!(
+                "cannot write the history of {} finished events",
+                seqs.len()
+            )))?;
+            for room_id in trim {
+                self.trim_history(room_id)?;
             }
         }
-        batch.commit().map_err(unavailable(&format!(
-            "cannot finish {} journaled events",
-            seqs.len()
-        )))?;
-        for room_id in trim {
-            self.trim_history(room_id)?;
-        }
-        Ok(())
+        self.log.finish(seqs)
     }
 
     fn prune_dedupe_records(&self, cutoff_ms: u64) -> Result<usize, StoreError> {
-        let mut removed = 0;
-        for tree in [&self.txns, &self.processed, &self.sent] {
+        let mut removed = self.log.prune(cutoff_ms)?;
+        for tree in [&self.sent] {
             let mut batch = self.keyspace.batch();
             for item in tree.iter() {
                 let (key, stamp) = item.map_err(unavailable("cannot scan dedupe records"))?;

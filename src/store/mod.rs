@@ -15,6 +15,7 @@ pub mod embedded;
 pub mod feed;
 mod fjall;
 mod lease;
+mod log;
 mod sled;
 
 use std::sync::Arc;
