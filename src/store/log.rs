@@ -121,6 +121,8 @@ struct Segment {
     pending: usize,
     /// The newest record's unix ms.
     newest_ms: u64,
+    /// The highest sequence number in it.
+    newest_seq: Option<u64>,
 }
 
 struct Pending {
@@ -320,6 +322,7 @@ impl JournalLog {
                                 txns.insert(txn, 0, ms, |_| false);
                                 for (seq, room, event, json) in list {
                                     newest_seq = newest_seq.max(Some(seq));
+                                    segment.newest_seq = segment.newest_seq.max(Some(seq));
                                     events.insert(digest(event.as_bytes()), seq, ms, |s| {
                                         raw.contains_key(&s)
                                     });
@@ -483,12 +486,12 @@ impl JournalLog {
                 journaled.push(event);
             }
             let count = journaled.len();
+            let newest = journaled.last().map(|e: &JournaledEvent| e.seq);
             let entry = inner.segments.entry(segment).or_default();
             entry.pending += count;
             entry.newest_ms = entry.newest_ms.max(now_ms);
-            if let Some(last) = journaled.last() {
-                inner.newest_seq = inner.newest_seq.max(Some(last.seq));
-            }
+            entry.newest_seq = entry.newest_seq.max(newest);
+            inner.newest_seq = inner.newest_seq.max(newest);
             (self.written.fetch_add(1, Ordering::AcqRel) + 1, journaled)
         };
         self.sync(ticket)?;
@@ -604,24 +607,42 @@ impl JournalLog {
         } = &mut *inner;
         let removed = txns.prune(cutoff_ms, |_| false)
             + events.prune(cutoff_ms, |s| pending.contains_key(&s));
-        let current = inner.segment;
-        let done: Vec<u64> = inner
-            .segments
-            .iter()
-            .filter(|(n, s)| **n != current && s.pending == 0 && s.newest_ms < cutoff_ms)
-            .map(|(n, _)| *n)
-            .collect();
-        for number in done {
-            let path = segment_path(&self.dir, number);
-            fs::remove_file(&path)
-                .map_err(io_error(&format!("cannot delete {}", path.display())))?;
-            inner.segments.remove(&number);
-        }
+        inner.delete_segments(&self.dir, cutoff_ms)?;
         Ok(removed)
     }
 }
 
 impl Inner {
+    /// Deletes the closed segments nothing needs: none of their events pending, and every
+    /// record older than `cutoff_ms` or out of the dedupe window already.
+    fn delete_segments(&mut self, dir: &Path, cutoff_ms: u64) -> Result<(), StoreError> {
+        let oldest_remembered = self
+            .events
+            .order
+            .front()
+            .and_then(|(key, _)| self.events.get(*key));
+        let current = self.segment;
+        let done: Vec<u64> = self
+            .segments
+            .iter()
+            .filter(|(n, s)| {
+                let forgotten = match (s.newest_seq, oldest_remembered) {
+                    (Some(newest), Some(oldest)) => newest < oldest,
+                    _ => false,
+                };
+                **n != current && s.pending == 0 && (s.newest_ms < cutoff_ms || forgotten)
+            })
+            .map(|(n, _)| *n)
+            .collect();
+        for number in done {
+            let path = segment_path(dir, number);
+            fs::remove_file(&path)
+                .map_err(io_error(&format!("cannot delete {}", path.display())))?;
+            self.segments.remove(&number);
+        }
+        Ok(())
+    }
+
     /// Appends one record (`payload` framed), starting a new segment first if this one is
     /// full. A failed write is cut back off, so the log never holds half a record.
     fn append(&mut self, dir: &Path, payload: &[u8]) -> Result<(), StoreError> {
@@ -641,6 +662,10 @@ impl Inner {
             self.segment = next;
             self.bytes = 0;
             self.segments.entry(next).or_default();
+            // Segments the dedupe window has moved past go now, not at the daily prune.
+            if let Err(e) = self.delete_segments(dir, 0) {
+                tracing::warn!(error = %e, "could not delete an old journal segment");
+            }
         }
         let mut framed = Vec::with_capacity(8 + payload.len());
         framed.extend_from_slice(&(payload.len() as u32).to_le_bytes());
@@ -782,6 +807,46 @@ mod tests {
         let log = JournalLog::open(dir.path()).unwrap();
         assert_eq!(log.pending_count(), 1);
         assert_eq!(log.newest_seq(), Some(first[1].seq + 1));
+    }
+
+    #[test]
+    fn a_segment_the_dedupe_window_moved_past_goes_when_the_next_one_starts() {
+        let dir = tempfile::tempdir().unwrap();
+        let seqs = counter();
+        let log = JournalLog::open(dir.path()).unwrap();
+        log.lock().events.cap = 2;
+        let first = journaled(
+            log.journal("t1", vec![event(1, "!a:x"), event(2, "!a:x")], 5, &seqs)
+                .unwrap(),
+        );
+        log.finish(&first.iter().map(|e| e.seq).collect::<Vec<_>>())
+            .unwrap();
+        log.lock().bytes = SEGMENT_BYTES;
+        let second = journaled(
+            log.journal("t2", (3..=5).map(|n| event(n, "!a:x")).collect(), 5, &seqs)
+                .unwrap(),
+        );
+        // Starting segment 2, the window still held segment 1's events.
+        assert!(segment_path(dir.path(), 1).exists());
+        log.lock().bytes = SEGMENT_BYTES;
+        journaled(log.journal("t3", vec![event(6, "!a:x")], 5, &seqs).unwrap());
+        assert!(
+            !segment_path(dir.path(), 1).exists(),
+            "every event of it finished and forgotten"
+        );
+        assert!(
+            segment_path(dir.path(), 2).exists(),
+            "its events are pending"
+        );
+        drop(log);
+        let log = JournalLog::open(dir.path()).unwrap();
+        let ids: Vec<_> = log
+            .pending_events(None, 10)
+            .into_iter()
+            .map(|e| e.event_id.to_string())
+            .collect();
+        assert_eq!(ids, ["$ev3", "$ev4", "$ev5", "$ev6"]);
+        assert_eq!(log.seq_of(&second[2].event_id), Some(second[2].seq));
     }
 
     #[test]
