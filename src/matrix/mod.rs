@@ -5,7 +5,12 @@
 //! it). Failures are classified so callers know whether to retry: network errors, 5xx and
 //! `M_LIMIT_EXCEEDED` are retried here with backoff; everything else is [`MatrixError::Permanent`].
 
+mod error;
 pub mod keys;
+mod retry;
+
+pub use error::{MatrixError, Undelivered, classify_error};
+pub use retry::{RetryPolicy, UNREACHABLE_RETRY};
 
 use std::borrow::Cow;
 use std::sync::{Arc, RwLock};
@@ -30,88 +35,7 @@ use ruma::{
 use serde::Deserialize;
 
 use crate::net::error_chain;
-
-/// How an outbound request failed, and therefore whether retrying can help.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum MatrixError {
-    /// The homeserver could not be reached (connection refused, reset, timeout).
-    #[error("homeserver unreachable: {0}")]
-    Network(String),
-    /// The homeserver asked us to come back later (429 / 5xx).
-    #[error("homeserver busy (HTTP {status}{}): {message}", errcode.as_deref().map(|c| format!(", {c}")).unwrap_or_default())]
-    Transient {
-        status: u16,
-        errcode: Option<String>,
-        message: String,
-        retry_after: Option<Duration>,
-    },
-    /// The request is wrong or not allowed; retrying will not help.
-    #[error("HTTP {status} {errcode}: {message}")]
-    Permanent {
-        status: u16,
-        errcode: String,
-        message: String,
-    },
-}
-
-impl MatrixError {
-    /// The Matrix errcode, when the homeserver sent one.
-    pub fn errcode(&self) -> Option<&str> {
-        match self {
-            MatrixError::Network(_) => None,
-            MatrixError::Transient { errcode, .. } => errcode.as_deref(),
-            MatrixError::Permanent { errcode, .. } => Some(errcode),
-        }
-    }
-}
-
-/// Classifies a non-success response from its status and JSON body.
-pub fn classify_error(status: u16, body: &[u8]) -> MatrixError {
-    #[derive(Deserialize)]
-    struct ErrorBody {
-        errcode: Option<String>,
-        error: Option<String>,
-        retry_after_ms: Option<u64>,
-    }
-    let parsed: Option<ErrorBody> = serde_json::from_slice(body).ok();
-    let errcode = parsed.as_ref().and_then(|b| b.errcode.clone());
-    let message = parsed
-        .as_ref()
-        .and_then(|b| b.error.clone())
-        .unwrap_or_else(|| String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned());
-    let retry_after = parsed
-        .as_ref()
-        .and_then(|b| b.retry_after_ms)
-        .map(Duration::from_millis);
-    if status == 429 || errcode.as_deref() == Some("M_LIMIT_EXCEEDED") || status >= 500 {
-        MatrixError::Transient {
-            status,
-            errcode,
-            message,
-            retry_after,
-        }
-    } else {
-        MatrixError::Permanent {
-            status,
-            errcode: errcode.unwrap_or_else(|| "M_UNKNOWN".to_owned()),
-            message,
-        }
-    }
-}
-
-/// Why a message that must be delivered was not.
-#[derive(Debug, thiserror::Error)]
-pub enum Undelivered {
-    /// The homeserver refused it for a reason that will not heal (not in the room, …).
-    #[error("{0}")]
-    Permanent(MatrixError),
-    /// agentbus is shutting down; the caller leaves its event journaled.
-    #[error("stopped before the homeserver took the message")]
-    Stopped,
-}
-
-/// The wait between rounds of retries while the homeserver is unreachable.
-pub const UNREACHABLE_RETRY: Duration = Duration::from_secs(5);
+use retry::until_delivered;
 
 /// The `PUT /rooms/{roomId}/send/m.room.message/{txnId}` request for `content`.
 fn message_request(
@@ -127,47 +51,6 @@ fn message_request(
         MessageLikeEventType::RoomMessage,
         body,
     )
-}
-
-/// Retry schedule for transient failures.
-#[derive(Debug, Clone)]
-pub struct RetryPolicy {
-    /// Attempts in total, including the first.
-    pub attempts: u32,
-    /// Delay before the first retry; doubles each time.
-    pub initial_backoff: Duration,
-    /// Upper bound for any single delay, including a server's `retry_after_ms`.
-    pub max_backoff: Duration,
-}
-
-impl Default for RetryPolicy {
-    fn default() -> Self {
-        Self {
-            attempts: 6,
-            initial_backoff: Duration::from_millis(500),
-            max_backoff: Duration::from_secs(30),
-        }
-    }
-}
-
-impl RetryPolicy {
-    /// The delay before retry number `retry` (0-based) after `error`, or `None` to give up.
-    pub fn delay(&self, retry: u32, error: &MatrixError) -> Option<Duration> {
-        if retry + 1 >= self.attempts {
-            return None;
-        }
-        let backoff = self
-            .initial_backoff
-            .saturating_mul(1 << retry.min(16))
-            .min(self.max_backoff);
-        match error {
-            MatrixError::Permanent { .. } => None,
-            MatrixError::Network(_) => Some(backoff),
-            MatrixError::Transient { retry_after, .. } => {
-                Some(retry_after.unwrap_or(backoff).min(self.max_backoff))
-            }
-        }
-    }
 }
 
 /// Supplies the path-builder input a request type needs, from what the homeserver supports.
@@ -231,20 +114,11 @@ impl MatrixClient {
         R::PathBuilder: PathInput,
         for<'a> R::Authentication: AuthScheme<Input<'a> = SendAccessToken<'a>>,
     {
-        let mut retry = 0;
-        loop {
-            match self.send_once(request.clone(), user).await {
-                Ok(response) => return Ok(response),
-                Err(error) => match self.retry.delay(retry, &error) {
-                    Some(delay) => {
-                        tracing::debug!(%error, ?delay, retry, endpoint = std::any::type_name::<R>(), "retrying Matrix request");
-                        tokio::time::sleep(delay).await;
-                        retry += 1;
-                    }
-                    None => return Err(error),
-                },
-            }
-        }
+        self.retry
+            .run(std::any::type_name::<R>(), || {
+                self.send_once(request.clone(), user)
+            })
+            .await
     }
 
     async fn send_once<R>(
@@ -506,34 +380,10 @@ impl MatrixClient {
         content: &serde_json::Value,
         stop: &CancellationToken,
     ) -> Result<OwnedEventId, Undelivered> {
-        let mut outage: Option<std::time::Instant> = None;
-        loop {
-            let attempt = tokio::select! {
-                _ = stop.cancelled() => return Err(Undelivered::Stopped),
-                attempt = self.send_message(user, room_id, txn_id, content) => attempt,
-            };
-            match attempt {
-                Ok(event_id) => {
-                    if let Some(since) = outage {
-                        tracing::info!(room_id = %room_id, user = %user, down_for = ?since.elapsed(), "delivered a message held back by a homeserver outage");
-                    }
-                    return Ok(event_id);
-                }
-                Err(error @ MatrixError::Permanent { .. }) => {
-                    return Err(Undelivered::Permanent(error));
-                }
-                Err(error) => {
-                    if outage.is_none() {
-                        tracing::warn!(room_id = %room_id, user = %user, %error, "homeserver unavailable; keeping the message and retrying until it is back");
-                    }
-                    outage.get_or_insert_with(std::time::Instant::now);
-                    tokio::select! {
-                        _ = stop.cancelled() => return Err(Undelivered::Stopped),
-                        _ = tokio::time::sleep(UNREACHABLE_RETRY) => {}
-                    }
-                }
-            }
-        }
+        until_delivered(stop, user, room_id, || {
+            self.send_message(user, room_id, txn_id, content)
+        })
+        .await
     }
 
     /// Shows or hides `user`'s typing notice in `room_id`.
@@ -563,65 +413,6 @@ impl MatrixClient {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn limit_exceeded_is_transient_with_its_delay() {
-        let body =
-            br#"{"errcode":"M_LIMIT_EXCEEDED","error":"Too many requests","retry_after_ms":1500}"#;
-        let error = classify_error(429, body);
-        assert!(
-            matches!(error, MatrixError::Transient { retry_after: Some(d), .. } if d == Duration::from_millis(1500))
-        );
-        assert_eq!(
-            RetryPolicy::default().delay(0, &error),
-            Some(Duration::from_millis(1500))
-        );
-    }
-
-    #[test]
-    fn server_errors_retry_with_doubling_backoff_until_attempts_run_out() {
-        let policy = RetryPolicy {
-            attempts: 4,
-            initial_backoff: Duration::from_millis(100),
-            max_backoff: Duration::from_millis(250),
-        };
-        let error = classify_error(502, b"<html>bad gateway</html>");
-        assert_eq!(error.errcode(), None);
-        let delays: Vec<_> = (0..4).map(|n| policy.delay(n, &error)).collect();
-        assert_eq!(
-            delays,
-            [
-                Some(Duration::from_millis(100)),
-                Some(Duration::from_millis(200)),
-                Some(Duration::from_millis(250)),
-                None
-            ]
-        );
-        let network = MatrixError::Network("connection refused".into());
-        assert_eq!(policy.delay(0, &network), Some(Duration::from_millis(100)));
-    }
-
-    #[test]
-    fn a_huge_retry_after_is_capped() {
-        let error = classify_error(
-            429,
-            br#"{"errcode":"M_LIMIT_EXCEEDED","retry_after_ms":99999999}"#,
-        );
-        assert_eq!(
-            RetryPolicy::default().delay(0, &error),
-            Some(Duration::from_secs(30))
-        );
-    }
-
-    #[test]
-    fn client_errors_are_permanent_and_keep_the_errcode() {
-        let error = classify_error(403, br#"{"errcode":"M_FORBIDDEN","error":"not in room"}"#);
-        assert_eq!(error.errcode(), Some("M_FORBIDDEN"));
-        assert_eq!(RetryPolicy::default().delay(0, &error), None);
-        assert_eq!(error.to_string(), "HTTP 403 M_FORBIDDEN: not in room");
-        let error = classify_error(404, b"not json");
-        assert_eq!(error.to_string(), "HTTP 404 M_UNKNOWN: not json");
-    }
 
     type Seen = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
     type Script = std::sync::Arc<std::sync::Mutex<std::vec::IntoIter<(u16, &'static str)>>>;
