@@ -4,7 +4,8 @@
 //! appservice itself.
 
 use std::borrow::Cow;
-use std::sync::{Arc, RwLock, Weak};
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::Duration;
 
 use ruma::api::auth_scheme::{AuthScheme, SendAccessToken};
@@ -13,7 +14,7 @@ use ruma::api::path_builder::{PathBuilder, SinglePath, VersionHistory};
 use ruma::api::{
     AppserviceUserIdentity, IncomingResponse, MatrixVersion, OutgoingRequest, SupportedVersions,
 };
-use ruma::{OwnedRoomId, OwnedUserId, RoomAliasId, TransactionId, UserId};
+use ruma::{OwnedRoomId, OwnedUserId, RoomAliasId, RoomId, TransactionId, UserId};
 
 use super::error::{MatrixError, classify_error};
 use super::intent::Intent;
@@ -36,6 +37,10 @@ impl PathInput for SinglePath {
     fn input(_: &SupportedVersions) -> Self::Input<'_> {}
 }
 
+/// Rooms remembered before the joined-rooms cache starts over. Forgetting is cheap (one
+/// more join, which the homeserver answers idempotently), so a bound this rough will do.
+const JOINED_ROOMS_LIMIT: usize = 10_000;
+
 /// The homeserver as seen by the appservice: one HTTP client, acting as any of our users.
 pub struct MatrixClient {
     http: reqwest::Client,
@@ -43,6 +48,8 @@ pub struct MatrixClient {
     as_token: String,
     versions: RwLock<SupportedVersions>,
     retry: RetryPolicy,
+    /// Which of our users are known to be in which room, so that `ensure_joined` asks once.
+    joined: Mutex<HashMap<OwnedRoomId, HashSet<OwnedUserId>>>,
     /// The `Arc` that [`MatrixClient::new`] returned, so that callers holding only a
     /// `&MatrixClient` can still hand out [`Intent`]s.
     this: Weak<MatrixClient>,
@@ -69,6 +76,7 @@ impl MatrixClient {
             as_token: as_token.to_owned(),
             versions: RwLock::new(assumed),
             retry,
+            joined: Mutex::default(),
             this: this.clone(),
         })
     }
@@ -224,5 +232,43 @@ impl MatrixClient {
     pub async fn resolve_alias(&self, alias: &RoomAliasId) -> Result<OwnedRoomId, MatrixError> {
         let request = alias::get_alias::v3::Request::new(alias.to_owned());
         Ok(self.send(request, None).await?.room_id)
+    }
+
+    /// Whether `user` is remembered as joined to `room_id`.
+    pub(super) fn is_joined(&self, user: &UserId, room_id: &RoomId) -> bool {
+        self.joined
+            .lock()
+            .expect("joined-rooms lock is never poisoned")
+            .get(room_id)
+            .is_some_and(|users| users.contains(user))
+    }
+
+    /// Remembers that `user` has joined `room_id`.
+    pub(super) fn remember_joined(&self, user: &UserId, room_id: &RoomId) {
+        let mut joined = self
+            .joined
+            .lock()
+            .expect("joined-rooms lock is never poisoned");
+        if joined.len() >= JOINED_ROOMS_LIMIT && !joined.contains_key(room_id) {
+            joined.clear();
+        }
+        joined
+            .entry(room_id.to_owned())
+            .or_default()
+            .insert(user.to_owned());
+    }
+
+    /// Forgets that `user` joined `room_id`: the next `ensure_joined` asks again.
+    pub(super) fn forget_joined(&self, user: &UserId, room_id: &RoomId) {
+        let mut joined = self
+            .joined
+            .lock()
+            .expect("joined-rooms lock is never poisoned");
+        if let Some(users) = joined.get_mut(room_id) {
+            users.remove(user);
+            if users.is_empty() {
+                joined.remove(room_id);
+            }
+        }
     }
 }

@@ -1,5 +1,9 @@
 //! One of our virtual users, acting: the client-server API as `@agent:server` (what
 //! mautrix calls an intent). Every request carries `?user_id=` for this user.
+//!
+//! Which rooms the user has joined is remembered on the client, so [`Intent::ensure_joined`]
+//! before a send costs nothing the second time. A homeserver's `M_FORBIDDEN` for a request
+//! in a room (typically "not in room": kicked, banned, left) forgets it again.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -40,6 +44,12 @@ fn message_request(
     )
 }
 
+/// Whether `error` says the user may not act in the room, most often because they are not
+/// (or no longer) in it.
+fn is_forbidden(error: &MatrixError) -> bool {
+    error.errcode() == Some("M_FORBIDDEN")
+}
+
 impl Intent {
     pub(super) fn new(client: Arc<MatrixClient>, user: OwnedUserId) -> Self {
         Self { client, user }
@@ -48,6 +58,20 @@ impl Intent {
     /// The user this intent acts as.
     pub fn user(&self) -> &UserId {
         &self.user
+    }
+
+    /// Forgets a remembered join when the homeserver refused a request in `room_id`.
+    fn noting<T>(
+        &self,
+        room_id: &RoomId,
+        result: Result<T, MatrixError>,
+    ) -> Result<T, MatrixError> {
+        if let Err(error) = &result
+            && is_forbidden(error)
+        {
+            self.forget_joined(room_id);
+        }
+        result
     }
 
     /// Registers the user (its localpart, as the appservice); an existing user is fine.
@@ -84,13 +108,28 @@ impl Intent {
             .map(|_| ())
     }
 
-    /// Joins `room_id`.
+    /// Joins `room_id`, even when a join is remembered: an invite means the user is not in
+    /// it (any more), whatever was remembered.
     pub async fn join_room(&self, room_id: &RoomId) -> Result<(), MatrixError> {
         let request = membership::join_room_by_id::v3::Request::new(room_id.to_owned());
-        self.client
-            .send(request, Some(&self.user))
-            .await
-            .map(|_| ())
+        let joined = self.client.send(request, Some(&self.user)).await;
+        self.noting(room_id, joined)?;
+        self.client.remember_joined(&self.user, room_id);
+        Ok(())
+    }
+
+    /// Joins `room_id` unless the user is remembered as joined to it.
+    pub async fn ensure_joined(&self, room_id: &RoomId) -> Result<(), MatrixError> {
+        if self.client.is_joined(&self.user, room_id) {
+            return Ok(());
+        }
+        self.join_room(room_id).await
+    }
+
+    /// Forgets that the user joined `room_id` (they left, were kicked or banned): the next
+    /// [`Intent::ensure_joined`] joins again.
+    pub fn forget_joined(&self, room_id: &RoomId) {
+        self.client.forget_joined(&self.user, room_id);
     }
 
     /// The users joined to `room_id` with their display names (the user must be in it).
@@ -99,10 +138,9 @@ impl Intent {
         room_id: &RoomId,
     ) -> Result<Vec<(OwnedUserId, Option<String>)>, MatrixError> {
         let request = membership::joined_members::v3::Request::new(room_id.to_owned());
+        let response = self.client.send(request, Some(&self.user)).await;
         Ok(self
-            .client
-            .send(request, Some(&self.user))
-            .await?
+            .noting(room_id, response)?
             .joined
             .into_iter()
             .map(|(id, member)| (id, member.display_name))
@@ -140,7 +178,8 @@ impl Intent {
         }
         let request =
             room::get_room_event::v3::Request::new(room_id.to_owned(), event_id.to_owned());
-        let event = self.client.send(request, Some(&self.user)).await?.event;
+        let response = self.client.send(request, Some(&self.user)).await;
+        let event = self.noting(room_id, response)?.event;
         event
             .deserialize_as_unchecked::<Sender>()
             .map(|s| s.sender)
@@ -160,7 +199,8 @@ impl Intent {
         content: &serde_json::Value,
     ) -> Result<OwnedEventId, MatrixError> {
         let request = message_request(room_id, txn_id, content);
-        Ok(self.client.send(request, Some(&self.user)).await?.event_id)
+        let response = self.client.send(request, Some(&self.user)).await;
+        Ok(self.noting(room_id, response)?.event_id)
     }
 
     /// One attempt at sending a message event, for sends a later one supersedes (the
@@ -172,11 +212,8 @@ impl Intent {
         content: &serde_json::Value,
     ) -> Result<OwnedEventId, MatrixError> {
         let request = message_request(room_id, txn_id, content);
-        Ok(self
-            .client
-            .send_once(request, Some(&self.user))
-            .await?
-            .event_id)
+        let response = self.client.send_once(request, Some(&self.user)).await;
+        Ok(self.noting(room_id, response)?.event_id)
     }
 
     /// Sends a message event until the homeserver takes it: network failures and
@@ -211,10 +248,8 @@ impl Intent {
         };
         // Typing is cosmetic: one attempt, no retries.
         let request = Request::new(self.user.clone(), room_id.to_owned(), state);
-        self.client
-            .send_once(request, Some(&self.user))
-            .await
-            .map(|_| ())
+        let response = self.client.send_once(request, Some(&self.user)).await;
+        self.noting(room_id, response).map(|_| ())
     }
 }
 
@@ -322,6 +357,10 @@ mod tests {
         }
     }
 
+    const JOIN: &str = "POST /_matrix/client/v3/rooms/!room:hs/join?user_id=%40damon%3Ahs";
+    const JOINED: (u16, &str) = (200, r#"{"room_id":"!room:hs"}"#);
+    const FORBIDDEN: (u16, &str) = (403, r#"{"errcode":"M_FORBIDDEN","error":"not in room"}"#);
+
     #[tokio::test]
     async fn a_rate_limited_send_is_retried_with_the_same_transaction_id_as_the_agent() {
         let (url, seen) = homeserver(vec![
@@ -357,11 +396,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_permanent_error_is_not_retried() {
-        let (url, seen) = homeserver(vec![(
-            403,
-            r#"{"errcode":"M_FORBIDDEN","error":"not in room"}"#,
-        )])
-        .await;
+        let (url, seen) = homeserver(vec![FORBIDDEN]).await;
         let client = MatrixClient::new(&url, "as-token", fast_retries());
         let error = client
             .intent(user_id!("@damon:hs"))
@@ -400,5 +435,95 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(*seen.lock().unwrap(), ["POST /_matrix/client/v3/register"]);
+    }
+
+    #[tokio::test]
+    async fn ensure_joined_joins_once_and_then_costs_nothing() {
+        let (url, seen) = homeserver(vec![JOINED]).await;
+        let client = MatrixClient::new(&url, "as-token", fast_retries());
+        let room = room_id!("!room:hs");
+        client
+            .intent(user_id!("@damon:hs"))
+            .ensure_joined(room)
+            .await
+            .unwrap();
+        // A fresh intent for the same user shares the client's memory of the join.
+        client
+            .intent(user_id!("@damon:hs"))
+            .ensure_joined(room)
+            .await
+            .unwrap();
+        assert_eq!(*seen.lock().unwrap(), [JOIN]);
+    }
+
+    #[tokio::test]
+    async fn a_join_is_remembered_per_user() {
+        let (url, seen) = homeserver(vec![JOINED, JOINED]).await;
+        let client = MatrixClient::new(&url, "as-token", fast_retries());
+        let room = room_id!("!room:hs");
+        client
+            .intent(user_id!("@damon:hs"))
+            .ensure_joined(room)
+            .await
+            .unwrap();
+        client
+            .intent(user_id!("@coder:hs"))
+            .ensure_joined(room)
+            .await
+            .unwrap();
+        assert_eq!(
+            *seen.lock().unwrap(),
+            [
+                JOIN,
+                "POST /_matrix/client/v3/rooms/!room:hs/join?user_id=%40coder%3Ahs"
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_refused_send_forgets_the_join_so_the_next_ensure_joined_joins_again() {
+        let (url, seen) = homeserver(vec![JOINED, FORBIDDEN, JOINED]).await;
+        let client = MatrixClient::new(&url, "as-token", fast_retries());
+        let (intent, room) = (client.intent(user_id!("@damon:hs")), room_id!("!room:hs"));
+        intent.ensure_joined(room).await.unwrap();
+        // Kicked meanwhile: the homeserver refuses the message.
+        let refused = intent
+            .send_message_until_delivered(
+                room,
+                "t1".into(),
+                &serde_json::json!({}),
+                &CancellationToken::new(),
+            )
+            .await;
+        assert!(
+            matches!(refused, Err(Undelivered::Permanent(e)) if e.errcode() == Some("M_FORBIDDEN"))
+        );
+        intent.ensure_joined(room).await.unwrap();
+        intent.ensure_joined(room).await.unwrap();
+        assert_eq!(
+            *seen.lock().unwrap(),
+            [
+                JOIN,
+                "PUT /_matrix/client/v3/rooms/!room:hs/send/m.room.message/t1?user_id=%40damon%3Ahs",
+                JOIN
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn join_room_always_asks_and_a_forgotten_or_refused_join_is_asked_again() {
+        let (url, seen) = homeserver(vec![JOINED, JOINED, JOINED, FORBIDDEN, JOINED]).await;
+        let client = MatrixClient::new(&url, "as-token", fast_retries());
+        let (intent, room) = (client.intent(user_id!("@damon:hs")), room_id!("!room:hs"));
+        intent.ensure_joined(room).await.unwrap();
+        intent.forget_joined(room); // a leave came in
+        intent.ensure_joined(room).await.unwrap();
+        // An invite means we are out, whatever is remembered: join_room always asks.
+        intent.join_room(room).await.unwrap();
+        intent.forget_joined(room);
+        let refused = intent.ensure_joined(room).await.unwrap_err();
+        assert_eq!(refused.errcode(), Some("M_FORBIDDEN"));
+        intent.ensure_joined(room).await.unwrap();
+        assert_eq!(*seen.lock().unwrap(), [JOIN; 5]);
     }
 }
