@@ -24,8 +24,8 @@
 //!   with replay-safe transaction IDs, and everything an agent says; the built-in tools
 //!   ([`agents::tools`]), one file per tool.
 //! - [`llm`] — streaming model providers behind one trait and the hub above them.
-//! - [`matrix`] — the outbound client-server API as any of our users, with retries, and
-//!   our protocol keys ([`matrix::keys`]).
+//! - [`matrix`] — the outbound client-server API as any of our users (an
+//!   [`matrix::Intent`] each), with retries, and our protocol keys ([`matrix::keys`]).
 //! - [`render`] — Markdown → Matrix HTML, and answers split to fit events.
 //! - [`net`] — HTTP plumbing: error chains, error bodies, token digests; the address
 //!   guard that keeps model-steered requests on the public internet, and HTML as text.

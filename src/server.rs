@@ -262,18 +262,19 @@ async fn prune_daily(store: Arc<dyn JournalStore>, shutdown: CancellationToken) 
 pub async fn provision_agents(config: &Config, matrix: &MatrixClient) {
     for agent in &config.agents {
         let user = config.user_id(&agent.id);
-        if let Err(e) = matrix.ensure_registered(&agent.id).await {
+        let intent = matrix.intent(&user);
+        if let Err(e) = intent.ensure_registered().await {
             tracing::error!(agent = %agent.id, error = %e, "could not register agent user");
             continue;
         }
-        if let Err(e) = matrix.set_display_name(&user, agent.display_name()).await {
+        if let Err(e) = intent.set_display_name(agent.display_name()).await {
             tracing::warn!(agent = %agent.id, error = %e, "could not set display name");
         }
         if let Some(avatar) = &agent.avatar {
             let url = ruma::OwnedMxcUri::from(avatar.as_str());
             match url.validate() {
                 Ok(_) => {
-                    if let Err(e) = matrix.set_avatar_url(&user, url).await {
+                    if let Err(e) = intent.set_avatar_url(url).await {
                         tracing::warn!(agent = %agent.id, error = %e, "could not set avatar");
                     }
                 }

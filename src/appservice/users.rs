@@ -21,7 +21,7 @@ pub async fn get_user(
     let not_found = || ApiError::new(StatusCode::NOT_FOUND, "M_NOT_FOUND", "No such user");
     let user = UserId::parse(&user_id).map_err(|_| not_found())?;
     let agent = state.config.agent_by_user(&user).ok_or_else(not_found)?;
-    state.matrix.ensure_registered(&agent.id).await.map_err(|e| {
+    state.matrix.intent(&user).ensure_registered().await.map_err(|e| {
         tracing::error!(agent = %agent.id, error = %e, "could not register agent on user query");
         ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "M_UNKNOWN", format!("could not register {user}: {e}"))
     })?;

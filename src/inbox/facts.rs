@@ -229,7 +229,8 @@ impl Inbox {
             .find(|c| room.joined.contains(&c.user_id))?;
         match self
             .matrix
-            .event_sender(&reader.user_id, room_id, event_id)
+            .intent(&reader.user_id)
+            .event_sender(room_id, event_id)
             .await
         {
             Ok(sender) => Some(sender),
@@ -282,7 +283,8 @@ impl Inbox {
         for candidate in self.router.candidates() {
             match self
                 .matrix
-                .joined_members(&candidate.user_id, room_id)
+                .intent(&candidate.user_id)
+                .joined_members(room_id)
                 .await
             {
                 Ok(members) => {
