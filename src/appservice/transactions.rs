@@ -11,7 +11,7 @@ use axum::Json;
 use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use ruma::{OwnedEventId, OwnedRoomId};
+use ruma::{OwnedEventId, OwnedRoomId, OwnedTransactionId, TransactionId};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
@@ -23,14 +23,14 @@ use crate::store::{IncomingEvent, JournalOutcome};
 /// retry carries the same events (the homeserver re-serialises them, so the bytes differ,
 /// but the IDs do not); a homeserver whose database was reset starts counting txnIds from 1
 /// again, and those new transactions must not be mistaken for retries of old ones.
-fn dedupe_key(txn_id: &str, events: &[IncomingEvent]) -> String {
+fn dedupe_key(txn_id: &TransactionId, events: &[IncomingEvent]) -> OwnedTransactionId {
     use sha2::{Digest, Sha256};
     let mut digest = Sha256::new();
     for event in events {
         digest.update(event.event_id.as_bytes());
         digest.update([0]);
     }
-    format!("{txn_id}\0{}", &hex::encode(digest.finalize())[..16])
+    format!("{txn_id}\0{}", &hex::encode(digest.finalize())[..16]).into()
 }
 
 #[derive(Deserialize)]
@@ -49,7 +49,7 @@ struct EventIds {
 
 pub async fn put_transaction(
     State(state): State<Arc<AppState>>,
-    Path(txn_id): Path<String>,
+    Path(txn_id): Path<OwnedTransactionId>,
     body: Bytes,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let events = parse_transaction(&body)?;
@@ -61,7 +61,7 @@ pub async fn put_transaction(
     let event_ids: Vec<ruma::OwnedEventId> = events.iter().map(|e| e.event_id.clone()).collect();
     let outcome = state
         .journal
-        .journal_transaction(txn.as_str().into(), events, crate::unix_ms())
+        .journal_transaction(&txn, events, crate::unix_ms())
         .await
         .map_err(|e| {
             tracing::error!(txn_id = %txn_id, error = %e, "could not journal transaction; the homeserver will retry");

@@ -11,7 +11,7 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use ruma::{OwnedUserId, ServerName, UserId};
+use ruma::{OwnedServerName, OwnedUserId, ServerName, UserId};
 use serde::Deserialize;
 use url::Url;
 
@@ -76,7 +76,18 @@ pub struct HomeserverConfig {
     /// Client-server API base URL, e.g. `http://127.0.0.1:8008`.
     pub url: Url,
     /// The server name in user IDs (`@damon:<server_name>`).
-    pub server_name: String,
+    #[serde(deserialize_with = "server_name")]
+    pub server_name: OwnedServerName,
+}
+
+/// A server name, refused with the reason when it is not one.
+fn server_name<'de, D: serde::Deserializer<'de>>(d: D) -> Result<OwnedServerName, D::Error> {
+    let raw = String::deserialize(d)?;
+    ServerName::parse(&raw).map_err(|_| {
+        serde::de::Error::custom(format!(
+            "server_name {raw:?} is not a valid server name (a host name or IP, optionally with :port)"
+        ))
+    })
 }
 
 /// `appservice:`
@@ -322,15 +333,6 @@ impl Config {
                 "must be an http:// or https:// URL".into(),
             );
         }
-        if ServerName::parse(&self.homeserver.server_name).is_err() {
-            problem(
-                "homeserver.server_name".into(),
-                format!(
-                    "{:?} is not a valid server name (a host name or IP, optionally with :port)",
-                    self.homeserver.server_name
-                ),
-            );
-        }
         let appservice = &self.appservice;
         if appservice.id.is_empty() {
             problem("appservice.id".into(), "must not be empty".into());
@@ -517,7 +519,7 @@ impl Config {
     /// Whether `user` belongs to our namespace (an agent, the bot, or a puppet), i.e. one of
     /// our own virtual users sent it.
     pub fn is_own_user(&self, user: &UserId) -> bool {
-        if user.server_name().as_str() != self.homeserver.server_name {
+        if user.server_name() != self.homeserver.server_name {
             return false;
         }
         let local = user.localpart();
@@ -536,7 +538,7 @@ impl Config {
 
     /// The agent whose user ID is `user`.
     pub fn agent_by_user(&self, user: &UserId) -> Option<&AgentConfig> {
-        if user.server_name().as_str() != self.homeserver.server_name {
+        if user.server_name() != self.homeserver.server_name {
             return None;
         }
         self.agents.iter().find(|a| a.id == user.localpart())
@@ -628,7 +630,7 @@ agents:
         let text = GOOD.replace("server_name: localhost", "server_name: \"bad name!\"");
         assert_eq!(
             error_of(&text),
-            r#"homeserver.server_name: "bad name!" is not a valid server name (a host name or IP, optionally with :port)"#
+            r#"homeserver: server_name "bad name!" is not a valid server name (a host name or IP, optionally with :port) at line 2 column 13"#
         );
     }
 
