@@ -183,9 +183,9 @@ agents:
     let ask = |turns: Vec<Turn>| {
         let receivers: Vec<_> = turns
             .into_iter()
-            .map(|t| match agents.submit("damon", Job::Turn(t)) {
-                Submitted::Queued(done) => done,
-                Submitted::Busy => panic!("a fresh session is never busy"),
+            .map(|t| match agents.submit(Job::reply("damon", t)) {
+                Submitted::Queued { outcome, .. } => outcome,
+                other => panic!("a fresh session is never busy: {other:?}"),
             })
             .collect();
         futures::future::join_all(receivers)

@@ -2,12 +2,15 @@
 //! streamed reply in the room, as the agent's own user. Knows nothing about which platform
 //! a message came from.
 //!
+//! - [`job`]: what a run is asked (session, inputs, reason, destination) and its
+//!   [`Outcome`] (text, events posted, usage, how it ended); a [`RunHandle`] cancels it.
 //! - [`session`]: one lane per session (agent + room + thread), queue or collect.
 //! - [`memory`]: the session's stored history, fitted to a token budget.
 //! - [`stream`]: the answer as a message plus throttled edits.
 //! - [`tools`]: the built-in tools and the allow/deny policy.
 //! - [`notices`]: everything an agent says that is not a model's answer.
 
+pub mod job;
 pub mod memory;
 pub mod notices;
 pub mod session;
@@ -15,6 +18,7 @@ pub mod stream;
 pub mod tools;
 
 use std::collections::HashMap;
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -31,12 +35,15 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{AgentConfig, Config, ModelRef};
-use crate::llm::{ChatMessage, Collector, CompletionRequest, Delta, Image, LlmError, LlmHub, Role};
+use crate::llm::{
+    ChatMessage, Collector, CompletionRequest, Delta, Image, LlmError, LlmHub, Role, Usage,
+};
 use crate::matrix::keys::HOPS_KEY;
 use crate::matrix::{MatrixClient, Undelivered};
 use crate::store::{HistoryEntry, SessionEntry, SessionKey, SessionRole, Stores};
 
-pub use session::{Job, Submitted};
+pub use job::{Assignment, Delivery, Destination, Ended, Job, Outcome, Reason, RunHandle};
+pub use session::Submitted;
 
 /// How long one typing notice lasts; it is refreshed well before it runs out.
 const TYPING_TIMEOUT: Duration = Duration::from_secs(30);
@@ -45,26 +52,29 @@ const TYPING_REFRESH: Duration = Duration::from_secs(20);
 /// costs the homeserver no typing requests at all.
 const TYPING_DELAY: Duration = stream::EDIT_INTERVAL;
 
-/// How a job's answer ended, for whoever waits on it (the inbox finishes the event then).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Delivery {
-    /// What the agent had to say (an answer or a notice) is in the room.
-    Delivered,
-    /// It could not be posted for a reason that will not heal (the agent left the room, …).
-    Undeliverable,
-    /// Shutdown came first; the event stays journaled and is answered after the restart.
-    Interrupted,
+/// How the inbox sees a send's result: through [`Outcome::delivery`], the one mapping.
+fn delivery_of<T>(result: Result<T, Undelivered>) -> Delivery {
+    let ended = match result {
+        Ok(_) => Ended::Finished,
+        Err(e) => undelivered(e),
+    };
+    Outcome::ended(ended).delivery()
 }
 
-impl Delivery {
-    fn of(result: Result<(), Undelivered>) -> Self {
-        match result {
-            Ok(()) => Delivery::Delivered,
-            Err(Undelivered::Permanent(_)) => Delivery::Undeliverable,
-            Err(Undelivered::Stopped) => Delivery::Interrupted,
-        }
+/// How a run ends that could not post what it had to say.
+fn undelivered(error: Undelivered) -> Ended {
+    match error {
+        Undelivered::Permanent(e) => Ended::Undeliverable(e.to_string()),
+        Undelivered::Stopped => Ended::Interrupted,
     }
 }
+
+/// Whether the model hung: it did not answer, or went silent mid-answer, for its
+/// provider's `timeout`.
+fn hung(error: &LlmError) -> bool {
+    matches!(error, LlmError::Timeout(_) | LlmError::Stalled(_))
+}
+
 /// The largest image passed to a model.
 pub const MAX_IMAGE_BYTES: usize = 10 * 1024 * 1024;
 
@@ -140,16 +150,90 @@ impl Turn {
     }
 }
 
-/// Why a turn ended without a (whole) answer.
+/// Why a run ended without a (whole) answer.
 #[derive(Debug)]
-enum Ended {
-    /// Say this to the room, as one notice.
-    Notice(String),
-    /// The answer could not be posted.
+enum Halt {
+    /// Say this where the answer would have gone, as one notice.
+    Notice { text: String, timed_out: bool },
+    /// Something could not be posted.
     Undelivered(Undelivered),
+    /// Cancelled; whatever had been posted is finalised.
+    Cancelled,
 }
 
-use Ended::Notice;
+/// A failure said as a notice.
+fn notice(text: String) -> Halt {
+    Halt::Notice {
+        text,
+        timed_out: false,
+    }
+}
+
+/// What a run has produced so far, for its [`Outcome`].
+#[derive(Debug, Default)]
+struct Said {
+    text: String,
+    events: Vec<OwnedEventId>,
+    usage: Option<Usage>,
+}
+
+impl Said {
+    /// Adds one model call's usage.
+    fn count(&mut self, usage: Option<Usage>) {
+        if let Some(usage) = usage {
+            let total = self.usage.get_or_insert_with(Usage::default);
+            total.input_tokens += usage.input_tokens;
+            total.output_tokens += usage.output_tokens;
+        }
+    }
+}
+
+/// Where a run's words go as they stream: into the room, or only into its outcome.
+// One lives on each run's stack for the run's length: boxing the writer buys nothing.
+#[allow(clippy::large_enum_variant)]
+enum Answer<'a> {
+    Posted(stream::AnswerWriter<'a>),
+    Silent(String),
+}
+
+impl Answer<'_> {
+    async fn push(&mut self, delta: &str) {
+        match self {
+            Answer::Posted(writer) => writer.push(delta).await,
+            Answer::Silent(text) => text.push_str(delta),
+        }
+    }
+
+    fn paragraph_break(&mut self) {
+        match self {
+            Answer::Posted(writer) => writer.paragraph_break(),
+            Answer::Silent(text) => {
+                if !text.trim().is_empty() && !text.ends_with("\n\n") {
+                    text.push_str("\n\n");
+                }
+            }
+        }
+    }
+
+    fn text(&self) -> &str {
+        match self {
+            Answer::Posted(writer) => writer.text(),
+            Answer::Silent(text) => text,
+        }
+    }
+
+    fn posted(&self) -> bool {
+        matches!(self, Answer::Posted(writer) if writer.posted())
+    }
+
+    /// The final send, if the answer is posted at all.
+    async fn finish(self) -> Result<Vec<stream::SentPart>, Undelivered> {
+        match self {
+            Answer::Posted(writer) => writer.finish().await,
+            Answer::Silent(_) => Ok(Vec::new()),
+        }
+    }
+}
 
 /// Runs agents: sessions, memory, model calls with tools, streamed replies.
 pub struct AgentRuntime {
@@ -159,6 +243,9 @@ pub struct AgentRuntime {
     hub: LlmHub,
     tools: tools::Tools,
     lanes: Mutex<HashMap<SessionKey, mpsc::Sender<session::Queued>>>,
+    /// The cancellation tokens of every queued or running job, by session.
+    runs: Mutex<HashMap<SessionKey, Vec<(u64, CancellationToken)>>>,
+    run_ids: AtomicU64,
     /// Lanes and typing loops run here, so shutdown waits for them.
     tracker: TaskTracker,
     /// Cancelled when shutdown's grace period is over: runs stop waiting for the model and
@@ -184,6 +271,8 @@ impl AgentRuntime {
             hub,
             tools: tools::Tools::new(),
             lanes: Mutex::new(HashMap::new()),
+            runs: Mutex::new(HashMap::new()),
+            run_ids: AtomicU64::new(0),
             tracker,
             stop,
             closing: CancellationToken::new(),
@@ -195,33 +284,158 @@ impl AgentRuntime {
         self.closing.cancel();
     }
 
-    /// Answers `turns` (one, or several collected) in their session: typing while the
-    /// model thinks (if it takes a while), the answer streamed as a reply to the last one —
-    /// or one notice saying why there is none.
-    async fn run_turns(
+    /// Runs `job`: typing while the model thinks (if it takes a while, and the answer is
+    /// posted at all), the answer streamed where the job says — or one notice saying why
+    /// there is none — and what came of it.
+    async fn run_assignment(
         &self,
         agent: &AgentConfig,
-        session: &SessionKey,
-        turns: &[Turn],
-    ) -> Delivery {
-        let last = turns.last().expect("a run has at least one turn");
+        job: &Assignment,
+        cancel: &session::Cancel,
+    ) -> Outcome {
         let agent_user = self.config.user_id(&agent.id);
-        let typing = self.keep_typing(&agent_user, &last.room_id);
-        let outcome = self.converse(agent, &agent_user, session, turns).await;
-        typing.stop(&self.matrix).await;
-        match outcome {
-            Ok(()) => Delivery::Delivered,
-            Err(Ended::Undelivered(e)) => {
+        let typing = job
+            .destination
+            .room()
+            .map(|room| self.keep_typing(&agent_user, room));
+        let mut said = Said::default();
+        let result = self
+            .converse(agent, &agent_user, job, cancel, &mut said)
+            .await;
+        if let Some(typing) = typing {
+            typing.stop(&self.matrix).await;
+        }
+        let mut outcome = Outcome {
+            text: said.text,
+            events: said.events,
+            usage: said.usage,
+            ended: Ended::Finished,
+        };
+        match result {
+            Ok(()) => outcome,
+            Err(Halt::Undelivered(e)) => {
                 if let Undelivered::Permanent(error) = &e {
-                    tracing::error!(agent = %agent.id, room_id = %last.room_id, %error, "could not post the answer");
+                    tracing::error!(agent = %agent.id, room_id = %job.session.room, %error, "could not post the answer");
                 }
-                Delivery::of(Err(e))
+                outcome.ended = undelivered(e);
+                outcome
             }
-            Err(Notice(text)) => {
-                self.notice(&agent.id, &last.trigger(), "notice", &text)
-                    .await
+            Err(Halt::Notice { text, timed_out }) => {
+                outcome.ended = if timed_out {
+                    Ended::TimedOut
+                } else {
+                    Ended::Failed(text.clone())
+                };
+                self.say_instead(agent, job, "notice", &text, outcome).await
+            }
+            Err(Halt::Cancelled) if outcome.events.is_empty() => {
+                self.stopped_without_answer(agent, job, outcome).await
+            }
+            Err(Halt::Cancelled) => {
+                tracing::info!(agent = %agent.id, room_id = %job.session.room, "run cancelled mid-answer");
+                outcome.ended = Ended::Cancelled;
+                outcome
             }
         }
+    }
+
+    /// A run cancelled before anything of it was posted: a short notice where its answer
+    /// would have gone says so, so the asker knows the question was dropped on purpose
+    /// (every message an agent takes gets an answer or a notice); a silent run posts
+    /// nothing.
+    async fn stopped_without_answer(
+        &self,
+        agent: &AgentConfig,
+        job: &Assignment,
+        mut outcome: Outcome,
+    ) -> Outcome {
+        tracing::info!(agent = %agent.id, room_id = %job.session.room, "run cancelled before answering");
+        outcome.ended = Ended::Cancelled;
+        let text = notices::stopped_before_answer(agent);
+        self.say_instead(agent, job, "stopped", &text, outcome)
+            .await
+    }
+
+    /// Posts `text` as a notice where `job`'s answer goes (nowhere for a silent job) and
+    /// adds it to `outcome`, whose `ended` stands unless the notice cannot be posted.
+    async fn say_instead(
+        &self,
+        agent: &AgentConfig,
+        job: &Assignment,
+        purpose: &str,
+        text: &str,
+        mut outcome: Outcome,
+    ) -> Outcome {
+        match self.send_notice_for(agent, job, purpose, text).await {
+            Ok(Some(event_id)) => outcome.events.push(event_id),
+            Ok(None) => {}
+            Err(e) => outcome.ended = undelivered(e),
+        }
+        outcome
+    }
+
+    /// Sends `text` as an `m.notice` where `job`'s answer goes, waiting out a homeserver
+    /// outage; the transaction ID derives from what the job answers, its reason and
+    /// `purpose`.
+    async fn send_notice_for(
+        &self,
+        agent: &AgentConfig,
+        job: &Assignment,
+        purpose: &str,
+        text: &str,
+    ) -> Result<Option<OwnedEventId>, Undelivered> {
+        let last = job.inputs.last().expect("an assignment has inputs");
+        let content = match &job.destination {
+            Destination::Silent => return Ok(None),
+            Destination::Reply {
+                room,
+                to,
+                thread_root,
+            } => {
+                let trigger = Trigger {
+                    room_id: room,
+                    event_id: to,
+                    sender: &last.sender,
+                    body: "",
+                    thread_root: thread_root.as_deref(),
+                    hops: last.hops,
+                };
+                return self
+                    .send_reply_notice(&agent.id, &trigger, &scoped(&job.reason, purpose), text)
+                    .await
+                    .map(Some);
+            }
+            Destination::Thread { root, .. } => json!({
+                "msgtype": "m.notice",
+                "body": text,
+                "m.mentions": {},
+                "m.relates_to": {
+                    "rel_type": "m.thread", "event_id": root, "is_falling_back": true,
+                    "m.in_reply_to": { "event_id": root },
+                },
+                HOPS_KEY: last.hops,
+            }),
+            Destination::NewMessage { .. } => json!({
+                "msgtype": "m.notice",
+                "body": text,
+                "m.mentions": {},
+                HOPS_KEY: last.hops,
+            }),
+        };
+        let room = job
+            .destination
+            .room()
+            .expect("a posted destination has a room");
+        let txn = derived_txn_id(job.origin(), &agent.id, &scoped(&job.reason, purpose));
+        let agent_user = self.config.user_id(&agent.id);
+        let sent = self
+            .matrix
+            .send_message_until_delivered(&agent_user, room, &txn, &content, &self.stop)
+            .await;
+        if let Err(Undelivered::Permanent(e)) = &sent {
+            tracing::error!(agent = %agent.id, room_id = %room, purpose, error = %e, "could not send a notice");
+        }
+        sent.map(Some)
     }
 
     /// Sends `text` as an `m.notice` reply from agent `agent_id`, waiting out a homeserver
@@ -234,6 +448,20 @@ impl AgentRuntime {
         purpose: &str,
         text: &str,
     ) -> Delivery {
+        delivery_of(
+            self.send_reply_notice(agent_id, trigger, purpose, text)
+                .await,
+        )
+    }
+
+    /// [`AgentRuntime::notice`], returning the notice's event ID.
+    async fn send_reply_notice(
+        &self,
+        agent_id: &str,
+        trigger: &Trigger<'_>,
+        purpose: &str,
+        text: &str,
+    ) -> Result<OwnedEventId, Undelivered> {
         let agent_user = self.config.user_id(agent_id);
         let content = reply_content("m.notice", text, trigger);
         let txn = derived_txn_id(trigger.event_id, agent_id, purpose);
@@ -244,28 +472,37 @@ impl AgentRuntime {
         if let Err(Undelivered::Permanent(e)) = &sent {
             tracing::error!(agent = agent_id, room_id = %trigger.room_id, purpose, error = %e, "could not send a notice");
         }
-        Delivery::of(sent.map(|_| ()))
+        sent
     }
 
     /// `!reset`: forgets the session and says so.
-    async fn reset(&self, agent: &AgentConfig, session: &SessionKey, turn: &Turn) -> Delivery {
-        let text = match self.store.sessions.clear_session(session).await {
+    async fn reset(&self, agent: &AgentConfig, session: &SessionKey, turn: &Turn) -> Outcome {
+        let (text, ended) = match self.store.sessions.clear_session(session).await {
             Ok(lines) => {
                 tracing::info!(agent = %agent.id, room_id = %turn.room_id, lines, "session reset");
-                notices::reset_done(agent, lines)
+                (notices::reset_done(agent, lines), Ended::Finished)
             }
             Err(e) => {
                 tracing::error!(agent = %agent.id, room_id = %turn.room_id, error = %e, "could not reset the session");
-                notices::reset_failed(agent)
+                let text = notices::reset_failed(agent);
+                (text.clone(), Ended::Failed(text))
             }
         };
-        self.notice(&agent.id, &turn.trigger(), "reset", &text)
+        match self
+            .send_reply_notice(&agent.id, &turn.trigger(), "reset", &text)
             .await
+        {
+            Ok(event_id) => Outcome {
+                events: vec![event_id],
+                ..Outcome::ended(ended)
+            },
+            Err(e) => Outcome::ended(undelivered(e)),
+        }
     }
 
     /// The model chain for these turns: the agent's own models, or — for images the main
     /// model cannot read — the image-capable ones or the agent's `image_model`.
-    fn chain_for(&self, agent: &AgentConfig, images: bool) -> Result<Vec<ModelRef>, Ended> {
+    fn chain_for(&self, agent: &AgentConfig, images: bool) -> Result<Vec<ModelRef>, Halt> {
         let chain = agent.model_chain();
         if !images || self.hub.model(&chain[0]).accepts_images() {
             return Ok(chain);
@@ -273,7 +510,7 @@ impl AgentRuntime {
         if let Some(image_model) = agent.image_model_ref() {
             return Ok(vec![image_model]);
         }
-        Err(Notice(notices::text_only_model(agent, &chain[0])))
+        Err(notice(notices::text_only_model(agent, &chain[0])))
     }
 
     /// Downloads a turn's image as the agent, for the model.
@@ -282,14 +519,14 @@ impl AgentRuntime {
         agent: &AgentConfig,
         agent_user: &UserId,
         image: &ImageRef,
-    ) -> Result<Image, Ended> {
-        let too_big = || Notice(notices::image_too_big(agent, &image.name, MAX_IMAGE_BYTES));
+    ) -> Result<Image, Halt> {
+        let too_big = || notice(notices::image_too_big(agent, &image.name, MAX_IMAGE_BYTES));
         if image.size.is_some_and(|s| s > MAX_IMAGE_BYTES as u64) {
             return Err(too_big());
         }
         let (bytes, content_type) = self.matrix.download_media(agent_user, &image.mxc).await.map_err(|e| {
             tracing::warn!(agent = %agent.id, mxc = %image.mxc, error = %e, "could not download an image");
-            Notice(notices::image_download_failed(agent, &image.name, &e))
+            notice(notices::image_download_failed(agent, &image.name, &e))
         })?;
         if bytes.len() > MAX_IMAGE_BYTES {
             return Err(too_big());
@@ -346,49 +583,70 @@ impl AgentRuntime {
         )
     }
 
-    /// One turn: model calls (with tool rounds) streamed into the room, then memory.
+    /// One run: model calls (with tool rounds) streamed where the job says, then memory.
+    /// What it produced is kept in `said`, whatever the end.
     async fn converse(
         &self,
         agent: &AgentConfig,
         agent_user: &UserId,
-        session: &SessionKey,
-        turns: &[Turn],
-    ) -> Result<(), Ended> {
+        job: &Assignment,
+        cancel: &session::Cancel,
+        said: &mut Said,
+    ) -> Result<(), Halt> {
+        let (session, turns) = (&job.session, &job.inputs);
         let last = turns.last().expect("a run has at least one turn");
         let chain = self.chain_for(agent, turns.iter().any(|t| t.image.is_some()))?;
         let mut images = Vec::new();
         for image in turns.iter().filter_map(|t| t.image.as_ref()) {
-            images.push(self.fetch_image(agent, agent_user, image).await?);
+            let image = tokio::select! {
+                image = self.fetch_image(agent, agent_user, image) => image?,
+                _ = cancel.cancelled() => return Err(Halt::Cancelled),
+            };
+            images.push(image);
         }
         let mut messages = self.prompt(agent, &chain[0], session, turns, images).await;
-        let mut mentions: Vec<String> = Vec::new();
-        for turn in turns {
-            if !mentions.iter().any(|m| m == turn.sender.as_str()) {
-                mentions.push(turn.sender.to_string());
+        let scope = job.reason.scope();
+        let mut answer = match posted_as(&job.destination) {
+            None => Answer::Silent(String::new()),
+            Some((room_id, relation)) => {
+                // A reply pings whoever asked; a new message or thread post pings nobody.
+                let mut mention: Vec<String> = Vec::new();
+                if matches!(relation, stream::Relation::Reply { .. }) {
+                    for turn in turns {
+                        if !mention.iter().any(|m| m == turn.sender.as_str()) {
+                            mention.push(turn.sender.to_string());
+                        }
+                    }
+                }
+                let target = stream::Target {
+                    agent_id: &agent.id,
+                    agent_user,
+                    room_id,
+                    origin: job.origin(),
+                    scope: &scope,
+                    relation,
+                    mention,
+                    hops: last.hops,
+                };
+                Answer::Posted(
+                    stream::AnswerWriter::new(
+                        &self.matrix,
+                        Some(self.store.journal.as_ref()),
+                        &self.stop,
+                        target,
+                    )
+                    .await,
+                )
             }
-        }
-        let mut writer = stream::AnswerWriter::new(
-            &self.matrix,
-            Some(self.store.journal.as_ref()),
-            &self.stop,
-            stream::Destination {
-                agent_id: &agent.id,
-                agent_user,
-                room_id: &last.room_id,
-                reply_to: &last.event_id,
-                thread_root: last.thread_root.as_deref(),
-                mention: mentions,
-                hops: last.hops,
-            },
-        )
-        .await;
+        };
         let specs = self.tools.specs(&agent.tools);
         let ctx = tools::ToolContext {
             history: self.store.history.as_ref(),
             room_id: &last.room_id,
         };
         let mut cut_off: Option<LlmError> = None;
-        for round in 0..agent.tools.max_iterations {
+        let mut cancelled = false;
+        'rounds: for round in 0..agent.tools.max_iterations {
             // The last round offers no tools, so the model has to answer.
             let offer = if round + 1 < agent.tools.max_iterations {
                 specs.clone()
@@ -403,14 +661,22 @@ impl AgentRuntime {
             };
             let started = tokio::select! {
                 started = self.hub.stream(&chain, request) => started,
-                _ = self.stop.cancelled() => return Err(Ended::Undelivered(Undelivered::Stopped)),
+                _ = self.stop.cancelled() => return Err(Halt::Undelivered(Undelivered::Stopped)),
+                _ = cancel.cancelled() => {
+                    cancelled = true;
+                    break 'rounds;
+                }
             };
             let (used, mut deltas) = match started {
                 Ok(started) => started,
                 Err(failure) => {
                     tracing::warn!(agent = %agent.id, room_id = %last.room_id, %failure, "no model answered");
-                    if writer.text().trim().is_empty() {
-                        return Err(Notice(notices::no_model_answered(agent, &failure)));
+                    if answer.text().trim().is_empty() {
+                        return Err(Halt::Notice {
+                            text: notices::no_model_answered(agent, &failure),
+                            timed_out: !failure.attempts.is_empty()
+                                && failure.attempts.iter().all(|a| hung(&a.error)),
+                        });
                     }
                     cut_off = failure.attempts.last().map(|a| a.error.clone());
                     break;
@@ -421,16 +687,21 @@ impl AgentRuntime {
             }
             let mut collector = Collector::default();
             loop {
+                // Cancelling drops `deltas`, which closes the provider's connection.
                 let delta = tokio::select! {
                     delta = deltas.next() => delta,
                     _ = self.stop.cancelled() => {
-                        return Err(Ended::Undelivered(Undelivered::Stopped));
+                        return Err(Halt::Undelivered(Undelivered::Stopped));
+                    }
+                    _ = cancel.cancelled() => {
+                        cancelled = true;
+                        break 'rounds;
                     }
                 };
                 let Some(delta) = delta else { break };
                 match delta {
                     Ok(Delta::Text(text)) => {
-                        writer.push(&text).await;
+                        answer.push(&text).await;
                         collector.push(Delta::Text(text));
                     }
                     Ok(other) => collector.push(other),
@@ -443,6 +714,7 @@ impl AgentRuntime {
             }
             drop(deltas);
             let completion = collector.finish();
+            said.count(completion.usage);
             if cut_off.is_some() || completion.tool_calls.is_empty() {
                 break;
             }
@@ -451,40 +723,85 @@ impl AgentRuntime {
                 completion.tool_calls.clone(),
             ));
             for call in &completion.tool_calls {
-                let outcome = self.tools.call(&agent.tools, &ctx, call).await;
+                let outcome = tokio::select! {
+                    outcome = self.tools.call(&agent.tools, &ctx, call) => outcome,
+                    _ = cancel.cancelled() => {
+                        cancelled = true;
+                        break 'rounds;
+                    }
+                };
                 tracing::info!(agent = %agent.id, room_id = %last.room_id, tool = %call.name, arguments = %call.arguments, ok = outcome.ok, result_bytes = outcome.text.len(), "tool call");
                 messages.push(ChatMessage::tool_result(call, outcome.text));
             }
-            writer.paragraph_break();
+            answer.paragraph_break();
         }
-        let answer = writer.text().trim().to_owned();
-        if answer.is_empty() {
-            return Err(Notice(match cut_off {
-                Some(error) => notices::broke_off(agent, &error),
-                None => notices::empty_answer(agent),
-            }));
+        said.text = answer.text().trim().to_owned();
+        if cancelled {
+            if !answer.posted() {
+                return Err(Halt::Cancelled);
+            }
+            // Finalised as it stands, so no message is left marked as streaming.
+            if let Answer::Posted(writer) = &mut answer {
+                writer.append_line(&notices::stopped_mid_answer(agent));
+            }
+            let parts = answer.finish().await.map_err(Halt::Undelivered)?;
+            self.remember(agent, agent_user, job, &parts, said).await;
+            return Err(Halt::Cancelled);
         }
-        let parts = writer.finish().await.map_err(Ended::Undelivered)?;
+        if said.text.is_empty() {
+            return Err(match cut_off {
+                Some(error) => Halt::Notice {
+                    text: notices::broke_off(agent, &error),
+                    timed_out: hung(&error),
+                },
+                None => notice(notices::empty_answer(agent)),
+            });
+        }
+        let parts = answer.finish().await.map_err(Halt::Undelivered)?;
+        self.remember(agent, agent_user, job, &parts, said).await;
+        match cut_off {
+            Some(error) => Err(Halt::Notice {
+                text: notices::cut_off(agent, &error),
+                timed_out: hung(&error),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Records an answer: its posted `parts` in the room's history (and in `said`), the
+    /// inputs and `said.text` in the session's memory.
+    async fn remember(
+        &self,
+        agent: &AgentConfig,
+        agent_user: &UserId,
+        job: &Assignment,
+        parts: &[stream::SentPart],
+        said: &mut Said,
+    ) {
         let now = crate::unix_ms();
-        for part in &parts {
-            let entry = HistoryEntry {
-                event_id: part.event_id.clone(),
-                sender: agent_user.to_owned(),
-                body: part.text.clone(),
-                ts: now,
-                thread_root: last.thread_root.clone(),
-                routed_to: Vec::new(),
+        if let Some((room_id, relation)) = posted_as(&job.destination) {
+            let thread_root = match relation {
+                stream::Relation::Reply { thread_root, .. } => thread_root,
+                stream::Relation::Thread { root } => Some(root),
+                stream::Relation::None => None,
             };
-            if let Err(e) = self
-                .store
-                .history
-                .append_history(&last.room_id, &entry)
-                .await
-            {
-                tracing::warn!(room_id = %last.room_id, error = %e, "could not record the answer in history");
+            for part in parts {
+                let entry = HistoryEntry {
+                    event_id: part.event_id.clone(),
+                    sender: agent_user.to_owned(),
+                    body: part.text.clone(),
+                    ts: now,
+                    thread_root: thread_root.map(ToOwned::to_owned),
+                    routed_to: Vec::new(),
+                };
+                if let Err(e) = self.store.history.append_history(room_id, &entry).await {
+                    tracing::warn!(room_id = %room_id, error = %e, "could not record the answer in history");
+                }
             }
         }
-        let mut lines: Vec<SessionEntry> = turns
+        said.events.extend(parts.iter().map(|p| p.event_id.clone()));
+        let mut lines: Vec<SessionEntry> = job
+            .inputs
             .iter()
             .map(|t| SessionEntry {
                 role: SessionRole::User,
@@ -494,20 +811,16 @@ impl AgentRuntime {
             .collect();
         lines.push(SessionEntry {
             role: SessionRole::Assistant,
-            content: answer,
+            content: said.text.clone(),
             ts: now,
         });
         if let Err(e) = self
             .store
             .sessions
-            .append_session(session, &lines, agent.memory.max_messages)
+            .append_session(&job.session, &lines, agent.memory.max_messages)
             .await
         {
             tracing::warn!(agent = %agent.id, error = %e, "could not remember the turn");
-        }
-        match cut_off {
-            Some(error) => Err(Notice(notices::cut_off(agent, &error))),
-            None => Ok(()),
         }
     }
 
@@ -564,6 +877,36 @@ impl Typing {
         {
             tracing::debug!(agent = %self.user, room_id = %self.room, error = %e, "could not clear typing");
         }
+    }
+}
+
+/// Where and how a destination's messages are posted; `None` for a silent one.
+fn posted_as(destination: &Destination) -> Option<(&RoomId, stream::Relation<'_>)> {
+    match destination {
+        Destination::Reply {
+            room,
+            to,
+            thread_root,
+        } => Some((
+            room,
+            stream::Relation::Reply {
+                to,
+                thread_root: thread_root.as_deref(),
+            },
+        )),
+        Destination::Thread { room, root } => Some((room, stream::Relation::Thread { root })),
+        Destination::NewMessage { room } => Some((room, stream::Relation::None)),
+        Destination::Silent => None,
+    }
+}
+
+/// `purpose` kept apart per reason (see [`Reason::scope`]).
+fn scoped(reason: &Reason, purpose: &str) -> String {
+    let scope = reason.scope();
+    if scope.is_empty() {
+        purpose.to_owned()
+    } else {
+        format!("{scope}\u{1f}{purpose}")
     }
 }
 

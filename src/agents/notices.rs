@@ -1,6 +1,6 @@
 //! Everything an agent says that is not a model's answer: the notices sent as `m.notice`
-//! replies when it is busy, does not know the sender, cannot read the message, or could
-//! not answer. One place, so the wording stays consistent and each notice names the
+//! replies when it is busy, does not know the sender, cannot read the message, could not
+//! answer or was stopped, and the line that ends a stopped answer. One place, so the wording stays consistent and each notice names the
 //! thing (agent, model, image) and what the person can do next.
 
 use std::fmt::Display;
@@ -109,6 +109,22 @@ pub fn cut_off(agent: &AgentConfig, error: &LlmError) -> String {
     format!("⚠️ {}'s answer was cut off: {error}", agent.display_name())
 }
 
+/// The last line of an answer that was stopped (cancelled) while it streamed.
+pub fn stopped_mid_answer(agent: &AgentConfig) -> String {
+    format!(
+        "⏹️ {} was stopped before finishing this answer.",
+        agent.display_name()
+    )
+}
+
+/// A run was stopped (cancelled) before any of its answer was posted.
+pub fn stopped_before_answer(agent: &AgentConfig) -> String {
+    format!(
+        "⏹️ {} was stopped before answering this.",
+        agent.display_name()
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -160,6 +176,14 @@ agents: [ { id: damon, display_name: Damon, provider: echo, queue_limit: 3 } ]
         assert_eq!(
             empty_answer(&agent),
             "⚠️ Damon could not answer: the model gave an empty answer."
+        );
+        assert_eq!(
+            stopped_mid_answer(&agent),
+            "⏹️ Damon was stopped before finishing this answer."
+        );
+        assert_eq!(
+            stopped_before_answer(&agent),
+            "⏹️ Damon was stopped before answering this."
         );
         assert!(
             reset_done(&agent, 4).contains("Damon has forgotten this conversation (4 messages)")

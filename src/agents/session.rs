@@ -1,64 +1,86 @@
-//! Session lanes: one run at a time per session (agent + room + thread). Messages that
-//! reach a busy session wait in its bounded queue and are answered in order, or — with
-//! `queue: collect` — together as the next turn. Different sessions run in parallel.
+//! Session lanes: one run at a time per session (agent + room + thread). Jobs that reach
+//! a busy session wait in its bounded queue and run in order, or — with `queue: collect`
+//! — replies to room messages waiting together become the next turn. Different sessions
+//! run in parallel. Every job carries a cancellation token, registered under its session
+//! until its outcome is sent, so a run can be stopped by its handle or with its session.
 
-use crate::store::SessionKey;
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use futures::future::{FutureExt, select_all};
 use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
 
-use super::{AgentRuntime, Delivery, Turn};
+use super::{AgentRuntime, Assignment, Delivery, Ended, Job, Outcome, RunHandle};
 use crate::config::QueueMode;
+use crate::store::SessionKey;
 
 /// A lane with nothing to do for this long ends; the next message starts a new one.
 const LANE_IDLE: Duration = Duration::from_secs(120);
 
-/// Work for a session.
-#[derive(Debug, Clone)]
-pub enum Job {
-    /// Answer a message.
-    Turn(Turn),
-    /// `!reset`: forget the session's memory, answering `Turn`'s message with a notice.
-    Reset(Turn),
-}
-
-impl Job {
-    fn turn(&self) -> &Turn {
-        match self {
-            Job::Turn(t) | Job::Reset(t) => t,
-        }
-    }
-}
-
-/// A job and who waits for it to be done.
+/// A job, its cancellation token, and who waits for its outcome.
 pub(super) struct Queued {
     job: Job,
-    done: oneshot::Sender<Delivery>,
+    /// Which registered run it is (see [`AgentRuntime::cancel_session`]).
+    id: u64,
+    cancel: CancellationToken,
+    done: oneshot::Sender<Outcome>,
 }
 
 /// What submitting a job did.
 #[derive(Debug)]
 pub enum Submitted {
-    /// Queued; the receiver resolves with how its answer ended.
-    Queued(oneshot::Receiver<Delivery>),
+    /// Queued: `outcome` resolves when the run is over; `handle` cancels it.
+    Queued {
+        outcome: oneshot::Receiver<Outcome>,
+        handle: RunHandle,
+    },
     /// The session's queue is full; nothing was queued.
     Busy,
+    /// The job names an agent that is not configured, or has no inputs: a bug of the
+    /// caller's (logged); nothing was queued.
+    Refused,
+}
+
+/// The tokens of one run (at least one): a collected turn stops when any of its askers
+/// cancels.
+pub(super) struct Cancel(Vec<CancellationToken>);
+
+impl Cancel {
+    /// Resolves once any token is cancelled.
+    pub(super) async fn cancelled(&self) {
+        select_all(self.0.iter().map(|t| t.cancelled().boxed())).await;
+    }
 }
 
 impl AgentRuntime {
-    /// Queues `job` for `agent` in the job's session, starting the session's lane if it
-    /// is not running.
-    pub fn submit(self: &Arc<Self>, agent: &str, job: Job) -> Submitted {
-        let Some(index) = self.config.agents.iter().position(|a| a.id == agent) else {
-            tracing::error!(agent, "job for an agent that is not configured");
-            return Submitted::Busy;
+    /// Queues `job` in its session, starting the session's lane if it is not running.
+    pub fn submit(self: &Arc<Self>, job: Job) -> Submitted {
+        let key = job.session().clone();
+        let Some(index) = self.config.agents.iter().position(|a| a.id == key.agent) else {
+            tracing::error!(agent = %key.agent, "job for an agent that is not configured");
+            return Submitted::Refused;
         };
-        let turn = job.turn();
-        let key = SessionKey::new(agent, &turn.room_id, turn.thread_root.as_deref());
-        let (done, receiver) = oneshot::channel();
-        let mut queued = Queued { job, done };
+        if job.last_turn().is_none() {
+            tracing::error!(agent = %key.agent, room_id = %key.room, "job without inputs");
+            return Submitted::Refused;
+        }
+        let (done, outcome) = oneshot::channel();
+        let cancel = CancellationToken::new();
+        let id = self.run_ids.fetch_add(1, Ordering::Relaxed);
+        let handle = RunHandle {
+            token: cancel.clone(),
+        };
+        // Registered before it can run, so even a run that ends at once is unregistered.
+        self.register_run(&key, id, &cancel);
+        let mut queued = Queued {
+            job,
+            id,
+            cancel,
+            done,
+        };
         let mut lanes = self.lanes.lock().expect("lanes lock");
         loop {
             let lane = lanes.entry(key.clone()).or_insert_with(|| {
@@ -68,8 +90,12 @@ impl AgentRuntime {
                 tx
             });
             match lane.try_send(queued) {
-                Ok(()) => return Submitted::Queued(receiver),
-                Err(mpsc::error::TrySendError::Full(_)) => return Submitted::Busy,
+                Ok(()) => return Submitted::Queued { outcome, handle },
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    drop(lanes);
+                    self.unregister_run(&key, id);
+                    return Submitted::Busy;
+                }
                 // The lane went idle and ended: start a fresh one.
                 Err(mpsc::error::TrySendError::Closed(back)) => {
                     lanes.remove(&key);
@@ -77,6 +103,39 @@ impl AgentRuntime {
                 }
             }
         }
+    }
+
+    /// Cancels every run of `session`, the running one and those queued; returns how many
+    /// were not cancelled already. What each had posted is finalised as stopped.
+    pub fn cancel_session(&self, session: &SessionKey) -> usize {
+        let runs = self.runs.lock().expect("runs lock");
+        let Some(tokens) = runs.get(session) else {
+            return 0;
+        };
+        let mut cancelled = 0;
+        for (_, token) in tokens {
+            if !token.is_cancelled() {
+                token.cancel();
+                cancelled += 1;
+            }
+        }
+        cancelled
+    }
+
+    /// The outcome `outcome` will bring, as the inbox needs it ([`Outcome::delivery`]). A
+    /// run that was dropped unanswered (its lane died, which is logged) resolves as an
+    /// error, like a dropped answer always did.
+    pub fn when_delivered(
+        &self,
+        outcome: oneshot::Receiver<Outcome>,
+    ) -> oneshot::Receiver<Delivery> {
+        let (tx, rx) = oneshot::channel();
+        self.tracker.spawn(async move {
+            if let Ok(outcome) = outcome.await {
+                let _ = tx.send(outcome.delivery());
+            }
+        });
+        rx
     }
 
     /// How many sessions have a running lane.
@@ -87,6 +146,31 @@ impl AgentRuntime {
             .values()
             .filter(|l| !l.is_closed())
             .count()
+    }
+
+    fn register_run(&self, session: &SessionKey, id: u64, token: &CancellationToken) {
+        self.runs
+            .lock()
+            .expect("runs lock")
+            .entry(session.clone())
+            .or_default()
+            .push((id, token.clone()));
+    }
+
+    fn unregister_run(&self, session: &SessionKey, id: u64) {
+        let mut runs = self.runs.lock().expect("runs lock");
+        if let Some(tokens) = runs.get_mut(session) {
+            tokens.retain(|(i, _)| *i != id);
+            if tokens.is_empty() {
+                runs.remove(session);
+            }
+        }
+    }
+
+    /// Hands `outcome` to whoever waits for job `queued`, which is no longer cancellable.
+    fn complete(&self, session: &SessionKey, queued: Queued, outcome: Outcome) {
+        self.unregister_run(session, queued.id);
+        let _ = queued.done.send(outcome);
     }
 
     async fn run_lane(
@@ -128,36 +212,70 @@ impl AgentRuntime {
                 }
             }
             let first = pending.pop_front().expect("pending is not empty");
-            match first.job {
-                Job::Reset(turn) => {
-                    let delivery = self.reset(agent, &key, &turn).await;
-                    let _ = first.done.send(delivery);
+            if first.cancel.is_cancelled() {
+                // Cancelled while it waited: it never starts.
+                let outcome = self.stopped_before_start(agent, &first.job).await;
+                self.complete(&key, first, outcome);
+                continue;
+            }
+            let collect = agent.queue == QueueMode::Collect
+                && matches!(&first.job, Job::Answer(a) if a.collectable());
+            let mut together = vec![first];
+            while collect
+                && pending
+                    .front()
+                    .is_some_and(|next| matches!(&next.job, Job::Answer(a) if a.collectable()))
+            {
+                let next = pending.pop_front().expect("front is an answer");
+                if next.cancel.is_cancelled() {
+                    let outcome = self.stopped_before_start(agent, &next.job).await;
+                    self.complete(&key, next, outcome);
+                } else {
+                    together.push(next);
                 }
-                Job::Turn(turn) => {
-                    let mut turns = vec![turn];
-                    let mut waiting = vec![first.done];
-                    if agent.queue == QueueMode::Collect {
-                        while let Some(Queued {
-                            job: Job::Turn(_), ..
-                        }) = pending.front()
-                        {
-                            let Some(Queued {
-                                job: Job::Turn(turn),
-                                done,
-                            }) = pending.pop_front()
-                            else {
-                                unreachable!("front was a turn");
-                            };
-                            turns.push(turn);
-                            waiting.push(done);
-                        }
-                    }
-                    let delivery = self.run_turns(agent, &key, &turns).await;
-                    for done in waiting {
-                        let _ = done.send(delivery);
-                    }
+            }
+            let cancel = Cancel(together.iter().map(|q| q.cancel.clone()).collect());
+            let outcome = match &together[0].job {
+                Job::Reset { turn, .. } => self.reset(agent, &key, turn).await,
+                Job::Answer(_) => {
+                    let assignment = collected(&together);
+                    self.run_assignment(agent, &assignment, &cancel).await
                 }
+            };
+            for queued in together {
+                self.complete(&key, queued, outcome.clone());
             }
         }
     }
+
+    /// A job cancelled before it started: the stopped notice where its answer would have
+    /// gone (none for a silent one).
+    async fn stopped_before_start(&self, agent: &crate::config::AgentConfig, job: &Job) -> Outcome {
+        let assignment = match job {
+            Job::Answer(assignment) => assignment.clone(),
+            Job::Reset { session, turn } => match Job::reply(&session.agent, turn.clone()) {
+                Job::Answer(assignment) => assignment,
+                Job::Reset { .. } => unreachable!("Job::reply is an answer"),
+            },
+        };
+        self.stopped_without_answer(agent, &assignment, Outcome::ended(Ended::Cancelled))
+            .await
+    }
+}
+
+/// One assignment for jobs answered together: the last one's, with every job's inputs.
+fn collected(together: &[Queued]) -> Assignment {
+    let assignments: Vec<&Assignment> = together
+        .iter()
+        .map(|q| match &q.job {
+            Job::Answer(a) => a,
+            Job::Reset { .. } => unreachable!("only answers are collected"),
+        })
+        .collect();
+    let mut assignment = (*assignments.last().expect("a run has a job")).clone();
+    assignment.inputs = assignments
+        .iter()
+        .flat_map(|a| a.inputs.iter().cloned())
+        .collect();
+    assignment
 }

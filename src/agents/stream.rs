@@ -29,22 +29,63 @@ pub const EDIT_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Where an answer goes and what it answers.
 #[derive(Debug, Clone)]
-pub struct Destination<'a> {
+pub struct Target<'a> {
     pub agent_id: &'a str,
     pub agent_user: &'a UserId,
     pub room_id: &'a RoomId,
-    /// The message answered (the last one, for a collected turn).
-    pub reply_to: &'a EventId,
-    pub thread_root: Option<&'a EventId>,
+    /// What the answer's transaction IDs and sent-part records derive from: the message
+    /// answered (the last one, for a collected turn).
+    pub origin: &'a EventId,
+    /// Keeps two runs of the agent from the same origin apart (see
+    /// [`Reason::scope`](super::Reason)); empty for the answer to a room event.
+    pub scope: &'a str,
+    pub relation: Relation<'a>,
     /// People to mention in the first part.
     pub mention: Vec<String>,
     pub hops: u32,
 }
 
-impl Destination<'_> {
+/// How the answer's first message relates to the room.
+#[derive(Debug, Clone, Copy)]
+pub enum Relation<'a> {
+    /// A reply to `to`, in thread `thread_root` when it is in one.
+    Reply {
+        to: &'a EventId,
+        thread_root: Option<&'a EventId>,
+    },
+    /// A message in the thread rooted at `root`, replying to nothing in it.
+    Thread { root: &'a EventId },
+    /// A top-level message.
+    None,
+}
+
+impl Target<'_> {
     /// The key this answer's sends and records derive from: what it answers, and who.
     fn answer_key(&self) -> String {
-        format!("{}\u{1f}{}", self.reply_to, self.agent_id)
+        if self.scope.is_empty() {
+            format!("{}\u{1f}{}", self.origin, self.agent_id)
+        } else {
+            format!("{}\u{1f}{}\u{1f}{}", self.origin, self.agent_id, self.scope)
+        }
+    }
+
+    /// The transaction ID of the send for `purpose`.
+    fn txn_id(&self, purpose: &str) -> ruma::OwnedTransactionId {
+        if self.scope.is_empty() {
+            super::derived_txn_id(self.origin, self.agent_id, purpose)
+        } else {
+            let scoped = format!("{}\u{1f}{purpose}", self.scope);
+            super::derived_txn_id(self.origin, self.agent_id, &scoped)
+        }
+    }
+
+    /// The thread the answer's messages are in, if any.
+    fn thread_root(&self) -> Option<&EventId> {
+        match self.relation {
+            Relation::Reply { thread_root, .. } => thread_root,
+            Relation::Thread { root } => Some(root),
+            Relation::None => None,
+        }
     }
 }
 
@@ -63,7 +104,7 @@ pub struct AnswerWriter<'a> {
     /// Where posted parts are recorded (none in unit tests of the wire shape).
     store: Option<&'a dyn JournalStore>,
     stop: &'a CancellationToken,
-    to: Destination<'a>,
+    to: Target<'a>,
     text: String,
     parts: Vec<SentPart>,
     started: Instant,
@@ -79,7 +120,7 @@ impl<'a> AnswerWriter<'a> {
         matrix: &'a MatrixClient,
         store: Option<&'a dyn JournalStore>,
         stop: &'a CancellationToken,
-        to: Destination<'a>,
+        to: Target<'a>,
     ) -> Self {
         let earlier = match store {
             Some(store) => store.sent_parts(&to.answer_key()).await.unwrap_or_else(|e| {
@@ -145,6 +186,14 @@ impl<'a> AnswerWriter<'a> {
         }
     }
 
+    /// Ends the answer with `line` as a paragraph of its own, sending nothing yet: the
+    /// final send carries it.
+    pub fn append_line(&mut self, line: &str) {
+        self.text = self.text.trim_end().to_owned();
+        self.paragraph_break();
+        self.text.push_str(line);
+    }
+
     /// Sends the whole answer (the final edit, or the only message) and returns every
     /// message it is in. Waits out a homeserver outage.
     pub async fn finish(mut self) -> Result<Vec<SentPart>, Undelivered> {
@@ -171,13 +220,10 @@ impl<'a> AnswerWriter<'a> {
                     // every partial edit before it, and an identical resend is deduplicated.
                     let digest = Sha256::digest(content.to_string().as_bytes());
                     let purpose = format!("part{i}-edit-{}", &hex::encode(digest)[..16]);
-                    (
-                        super::derived_txn_id(self.to.reply_to, self.to.agent_id, &purpose),
-                        content,
-                    )
+                    (self.to.txn_id(&purpose), content)
                 }
                 None => (
-                    super::derived_txn_id(self.to.reply_to, self.to.agent_id, &format!("part{i}")),
+                    self.to.txn_id(&format!("part{i}")),
                     self.new_content(part, i, streaming),
                 ),
             };
@@ -239,21 +285,45 @@ impl<'a> AnswerWriter<'a> {
         content
     }
 
-    /// A new message: the first part replies to the trigger (in its thread when it was in
-    /// one); later parts follow in the same thread or timeline.
+    /// A new message: the first part relates as the target says (a reply to the trigger,
+    /// in its thread when it was in one); later parts follow in the same thread or
+    /// timeline.
     fn new_content(&self, text: &str, index: usize, streaming: bool) -> Value {
         let mut content = self.body(text, index, streaming);
-        let relates_to = match (self.to.thread_root, index) {
-            (Some(root), 0) => json!({
+        let relates_to = match (self.to.relation, index) {
+            (
+                Relation::Reply {
+                    to,
+                    thread_root: Some(root),
+                },
+                0,
+            ) => json!({
                 "rel_type": "m.thread", "event_id": root, "is_falling_back": false,
-                "m.in_reply_to": { "event_id": self.to.reply_to },
+                "m.in_reply_to": { "event_id": to },
             }),
-            (Some(root), _) => json!({
+            // In a thread without replying to anyone: the reply is only the fallback for
+            // clients without threads (spec: threading, fallback for unthreaded clients).
+            (Relation::Thread { root }, 0) => json!({
                 "rel_type": "m.thread", "event_id": root, "is_falling_back": true,
-                "m.in_reply_to": { "event_id": self.parts.last().map(|p| &p.event_id) },
+                "m.in_reply_to": { "event_id": root },
             }),
-            (None, 0) => json!({ "m.in_reply_to": { "event_id": self.to.reply_to } }),
-            (None, _) => Value::Null,
+            (
+                Relation::Reply {
+                    to,
+                    thread_root: None,
+                },
+                0,
+            ) => {
+                json!({ "m.in_reply_to": { "event_id": to } })
+            }
+            (_, 0) => Value::Null,
+            (_, _) => match self.to.thread_root() {
+                Some(root) => json!({
+                    "rel_type": "m.thread", "event_id": root, "is_falling_back": true,
+                    "m.in_reply_to": { "event_id": self.parts.last().map(|p| &p.event_id) },
+                }),
+                None => Value::Null,
+            },
         };
         if !relates_to.is_null() {
             content["m.relates_to"] = relates_to;
@@ -324,13 +394,17 @@ mod tests {
         room: &'a ruma::RoomId,
         question: &'a ruma::EventId,
         thread_root: Option<&'a ruma::EventId>,
-    ) -> Destination<'a> {
-        Destination {
+    ) -> Target<'a> {
+        Target {
             agent_id: "damon",
             agent_user: agent,
             room_id: room,
-            reply_to: question,
-            thread_root,
+            origin: question,
+            scope: "",
+            relation: Relation::Reply {
+                to: question,
+                thread_root,
+            },
             mention: vec!["@alice:hs".into()],
             hops: 1,
         }
@@ -491,6 +565,67 @@ mod tests {
             !partial_txns.contains(&last["txn"]),
             "the final edit's transaction ID is new, so the homeserver cannot swallow it"
         );
+    }
+
+    #[tokio::test]
+    async fn a_thread_post_or_new_message_replies_to_nobody_and_a_scope_gets_its_own_ids() {
+        let (matrix, sent) = sink().await;
+        let (agent, room, question, root) = (
+            owned_user_id!("@damon:hs"),
+            owned_room_id!("!r"),
+            owned_event_id!("$q"),
+            owned_event_id!("$root"),
+        );
+        let stop = CancellationToken::new();
+        let post = |scope, relation| Target {
+            agent_id: "damon",
+            agent_user: &agent,
+            room_id: &room,
+            origin: &question,
+            scope,
+            relation,
+            mention: Vec::new(),
+            hops: 2,
+        };
+        for target in [
+            post(
+                "",
+                Relation::Reply {
+                    to: &question,
+                    thread_root: None,
+                },
+            ),
+            post("step:merge", Relation::Thread { root: &root }),
+            post("schedule:daily", Relation::None),
+        ] {
+            let mut writer = AnswerWriter::new(&matrix, None, &stop, target).await;
+            writer.push("Done.").await;
+            writer.finish().await.unwrap();
+        }
+        let sent = sent.lock().unwrap();
+        let (reply, thread, top) = (&sent[0], &sent[1], &sent[2]);
+        assert_eq!(
+            reply["content"]["m.relates_to"]["m.in_reply_to"]["event_id"],
+            "$q"
+        );
+        assert_eq!(
+            thread["content"]["m.relates_to"],
+            json!({"rel_type": "m.thread", "event_id": "$root", "is_falling_back": true,
+                   "m.in_reply_to": {"event_id": "$root"}})
+        );
+        assert!(
+            top["content"].get("m.relates_to").is_none(),
+            "{}",
+            top["content"]
+        );
+        assert_eq!(top["content"]["m.mentions"], json!({"user_ids": []}));
+        assert_eq!(
+            reply["txn"],
+            json!(crate::agents::derived_txn_id(&question, "damon", "part0").as_str()),
+            "an answer to a room event keeps the transaction ID it always had"
+        );
+        assert_ne!(reply["txn"], thread["txn"]);
+        assert_ne!(thread["txn"], top["txn"]);
     }
 
     #[tokio::test]

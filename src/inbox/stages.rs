@@ -155,13 +155,14 @@ impl Inbox {
             .filter_map(|id| self.config.agents.iter().find(|a| &a.id == id))
         {
             let job = match command {
-                Some(Command::Reset) => Job::Reset(turn.clone()),
-                None => Job::Turn(turn.clone()),
+                Some(Command::Reset) => Job::reset(&agent.id, turn.clone()),
+                None => Job::reply(&agent.id, turn.clone()),
             };
-            match self.runtime.submit(&agent.id, job) {
-                Submitted::Queued(done) => {
+            match self.runtime.submit(job) {
+                // Nothing here cancels a run; the handle is not kept.
+                Submitted::Queued { outcome, handle: _ } => {
                     tracing::info!(agent = %agent.id, room_id = %turn.room_id, event_id = %turn.event_id, "queued for the agent");
-                    answers.push(done);
+                    answers.push(self.runtime.when_delivered(outcome));
                 }
                 Submitted::Busy => {
                     tracing::warn!(agent = %agent.id, room_id = %turn.room_id, event_id = %turn.event_id, "session queue full; message not queued");
@@ -171,6 +172,7 @@ impl Inbox {
                         .await;
                     answers.extend(held(said));
                 }
+                Submitted::Refused => {}
             }
         }
         answers
