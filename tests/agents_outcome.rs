@@ -53,7 +53,11 @@ impl Rig {
             config.appservice.as_token.as_deref().unwrap(),
             RetryPolicy::default(),
         );
-        matrix.ensure_registered("damon").await.unwrap();
+        matrix
+            .intent(&config.user_id("damon"))
+            .ensure_registered()
+            .await
+            .unwrap();
         let runtime = AgentRuntime::new(
             config.clone(),
             matrix.clone(),
@@ -74,7 +78,8 @@ impl Rig {
     async fn room_with_damon(&self, human: &Human) -> OwnedRoomId {
         let room = human.create_room(&["damon"], false).await;
         self.matrix
-            .join_room(&agent_id("damon"), &room)
+            .intent(&agent_id("damon"))
+            .join_room(&room)
             .await
             .unwrap();
         human.wait_joined(&room, &agent_id("damon")).await;

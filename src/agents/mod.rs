@@ -430,7 +430,8 @@ impl AgentRuntime {
         let agent_user = self.config.user_id(&agent.id);
         let sent = self
             .matrix
-            .send_message_until_delivered(&agent_user, room, &txn, &content, &self.stop)
+            .intent(&agent_user)
+            .send_message_until_delivered(room, &txn, &content, &self.stop)
             .await;
         if let Err(Undelivered::Permanent(e)) = &sent {
             tracing::error!(agent = %agent.id, room_id = %room, purpose, error = %e, "could not send a notice");
@@ -467,7 +468,8 @@ impl AgentRuntime {
         let txn = derived_txn_id(trigger.event_id, agent_id, purpose);
         let sent = self
             .matrix
-            .send_message_until_delivered(&agent_user, trigger.room_id, &txn, &content, &self.stop)
+            .intent(&agent_user)
+            .send_message_until_delivered(trigger.room_id, &txn, &content, &self.stop)
             .await;
         if let Err(Undelivered::Permanent(e)) = &sent {
             tracing::error!(agent = agent_id, room_id = %trigger.room_id, purpose, error = %e, "could not send a notice");
@@ -524,7 +526,7 @@ impl AgentRuntime {
         if image.size.is_some_and(|s| s > MAX_IMAGE_BYTES as u64) {
             return Err(too_big());
         }
-        let (bytes, content_type) = self.matrix.download_media(agent_user, &image.mxc).await.map_err(|e| {
+        let (bytes, content_type) = self.matrix.intent(agent_user).download_media(&image.mxc).await.map_err(|e| {
             tracing::warn!(agent = %agent.id, mxc = %image.mxc, error = %e, "could not download an image");
             notice(notices::image_download_failed(agent, &image.name, &e))
         })?;
@@ -841,7 +843,7 @@ impl AgentRuntime {
                         _ = tokio::time::sleep(wait) => {}
                     }
                     shown.store(true, std::sync::atomic::Ordering::Release);
-                    if let Err(e) = matrix.set_typing(&user, &room, Some(TYPING_TIMEOUT)).await {
+                    if let Err(e) = matrix.intent(&user).set_typing(&room, Some(TYPING_TIMEOUT)).await {
                         tracing::debug!(agent = %user, room_id = %room, error = %e, "could not set typing");
                     }
                     wait = TYPING_REFRESH;
@@ -873,7 +875,7 @@ impl Typing {
         self.cancel.cancel();
         let _ = self.task.await;
         if self.shown.load(std::sync::atomic::Ordering::Acquire)
-            && let Err(e) = matrix.set_typing(&self.user, &self.room, None).await
+            && let Err(e) = matrix.intent(&self.user).set_typing(&self.room, None).await
         {
             tracing::debug!(agent = %self.user, room_id = %self.room, error = %e, "could not clear typing");
         }

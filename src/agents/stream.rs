@@ -229,17 +229,13 @@ impl<'a> AnswerWriter<'a> {
             };
             let event_id = if done {
                 self.matrix
-                    .send_message_until_delivered(
-                        self.to.agent_user,
-                        self.to.room_id,
-                        &txn,
-                        &content,
-                        self.stop,
-                    )
+                    .intent(self.to.agent_user)
+                    .send_message_until_delivered(self.to.room_id, &txn, &content, self.stop)
                     .await?
             } else {
                 self.matrix
-                    .send_message_once(self.to.agent_user, self.to.room_id, &txn, &content)
+                    .intent(self.to.agent_user)
+                    .send_message_once(self.to.room_id, &txn, &content)
                     .await
                     .map_err(Undelivered::Permanent)?
             };

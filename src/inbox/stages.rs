@@ -234,10 +234,18 @@ impl Inbox {
         let Some(agent) = self.config.agent_by_user(target) else {
             return;
         };
+        if matches!(
+            member.membership,
+            Some(MembershipState::Leave | MembershipState::Ban)
+        ) {
+            // Left, kicked or banned: the next post there has to join again.
+            self.matrix.intent(target).forget_joined(room_id);
+            return;
+        }
         if member.membership != Some(MembershipState::Invite) {
             return;
         }
-        match self.matrix.join_room(target, room_id).await {
+        match self.matrix.intent(target).join_room(room_id).await {
             Ok(()) => {
                 tracing::info!(agent = %agent.id, room_id = %room_id, inviter = %member.sender, "joined on invite")
             }

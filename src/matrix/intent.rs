@@ -253,67 +253,6 @@ impl Intent {
     }
 }
 
-/// The old `MatrixClient` signatures (user first) for the callers that have not moved to
-/// [`Intent`] yet.
-impl MatrixClient {
-    /// Joins `room_id` as `user` (see [`Intent::join_room`]).
-    // Delegates to the Intent; callers in agents/ move over next.
-    pub async fn join_room(&self, user: &UserId, room_id: &RoomId) -> Result<(), MatrixError> {
-        self.intent(user).join_room(room_id).await
-    }
-
-    /// Downloads `mxc` as `user` (see [`Intent::download_media`]).
-    // Delegates to the Intent; callers in agents/ move over next.
-    pub async fn download_media(
-        &self,
-        user: &UserId,
-        mxc: &MxcUri,
-    ) -> Result<(Vec<u8>, Option<String>), MatrixError> {
-        self.intent(user).download_media(mxc).await
-    }
-
-    /// One attempt at sending a message as `user` (see [`Intent::send_message_once`]).
-    // Delegates to the Intent; callers in agents/ move over next.
-    pub async fn send_message_once(
-        &self,
-        user: &UserId,
-        room_id: &RoomId,
-        txn_id: &TransactionId,
-        content: &serde_json::Value,
-    ) -> Result<OwnedEventId, MatrixError> {
-        self.intent(user)
-            .send_message_once(room_id, txn_id, content)
-            .await
-    }
-
-    /// Sends a message as `user` until it is taken (see
-    /// [`Intent::send_message_until_delivered`]).
-    // Delegates to the Intent; callers in agents/ move over next.
-    pub async fn send_message_until_delivered(
-        &self,
-        user: &UserId,
-        room_id: &RoomId,
-        txn_id: &TransactionId,
-        content: &serde_json::Value,
-        stop: &CancellationToken,
-    ) -> Result<OwnedEventId, Undelivered> {
-        self.intent(user)
-            .send_message_until_delivered(room_id, txn_id, content, stop)
-            .await
-    }
-
-    /// Shows or hides `user`'s typing notice (see [`Intent::set_typing`]).
-    // Delegates to the Intent; callers in agents/ move over next.
-    pub async fn set_typing(
-        &self,
-        user: &UserId,
-        room_id: &RoomId,
-        typing: Option<Duration>,
-    ) -> Result<(), MatrixError> {
-        self.intent(user).set_typing(room_id, typing).await
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::sync::Mutex;
