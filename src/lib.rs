@@ -11,7 +11,8 @@
 //!   leases, dedupe and sent-message records (`JournalStore`), room history, sessions,
 //!   pairing; the feed to the inbox ([`store::feed`]). [`store::open`] builds the backend
 //!   `store.backend` names: fjall (default) or sled, embedded, through
-//!   [`store::embedded`]; `lease.rs` the partitions, `fjall.rs` / `sled.rs` the engines.
+//!   [`store::embedded`]; `lease.rs` the partitions, `fjall.rs` / `sled.rs` the engines,
+//!   `log.rs` fjall's journal (an append-only segment log with the dedupe window).
 //! - [`inbox`] — per-room ordered workers over the journal: replay first, then what the
 //!   feed brings; each event decoded once into a typed value, then the stages in order:
 //!   the bridges' relay hook, commands (`!reset`), the room's facts (members, aliases,
@@ -22,7 +23,9 @@
 //! - [`agents`] — the agent runtime: a lane per session (agent + room + thread), memory
 //!   within a token budget, the tool loop, the answer streamed as a message plus edits
 //!   with replay-safe transaction IDs, and everything an agent says; the built-in tools
-//!   ([`agents::tools`]), one file per tool.
+//!   ([`agents::tools`]), one file per tool. A run takes a job (`agents::Job`: session,
+//!   inputs, why it runs, where the answer goes) and returns an `agents::Outcome` (text,
+//!   event IDs, usage, how it ended); its `agents::RunHandle` cancels it.
 //! - [`llm`] — streaming model providers behind one trait and the hub above them.
 //! - [`matrix`] — the outbound client-server API as any of our users (an
 //!   [`matrix::Intent`] each), with retries, and our protocol keys ([`matrix::keys`]).
