@@ -15,8 +15,11 @@ use ruma::{OwnedServerName, OwnedUserId, ServerName, UserId};
 use serde::Deserialize;
 use url::Url;
 
+mod ids;
 mod llm;
 mod routing;
+
+pub use self::ids::{AgentId, ChannelId, InvalidAgentId, is_valid_localpart};
 
 pub use self::llm::{
     BUILTIN_TOOLS, InputKind, LlmConfig, MemoryConfig, ModelConfig, ModelRef, ProviderApi,
@@ -543,13 +546,6 @@ impl Config {
         }
         self.agents.iter().find(|a| a.id == user.localpart())
     }
-}
-
-/// Matrix user ID grammar for localparts we create: `[a-z0-9._=\-/]+`.
-pub fn is_valid_localpart(s: &str) -> bool {
-    !s.is_empty()
-        && s.bytes()
-            .all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'.' | b'_' | b'=' | b'-' | b'/'))
 }
 
 impl fmt::Display for ProviderApi {
