@@ -238,7 +238,7 @@ pub struct RevokeRequest {
 }
 
 fn matrix() -> String {
-    crate::router::MATRIX.to_owned()
+    crate::config::ChannelId::MATRIX.to_string()
 }
 
 async fn pairing_revoke(

@@ -30,7 +30,7 @@ pub use self::fjall::FjallBackend;
 pub use self::lease::{Lease, PARTITIONS, Partition};
 pub use self::sled::SledBackend;
 
-use crate::config::{StoreBackend, StoreConfig};
+use crate::config::{AgentId, StoreBackend, StoreConfig};
 
 /// The four concerns of one store.
 #[derive(Clone)]
@@ -123,7 +123,7 @@ pub struct HistoryEntry {
     pub thread_root: Option<OwnedEventId>,
     /// Agents the line was routed to (for a person's message).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub routed_to: Vec<String>,
+    pub routed_to: Vec<AgentId>,
 }
 
 /// One line of an agent's conversation memory (a session: agent + room + thread).
@@ -809,7 +809,7 @@ macro_rules! journal_conformance_tests {
                 body: "hello".into(),
                 ts: 1,
                 thread_root: Some(ruma::EventId::parse("$root").unwrap()),
-                routed_to: vec!["damon".into()],
+                routed_to: vec![$crate::config::AgentId::parse("damon").unwrap()],
             };
             store.history.append_history(&room, &entry).await.unwrap();
             let store = ($reopen)(store, &guard);
