@@ -238,15 +238,15 @@ pub const HISTORY_PER_ROOM: usize = 1000;
 /// one thread of it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct SessionKey {
-    pub agent: String,
+    pub agent: AgentId,
     pub room: OwnedRoomId,
     pub thread: Option<OwnedEventId>,
 }
 
 impl SessionKey {
-    pub fn new(agent: &str, room: &RoomId, thread: Option<&EventId>) -> Self {
+    pub fn new(agent: &AgentId, room: &RoomId, thread: Option<&EventId>) -> Self {
         Self {
-            agent: agent.to_owned(),
+            agent: agent.clone(),
             room: room.to_owned(),
             thread: thread.map(ToOwned::to_owned),
         }
@@ -496,10 +496,10 @@ pub mod conformance {
     /// The session `agent‖room[‖thread]` (parts joined by U+001F).
     pub fn key(joined: &str) -> SessionKey {
         let mut parts = joined.split('\u{1f}');
-        let agent = parts.next().unwrap();
+        let agent = crate::config::AgentId::parse(parts.next().unwrap()).unwrap();
         let room = ruma::RoomId::parse(parts.next().unwrap()).unwrap();
         let thread = parts.next().map(|t| ruma::EventId::parse(t).unwrap());
-        SessionKey::new(agent, &room, thread.as_deref())
+        SessionKey::new(&agent, &room, thread.as_deref())
     }
 
     /// A lease on every partition, for a single holder.
@@ -1551,8 +1551,29 @@ macro_rules! store_conformance_tests {
 #[cfg(test)]
 mod tests {
     use super::{
-        PAIRING_CODE_ALPHABET, PAIRING_CODE_LEN, normalize_pairing_code, random_pairing_code,
+        PAIRING_CODE_ALPHABET, PAIRING_CODE_LEN, SessionKey, normalize_pairing_code,
+        random_pairing_code,
     };
+    use crate::config::AgentId;
+
+    #[test]
+    fn session_storage_keys_keep_the_format_stores_were_written_with() {
+        let damon = AgentId::parse("damon").unwrap();
+        let room = ruma::owned_room_id!("!r:hs");
+        let root = ruma::owned_event_id!("$root");
+        assert_eq!(
+            SessionKey::new(&damon, &room, None)
+                .storage_key()
+                .as_bytes(),
+            b"damon\x1f!r:hs"
+        );
+        assert_eq!(
+            SessionKey::new(&damon, &room, Some(&root))
+                .storage_key()
+                .as_bytes(),
+            b"damon\x1f!r:hs\x1f$root"
+        );
+    }
 
     #[tokio::test]
     async fn pairing_codes_are_normalized_as_typed() {
