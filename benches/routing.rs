@@ -7,10 +7,8 @@
 use std::collections::BTreeSet;
 use std::hint::black_box;
 
-use agentbus::config::Config;
-use agentbus::router::{
-    ContextLine, LoopGuard, MATRIX, MessageFacts, RoomFacts, RouteInput, Router,
-};
+use agentbus::config::{AgentId, ChannelId, Config};
+use agentbus::router::{ContextLine, LoopGuard, MessageFacts, RoomFacts, RouteInput, Router};
 use agentbus::store::HistoryEntry;
 use criterion::{Criterion, criterion_group, criterion_main};
 use ruma::{EventId, OwnedUserId, RoomId, UserId};
@@ -145,7 +143,7 @@ fn bench_routing(c: &mut Criterion) {
             ts: now - (20 - i as u64) * 30_000,
             thread_root: None,
             routed_to: if i % 2 == 0 {
-                vec![format!("agent{}", (i + 1) % AGENTS)]
+                vec![AgentId::parse(format!("agent{}", (i + 1) % AGENTS)).unwrap()]
             } else {
                 Vec::new()
             },
@@ -154,7 +152,7 @@ fn bench_routing(c: &mut Criterion) {
     let recent: Vec<&dyn ContextLine> = recent.iter().map(|e| e as &dyn ContextLine).collect();
     let guard = LoopGuard::default();
     let input = |body: &'static str| RouteInput {
-        channel: MATRIX,
+        channel: &ChannelId::MATRIX,
         room_id: &room_id,
         room: &room,
         message: MessageFacts {

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use agentbus::agents::{AgentRuntime, Job, Submitted, Turn};
-use agentbus::config::Config;
+use agentbus::config::{AgentId, Config};
 use agentbus::llm::{LlmHub, build_providers};
 use agentbus::matrix::{MatrixClient, RetryPolicy};
 use axum::routing::{post, put};
@@ -180,10 +180,11 @@ agents:
         hops: 1,
         group: false,
     };
+    let damon = AgentId::parse("damon").unwrap();
     let ask = |turns: Vec<Turn>| {
         let receivers: Vec<_> = turns
             .into_iter()
-            .map(|t| match agents.submit(Job::reply("damon", t)) {
+            .map(|t| match agents.submit(Job::reply(&damon, t)) {
                 Submitted::Queued { outcome, .. } => outcome,
                 other => panic!("a fresh session is never busy: {other:?}"),
             })

@@ -7,7 +7,7 @@ use std::time::Duration;
 use agentbus::appservice::registration::{self, Registration};
 use agentbus::cli::admin;
 use agentbus::cli::say::{SayRequest, say};
-use agentbus::config::Config;
+use agentbus::config::{ChannelId, Config};
 use agentbus::ops::checks::{CheckFailure, EXIT_CONFIG, EXIT_LOCAL_SETUP};
 use agentbus::router::explain::RouteQuery;
 use agentbus::server::{Services, serve};
@@ -134,7 +134,7 @@ enum PairingCommand {
         /// The sender's ID, e.g. @eve:example.org.
         sender: String,
         #[arg(long, default_value = "matrix")]
-        channel: String,
+        channel: ChannelId,
     },
 }
 

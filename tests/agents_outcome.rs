@@ -15,7 +15,7 @@ use std::sync::Arc;
 use agentbus::agents::{
     AgentRuntime, Assignment, Destination, Ended, Job, Outcome, Reason, RunHandle, Submitted, Turn,
 };
-use agentbus::config::Config;
+use agentbus::config::{AgentId, Config};
 use agentbus::llm::{LlmHub, Usage, build_providers};
 use agentbus::matrix::{MatrixClient, RetryPolicy};
 use agentbus::store::SessionKey;
@@ -28,6 +28,11 @@ const ONE_AT_A_TIME: &str = "max_concurrency: 1";
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+
+/// The agent every job here is for.
+fn damon() -> AgentId {
+    AgentId::parse("damon").unwrap()
+}
 
 /// An agent runtime over the test homeserver and the model stub, with damon registered.
 struct Rig {
@@ -133,7 +138,7 @@ async fn an_answer_outcome_carries_its_text_its_events_and_the_token_usage() {
     let room = rig.room_with_damon(&ann).await;
 
     let (question, turn) = ask(&ann, &room, "what is an outcome?").await;
-    let (outcome, _handle) = rig.submit(Job::reply("damon", turn));
+    let (outcome, _handle) = rig.submit(Job::reply(&damon(), turn));
     let outcome = ended(outcome).await;
 
     let reply = ann.wait_reply(&room, "damon", &question).await;
@@ -160,7 +165,7 @@ async fn a_silent_job_posts_nothing_and_returns_the_text() {
 
     let (_, turn) = ask(&bea, &room, "draft the summary").await;
     let (outcome, _handle) = rig.submit(Job::Answer(Assignment {
-        session: SessionKey::new("damon", &room, None),
+        session: SessionKey::new(&damon(), &room, None),
         inputs: vec![turn],
         reason: Reason::Collaboration {
             step: "draft".into(),
@@ -174,7 +179,7 @@ async fn a_silent_job_posts_nothing_and_returns_the_text() {
 
     // A sentinel: once damon's reply to it is in, anything the silent run posted would be.
     let (sentinel, turn) = ask(&bea, &room, "and now out loud").await;
-    let (done, _handle) = rig.submit(Job::reply("damon", turn));
+    let (done, _handle) = rig.submit(Job::reply(&damon(), turn));
     assert_eq!(ended(done).await.ended, Ended::Finished);
     let reply = bea.wait_reply(&room, "damon", &sentinel).await;
     let from_damon = bea.seen(|s| s.room_id == room && s.sender == agent_id("damon"));
@@ -195,7 +200,7 @@ async fn cancelling_a_streaming_answer_finalises_its_message_as_stopped() {
     // A word every 400 ms: the whole answer would take about eight seconds.
     let body = "tell me a long story about streams that flow and stop before the end of the valley";
     let (question, turn) = ask(&cai, &room, body).await;
-    let (outcome, handle) = rig.submit(Job::reply("damon", turn));
+    let (outcome, handle) = rig.submit(Job::reply(&damon(), turn));
     let first = cai.wait_first_reply(&room, "damon", &question).await;
     assert_eq!(first.content[STREAMING], true, "{}", first.content);
     handle.cancel();
@@ -225,7 +230,7 @@ async fn cancelling_a_streaming_answer_finalises_its_message_as_stopped() {
     // once its reply is in, no later edit changed the stopped message.
     rig.llm.set_mode(LlmMode::Answer);
     let (sentinel, turn) = ask(&cai, &room, "still there?").await;
-    let (done, _handle) = rig.submit(Job::reply("damon", turn));
+    let (done, _handle) = rig.submit(Job::reply(&damon(), turn));
     ended(done).await;
     cai.wait_reply(&room, "damon", &sentinel).await;
     assert_eq!(cai.latest_content(&first)["body"], last.body());
@@ -240,7 +245,7 @@ async fn cancelling_before_anything_was_posted_says_so_in_one_notice() {
     let room = rig.room_with_damon(&dan).await;
 
     let (question, turn) = ask(&dan, &room, "are you thinking?").await;
-    let (outcome, handle) = rig.submit(Job::reply("damon", turn));
+    let (outcome, handle) = rig.submit(Job::reply(&damon(), turn));
     rig.llm.wait_for_requests(1).await;
     handle.cancel();
     let outcome = ended(outcome).await;
@@ -254,7 +259,7 @@ async fn cancelling_before_anything_was_posted_says_so_in_one_notice() {
 
     // The hanging request was abandoned: the next one gets the only model slot.
     let (_, turn) = ask(&dan, &room, "and this one?").await;
-    let (next, handle) = rig.submit(Job::reply("damon", turn));
+    let (next, handle) = rig.submit(Job::reply(&damon(), turn));
     rig.llm.wait_for_requests(2).await;
     handle.cancel();
     assert_eq!(ended(next).await.ended, Ended::Cancelled);
@@ -268,17 +273,17 @@ async fn cancel_session_stops_the_running_run_and_the_queued_ones_only() {
     let room = rig.room_with_damon(&eve).await;
 
     let (first, turn) = ask(&eve, &room, "first").await;
-    let (first_outcome, _) = rig.submit(Job::reply("damon", turn));
+    let (first_outcome, _) = rig.submit(Job::reply(&damon(), turn));
     rig.llm.wait_for_requests(1).await;
     let (second, turn) = ask(&eve, &room, "second").await;
-    let (second_outcome, _) = rig.submit(Job::reply("damon", turn));
+    let (second_outcome, _) = rig.submit(Job::reply(&damon(), turn));
     // Another session of the same agent and room: a thread.
     let (_, mut threaded) = ask(&eve, &room, "in a thread").await;
     threaded.thread_root = Some(first.clone());
-    let (other_outcome, other) = rig.submit(Job::reply("damon", threaded));
+    let (other_outcome, other) = rig.submit(Job::reply(&damon(), threaded));
     rig.llm.wait_for_requests(2).await;
 
-    let session = SessionKey::new("damon", &room, None);
+    let session = SessionKey::new(&damon(), &room, None);
     assert_eq!(rig.runtime.cancel_session(&session), 2);
     let (a, b) = (ended(first_outcome).await, ended(second_outcome).await);
     assert_eq!((&a.ended, &b.ended), (&Ended::Cancelled, &Ended::Cancelled));

@@ -6,6 +6,7 @@ use ruma::{EventId, OwnedEventId, OwnedRoomId, RoomId};
 use tokio_util::sync::CancellationToken;
 
 use super::Turn;
+use crate::config::AgentId;
 use crate::llm::Usage;
 use crate::store::SessionKey;
 
@@ -21,7 +22,7 @@ pub enum Job {
 impl Job {
     /// The inbox's job: `agent` answers `turn` with a reply to it, in its thread if it was
     /// sent in one, in the session of that room and thread.
-    pub fn reply(agent: &str, turn: Turn) -> Job {
+    pub fn reply(agent: &AgentId, turn: Turn) -> Job {
         Job::Answer(Assignment {
             session: SessionKey::new(agent, &turn.room_id, turn.thread_root.as_deref()),
             destination: Destination::Reply {
@@ -35,7 +36,7 @@ impl Job {
     }
 
     /// `!reset` of `agent`'s session in `turn`'s room and thread.
-    pub fn reset(agent: &str, turn: Turn) -> Job {
+    pub fn reset(agent: &AgentId, turn: Turn) -> Job {
         Job::Reset {
             session: SessionKey::new(agent, &turn.room_id, turn.thread_root.as_deref()),
             turn,
@@ -280,11 +281,12 @@ mod tests {
             hops: 1,
             group: false,
         };
-        let Job::Answer(job) = Job::reply("damon", turn) else {
+        let damon = AgentId::parse("damon").unwrap();
+        let Job::Answer(job) = Job::reply(&damon, turn) else {
             panic!("a reply is an answer");
         };
         let (room, root) = (ruma::owned_room_id!("!r"), ruma::owned_event_id!("$root"));
-        assert_eq!(job.session, SessionKey::new("damon", &room, Some(&root)));
+        assert_eq!(job.session, SessionKey::new(&damon, &room, Some(&root)));
         assert_eq!(
             job.destination,
             Destination::Reply {

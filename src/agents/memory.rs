@@ -115,12 +115,15 @@ mod tests {
         }
     }
 
+    use crate::config::AgentId;
     use crate::store::SessionKey;
 
     #[test]
     fn sessions_are_per_agent_room_and_thread() {
         let (room, root) = (owned_room_id!("!r"), owned_event_id!("$root"));
-        let key = |agent, thread| SessionKey::new(agent, &room, thread).storage_key();
+        let key = |agent, thread| {
+            SessionKey::new(&AgentId::parse(agent).unwrap(), &room, thread).storage_key()
+        };
         let main = key("damon", None);
         let thread = key("damon", Some(&root));
         assert_ne!(main, thread);

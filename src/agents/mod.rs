@@ -34,7 +34,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{AgentConfig, Config, ModelRef};
+use crate::config::{AgentConfig, AgentId, Config, ModelRef};
 use crate::llm::{
     ChatMessage, Collector, CompletionRequest, Delta, Image, LlmError, LlmHub, Role, Usage,
 };
@@ -444,7 +444,7 @@ impl AgentRuntime {
     /// does not notify twice.
     pub async fn notice(
         &self,
-        agent_id: &str,
+        agent_id: &AgentId,
         trigger: &Trigger<'_>,
         purpose: &str,
         text: &str,
@@ -458,7 +458,7 @@ impl AgentRuntime {
     /// [`AgentRuntime::notice`], returning the notice's event ID.
     async fn send_reply_notice(
         &self,
-        agent_id: &str,
+        agent_id: &AgentId,
         trigger: &Trigger<'_>,
         purpose: &str,
         text: &str,
@@ -472,7 +472,7 @@ impl AgentRuntime {
             .send_message_until_delivered(trigger.room_id, &txn, &content, &self.stop)
             .await;
         if let Err(Undelivered::Permanent(e)) = &sent {
-            tracing::error!(agent = agent_id, room_id = %trigger.room_id, purpose, error = %e, "could not send a notice");
+            tracing::error!(agent = agent_id.as_str(), room_id = %trigger.room_id, purpose, error = %e, "could not send a notice");
         }
         sent
     }
@@ -621,7 +621,7 @@ impl AgentRuntime {
                     }
                 }
                 let target = stream::Target {
-                    agent_id: &agent.id,
+                    agent_id: agent.id.clone(),
                     agent_user,
                     room_id,
                     origin: job.origin(),
@@ -935,7 +935,7 @@ pub fn reply_content(msgtype: &str, body: &str, trigger: &Trigger<'_>) -> serde_
 
 /// A transaction ID derived from what caused the send, so a retried or replayed send is
 /// deduplicated by the homeserver instead of posting twice.
-pub fn derived_txn_id(trigger: &EventId, agent: &str, purpose: &str) -> OwnedTransactionId {
+pub fn derived_txn_id(trigger: &EventId, agent: &AgentId, purpose: &str) -> OwnedTransactionId {
     let digest = Sha256::digest(format!("{trigger}\0{agent}\0{purpose}").as_bytes());
     OwnedTransactionId::from(format!("agentbus-{}", &hex::encode(digest)[..32]))
 }
@@ -976,17 +976,18 @@ mod tests {
     #[test]
     fn transaction_ids_are_deterministic_and_distinct_per_agent_and_purpose() {
         let event = owned_event_id!("$e");
+        let [damon, coder] = ["damon", "coder"].map(|id| AgentId::parse(id).unwrap());
         assert_eq!(
-            derived_txn_id(&event, "damon", "reply"),
-            derived_txn_id(&event, "damon", "reply")
+            derived_txn_id(&event, &damon, "reply"),
+            derived_txn_id(&event, &damon, "reply")
         );
         assert_ne!(
-            derived_txn_id(&event, "damon", "reply"),
-            derived_txn_id(&event, "coder", "reply")
+            derived_txn_id(&event, &damon, "reply"),
+            derived_txn_id(&event, &coder, "reply")
         );
         assert_ne!(
-            derived_txn_id(&event, "damon", "reply"),
-            derived_txn_id(&event, "damon", "notice")
+            derived_txn_id(&event, &damon, "reply"),
+            derived_txn_id(&event, &damon, "notice")
         );
     }
 }

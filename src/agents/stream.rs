@@ -17,6 +17,7 @@ use sha2::{Digest, Sha256};
 use tokio::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
+use crate::config::AgentId;
 use crate::matrix::keys::{HOPS_KEY, STREAMING_KEY};
 use crate::matrix::{MatrixClient, Undelivered};
 use crate::render::{MAX_PART_BYTES, formatted_part, split_answer};
@@ -30,7 +31,7 @@ pub const EDIT_INTERVAL: Duration = Duration::from_secs(1);
 /// Where an answer goes and what it answers.
 #[derive(Debug, Clone)]
 pub struct Target<'a> {
-    pub agent_id: &'a str,
+    pub agent_id: AgentId,
     pub agent_user: &'a UserId,
     pub room_id: &'a RoomId,
     /// What the answer's transaction IDs and sent-part records derive from: the message
@@ -72,10 +73,10 @@ impl Target<'_> {
     /// The transaction ID of the send for `purpose`.
     fn txn_id(&self, purpose: &str) -> ruma::OwnedTransactionId {
         if self.scope.is_empty() {
-            super::derived_txn_id(self.origin, self.agent_id, purpose)
+            super::derived_txn_id(self.origin, &self.agent_id, purpose)
         } else {
             let scoped = format!("{}\u{1f}{purpose}", self.scope);
-            super::derived_txn_id(self.origin, self.agent_id, &scoped)
+            super::derived_txn_id(self.origin, &self.agent_id, &scoped)
         }
     }
 
@@ -124,7 +125,7 @@ impl<'a> AnswerWriter<'a> {
     ) -> Self {
         let earlier = match store {
             Some(store) => store.sent_parts(&to.answer_key()).await.unwrap_or_else(|e| {
-                tracing::warn!(agent = to.agent_id, error = %e, "cannot read the messages an earlier run posted");
+                tracing::warn!(agent = to.agent_id.as_str(), error = %e, "cannot read the messages an earlier run posted");
                 Vec::new()
             }),
             None => Vec::new(),
@@ -139,7 +140,7 @@ impl<'a> AnswerWriter<'a> {
             })
             .collect::<Vec<_>>();
         if !parts.is_empty() {
-            tracing::info!(agent = to.agent_id, room_id = %to.room_id, parts = parts.len(), "taking over an answer an earlier run had started");
+            tracing::info!(agent = to.agent_id.as_str(), room_id = %to.room_id, parts = parts.len(), "taking over an answer an earlier run had started");
         }
         Self {
             matrix,
@@ -173,7 +174,7 @@ impl<'a> AnswerWriter<'a> {
         let since = self.last_send.unwrap_or(self.started);
         if since.elapsed() >= self.interval && !self.text.trim().is_empty() {
             if let Err(e) = self.flush(false).await {
-                tracing::debug!(agent = self.to.agent_id, room_id = %self.to.room_id, error = %e, "a streaming update was not sent; the next one catches up");
+                tracing::debug!(agent = self.to.agent_id.as_str(), room_id = %self.to.room_id, error = %e, "a streaming update was not sent; the next one catches up");
             }
             self.last_send = Some(Instant::now());
         }
@@ -250,7 +251,7 @@ impl<'a> AnswerWriter<'a> {
                             .record_sent_part(&self.to.answer_key(), i, &event_id, crate::unix_ms())
                             .await
                     {
-                        tracing::warn!(agent = self.to.agent_id, error = %e, "could not record a posted message");
+                        tracing::warn!(agent = self.to.agent_id.as_str(), error = %e, "could not record a posted message");
                     }
                     self.parts.push(SentPart {
                         event_id,
@@ -392,7 +393,7 @@ mod tests {
         thread_root: Option<&'a ruma::EventId>,
     ) -> Target<'a> {
         Target {
-            agent_id: "damon",
+            agent_id: AgentId::parse("damon").unwrap(),
             agent_user: agent,
             room_id: room,
             origin: question,
@@ -574,7 +575,7 @@ mod tests {
         );
         let stop = CancellationToken::new();
         let post = |scope, relation| Target {
-            agent_id: "damon",
+            agent_id: AgentId::parse("damon").unwrap(),
             agent_user: &agent,
             room_id: &room,
             origin: &question,
@@ -617,7 +618,14 @@ mod tests {
         assert_eq!(top["content"]["m.mentions"], json!({"user_ids": []}));
         assert_eq!(
             reply["txn"],
-            json!(crate::agents::derived_txn_id(&question, "damon", "part0").as_str()),
+            json!(
+                crate::agents::derived_txn_id(
+                    &question,
+                    &AgentId::parse("damon").unwrap(),
+                    "part0"
+                )
+                .as_str()
+            ),
             "an answer to a room event keeps the transaction ID it always had"
         );
         assert_ne!(reply["txn"], thread["txn"]);

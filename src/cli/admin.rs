@@ -8,7 +8,7 @@ use reqwest::Method;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::config::Config;
+use crate::config::{ChannelId, Config};
 use crate::ops::api::{self, ApproveRequest, PairingState, RevokeRequest};
 use crate::ops::checks::{CheckFailure, EXIT_LOCAL_SETUP};
 use crate::router::RouteDecision;
@@ -165,12 +165,12 @@ pub async fn pairing_approve(config: &Config, code: &str) -> Result<PairingReque
 /// Forgets the approval of `sender` on `channel`.
 pub async fn pairing_revoke(
     config: &Config,
-    channel: &str,
+    channel: &ChannelId,
     sender: &str,
 ) -> Result<(), CheckFailure> {
     let client = AdminClient::for_config(config);
     let body = RevokeRequest {
-        channel: channel.to_owned(),
+        channel: channel.clone(),
         sender: sender.to_owned(),
     };
     if let Call::Done(_) = client

@@ -15,8 +15,11 @@ use ruma::{OwnedServerName, OwnedUserId, ServerName, UserId};
 use serde::Deserialize;
 use url::Url;
 
+mod ids;
 mod llm;
 mod routing;
+
+pub use self::ids::{AgentId, ChannelId, InvalidAgentId, is_valid_localpart};
 
 pub use self::llm::{
     BUILTIN_TOOLS, InputKind, LlmConfig, MemoryConfig, ModelConfig, ModelRef, ProviderApi,
@@ -63,7 +66,7 @@ pub struct Config {
     pub bindings: Vec<BindingConfig>,
     /// DM and group policies per channel (`matrix`, and bridged platforms).
     #[serde(default)]
-    pub channels: BTreeMap<String, ChannelPolicyConfig>,
+    pub channels: BTreeMap<ChannelId, ChannelPolicyConfig>,
     /// The admin API.
     #[serde(default)]
     pub admin: AdminConfig,
@@ -166,7 +169,7 @@ impl Default for StoreConfig {
 #[serde(deny_unknown_fields)]
 pub struct AgentConfig {
     /// Matrix localpart: the agent is `@<id>:<server_name>`.
-    pub id: String,
+    pub id: AgentId,
     /// Display name shown in clients (default: the id).
     #[serde(default)]
     pub display_name: Option<String>,
@@ -393,14 +396,8 @@ impl Config {
         }
         for (i, agent) in self.agents.iter().enumerate() {
             let at = format!("agents[{i}]");
-            if !is_valid_localpart(&agent.id) {
-                problem(
-                    format!("{at}.id"),
-                    format!(
-                        "{:?} is not a valid Matrix localpart (use a-z, 0-9, . _ = - /)",
-                        agent.id
-                    ),
-                );
+            if let Err(invalid) = agent.id.validate() {
+                problem(format!("{at}.id"), invalid.to_string());
             } else if !seen.insert(agent.id.as_str()) {
                 problem(
                     format!("{at}.id"),
@@ -486,7 +483,7 @@ impl Config {
             &self.bindings,
             &self.channels,
             &self.admin,
-            &|id| self.agents.iter().any(|a| a.id == id),
+            &|id| self.agents.iter().any(|a| a.id == *id),
             &mut problem,
         );
 
@@ -529,7 +526,7 @@ impl Config {
     }
 
     /// The policies of `channel` (defaults when the file has none for it).
-    pub fn channel_policy(&self, channel: &str) -> std::borrow::Cow<'_, ChannelPolicyConfig> {
+    pub fn channel_policy(&self, channel: &ChannelId) -> std::borrow::Cow<'_, ChannelPolicyConfig> {
         match self.channels.get(channel) {
             Some(policy) => std::borrow::Cow::Borrowed(policy),
             None => std::borrow::Cow::Owned(ChannelPolicyConfig::default()),
@@ -543,13 +540,6 @@ impl Config {
         }
         self.agents.iter().find(|a| a.id == user.localpart())
     }
-}
-
-/// Matrix user ID grammar for localparts we create: `[a-z0-9._=\-/]+`.
-pub fn is_valid_localpart(s: &str) -> bool {
-    !s.is_empty()
-        && s.bytes()
-            .all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'.' | b'_' | b'=' | b'-' | b'/'))
 }
 
 impl fmt::Display for ProviderApi {
@@ -845,7 +835,7 @@ channels:
         let a2a = &routing.agent_to_agent;
         assert!(!a2a.enabled);
         assert_eq!((a2a.max_hops, a2a.pair_limit), (3, 20));
-        let matrix = config.channel_policy("matrix");
+        let matrix = config.channel_policy(&ChannelId::MATRIX);
         assert_eq!(matrix.dm_policy, DmPolicy::Pairing);
         assert_eq!(matrix.group_policy, GroupPolicy::Open);
         let mut config = config;

@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use super::{AgentId, ChannelId};
+
 /// Channels a conversation can come from: Matrix itself and the bridged platforms.
 pub const KNOWN_CHANNELS: &[&str] = &[
     "matrix", "telegram", "slack", "dingtalk", "feishu", "wecom", "irc", "webhook",
@@ -72,7 +74,7 @@ pub struct KeywordRule {
     pub keywords: Vec<String>,
     #[serde(default)]
     pub regex: Option<String>,
-    pub agent: String,
+    pub agent: AgentId,
     #[serde(default)]
     pub priority: i32,
 }
@@ -128,7 +130,7 @@ pub struct AgentToAgentConfig {
     pub enabled: bool,
     /// Agents that may talk to each other; both ends must be listed.
     #[serde(default)]
-    pub allow: Vec<String>,
+    pub allow: Vec<AgentId>,
     /// Longest chain of agent messages started by one human message.
     #[serde(default = "default_max_hops")]
     pub max_hops: u32,
@@ -159,7 +161,7 @@ impl Default for AgentToAgentConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BindingConfig {
-    pub agent: String,
+    pub agent: AgentId,
     #[serde(rename = "match")]
     pub matches: BindingMatch,
 }
@@ -170,7 +172,7 @@ pub struct BindingConfig {
 pub struct BindingMatch {
     /// `matrix`, `telegram`, …
     #[serde(default)]
-    pub channel: Option<String>,
+    pub channel: Option<ChannelId>,
     /// The bot account on that channel; `*` matches any.
     #[serde(default)]
     pub account: Option<String>,
@@ -245,7 +247,7 @@ pub struct GroupRoomConfig {
     pub require_mention: Option<bool>,
     /// Agents that may answer in this room (default: every agent in it).
     #[serde(default)]
-    pub agents: Option<Vec<String>>,
+    pub agents: Option<Vec<AgentId>>,
     /// The room's bound agent answers every message nobody else was addressed by.
     #[serde(default)]
     pub auto_reply: Option<bool>,
@@ -294,12 +296,12 @@ fn default_minute() -> Duration {
 pub(super) fn validate(
     routing: &RoutingConfig,
     bindings: &[BindingConfig],
-    channels: &BTreeMap<String, ChannelPolicyConfig>,
+    channels: &BTreeMap<ChannelId, ChannelPolicyConfig>,
     admin: &AdminConfig,
-    agent_known: &dyn Fn(&str) -> bool,
+    agent_known: &dyn Fn(&AgentId) -> bool,
     problem: &mut dyn FnMut(String, String),
 ) {
-    let mut unknown_agent = |key: String, id: &str| {
+    let mut unknown_agent = |key: String, id: &AgentId| {
         if !agent_known(id) {
             problem(key, format!("unknown agent {id:?}"));
             true

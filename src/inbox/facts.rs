@@ -10,8 +10,8 @@ use ruma::{OwnedUserId, RoomId, UserId};
 
 use super::decode::Message;
 use super::{FACTS_RETRY, Inbox, ROUTING_HISTORY};
-use crate::config::Config;
-use crate::router::{ContextLine, LoopGuard, MATRIX, MessageFacts, RoomFacts, RouteInput};
+use crate::config::{AgentId, ChannelId, Config};
+use crate::router::{ContextLine, LoopGuard, MessageFacts, RoomFacts, RouteInput};
 use crate::store::HistoryEntry;
 
 /// What routing one message looks at, besides the message.
@@ -58,7 +58,7 @@ impl Facts {
         guard: &'a LoopGuard,
     ) -> RouteInput<'a> {
         RouteInput {
-            channel: MATRIX,
+            channel: &ChannelId::MATRIX,
             room_id,
             room: &self.room,
             message,
@@ -82,7 +82,7 @@ impl ContextLine for HistoryEntry {
     fn thread_root(&self) -> Option<&ruma::EventId> {
         self.thread_root.as_deref()
     }
-    fn routed_to(&self) -> &[String] {
+    fn routed_to(&self) -> &[AgentId] {
         &self.routed_to
     }
 }
@@ -139,7 +139,7 @@ impl Inbox {
     pub(super) async fn sender_paired(&self, sender: &UserId) -> bool {
         self.store
             .pairing
-            .is_paired(MATRIX, sender.as_str())
+            .is_paired(&ChannelId::MATRIX, sender.as_str())
             .await
             .unwrap_or_else(|e| {
                 tracing::warn!(error = %e, "cannot read pairing approvals; treating sender as unpaired");
@@ -408,7 +408,7 @@ agents: [ { id: damon, provider: echo }, { id: coder, provider: echo } ]
         let context = facts.context();
         let guard = LoopGuard::default();
         let input = facts.route_input(m.room_id, facts.message(&m), &context, &guard);
-        assert_eq!(input.channel, MATRIX);
+        assert_eq!(*input.channel, ChannelId::MATRIX);
         assert_eq!(input.room_id, "!wSBuIXxGsHUpwsgadq:example.org");
         assert_eq!(input.room.aliases, ["#release:example.org"]);
         assert!(input.sender_paired);

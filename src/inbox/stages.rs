@@ -15,7 +15,8 @@ use super::decode::{Encrypted, Membership, Message};
 use super::facts::Facts;
 use super::{Answers, Inbox, Processed, held};
 use crate::agents::{Delivery, Job, Submitted, Trigger, Turn, notices};
-use crate::router::{MATRIX, MessageFacts, RouteDecision, Strategy};
+use crate::config::{AgentId, ChannelId};
+use crate::router::{MessageFacts, RouteDecision, Strategy};
 use crate::store::{HistoryEntry, PAIRING_TTL};
 
 impl Inbox {
@@ -152,7 +153,7 @@ impl Inbox {
         for agent in decision
             .targets
             .iter()
-            .filter_map(|id| self.config.agents.iter().find(|a| &a.id == id))
+            .filter_map(|id| self.config.agents.iter().find(|a| a.id == *id))
         {
             let job = match command {
                 Some(Command::Reset) => Job::reset(&agent.id, turn.clone()),
@@ -200,12 +201,17 @@ impl Inbox {
     }
 
     /// Tells an unknown DM sender their pairing code, and nothing else.
-    async fn send_pairing_code(&self, agent_id: &str, trigger: &Trigger<'_>) -> Delivery {
+    async fn send_pairing_code(&self, agent_id: &AgentId, trigger: &Trigger<'_>) -> Delivery {
         let now = crate::unix_ms();
         let request = match self
             .store
             .pairing
-            .pairing_request(MATRIX, trigger.sender.as_str(), now, PAIRING_TTL)
+            .pairing_request(
+                &ChannelId::MATRIX,
+                trigger.sender.as_str(),
+                now,
+                PAIRING_TTL,
+            )
             .await
         {
             Ok((request, created)) => {

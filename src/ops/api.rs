@@ -18,6 +18,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 
+use crate::config::ChannelId;
 use crate::net::{ApiError, token_digest, token_matches};
 use crate::router::RouteDecision;
 use crate::router::explain::{Explain, ExplainError, RouteQuery};
@@ -233,12 +234,12 @@ async fn pairing_approve(
 #[serde(deny_unknown_fields)]
 pub struct RevokeRequest {
     #[serde(default = "matrix")]
-    pub channel: String,
+    pub channel: ChannelId,
     pub sender: String,
 }
 
-fn matrix() -> String {
-    crate::router::MATRIX.to_owned()
+fn matrix() -> ChannelId {
+    ChannelId::MATRIX
 }
 
 async fn pairing_revoke(

@@ -7,21 +7,36 @@ use std::fmt;
 
 use serde::Serialize;
 
-use crate::config::{BindingConfig, BindingMatch};
+use crate::config::{AgentId, BindingConfig, BindingMatch, ChannelId};
 
 /// Where a message was said, as bindings see it. For Matrix the channel is `matrix` and
 /// the peers are the room ID, its aliases and, in a DM, the person; in a thread the peer
 /// is the thread root and the room becomes the parent peer. Bridged platforms fill in
 /// account, guild, team and roles too.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Conversation {
-    pub channel: String,
+    pub channel: ChannelId,
     pub account: Option<String>,
     pub peers: Vec<String>,
     pub parent_peers: Vec<String>,
     pub guild: Option<String>,
     pub team: Option<String>,
     pub roles: Vec<String>,
+}
+
+impl Conversation {
+    /// A conversation on `channel` that nothing else is known of yet.
+    pub fn new(channel: ChannelId) -> Self {
+        Self {
+            channel,
+            account: None,
+            peers: Vec::new(),
+            parent_peers: Vec::new(),
+            guild: None,
+            team: None,
+            roles: Vec::new(),
+        }
+    }
 }
 
 /// How specific a binding is; lower sorts first and wins.
@@ -95,7 +110,7 @@ impl Bindings {
     pub fn new(
         bindings: &[BindingConfig],
         default_agent: usize,
-        agent_index: impl Fn(&str) -> Option<usize>,
+        agent_index: impl Fn(&AgentId) -> Option<usize>,
     ) -> Self {
         let mut sorted: Vec<Compiled> = bindings
             .iter()
@@ -201,18 +216,15 @@ mod tests {
 
     fn bindings(yaml: &str) -> Bindings {
         let parsed: Vec<BindingConfig> = serde_yaml::from_str(yaml).unwrap();
-        Bindings::new(&parsed, 0, |id| AGENTS.iter().position(|a| *a == id))
+        Bindings::new(&parsed, 0, |id| AGENTS.iter().position(|a| a == id))
     }
 
     fn conversation(fields: &[(&str, &str)]) -> Conversation {
-        let mut c = Conversation {
-            channel: "matrix".into(),
-            ..Conversation::default()
-        };
+        let mut c = Conversation::new(ChannelId::MATRIX);
         for (key, value) in fields {
             let v = value.to_string();
             match *key {
-                "channel" => c.channel = v,
+                "channel" => c.channel = ChannelId::new(v),
                 "account" => c.account = Some(v),
                 "peer" => c.peers.push(v),
                 "parent" => c.parent_peers.push(v),

@@ -4,24 +4,26 @@
 use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 
+use crate::config::AgentId;
+
 /// Recent agent-to-agent traffic, per unordered pair of agent ids.
 #[derive(Debug, Default, Clone)]
 pub struct LoopGuard {
-    exchanges: HashMap<(String, String), VecDeque<u64>>,
-    cooled_until: HashMap<(String, String), u64>,
+    exchanges: HashMap<(AgentId, AgentId), VecDeque<u64>>,
+    cooled_until: HashMap<(AgentId, AgentId), u64>,
 }
 
-fn pair(a: &str, b: &str) -> (String, String) {
+fn pair(a: &AgentId, b: &AgentId) -> (AgentId, AgentId) {
     if a <= b {
-        (a.to_owned(), b.to_owned())
+        (a.clone(), b.clone())
     } else {
-        (b.to_owned(), a.to_owned())
+        (b.clone(), a.clone())
     }
 }
 
 impl LoopGuard {
     /// Whether the pair `a`–`b` is cooling down at `now_ms`.
-    pub fn is_cooled(&self, a: &str, b: &str, now_ms: u64) -> bool {
+    pub fn is_cooled(&self, a: &AgentId, b: &AgentId, now_ms: u64) -> bool {
         self.cooled_until
             .get(&pair(a, b))
             .is_some_and(|&until| now_ms < until)
@@ -32,8 +34,8 @@ impl LoopGuard {
     /// `cooldown` and its count restarts; returns whether that happened.
     pub fn record(
         &mut self,
-        from: &str,
-        to: &str,
+        from: &AgentId,
+        to: &AgentId,
         now_ms: u64,
         limit: usize,
         window: Duration,
@@ -62,27 +64,33 @@ mod tests {
 
     const MINUTE: Duration = Duration::from_secs(60);
 
+    fn agents<const N: usize>(ids: [&str; N]) -> [AgentId; N] {
+        ids.map(|id| AgentId::parse(id).unwrap())
+    }
+
     #[test]
     fn more_than_the_limit_within_the_window_cools_the_pair_down() {
+        let [damon, coder, researcher] = &agents(["damon", "coder", "researcher"]);
         let mut guard = LoopGuard::default();
         for i in 0..20 {
-            assert!(!guard.record("damon", "coder", 1_000 + i * 100, 20, MINUTE, MINUTE));
+            assert!(!guard.record(damon, coder, 1_000 + i * 100, 20, MINUTE, MINUTE));
         }
-        assert!(!guard.is_cooled("coder", "damon", 3_000));
+        assert!(!guard.is_cooled(coder, damon, 3_000));
         // The 21st event in 60 s, sent in the other direction: same pair.
-        assert!(guard.record("coder", "damon", 3_000, 20, MINUTE, MINUTE));
-        assert!(guard.is_cooled("damon", "coder", 3_001));
-        assert!(guard.is_cooled("coder", "damon", 62_999));
-        assert!(!guard.is_cooled("coder", "damon", 63_000));
-        assert!(!guard.is_cooled("damon", "researcher", 3_001));
+        assert!(guard.record(coder, damon, 3_000, 20, MINUTE, MINUTE));
+        assert!(guard.is_cooled(damon, coder, 3_001));
+        assert!(guard.is_cooled(coder, damon, 62_999));
+        assert!(!guard.is_cooled(coder, damon, 63_000));
+        assert!(!guard.is_cooled(damon, researcher, 3_001));
     }
 
     #[test]
     fn events_spread_over_more_than_the_window_never_cool() {
+        let [a, b] = &agents(["a", "b"]);
         let mut guard = LoopGuard::default();
         for i in 0..100u64 {
-            assert!(!guard.record("a", "b", i * 4_000, 20, MINUTE, MINUTE));
+            assert!(!guard.record(a, b, i * 4_000, 20, MINUTE, MINUTE));
         }
-        assert!(!guard.is_cooled("a", "b", 400_000));
+        assert!(!guard.is_cooled(a, b, 400_000));
     }
 }

@@ -5,7 +5,7 @@
 use aho_corasick::{AhoCorasick, MatchKind};
 use regex::RegexSet;
 
-use crate::config::KeywordRule;
+use crate::config::{AgentId, KeywordRule};
 
 /// One compiled rule: the agent it routes to (index into the router's candidates).
 #[derive(Debug, Clone)]
@@ -37,7 +37,7 @@ pub(super) struct KeywordMatcher {
 impl KeywordMatcher {
     /// Compiles `rules`; `agent_index` maps an agent id to its candidate index. Rules
     /// naming an unknown agent are skipped (config validation reports them).
-    pub fn new(rules: &[KeywordRule], agent_index: impl Fn(&str) -> Option<usize>) -> Self {
+    pub fn new(rules: &[KeywordRule], agent_index: impl Fn(&AgentId) -> Option<usize>) -> Self {
         let mut compiled = Vec::new();
         let mut keywords = Vec::new();
         let mut patterns = Vec::new();
@@ -158,14 +158,14 @@ mod tests {
         KeywordRule {
             keywords: keywords.iter().map(|k| k.to_string()).collect(),
             regex: regex.map(str::to_owned),
-            agent: agent.to_owned(),
+            agent: AgentId::parse(agent).unwrap(),
             priority,
         }
     }
 
     fn matcher(rules: &[KeywordRule]) -> KeywordMatcher {
         let agents = ["damon", "coder", "researcher"];
-        KeywordMatcher::new(rules, |id| agents.iter().position(|a| *a == id))
+        KeywordMatcher::new(rules, |id| agents.iter().position(|a| a == id))
     }
 
     fn best_agent(m: &KeywordMatcher, text: &str) -> Option<usize> {

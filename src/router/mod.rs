@@ -41,17 +41,16 @@ use self::keyword::KeywordMatcher;
 use self::mention::{
     TypedNames, contains_at_name, pill_targets, strip_reply_fallback, strip_reply_html,
 };
-use crate::config::{ChannelPolicyConfig, Config, DmPolicy, GroupPolicy, RoutingConfig};
-
-/// The channel name of Matrix itself.
-pub const MATRIX: &str = "matrix";
+use crate::config::{
+    AgentId, ChannelId, ChannelPolicyConfig, Config, DmPolicy, GroupPolicy, RoutingConfig,
+};
 
 /// An agent as the router sees it: its user, the names people type for it and its
 /// mention patterns.
 #[derive(Debug, Clone)]
 pub struct Candidate {
     /// Agent id (= localpart).
-    pub id: String,
+    pub id: AgentId,
     pub user_id: OwnedUserId,
     /// Lower-cased names that may follow an `@`: localpart, display name, aliases.
     names: Vec<String>,
@@ -60,8 +59,8 @@ pub struct Candidate {
 
 impl Candidate {
     /// A candidate with the given names (matched case-insensitively after `@`).
-    fn new(id: &str, user_id: OwnedUserId, names: impl IntoIterator<Item = String>) -> Self {
-        let mut all: Vec<String> = std::iter::once(id.to_owned())
+    fn new(id: &AgentId, user_id: OwnedUserId, names: impl IntoIterator<Item = String>) -> Self {
+        let mut all: Vec<String> = std::iter::once(id.to_string())
             .chain(names)
             .map(|n| n.trim().to_lowercase())
             .collect();
@@ -70,7 +69,7 @@ impl Candidate {
         all.sort_by_key(|n| std::cmp::Reverse(n.len()));
         all.dedup();
         Self {
-            id: id.to_owned(),
+            id: id.clone(),
             user_id,
             names: all,
             patterns: Vec::new(),
@@ -136,14 +135,14 @@ pub trait ContextLine: Send + Sync {
     /// Root of the thread the line was said in.
     fn thread_root(&self) -> Option<&EventId>;
     /// Agents the line was routed to (for a person's message).
-    fn routed_to(&self) -> &[String];
+    fn routed_to(&self) -> &[AgentId];
 }
 
 /// Everything one decision looks at.
 #[derive(Clone, Copy)]
 pub struct RouteInput<'a> {
     /// `matrix`, or the bridged platform the room is a portal of.
-    pub channel: &'a str,
+    pub channel: &'a ChannelId,
     pub room_id: &'a RoomId,
     pub room: &'a RoomFacts,
     pub message: MessageFacts<'a>,
@@ -177,13 +176,13 @@ pub enum Strategy {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RouteDecision {
     /// Agent ids, in config order.
-    pub targets: Vec<String>,
+    pub targets: Vec<AgentId>,
     pub strategy: Strategy,
     /// One line a person can read, naming the rule.
     pub reason: String,
     /// With [`Strategy::Pairing`]: the agent that sends the pairing code.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub pairing_agent: Option<String>,
+    pub pairing_agent: Option<AgentId>,
 }
 
 impl RouteDecision {
@@ -248,7 +247,7 @@ struct RoomSettings<'c> {
     listed: bool,
     require_mention: bool,
     auto_reply: bool,
-    agents: Option<&'c [String]>,
+    agents: Option<&'c [AgentId]>,
 }
 
 /// Who sent a message.
@@ -268,7 +267,7 @@ pub struct Router {
     keywords: KeywordMatcher,
     typed_names: TypedNames,
     bindings: bindings::Bindings,
-    channels: BTreeMap<String, ChannelRules>,
+    channels: BTreeMap<ChannelId, ChannelRules>,
     default_channel: ChannelRules,
     /// Per candidate: listed in `routing.agent_to_agent.allow`.
     agent_to_agent: Vec<bool>,
@@ -279,7 +278,7 @@ impl Router {
     /// Compiles the routing rules of a validated config.
     pub fn new(config: &Config) -> Self {
         let candidates = Candidate::all_from_config(config);
-        let index = |id: &str| candidates.iter().position(|c| c.id == id);
+        let index = |id: &AgentId| candidates.iter().position(|c| c.id == *id);
         let default_agent = config.agents.iter().position(|a| a.default).unwrap_or(0);
         Self {
             keywords: KeywordMatcher::new(&config.routing.keyword.rules, index),
@@ -725,7 +724,7 @@ impl Router {
         let [agent_id] = last.routed_to() else {
             return None;
         };
-        let agent = self.candidates.iter().position(|c| &c.id == agent_id)?;
+        let agent = self.candidates.iter().position(|c| c.id == *agent_id)?;
         if !allowed[agent] {
             return None;
         }
@@ -754,10 +753,9 @@ impl Router {
             None => (room_peers, Vec::new()),
         };
         Conversation {
-            channel: input.channel.to_owned(),
             peers,
             parent_peers,
-            ..Conversation::default()
+            ..Conversation::new(input.channel.clone())
         }
     }
 }

@@ -11,6 +11,10 @@ use ruma::{EventId, OwnedEventId, OwnedRoomId, OwnedUserId, UserId};
 use super::*;
 use crate::config::Config;
 
+fn agent(id: &str) -> AgentId {
+    AgentId::parse(id).unwrap()
+}
+
 /// A line of history as the inbox would hand it over (the store's record, in its shape).
 #[derive(Debug, Clone)]
 struct HistoryEntry {
@@ -20,7 +24,7 @@ struct HistoryEntry {
     body: String,
     ts: u64,
     thread_root: Option<OwnedEventId>,
-    routed_to: Vec<String>,
+    routed_to: Vec<AgentId>,
 }
 
 impl ContextLine for HistoryEntry {
@@ -36,7 +40,7 @@ impl ContextLine for HistoryEntry {
     fn thread_root(&self) -> Option<&EventId> {
         self.thread_root.as_deref()
     }
-    fn routed_to(&self) -> &[String] {
+    fn routed_to(&self) -> &[AgentId] {
         &self.routed_to
     }
 }
@@ -183,7 +187,7 @@ impl Case {
             body: format!("line {n}"),
             ts: NOW - minutes_ago * MINUTE,
             thread_root: thread.map(|t| EventId::parse(t).unwrap()),
-            routed_to: routed_to.iter().map(|s| s.to_string()).collect(),
+            routed_to: routed_to.iter().map(|s| agent(s)).collect(),
         });
         self
     }
@@ -200,7 +204,7 @@ impl Case {
         let recent: Vec<&dyn ContextLine> =
             self.recent.iter().map(|e| e as &dyn ContextLine).collect();
         let input = RouteInput {
-            channel: MATRIX,
+            channel: &ChannelId::MATRIX,
             room_id: &self.room,
             room: &room,
             message: MessageFacts {
@@ -236,7 +240,7 @@ fn check(router: &Router, case: &Case, targets: &[&str], strategy: Strategy) -> 
         (
             targets
                 .iter()
-                .map(|t| t.to_string())
+                .map(|t| agent(t))
                 .collect::<Vec<_>>()
                 .as_slice(),
             strategy
@@ -755,8 +759,8 @@ fn a_chatty_pair_is_cooled_down() {
     let mut guard = LoopGuard::default();
     for i in 0..21 {
         guard.record(
-            "damon",
-            "coder",
+            &agent("damon"),
+            &agent("coder"),
             NOW - 30_000 + i,
             20,
             Duration::from_secs(60),

@@ -23,6 +23,7 @@ use super::{
     JournaledEvent, Lease, PairedSender, PairingRequest, PairingStore, Partition, SessionEntry,
     SessionKey, SessionStore, StoreError,
 };
+use crate::config::ChannelId;
 
 /// A synchronous embedded engine; see the async traits for what each call means.
 pub trait Backend: Send + Sync + 'static {
@@ -73,7 +74,7 @@ pub trait Backend: Send + Sync + 'static {
     -> Result<Vec<HistoryEntry>, StoreError>;
     fn pairing_request(
         &self,
-        channel: &str,
+        channel: &ChannelId,
         sender: &str,
         now_ms: u64,
         ttl: Duration,
@@ -89,9 +90,9 @@ pub trait Backend: Send + Sync + 'static {
         now_ms: u64,
         ttl: Duration,
     ) -> Result<Vec<PairingRequest>, StoreError>;
-    fn is_paired(&self, channel: &str, sender: &str) -> Result<bool, StoreError>;
+    fn is_paired(&self, channel: &ChannelId, sender: &str) -> Result<bool, StoreError>;
     fn paired_senders(&self) -> Result<Vec<PairedSender>, StoreError>;
-    fn revoke_pairing(&self, channel: &str, sender: &str) -> Result<bool, StoreError>;
+    fn revoke_pairing(&self, channel: &ChannelId, sender: &str) -> Result<bool, StoreError>;
 }
 
 /// How a backend is opened (again).
@@ -385,7 +386,7 @@ impl<B: Backend> SessionStore for Embedded<B> {
 impl<B: Backend> PairingStore for Embedded<B> {
     async fn pairing_request(
         &self,
-        channel: &str,
+        channel: &ChannelId,
         sender: &str,
         now_ms: u64,
         ttl: Duration,
@@ -410,7 +411,7 @@ impl<B: Backend> PairingStore for Embedded<B> {
         self.with(|b| b.pending_pairings(now_ms, ttl))
     }
 
-    async fn is_paired(&self, channel: &str, sender: &str) -> Result<bool, StoreError> {
+    async fn is_paired(&self, channel: &ChannelId, sender: &str) -> Result<bool, StoreError> {
         self.with(|b| b.is_paired(channel, sender))
     }
 
@@ -418,7 +419,7 @@ impl<B: Backend> PairingStore for Embedded<B> {
         self.with(|b| b.paired_senders())
     }
 
-    async fn revoke_pairing(&self, channel: &str, sender: &str) -> Result<bool, StoreError> {
+    async fn revoke_pairing(&self, channel: &ChannelId, sender: &str) -> Result<bool, StoreError> {
         self.with(|b| b.revoke_pairing(channel, sender))
     }
 }

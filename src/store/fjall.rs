@@ -37,6 +37,7 @@ use super::{
     PairingRequest, SessionEntry, StoreError, by_channel_then_sender, live_oldest_first,
     normalize_pairing_code, random_pairing_code,
 };
+use crate::config::ChannelId;
 
 /// Sequence numbers are reserved on disk this many at a time.
 const SEQ_BLOCK: u64 = 1 << 16;
@@ -88,7 +89,7 @@ fn prefix(name: &str) -> Vec<u8> {
     key
 }
 
-fn pairing_key(channel: &str, sender: &str) -> Vec<u8> {
+fn pairing_key(channel: &ChannelId, sender: &str) -> Vec<u8> {
     let mut key = prefix(channel);
     key.extend_from_slice(sender.as_bytes());
     key
@@ -448,7 +449,7 @@ impl Backend for FjallBackend {
 
     fn pairing_request(
         &self,
-        channel: &str,
+        channel: &ChannelId,
         sender: &str,
         now_ms: u64,
         ttl: Duration,
@@ -472,7 +473,7 @@ impl Backend for FjallBackend {
         };
         let request = PairingRequest {
             code,
-            channel: channel.to_owned(),
+            channel: channel.clone(),
             sender: sender.to_owned(),
             created_ms: now_ms,
         };
@@ -537,7 +538,7 @@ impl Backend for FjallBackend {
         ))
     }
 
-    fn is_paired(&self, channel: &str, sender: &str) -> Result<bool, StoreError> {
+    fn is_paired(&self, channel: &ChannelId, sender: &str) -> Result<bool, StoreError> {
         self.paired
             .contains_key(pairing_key(channel, sender))
             .map_err(unavailable("cannot read paired senders"))
@@ -555,7 +556,7 @@ impl Backend for FjallBackend {
         Ok(by_channel_then_sender(senders))
     }
 
-    fn revoke_pairing(&self, channel: &str, sender: &str) -> Result<bool, StoreError> {
+    fn revoke_pairing(&self, channel: &ChannelId, sender: &str) -> Result<bool, StoreError> {
         let key = pairing_key(channel, sender);
         let _one_at_a_time = self.pairing.lock().expect("pairing lock");
         let was = self
@@ -592,6 +593,12 @@ mod tests {
     }
 
     crate::store_conformance_tests!(fresh(), reopen);
+
+    #[test]
+    fn pairing_keys_are_channel_0xff_sender_as_earlier_versions_wrote_them() {
+        let key = super::pairing_key(&crate::config::ChannelId::MATRIX, "@eve:x");
+        assert_eq!(key, b"matrix\xff@eve:x");
+    }
 
     #[tokio::test]
     async fn a_journaled_event_is_found_by_its_id_until_it_is_finished() {

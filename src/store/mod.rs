@@ -30,7 +30,7 @@ pub use self::fjall::FjallBackend;
 pub use self::lease::{Lease, PARTITIONS, Partition};
 pub use self::sled::SledBackend;
 
-use crate::config::{StoreBackend, StoreConfig};
+use crate::config::{AgentId, ChannelId, StoreBackend, StoreConfig};
 
 /// The four concerns of one store.
 #[derive(Clone)]
@@ -123,7 +123,7 @@ pub struct HistoryEntry {
     pub thread_root: Option<OwnedEventId>,
     /// Agents the line was routed to (for a person's message).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub routed_to: Vec<String>,
+    pub routed_to: Vec<AgentId>,
 }
 
 /// One line of an agent's conversation memory (a session: agent + room + thread).
@@ -160,7 +160,7 @@ pub struct PairingRequest {
     /// 8 characters from `ABCDEFGHJKLMNPQRSTUVWXYZ23456789` (no 0/O/1/I lookalikes).
     pub code: String,
     /// Channel the sender wrote on, e.g. `matrix`, `telegram`.
-    pub channel: String,
+    pub channel: ChannelId,
     /// The sender's id on that channel, e.g. `@eve:example.org`.
     pub sender: String,
     /// Unix milliseconds the code was issued.
@@ -180,7 +180,7 @@ impl PairingRequest {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PairedSender {
     /// Channel the sender was approved on.
-    pub channel: String,
+    pub channel: ChannelId,
     /// The sender's id on that channel.
     pub sender: String,
     /// Unix milliseconds of the approval.
@@ -238,15 +238,15 @@ pub const HISTORY_PER_ROOM: usize = 1000;
 /// one thread of it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct SessionKey {
-    pub agent: String,
+    pub agent: AgentId,
     pub room: OwnedRoomId,
     pub thread: Option<OwnedEventId>,
 }
 
 impl SessionKey {
-    pub fn new(agent: &str, room: &RoomId, thread: Option<&EventId>) -> Self {
+    pub fn new(agent: &AgentId, room: &RoomId, thread: Option<&EventId>) -> Self {
         Self {
-            agent: agent.to_owned(),
+            agent: agent.clone(),
             room: room.to_owned(),
             thread: thread.map(ToOwned::to_owned),
         }
@@ -448,7 +448,7 @@ pub trait PairingStore: Send + Sync {
     /// and whether it was created by this call. Callers check [`PairingStore::is_paired`] first.
     async fn pairing_request(
         &self,
-        channel: &str,
+        channel: &ChannelId,
         sender: &str,
         now_ms: u64,
         ttl: Duration,
@@ -472,18 +472,19 @@ pub trait PairingStore: Send + Sync {
     ) -> Result<Vec<PairingRequest>, StoreError>;
 
     /// Whether `sender` on `channel` was approved.
-    async fn is_paired(&self, channel: &str, sender: &str) -> Result<bool, StoreError>;
+    async fn is_paired(&self, channel: &ChannelId, sender: &str) -> Result<bool, StoreError>;
 
     /// Every approved sender, ordered by channel then sender.
     async fn paired_senders(&self) -> Result<Vec<PairedSender>, StoreError>;
 
     /// Forgets an approval; returns whether there was one.
-    async fn revoke_pairing(&self, channel: &str, sender: &str) -> Result<bool, StoreError>;
+    async fn revoke_pairing(&self, channel: &ChannelId, sender: &str) -> Result<bool, StoreError>;
 }
 
 /// What the conformance macros share: fixed times, builders and a lease on everything.
 #[doc(hidden)]
 pub mod conformance {
+    pub use crate::config::ChannelId;
     use crate::store::{IncomingEvent, SessionEntry, SessionKey, SessionRole, Stores};
 
     /// "now" for the writes of these tests.
@@ -496,10 +497,10 @@ pub mod conformance {
     /// The session `agent‖room[‖thread]` (parts joined by U+001F).
     pub fn key(joined: &str) -> SessionKey {
         let mut parts = joined.split('\u{1f}');
-        let agent = parts.next().unwrap();
+        let agent = crate::config::AgentId::parse(parts.next().unwrap()).unwrap();
         let room = ruma::RoomId::parse(parts.next().unwrap()).unwrap();
         let thread = parts.next().map(|t| ruma::EventId::parse(t).unwrap());
-        SessionKey::new(agent, &room, thread.as_deref())
+        SessionKey::new(&agent, &room, thread.as_deref())
     }
 
     /// A lease on every partition, for a single holder.
@@ -562,8 +563,13 @@ pub mod conformance {
         );
     }
 
+    /// The channel named `name`.
+    pub fn channel(name: &str) -> ChannelId {
+        ChannelId::new(name)
+    }
+
     /// Issues a request for `sender` on `channel` at `now` and approves it.
-    pub async fn pair(store: &crate::store::Stores, channel: &str, sender: &str, now: u64) {
+    pub async fn pair(store: &crate::store::Stores, channel: &ChannelId, sender: &str, now: u64) {
         let (request, _) = store
             .pairing
             .pairing_request(channel, sender, now, PAIRING_TTL)
@@ -809,7 +815,7 @@ macro_rules! journal_conformance_tests {
                 body: "hello".into(),
                 ts: 1,
                 thread_root: Some(ruma::EventId::parse("$root").unwrap()),
-                routed_to: vec!["damon".into()],
+                routed_to: vec![$crate::config::AgentId::parse("damon").unwrap()],
             };
             store.history.append_history(&room, &entry).await.unwrap();
             let store = ($reopen)(store, &guard);
@@ -1124,7 +1130,7 @@ macro_rules! pairing_conformance_tests {
             let (store, _guard) = $fresh;
             let (first, created) = store
                 .pairing
-                .pairing_request("matrix", "@eve:x", T0, PAIRING_TTL)
+                .pairing_request(&channel("matrix"), "@eve:x", T0, PAIRING_TTL)
                 .await
                 .unwrap();
             assert!(created);
@@ -1140,7 +1146,12 @@ macro_rules! pairing_conformance_tests {
             // Still live at exactly `ttl` old: the same request, not a new one.
             let (again, created) = store
                 .pairing
-                .pairing_request("matrix", "@eve:x", T0 + PAIRING_TTL_MS, PAIRING_TTL)
+                .pairing_request(
+                    &channel("matrix"),
+                    "@eve:x",
+                    T0 + PAIRING_TTL_MS,
+                    PAIRING_TTL,
+                )
                 .await
                 .unwrap();
             assert!(!created);
@@ -1162,7 +1173,12 @@ macro_rules! pairing_conformance_tests {
             for n in 0..40 {
                 let (request, created) = store
                     .pairing
-                    .pairing_request("matrix", &format!("@user{n}:x"), T0 + n, PAIRING_TTL)
+                    .pairing_request(
+                        &channel("matrix"),
+                        &format!("@user{n}:x"),
+                        T0 + n,
+                        PAIRING_TTL,
+                    )
                     .await
                     .unwrap();
                 assert!(created);
@@ -1172,7 +1188,7 @@ macro_rules! pairing_conformance_tests {
             // The same id on another channel is another person.
             let (other, created) = store
                 .pairing
-                .pairing_request("telegram", "@user0:x", T0, PAIRING_TTL)
+                .pairing_request(&channel("telegram"), "@user0:x", T0, PAIRING_TTL)
                 .await
                 .unwrap();
             assert!(created);
@@ -1193,13 +1209,13 @@ macro_rules! pairing_conformance_tests {
             let (store, _guard) = $fresh;
             let (old, _) = store
                 .pairing
-                .pairing_request("matrix", "@eve:x", T0, PAIRING_TTL)
+                .pairing_request(&channel("matrix"), "@eve:x", T0, PAIRING_TTL)
                 .await
                 .unwrap();
             let later = T0 + PAIRING_TTL_MS + 1;
             let (new, created) = store
                 .pairing
-                .pairing_request("matrix", "@eve:x", later, PAIRING_TTL)
+                .pairing_request(&channel("matrix"), "@eve:x", later, PAIRING_TTL)
                 .await
                 .unwrap();
             assert!(created);
@@ -1223,7 +1239,13 @@ macro_rules! pairing_conformance_tests {
                     .unwrap(),
                 None
             );
-            assert!(!store.pairing.is_paired("matrix", "@eve:x").await.unwrap());
+            assert!(
+                !store
+                    .pairing
+                    .is_paired(&channel("matrix"), "@eve:x")
+                    .await
+                    .unwrap()
+            );
             assert_eq!(
                 store
                     .pairing
@@ -1239,15 +1261,21 @@ macro_rules! pairing_conformance_tests {
             let (store, _guard) = $fresh;
             let (request, _) = store
                 .pairing
-                .pairing_request("matrix", "@eve:x", T0, PAIRING_TTL)
+                .pairing_request(&channel("matrix"), "@eve:x", T0, PAIRING_TTL)
                 .await
                 .unwrap();
             let (bystander, _) = store
                 .pairing
-                .pairing_request("matrix", "@bob:x", T0, PAIRING_TTL)
+                .pairing_request(&channel("matrix"), "@bob:x", T0, PAIRING_TTL)
                 .await
                 .unwrap();
-            assert!(!store.pairing.is_paired("matrix", "@eve:x").await.unwrap());
+            assert!(
+                !store
+                    .pairing
+                    .is_paired(&channel("matrix"), "@eve:x")
+                    .await
+                    .unwrap()
+            );
             // As an admin might type it: lower case, dashed, padded.
             let typed = format!(
                 " {}-{} ",
@@ -1260,8 +1288,20 @@ macro_rules! pairing_conformance_tests {
                 .await
                 .unwrap();
             assert_eq!(approved, Some(request.clone()));
-            assert!(store.pairing.is_paired("matrix", "@eve:x").await.unwrap());
-            assert!(!store.pairing.is_paired("matrix", "@bob:x").await.unwrap());
+            assert!(
+                store
+                    .pairing
+                    .is_paired(&channel("matrix"), "@eve:x")
+                    .await
+                    .unwrap()
+            );
+            assert!(
+                !store
+                    .pairing
+                    .is_paired(&channel("matrix"), "@bob:x")
+                    .await
+                    .unwrap()
+            );
             assert_eq!(
                 store
                     .pairing
@@ -1297,7 +1337,7 @@ macro_rules! pairing_conformance_tests {
             let (store, _guard) = $fresh;
             let (request, _) = store
                 .pairing
-                .pairing_request("matrix", "@eve:x", T0, PAIRING_TTL)
+                .pairing_request(&channel("matrix"), "@eve:x", T0, PAIRING_TTL)
                 .await
                 .unwrap();
             // A valid-looking code that differs from the issued one in its first character.
@@ -1327,7 +1367,13 @@ macro_rules! pairing_conformance_tests {
                     .unwrap(),
                 None
             );
-            assert!(!store.pairing.is_paired("matrix", "@eve:x").await.unwrap());
+            assert!(
+                !store
+                    .pairing
+                    .is_paired(&channel("matrix"), "@eve:x")
+                    .await
+                    .unwrap()
+            );
             assert!(store.pairing.paired_senders().await.unwrap().is_empty());
             assert_eq!(
                 store
@@ -1344,17 +1390,17 @@ macro_rules! pairing_conformance_tests {
             let (store, _guard) = $fresh;
             let (a, _) = store
                 .pairing
-                .pairing_request("matrix", "@a:x", T0, PAIRING_TTL)
+                .pairing_request(&channel("matrix"), "@a:x", T0, PAIRING_TTL)
                 .await
                 .unwrap();
             let (b, _) = store
                 .pairing
-                .pairing_request("matrix", "@b:x", T0 + 10, PAIRING_TTL)
+                .pairing_request(&channel("matrix"), "@b:x", T0 + 10, PAIRING_TTL)
                 .await
                 .unwrap();
             let (c, _) = store
                 .pairing
-                .pairing_request("telegram", "42", T0 + 5, PAIRING_TTL)
+                .pairing_request(&channel("telegram"), "42", T0 + 5, PAIRING_TTL)
                 .await
                 .unwrap();
             assert_eq!(
@@ -1387,15 +1433,39 @@ macro_rules! pairing_conformance_tests {
         #[tokio::test]
         async fn pairing_is_per_channel_and_ordered() {
             let (store, _guard) = $fresh;
-            pair(&store, "matrix", "@z:x", T0).await;
-            pair(&store, "m", "@b:x", T0 + 1).await;
-            pair(&store, "matrix", "@a:x", T0 + 2).await;
-            pair(&store, "telegram", "@a:x", T0 + 3).await;
-            assert!(store.pairing.is_paired("matrix", "@z:x").await.unwrap());
-            assert!(!store.pairing.is_paired("telegram", "@z:x").await.unwrap());
-            assert!(!store.pairing.is_paired("m", "@a:x").await.unwrap());
-            assert!(!store.pairing.is_paired("matrix", "@z").await.unwrap());
-            let listed: Vec<(String, String)> = store
+            pair(&store, &channel("matrix"), "@z:x", T0).await;
+            pair(&store, &channel("m"), "@b:x", T0 + 1).await;
+            pair(&store, &channel("matrix"), "@a:x", T0 + 2).await;
+            pair(&store, &channel("telegram"), "@a:x", T0 + 3).await;
+            assert!(
+                store
+                    .pairing
+                    .is_paired(&channel("matrix"), "@z:x")
+                    .await
+                    .unwrap()
+            );
+            assert!(
+                !store
+                    .pairing
+                    .is_paired(&channel("telegram"), "@z:x")
+                    .await
+                    .unwrap()
+            );
+            assert!(
+                !store
+                    .pairing
+                    .is_paired(&channel("m"), "@a:x")
+                    .await
+                    .unwrap()
+            );
+            assert!(
+                !store
+                    .pairing
+                    .is_paired(&channel("matrix"), "@z")
+                    .await
+                    .unwrap()
+            );
+            let listed: Vec<(ChannelId, String)> = store
                 .pairing
                 .paired_senders()
                 .await
@@ -1409,36 +1479,39 @@ macro_rules! pairing_conformance_tests {
                 ("matrix", "@z:x"),
                 ("telegram", "@a:x"),
             ];
-            assert_eq!(
-                listed,
-                expected.map(|(c, s)| (c.to_string(), s.to_string()))
-            );
+            assert_eq!(listed, expected.map(|(c, s)| (channel(c), s.to_string())));
         }
 
         #[tokio::test]
         async fn revoking_forgets_an_approval() {
             let (store, _guard) = $fresh;
-            pair(&store, "matrix", "@eve:x", T0).await;
-            pair(&store, "matrix", "@bob:x", T0).await;
+            pair(&store, &channel("matrix"), "@eve:x", T0).await;
+            pair(&store, &channel("matrix"), "@bob:x", T0).await;
             assert!(
                 !store
                     .pairing
-                    .revoke_pairing("telegram", "@eve:x")
+                    .revoke_pairing(&channel("telegram"), "@eve:x")
                     .await
                     .unwrap()
             );
             assert!(
                 store
                     .pairing
-                    .revoke_pairing("matrix", "@eve:x")
+                    .revoke_pairing(&channel("matrix"), "@eve:x")
                     .await
                     .unwrap()
             );
-            assert!(!store.pairing.is_paired("matrix", "@eve:x").await.unwrap());
             assert!(
                 !store
                     .pairing
-                    .revoke_pairing("matrix", "@eve:x")
+                    .is_paired(&channel("matrix"), "@eve:x")
+                    .await
+                    .unwrap()
+            );
+            assert!(
+                !store
+                    .pairing
+                    .revoke_pairing(&channel("matrix"), "@eve:x")
                     .await
                     .unwrap()
             );
@@ -1454,7 +1527,7 @@ macro_rules! pairing_conformance_tests {
             // A revoked sender can pair again with a new request.
             let (request, created) = store
                 .pairing
-                .pairing_request("matrix", "@eve:x", T0 + 1, PAIRING_TTL)
+                .pairing_request(&channel("matrix"), "@eve:x", T0 + 1, PAIRING_TTL)
                 .await
                 .unwrap();
             assert!(created);
@@ -1466,20 +1539,32 @@ macro_rules! pairing_conformance_tests {
                     .unwrap()
                     .is_some()
             );
-            assert!(store.pairing.is_paired("matrix", "@eve:x").await.unwrap());
+            assert!(
+                store
+                    .pairing
+                    .is_paired(&channel("matrix"), "@eve:x")
+                    .await
+                    .unwrap()
+            );
         }
 
         #[tokio::test]
         async fn pairings_survive_reopening() {
             let (store, guard) = $fresh;
-            pair(&store, "matrix", "@eve:x", T0).await;
+            pair(&store, &channel("matrix"), "@eve:x", T0).await;
             let (waiting, _) = store
                 .pairing
-                .pairing_request("matrix", "@bob:x", T0 + 1, PAIRING_TTL)
+                .pairing_request(&channel("matrix"), "@bob:x", T0 + 1, PAIRING_TTL)
                 .await
                 .unwrap();
             let store = ($reopen)(store, &guard);
-            assert!(store.pairing.is_paired("matrix", "@eve:x").await.unwrap());
+            assert!(
+                store
+                    .pairing
+                    .is_paired(&channel("matrix"), "@eve:x")
+                    .await
+                    .unwrap()
+            );
             assert_eq!(
                 store.pairing.paired_senders().await.unwrap(),
                 vec![PairedSender {
@@ -1498,7 +1583,7 @@ macro_rules! pairing_conformance_tests {
             );
             let (again, created) = store
                 .pairing
-                .pairing_request("matrix", "@bob:x", T0 + 2, PAIRING_TTL)
+                .pairing_request(&channel("matrix"), "@bob:x", T0 + 2, PAIRING_TTL)
                 .await
                 .unwrap();
             assert!(!created);
@@ -1512,7 +1597,13 @@ macro_rules! pairing_conformance_tests {
                 Some(waiting)
             );
             let store = ($reopen)(store, &guard);
-            assert!(store.pairing.is_paired("matrix", "@bob:x").await.unwrap());
+            assert!(
+                store
+                    .pairing
+                    .is_paired(&channel("matrix"), "@bob:x")
+                    .await
+                    .unwrap()
+            );
             assert!(
                 store
                     .pairing
@@ -1551,8 +1642,41 @@ macro_rules! store_conformance_tests {
 #[cfg(test)]
 mod tests {
     use super::{
-        PAIRING_CODE_ALPHABET, PAIRING_CODE_LEN, normalize_pairing_code, random_pairing_code,
+        PAIRING_CODE_ALPHABET, PAIRING_CODE_LEN, PairedSender, PairingRequest, SessionKey,
+        normalize_pairing_code, random_pairing_code,
     };
+    use crate::config::{AgentId, ChannelId};
+
+    #[test]
+    fn pairing_records_are_the_json_earlier_versions_stored() {
+        let stored = r#"{"code":"ABCDEFGH","channel":"telegram","sender":"42","created_ms":7}"#;
+        let request: PairingRequest = serde_json::from_str(stored).unwrap();
+        assert_eq!(request.channel, ChannelId::new("telegram"));
+        assert_eq!(serde_json::to_string(&request).unwrap(), stored);
+        let stored = r#"{"channel":"matrix","sender":"@eve:x","approved_ms":9}"#;
+        let paired: PairedSender = serde_json::from_str(stored).unwrap();
+        assert_eq!(paired.channel, ChannelId::MATRIX);
+        assert_eq!(serde_json::to_string(&paired).unwrap(), stored);
+    }
+
+    #[test]
+    fn session_storage_keys_keep_the_format_stores_were_written_with() {
+        let damon = AgentId::parse("damon").unwrap();
+        let room = ruma::owned_room_id!("!r:hs");
+        let root = ruma::owned_event_id!("$root");
+        assert_eq!(
+            SessionKey::new(&damon, &room, None)
+                .storage_key()
+                .as_bytes(),
+            b"damon\x1f!r:hs"
+        );
+        assert_eq!(
+            SessionKey::new(&damon, &room, Some(&root))
+                .storage_key()
+                .as_bytes(),
+            b"damon\x1f!r:hs\x1f$root"
+        );
+    }
 
     #[tokio::test]
     async fn pairing_codes_are_normalized_as_typed() {

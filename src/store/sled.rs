@@ -27,6 +27,7 @@ use super::{
     PairingRequest, SessionEntry, StoreError, by_channel_then_sender, live_oldest_first,
     normalize_pairing_code, random_pairing_code,
 };
+use crate::config::ChannelId;
 
 /// A sled database; one directory on disk.
 pub struct SledBackend {
@@ -132,7 +133,7 @@ fn session_prefix(session: &str) -> Vec<u8> {
 }
 
 /// channel ‖ 0xFF ‖ sender: the key of both pairing trees.
-fn pairing_key(channel: &str, sender: &str) -> Vec<u8> {
+fn pairing_key(channel: &ChannelId, sender: &str) -> Vec<u8> {
     let mut key = Vec::with_capacity(channel.len() + 1 + sender.len());
     key.extend_from_slice(channel.as_bytes());
     key.push(0xFF);
@@ -492,7 +493,7 @@ impl Backend for SledBackend {
 
     fn pairing_request(
         &self,
-        channel: &str,
+        channel: &ChannelId,
         sender: &str,
         now_ms: u64,
         ttl: Duration,
@@ -525,7 +526,7 @@ impl Backend for SledBackend {
             .collect();
         let request = PairingRequest {
             code,
-            channel: channel.to_owned(),
+            channel: channel.clone(),
             sender: sender.to_owned(),
             created_ms: now_ms,
         };
@@ -636,7 +637,7 @@ impl Backend for SledBackend {
         ))
     }
 
-    fn is_paired(&self, channel: &str, sender: &str) -> Result<bool, StoreError> {
+    fn is_paired(&self, channel: &ChannelId, sender: &str) -> Result<bool, StoreError> {
         self.paired
             .contains_key(pairing_key(channel, sender))
             .map_err(|e| StoreError::Unavailable(format!("cannot read paired senders: {e}")))
@@ -657,7 +658,7 @@ impl Backend for SledBackend {
         Ok(by_channel_then_sender(senders))
     }
 
-    fn revoke_pairing(&self, channel: &str, sender: &str) -> Result<bool, StoreError> {
+    fn revoke_pairing(&self, channel: &ChannelId, sender: &str) -> Result<bool, StoreError> {
         let removed = self
             .paired
             .remove(pairing_key(channel, sender))
@@ -694,4 +695,10 @@ mod tests {
     }
 
     crate::store_conformance_tests!(fresh(), reopen);
+
+    #[test]
+    fn pairing_keys_are_channel_0xff_sender_as_earlier_versions_wrote_them() {
+        let key = super::pairing_key(&crate::config::ChannelId::MATRIX, "@eve:x");
+        assert_eq!(key, b"matrix\xff@eve:x");
+    }
 }
