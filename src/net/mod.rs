@@ -1,10 +1,13 @@
 //! HTTP plumbing every side shares, and nothing of Matrix or agents: error chains, the
 //! Matrix-style error body our own HTTP APIs answer with, token digests for constant-time
-//! comparison; the address guard for outbound requests others can steer ([`guard`]), and
-//! HTML read as text ([`html`]).
+//! comparison; the listener with its timeouts and connection cap ([`listener`]),
+//! throttled log lines ([`throttle`]); the address guard for outbound requests others can
+//! steer ([`guard`]), and HTML read as text ([`html`]).
 
 pub mod guard;
 pub mod html;
+pub mod listener;
+pub mod throttle;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
