@@ -123,7 +123,8 @@ impl Services {
         self.appservice.contact.clone()
     }
 
-    /// Every HTTP route agentbus serves: the appservice API, the admin API, metrics.
+    /// Every HTTP route agentbus serves: the appservice API, the admin API, metrics;
+    /// every error answered with a Matrix error body.
     pub fn app(&self) -> axum::Router {
         appservice::router(self.appservice.clone())
             .merge(api::routes(self.admin.clone()))
@@ -132,6 +133,7 @@ impl Services {
                 self.store.journal.clone(),
             ))
             .fallback(appservice::unrecognized)
+            .layer(axum::middleware::map_response(crate::net::error_body))
     }
 
     /// The listener's timeouts and connection cap, from `appservice:`.

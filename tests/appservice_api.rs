@@ -6,7 +6,7 @@ use agentbus::config::StoreConfig;
 use agentbus::server::Services;
 use agentbus::store::{Partition, Stores};
 use axum::body::Body;
-use axum::http::{Method, Request, StatusCode};
+use axum::http::{HeaderMap, Method, Request, StatusCode};
 use http_body_util::BodyExt;
 use serde_json::{Value, json};
 use tower::ServiceExt;
@@ -324,4 +324,144 @@ async fn queries_ping_and_unknown_routes() {
             assert_eq!(answer, json!({}), "{method} {uri}");
         }
     }
+}
+
+/// Sends `request` and returns the status, the headers and the JSON answer (`Null` when
+/// the body is not JSON).
+async fn send(app: &axum::Router, request: Request<Body>) -> (StatusCode, HeaderMap, Value) {
+    let response = app.clone().oneshot(request).await.unwrap();
+    let (status, headers) = (response.status(), response.headers().clone());
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    (
+        status,
+        headers,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
+}
+
+fn request(
+    method: Method,
+    uri: &str,
+    headers: &[(&str, &str)],
+    body: impl Into<Body>,
+) -> Request<Body> {
+    let mut builder = Request::builder().method(method).uri(uri);
+    for (name, value) in headers {
+        builder = builder.header(*name, *value);
+    }
+    builder.body(body.into()).unwrap()
+}
+
+#[tokio::test]
+async fn every_error_answer_carries_a_matrix_errcode() {
+    let h = harness();
+    let auth = format!("Bearer {HS_TOKEN}");
+    let json = ("content-type", "application/json");
+    let with_token: &[(&str, &str)] = &[("authorization", &auth), json];
+    let too_large = vec![b' '; 16 * 1024 * 1024 + 1];
+    let cases: Vec<(Request<Body>, StatusCode, &str)> = vec![
+        (
+            request(
+                Method::PUT,
+                "/_matrix/app/v1/transactions/big",
+                with_token,
+                too_large,
+            ),
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "M_TOO_LARGE",
+        ),
+        (
+            request(
+                Method::GET,
+                "/_matrix/app/v1/transactions/t1",
+                with_token,
+                "",
+            ),
+            StatusCode::METHOD_NOT_ALLOWED,
+            "M_UNRECOGNIZED",
+        ),
+        (
+            request(Method::DELETE, "/_matrix/app/v1/ping", with_token, ""),
+            StatusCode::METHOD_NOT_ALLOWED,
+            "M_UNRECOGNIZED",
+        ),
+        (
+            request(Method::GET, "/nothing/here", &[], ""),
+            StatusCode::NOT_FOUND,
+            "M_UNRECOGNIZED",
+        ),
+        (
+            request(
+                Method::POST,
+                "/_matrix/app/v1/ping",
+                with_token,
+                "{not json",
+            ),
+            StatusCode::BAD_REQUEST,
+            "M_NOT_JSON",
+        ),
+        (
+            request(
+                Method::POST,
+                "/_matrix/app/v1/ping",
+                with_token,
+                r#"{"transaction_id": 5}"#,
+            ),
+            StatusCode::BAD_REQUEST,
+            "M_BAD_JSON",
+        ),
+        (
+            request(
+                Method::POST,
+                "/_matrix/app/v1/ping",
+                &[("authorization", &auth), ("content-type", "text/plain")],
+                "{}",
+            ),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "M_NOT_JSON",
+        ),
+        (
+            request(
+                Method::PUT,
+                "/_matrix/app/v1/transactions/%FF",
+                with_token,
+                transaction(&["$a"]),
+            ),
+            StatusCode::BAD_REQUEST,
+            "M_INVALID_PARAM",
+        ),
+        (
+            request(Method::GET, "/_matrix/app/v1/users/%FF%FE", with_token, ""),
+            StatusCode::BAD_REQUEST,
+            "M_INVALID_PARAM",
+        ),
+        (
+            request(
+                Method::POST,
+                "/api/v1/router/test",
+                &[("authorization", "Bearer admin-secret"), json],
+                "{not json",
+            ),
+            StatusCode::BAD_REQUEST,
+            "M_NOT_JSON",
+        ),
+    ];
+    for (request, status, errcode) in cases {
+        let what = format!("{} {}", request.method(), request.uri());
+        let (got, headers, answer) = send(&h.app, request).await;
+        assert_eq!(
+            (got, answer["errcode"].as_str()),
+            (status, Some(errcode)),
+            "{what}: {answer}"
+        );
+        assert!(
+            answer["error"].as_str().is_some_and(|e| !e.is_empty()),
+            "{what}: {answer}"
+        );
+        assert_eq!(headers["content-type"], "application/json", "{what}");
+        if status == StatusCode::METHOD_NOT_ALLOWED {
+            assert!(headers.contains_key("allow"), "{what} says what is allowed");
+        }
+    }
+    assert!(journaled(&h.store).await.is_empty());
 }

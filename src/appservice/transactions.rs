@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, PathRejection};
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use ruma::{OwnedEventId, OwnedRoomId, OwnedTransactionId, TransactionId};
@@ -49,10 +50,11 @@ struct EventIds {
 
 pub async fn put_transaction(
     State(state): State<Arc<AppState>>,
-    Path(txn_id): Path<OwnedTransactionId>,
-    body: Bytes,
+    txn_id: Result<Path<OwnedTransactionId>, PathRejection>,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let events = parse_transaction(&body)?;
+    let Path(txn_id) = txn_id?;
+    let events = parse_transaction(&body?)?;
     let count = events.len();
     // Back-pressure: while the inbox has a full backlog, the ack waits (the homeserver
     // holds its next transaction meanwhile), so nothing queues without bound.

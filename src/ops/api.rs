@@ -132,10 +132,6 @@ async fn require_admin_token(
     Ok(next.run(request).await)
 }
 
-fn bad_json(rejection: JsonRejection) -> ApiError {
-    ApiError::new(StatusCode::BAD_REQUEST, "M_BAD_JSON", rejection.body_text())
-}
-
 fn store_error(e: crate::store::StoreError) -> ApiError {
     ApiError::new(
         StatusCode::INTERNAL_SERVER_ERROR,
@@ -148,7 +144,7 @@ async fn router_test(
     State(state): State<Arc<AdminState>>,
     query: Result<Json<RouteQuery>, JsonRejection>,
 ) -> Result<Json<RouteDecision>, ApiError> {
-    let Json(query) = query.map_err(bad_json)?;
+    let Json(query) = query?;
     state
         .explain
         .explain(&query)
@@ -211,7 +207,7 @@ async fn pairing_approve(
     State(state): State<Arc<AdminState>>,
     body: Result<Json<ApproveRequest>, JsonRejection>,
 ) -> Result<Json<PairingRequest>, ApiError> {
-    let Json(body) = body.map_err(bad_json)?;
+    let Json(body) = body?;
     match approve(state.store.pairing.as_ref(), &body.code)
         .await
         .map_err(store_error)?
@@ -245,7 +241,7 @@ async fn pairing_revoke(
     State(state): State<Arc<AdminState>>,
     body: Result<Json<RevokeRequest>, JsonRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let Json(body) = body.map_err(bad_json)?;
+    let Json(body) = body?;
     let revoked = state
         .store
         .pairing
