@@ -465,3 +465,88 @@ async fn every_error_answer_carries_a_matrix_errcode() {
     }
     assert!(journaled(&h.store).await.is_empty());
 }
+
+#[tokio::test]
+async fn the_bearer_scheme_is_case_insensitive_and_a_bare_token_is_refused() {
+    let h = harness();
+    let json = ("content-type", "application/json");
+    let ping = "/_matrix/app/v1/ping";
+    let cases: &[(&str, &str, StatusCode, Option<&str>)] = &[
+        (ping, "Bearer hs-secret", StatusCode::OK, None),
+        (ping, "bearer hs-secret", StatusCode::OK, None),
+        (ping, "BEARER hs-secret", StatusCode::OK, None),
+        (ping, "Bearer  hs-secret", StatusCode::OK, None),
+        (
+            ping,
+            "hs-secret",
+            StatusCode::UNAUTHORIZED,
+            Some("M_MISSING_TOKEN"),
+        ),
+        (
+            ping,
+            "Basic aHM6c2VjcmV0",
+            StatusCode::UNAUTHORIZED,
+            Some("M_MISSING_TOKEN"),
+        ),
+        // A malformed header is not overlooked for a right token in the query.
+        (
+            "/_matrix/app/v1/ping?access_token=hs-secret",
+            "hs-secret",
+            StatusCode::UNAUTHORIZED,
+            Some("M_MISSING_TOKEN"),
+        ),
+        (
+            ping,
+            "bearer wrong",
+            StatusCode::FORBIDDEN,
+            Some("M_FORBIDDEN"),
+        ),
+    ];
+    for (uri, authorization, status, errcode) in cases {
+        let (got, _, answer) = send(
+            &h.app,
+            request(
+                Method::POST,
+                uri,
+                &[("authorization", authorization), json],
+                r#"{"transaction_id": "p1"}"#,
+            ),
+        )
+        .await;
+        assert_eq!(
+            (got, answer["errcode"].as_str()),
+            (*status, *errcode),
+            "{uri} with {authorization:?}: {answer}"
+        );
+    }
+    // The query-string token on its own still works (Conduit sends it).
+    let (got, _, _) = send(
+        &h.app,
+        request(
+            Method::POST,
+            "/_matrix/app/v1/ping?access_token=hs-secret",
+            &[json],
+            "{}",
+        ),
+    )
+    .await;
+    assert_eq!(got, StatusCode::OK);
+    // The admin API reads its token the same way.
+    for (authorization, status) in [
+        ("bearer admin-secret", StatusCode::OK),
+        ("BEARER admin-secret", StatusCode::OK),
+        ("admin-secret", StatusCode::UNAUTHORIZED),
+    ] {
+        let (got, _, answer) = send(
+            &h.app,
+            request(
+                Method::GET,
+                "/api/v1/pairing",
+                &[("authorization", authorization)],
+                "",
+            ),
+        )
+        .await;
+        assert_eq!(got, status, "admin API with {authorization:?}: {answer}");
+    }
+}

@@ -22,7 +22,7 @@ use axum::routing::{get, post, put};
 use crate::config::Config;
 use crate::matrix::MatrixClient;
 pub use crate::net::ApiError;
-use crate::net::{Contact, token_digest, token_matches};
+use crate::net::{Contact, bearer_token, token_digest, token_matches};
 use crate::store::JournalStore;
 use crate::store::feed::FeedSender;
 
@@ -99,18 +99,29 @@ pub async fn unrecognized() -> ApiError {
     )
 }
 
-/// Checks the hs_token, from `Authorization: Bearer` or `?access_token=` (Conduit sends
-/// the latter); when both are present they must agree.
+/// Checks the hs_token, from `Authorization: Bearer <token>` (any case of `Bearer`) or
+/// `?access_token=` (Conduit and older homeservers send the latter); when both are present
+/// they must agree. An `Authorization` header in another form — a bare token, another
+/// scheme — is refused as no token at all, like Synapse does, rather than guessed at.
 async fn require_hs_token(
     State(state): State<Arc<AppState>>,
     request: Request,
     next: Next,
 ) -> Response {
-    let header = request
-        .headers()
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .map(|v| v.strip_prefix("Bearer ").unwrap_or(v).trim().to_owned());
+    let header = match request.headers().get(axum::http::header::AUTHORIZATION) {
+        None => None,
+        Some(value) => match bearer_token(value) {
+            Some(token) => Some(token.to_owned()),
+            None => {
+                return ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    "M_MISSING_TOKEN",
+                    "Invalid Authorization header: send Authorization: Bearer <hs_token>",
+                )
+                .into_response();
+            }
+        },
+    };
     let query = request.uri().query().and_then(|q| {
         url::form_urlencoded::parse(q.as_bytes())
             .find(|(k, _)| k == "access_token")

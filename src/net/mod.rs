@@ -1,9 +1,9 @@
 //! HTTP plumbing every side shares, and nothing of Matrix or agents: error chains, the
 //! Matrix-style error body our own HTTP APIs answer with (every error, axum's own
-//! rejections included: [`error_body`]), token digests for constant-time comparison;
-//! the listener with its timeouts and connection cap ([`listener`]), throttled log lines
-//! ([`throttle`]); the address guard for outbound requests others can steer ([`guard`]),
-//! and HTML read as text ([`html`]).
+//! rejections included: [`error_body`]), bearer tokens and their digests for
+//! constant-time comparison; the listener with its timeouts and connection cap
+//! ([`listener`]), throttled log lines ([`throttle`]); the address guard for outbound
+//! requests others can steer ([`guard`]), and HTML read as text ([`html`]).
 
 pub mod guard;
 pub mod html;
@@ -13,7 +13,7 @@ pub mod throttle;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::extract::rejection::{BytesRejection, JsonRejection, PathRejection};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use sha2::{Digest, Sha256};
 
@@ -159,6 +159,17 @@ fn is_json(headers: &HeaderMap) -> bool {
         .is_some_and(|v| v.starts_with("application/json"))
 }
 
+/// The token of an `Authorization: Bearer <token>` header, or `None` when the header is
+/// not in that form (another scheme, or a bare token). The scheme is case-insensitive
+/// (RFC 9110 §11.1) and separated from the token by one or more spaces.
+pub fn bearer_token(value: &HeaderValue) -> Option<&str> {
+    let value = value.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ').unwrap_or((value, ""));
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim_matches(' '))
+}
+
 /// Whether a peer (the homeserver) has reached our HTTP API, and with which token: a ping
 /// that fails while the homeserver demonstrably reaches us is not an unreachable agentbus.
 #[derive(Debug, Default)]
@@ -192,6 +203,29 @@ impl Contact {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bearer_tokens_are_read_with_any_case_of_the_scheme() {
+        let token = |v: &str| bearer_token(&HeaderValue::from_str(v).unwrap()).map(str::to_owned);
+        for (header, expected) in [
+            ("Bearer abc", Some("abc")),
+            ("bearer abc", Some("abc")),
+            ("BEARER abc", Some("abc")),
+            ("bEaReR  abc", Some("abc")),
+            ("Bearer", Some("")),
+            ("Bearer ", Some("")),
+            ("abc", None),
+            ("Basic YWxhZGRpbjpvcGVuc2VzYW1l", None),
+            ("Bearerabc", None),
+            ("", None),
+        ] {
+            assert_eq!(token(header).as_deref(), expected, "{header:?}");
+        }
+        assert_eq!(
+            bearer_token(&HeaderValue::from_bytes(b"Bearer \xff").unwrap()),
+            None
+        );
+    }
 
     #[test]
     fn error_statuses_have_the_spec_errcodes() {

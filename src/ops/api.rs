@@ -1,5 +1,5 @@
 //! The admin HTTP API, `/api/v1/*`, on the same listener as the appservice API. Every
-//! route requires `Authorization: Bearer <admin.token>`.
+//! route requires `Authorization: Bearer <admin.token>` (any case of `Bearer`).
 //!
 //! - `POST /api/v1/router/test` — a [`RouteQuery`] in, the [`RouteDecision`] out; nothing is
 //!   sent or recorded.
@@ -18,7 +18,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 
-use crate::net::{ApiError, token_digest, token_matches};
+use crate::net::{ApiError, bearer_token, token_digest, token_matches};
 use crate::router::RouteDecision;
 use crate::router::explain::{Explain, ExplainError, RouteQuery};
 use crate::store::JournalStore;
@@ -113,8 +113,7 @@ async fn require_admin_token(
     let presented = request
         .headers()
         .get(axum::http::header::AUTHORIZATION)
-        .and_then(|h| h.to_str().ok())
-        .and_then(|h| h.strip_prefix("Bearer "));
+        .and_then(bearer_token);
     let Some(token) = presented else {
         return Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
