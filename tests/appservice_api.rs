@@ -1,11 +1,13 @@
 //! The appservice HTTP API driven through its axum router (no socket), with a real sled
-//! store on disk: status codes, errcodes, and what ends up in the journal.
+//! store on disk: status codes, errcodes, what ends up in the journal, and what is logged.
 
 use agentbus::config::Config;
 use agentbus::config::StoreConfig;
 use agentbus::server::Services;
 use agentbus::store::{Partition, Stores};
 use axum::body::Body;
+use std::sync::{Arc, Mutex};
+
 use axum::http::{HeaderMap, Method, Request, StatusCode};
 use http_body_util::BodyExt;
 use serde_json::{Value, json};
@@ -548,5 +550,110 @@ async fn the_bearer_scheme_is_case_insensitive_and_a_bare_token_is_refused() {
         )
         .await;
         assert_eq!(got, status, "admin API with {authorization:?}: {answer}");
+    }
+}
+
+/// Log output captured from the current thread (a `#[tokio::test]` runs on one).
+#[derive(Clone, Default)]
+struct Logs(Arc<Mutex<Vec<u8>>>);
+
+impl Logs {
+    /// Captures every event at debug level and above until the guard is dropped.
+    fn capture() -> (Logs, tracing::subscriber::DefaultGuard) {
+        let logs = Logs::default();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::DEBUG)
+            .with_ansi(false)
+            .with_writer(logs.clone())
+            .finish();
+        (logs, tracing::subscriber::set_default(subscriber))
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+impl std::io::Write for Logs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Logs {
+    type Writer = Logs;
+    fn make_writer(&'a self) -> Logs {
+        self.clone()
+    }
+}
+
+#[tokio::test]
+async fn a_flood_of_wrong_tokens_logs_a_warning_or_two_and_never_the_token() {
+    let h = harness();
+    let (logs, _capturing) = Logs::capture();
+    let body = transaction(&["$a"]);
+    for i in 0..1000 {
+        let (status, answer) = call(
+            &h.app,
+            Method::PUT,
+            &format!("/_matrix/app/v1/transactions/flood{i}"),
+            Some("guessed-token-31337"),
+            &body,
+        )
+        .await;
+        assert_eq!(
+            (status, answer["errcode"].as_str()),
+            (StatusCode::FORBIDDEN, Some("M_FORBIDDEN"))
+        );
+    }
+    let log = logs.text();
+    let warnings = log.lines().filter(|l| l.contains("wrong hs_token")).count();
+    // One at once, then one a minute: a second only if the loop ran across a minute.
+    assert!((1..=2).contains(&warnings), "{warnings} warnings:\n{log}");
+    assert!(
+        log.contains(r#"path="/_matrix/app/v1/transactions/flood0""#),
+        "the first warning names the path:\n{log}"
+    );
+    assert!(!log.contains("guessed-token-31337"), "{log}");
+    assert!(journaled(&h.store).await.is_empty());
+}
+
+#[tokio::test]
+async fn values_from_requests_are_logged_escaped() {
+    let h = harness();
+    let (logs, _capturing) = Logs::capture();
+    let forged = "%0A2030-01-01T00:00:00Z%20ERROR%20agentbus:%20forged";
+    let (status, _) = call(
+        &h.app,
+        Method::PUT,
+        &format!("/_matrix/app/v1/transactions/t{forged}"),
+        Some(HS_TOKEN),
+        &transaction(&["$a"]),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _) = call(
+        &h.app,
+        Method::GET,
+        &format!("/_matrix/app/v1/rooms/%23room{forged}:hs"),
+        Some(HS_TOKEN),
+        "",
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let log = logs.text();
+    assert!(
+        !log.lines().any(|l| l.starts_with("2030-01-01")),
+        "a request forged a log line:\n{log}"
+    );
+    for escaped in [
+        r#"txn_id="t\n2030-01-01T00:00:00Z ERROR agentbus: forged""#,
+        r##"alias="#room\n2030-01-01T00:00:00Z ERROR agentbus: forged:hs""##,
+    ] {
+        assert!(log.contains(escaped), "missing {escaped} in:\n{log}");
     }
 }

@@ -20,7 +20,7 @@ pub async fn post_ping(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let txn = body?.and_then(|Json(b)| b.transaction_id);
     tracing::info!(
-        transaction_id = txn.as_deref().unwrap_or(""),
+        transaction_id = ?txn.as_deref().unwrap_or(""),
         "homeserver pinged us"
     );
     Ok(Json(serde_json::json!({})))

@@ -14,6 +14,6 @@ pub async fn get_room_alias(alias: Result<Path<String>, PathRejection>) -> ApiEr
         Ok(Path(alias)) => alias,
         Err(rejection) => return rejection.into(),
     };
-    tracing::debug!(%alias, "room alias query: not provisioned");
+    tracing::debug!(?alias, "room alias query: not provisioned");
     ApiError::new(StatusCode::NOT_FOUND, "M_NOT_FOUND", "No such room alias")
 }

@@ -66,18 +66,18 @@ pub async fn put_transaction(
         .journal_transaction(&txn, events, crate::unix_ms())
         .await
         .map_err(|e| {
-            tracing::error!(txn_id = %txn_id, error = %e, "could not journal transaction; the homeserver will retry");
+            tracing::error!(txn_id = ?txn_id, error = %e, "could not journal transaction; the homeserver will retry");
             ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "M_UNKNOWN", e.to_string())
         })?;
     match outcome {
         JournalOutcome::Duplicate => {
-            tracing::debug!(txn_id = %txn_id, "transaction already journaled; acknowledging again");
+            tracing::debug!(txn_id = ?txn_id, "transaction already journaled; acknowledging again");
             // A refused attempt may have been written after all: make sure the inbox has
             // what is still waiting (it skips what it has).
             match state.journal.pending_of(&event_ids).await {
                 Ok(pending) => state.feed.resubmit(pending),
                 Err(e) => {
-                    tracing::error!(txn_id = %txn_id, error = %e, "could not check a redelivered transaction; the homeserver will retry");
+                    tracing::error!(txn_id = ?txn_id, error = %e, "could not check a redelivered transaction; the homeserver will retry");
                     return Err(ApiError::new(
                         StatusCode::INTERNAL_SERVER_ERROR,
                         "M_UNKNOWN",
@@ -87,7 +87,7 @@ pub async fn put_transaction(
             }
         }
         JournalOutcome::Journaled(journaled) => {
-            tracing::debug!(txn_id = %txn_id, events = count, "transaction journaled");
+            tracing::debug!(txn_id = ?txn_id, events = count, "transaction journaled");
             state.feed.submit(journaled);
         }
     }

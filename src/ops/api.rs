@@ -212,7 +212,7 @@ async fn pairing_approve(
         .map_err(store_error)?
     {
         Some(request) => {
-            tracing::info!(channel = %request.channel, sender = %request.sender, "pairing approved");
+            tracing::info!(channel = ?request.channel, sender = ?request.sender, "pairing approved");
             Ok(Json(request))
         }
         None => Err(ApiError::new(
@@ -248,7 +248,7 @@ async fn pairing_revoke(
         .await
         .map_err(store_error)?;
     if revoked {
-        tracing::info!(channel = %body.channel, sender = %body.sender, "pairing revoked");
+        tracing::info!(channel = ?body.channel, sender = ?body.sender, "pairing revoked");
         Ok(Json(serde_json::json!({ "revoked": true })))
     } else {
         Err(ApiError::new(
