@@ -30,8 +30,11 @@
 //! - [`matrix`] — the outbound client-server API as any of our users (an
 //!   [`matrix::Intent`] each), with retries, and our protocol keys ([`matrix::keys`]).
 //! - [`render`] — Markdown → Matrix HTML, and answers split to fit events.
-//! - [`net`] — HTTP plumbing: error chains, error bodies, token digests; the address
-//!   guard that keeps model-steered requests on the public internet, and HTML as text.
+//! - [`net`] — HTTP plumbing: error chains, Matrix error bodies for every error answer,
+//!   bearer tokens and their digests, throttled log lines; the listener
+//!   ([`net::listener`]: hyper with header-read and idle timeouts, a connection cap, the
+//!   open-file limit raised); the address guard that keeps model-steered requests on the
+//!   public internet, and HTML as text.
 //! - [`config`] — `agentbus.yaml`, its defaults, env overrides and validation.
 //! - [`ops`] — startup checks, the admin API, metrics.
 //! - [`server`] — the composition root: builds every service once, serves HTTP, runs the

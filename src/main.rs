@@ -175,6 +175,7 @@ async fn run(cli: Cli) -> Result<(), CheckFailure> {
     match cli.command {
         Command::Serve => {
             let config = load_config(&cli.config)?;
+            raise_open_files_limit();
             let listener = bind(&config).await?;
             tracing::info!(address = %config.appservice.bind, "appservice API listening");
             let services = Services::build(config)?;
@@ -353,6 +354,24 @@ fn load_config(path: &Path) -> Result<Config, CheckFailure> {
         )
     })?;
     Ok(config)
+}
+
+/// Raises the soft open-file limit to the hard one, and says what they are: every
+/// connection to the listener takes a descriptor.
+fn raise_open_files_limit() {
+    let show = |limit: Option<u64>| limit.map_or_else(|| "unlimited".to_owned(), |n| n.to_string());
+    match agentbus::net::listener::raise_open_files_limit() {
+        Ok(limit) => tracing::info!(
+            soft_before = %show(limit.soft_before),
+            soft = %show(limit.soft),
+            hard = %show(limit.hard),
+            "open-file limit (RLIMIT_NOFILE)"
+        ),
+        Err(e) => tracing::warn!(
+            error = %e,
+            "could not raise the open-file limit to the hard limit; connections may run out of descriptors"
+        ),
+    }
 }
 
 async fn bind(config: &Config) -> Result<tokio::net::TcpListener, CheckFailure> {

@@ -19,6 +19,7 @@ use crate::config::Config;
 use crate::inbox::Inbox;
 use crate::llm::{LlmHub, build_providers};
 use crate::matrix::{MatrixClient, RetryPolicy};
+use crate::net::listener::{self, ListenerLimits};
 use crate::ops::api::{self, AdminState};
 use crate::ops::checks::{self, CheckFailure, EXIT_LOCAL_SETUP};
 use crate::store::feed::{self, Backlog, FeedReceiver};
@@ -122,7 +123,8 @@ impl Services {
         self.appservice.contact.clone()
     }
 
-    /// Every HTTP route agentbus serves: the appservice API, the admin API, metrics.
+    /// Every HTTP route agentbus serves: the appservice API, the admin API, metrics;
+    /// every error answered with a Matrix error body.
     pub fn app(&self) -> axum::Router {
         appservice::router(self.appservice.clone())
             .merge(api::routes(self.admin.clone()))
@@ -131,6 +133,17 @@ impl Services {
                 self.store.journal.clone(),
             ))
             .fallback(appservice::unrecognized)
+            .layer(axum::middleware::map_response(crate::net::error_body))
+    }
+
+    /// The listener's timeouts and connection cap, from `appservice:`.
+    pub fn listener_limits(&self) -> ListenerLimits {
+        let appservice = &self.config.appservice;
+        ListenerLimits {
+            header_read_timeout: appservice.header_read_timeout,
+            idle_timeout: appservice.idle_timeout,
+            max_connections: appservice.max_connections,
+        }
     }
 
     /// Starts the inbox — replaying the journal up to `replay_up_to` first — and the daily
@@ -190,15 +203,12 @@ pub async fn serve(
     let config = services.config.clone();
     let replay_up_to = services.journal_head().await?;
     let pending = services.store.journal.pending_count().await.unwrap_or(0);
-    let http = tokio::spawn({
-        let app = services.app();
-        let shutdown = shutdown.clone();
-        async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(shutdown.cancelled_owned())
-                .await
-        }
-    });
+    let http = tokio::spawn(listener::serve(
+        listener,
+        services.app(),
+        services.listener_limits(),
+        shutdown.clone(),
+    ));
 
     let passed = match checks::run_homeserver_checks(
         &config,
@@ -231,7 +241,7 @@ pub async fn serve(
 
     shutdown.cancelled().await;
     tracing::info!("shutting down");
-    if let Ok(Err(e)) = http.await {
+    if let Err(e) = http.await {
         tracing::warn!(error = %e, "HTTP server ended with an error");
     }
     if services.drain(SHUTDOWN_GRACE).await {

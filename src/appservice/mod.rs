@@ -10,10 +10,12 @@ mod rooms;
 mod transactions;
 mod users;
 
+use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
-use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Request, State};
 use axum::http::StatusCode;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -22,13 +24,17 @@ use axum::routing::{get, post, put};
 use crate::config::Config;
 use crate::matrix::MatrixClient;
 pub use crate::net::ApiError;
-use crate::net::{Contact, token_digest, token_matches};
+use crate::net::throttle::LogThrottle;
+use crate::net::{Contact, bearer_token, token_digest, token_matches};
 use crate::store::JournalStore;
 use crate::store::feed::FeedSender;
 
 /// Largest transaction body accepted. Synapse sends at most 100 events per transaction,
 /// but a single event may be up to 64 KiB.
 const MAX_TRANSACTION_BYTES: usize = 16 * 1024 * 1024;
+/// At most one warning about requests with a wrong hs_token per this interval: anyone who
+/// can reach the listener can send them.
+const WRONG_TOKEN_WARNING_EVERY: Duration = Duration::from_secs(60);
 
 /// What the appservice API's handlers share.
 pub struct AppState {
@@ -42,6 +48,8 @@ pub struct AppState {
     pub matrix: Arc<MatrixClient>,
     /// What the homeserver has shown of itself, for the startup checks.
     pub contact: Arc<Contact>,
+    /// Keeps a flood of wrong-token requests from flooding the log.
+    wrong_token_warnings: LogThrottle,
 }
 
 impl AppState {
@@ -64,6 +72,7 @@ impl AppState {
             feed,
             matrix,
             contact: Arc::default(),
+            wrong_token_warnings: LogThrottle::new(WRONG_TOKEN_WARNING_EVERY),
         })
     }
 }
@@ -99,18 +108,29 @@ pub async fn unrecognized() -> ApiError {
     )
 }
 
-/// Checks the hs_token, from `Authorization: Bearer` or `?access_token=` (Conduit sends
-/// the latter); when both are present they must agree.
+/// Checks the hs_token, from `Authorization: Bearer <token>` (any case of `Bearer`) or
+/// `?access_token=` (Conduit and older homeservers send the latter); when both are present
+/// they must agree. An `Authorization` header in another form — a bare token, another
+/// scheme — is refused as no token at all, like Synapse does, rather than guessed at.
 async fn require_hs_token(
     State(state): State<Arc<AppState>>,
     request: Request,
     next: Next,
 ) -> Response {
-    let header = request
-        .headers()
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .map(|v| v.strip_prefix("Bearer ").unwrap_or(v).trim().to_owned());
+    let header = match request.headers().get(axum::http::header::AUTHORIZATION) {
+        None => None,
+        Some(value) => match bearer_token(value) {
+            Some(token) => Some(token.to_owned()),
+            None => {
+                return ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    "M_MISSING_TOKEN",
+                    "Invalid Authorization header: send Authorization: Bearer <hs_token>",
+                )
+                .into_response();
+            }
+        },
+    };
     let query = request.uri().query().and_then(|q| {
         url::form_urlencoded::parse(q.as_bytes())
             .find(|(k, _)| k == "access_token")
@@ -137,7 +157,20 @@ async fn require_hs_token(
     };
     if !token_matches(&token, &state.hs_token_digest) {
         state.contact.record_wrong_token();
-        tracing::warn!(path = %request.uri().path(), "rejected a request with a wrong hs_token");
+        if let Some(held_back) = state.wrong_token_warnings.admit() {
+            let peer = request
+                .extensions()
+                .get::<ConnectInfo<SocketAddr>>()
+                .map(|ConnectInfo(peer)| *peer);
+            // The path as Debug: it is the requester's text, and must not forge log lines.
+            tracing::warn!(
+                path = ?request.uri().path(),
+                peer = peer.map(tracing::field::display),
+                suppressed = held_back,
+                "rejected a request with a wrong hs_token (is the registration's hs_token \
+                 the one agentbus has?)"
+            );
+        }
         return ApiError::new(StatusCode::FORBIDDEN, "M_FORBIDDEN", "Invalid access token")
             .into_response();
     }

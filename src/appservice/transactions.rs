@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, PathRejection};
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use ruma::{OwnedEventId, OwnedRoomId, OwnedTransactionId, TransactionId};
@@ -49,10 +50,11 @@ struct EventIds {
 
 pub async fn put_transaction(
     State(state): State<Arc<AppState>>,
-    Path(txn_id): Path<OwnedTransactionId>,
-    body: Bytes,
+    txn_id: Result<Path<OwnedTransactionId>, PathRejection>,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let events = parse_transaction(&body)?;
+    let Path(txn_id) = txn_id?;
+    let events = parse_transaction(&body?)?;
     let count = events.len();
     // Back-pressure: while the inbox has a full backlog, the ack waits (the homeserver
     // holds its next transaction meanwhile), so nothing queues without bound.
@@ -64,18 +66,18 @@ pub async fn put_transaction(
         .journal_transaction(&txn, events, crate::unix_ms())
         .await
         .map_err(|e| {
-            tracing::error!(txn_id = %txn_id, error = %e, "could not journal transaction; the homeserver will retry");
+            tracing::error!(txn_id = ?txn_id, error = %e, "could not journal transaction; the homeserver will retry");
             ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "M_UNKNOWN", e.to_string())
         })?;
     match outcome {
         JournalOutcome::Duplicate => {
-            tracing::debug!(txn_id = %txn_id, "transaction already journaled; acknowledging again");
+            tracing::debug!(txn_id = ?txn_id, "transaction already journaled; acknowledging again");
             // A refused attempt may have been written after all: make sure the inbox has
             // what is still waiting (it skips what it has).
             match state.journal.pending_of(&event_ids).await {
                 Ok(pending) => state.feed.resubmit(pending),
                 Err(e) => {
-                    tracing::error!(txn_id = %txn_id, error = %e, "could not check a redelivered transaction; the homeserver will retry");
+                    tracing::error!(txn_id = ?txn_id, error = %e, "could not check a redelivered transaction; the homeserver will retry");
                     return Err(ApiError::new(
                         StatusCode::INTERNAL_SERVER_ERROR,
                         "M_UNKNOWN",
@@ -85,7 +87,7 @@ pub async fn put_transaction(
             }
         }
         JournalOutcome::Journaled(journaled) => {
-            tracing::debug!(txn_id = %txn_id, events = count, "transaction journaled");
+            tracing::debug!(txn_id = ?txn_id, events = count, "transaction journaled");
             state.feed.submit(journaled);
         }
     }

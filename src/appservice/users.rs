@@ -7,6 +7,7 @@
 use std::sync::Arc;
 
 use axum::Json;
+use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use ruma::UserId;
@@ -16,8 +17,9 @@ use super::AppState;
 
 pub async fn get_user(
     State(state): State<Arc<AppState>>,
-    Path(user_id): Path<String>,
+    user_id: Result<Path<String>, PathRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
+    let Path(user_id) = user_id?;
     let not_found = || ApiError::new(StatusCode::NOT_FOUND, "M_NOT_FOUND", "No such user");
     let user = UserId::parse(&user_id).map_err(|_| not_found())?;
     let agent = state.config.agent_by_user(&user).ok_or_else(not_found)?;

@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use ruma::{OwnedServerName, OwnedUserId, ServerName, UserId};
 use serde::Deserialize;
@@ -125,11 +126,43 @@ pub struct AppserviceConfig {
     /// so a homeserver that outruns agentbus sees slower acks and memory stays bounded.
     #[serde(default = "default_max_backlog")]
     pub max_backlog: usize,
+    /// How long a client of the listener may take to send a request's head (default
+    /// `10s`), counted from when its connection can take a request: as it opens, and after
+    /// each answer — so an idle kept-alive connection is closed after this too.
+    #[serde(default = "default_header_read_timeout", with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// How long a connection may stay open with no request in progress, whatever it is
+    /// doing (default `60s`); an idle connection closes at the sooner of this and
+    /// `header_read_timeout`.
+    #[serde(default = "default_listener_idle_timeout", with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Most connections open at once (default 512); more wait in the listen queue until
+    /// one closes. At most half the open-file limit is used, whatever this says.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
 }
 
 fn default_max_backlog() -> usize {
     10_000
 }
+fn default_header_read_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_listener_idle_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_max_connections() -> usize {
+    512
+}
+
+/// The bounds of the listener's timeouts: a shorter one closes connections before a
+/// homeserver on the other side of the world has sent anything; a longer one lets every
+/// connection that sends nothing hold a slot for that long.
+const LISTENER_TIMEOUTS: std::ops::RangeInclusive<Duration> =
+    Duration::from_millis(100)..=Duration::from_secs(3600);
+/// The bounds of `appservice.max_connections`: the homeserver, the admin API, metrics
+/// scrapes and a reverse proxy share the slots; no open-file limit allows more than the top.
+const MAX_CONNECTIONS: std::ops::RangeInclusive<usize> = 8..=1 << 20;
 
 /// `store:`
 #[derive(Debug, Clone, Deserialize)]
@@ -385,6 +418,34 @@ impl Config {
                 "must be at least 100 (a homeserver sends up to 100 events per transaction)".into(),
             );
         }
+        for (key, timeout) in [
+            (
+                "appservice.header_read_timeout",
+                appservice.header_read_timeout,
+            ),
+            ("appservice.idle_timeout", appservice.idle_timeout),
+        ] {
+            if !LISTENER_TIMEOUTS.contains(&timeout) {
+                problem(
+                    key.into(),
+                    format!(
+                        "{} must be between 100ms and 1h",
+                        humantime::format_duration(timeout)
+                    ),
+                );
+            }
+        }
+        if !MAX_CONNECTIONS.contains(&appservice.max_connections) {
+            problem(
+                "appservice.max_connections".into(),
+                format!(
+                    "{} must be between {} and {} (the homeserver, the admin API and metrics share them)",
+                    appservice.max_connections,
+                    MAX_CONNECTIONS.start(),
+                    MAX_CONNECTIONS.end()
+                ),
+            );
+        }
         if self.llm.max_concurrency == 0 {
             problem("llm.max_concurrency".into(), "must be at least 1".into());
         }
@@ -550,8 +611,6 @@ impl fmt::Display for ProviderApi {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
     use super::*;
 
     const GOOD: &str = r#"
@@ -732,6 +791,46 @@ llm: {{ max_concurrency: 0 }}
             config.providers["local"].model("smol").context_window,
             8192,
             "defaults for what the entry leaves out"
+        );
+    }
+
+    #[test]
+    fn listener_limits_have_defaults_and_refuse_nonsense() {
+        let config = Config::parse(GOOD).unwrap();
+        let appservice = &config.appservice;
+        assert_eq!(
+            (
+                appservice.header_read_timeout,
+                appservice.idle_timeout,
+                appservice.max_connections
+            ),
+            (Duration::from_secs(10), Duration::from_secs(60), 512)
+        );
+        let text = GOOD.replace(
+            r#"bind: "127.0.0.1:9000" }"#,
+            r#"bind: "127.0.0.1:9000", header_read_timeout: 0s, idle_timeout: 2h, max_connections: 0 }"#,
+        );
+        let err = error_of(&text);
+        let lines: Vec<&str> = err.lines().collect();
+        assert_eq!(
+            lines,
+            [
+                "appservice.header_read_timeout: 0s must be between 100ms and 1h",
+                "appservice.idle_timeout: 2h must be between 100ms and 1h",
+                "appservice.max_connections: 0 must be between 8 and 1048576 (the homeserver, the admin API and metrics share them)",
+            ]
+        );
+        let text = GOOD.replace(
+            r#"bind: "127.0.0.1:9000" }"#,
+            r#"bind: "127.0.0.1:9000", header_read_timeout: 1s, idle_timeout: 500ms, max_connections: 64 }"#,
+        );
+        let config = Config::parse(&text).unwrap();
+        config.validate().unwrap();
+        assert_eq!(config.appservice.idle_timeout, Duration::from_millis(500));
+        let err = error_of(&GOOD.replace("bind:", "header_read_timeout: soon, bind:"));
+        assert!(
+            err.starts_with("appservice.header_read_timeout: "),
+            "a duration that does not parse names its key: {err}"
         );
     }
 

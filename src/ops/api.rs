@@ -1,5 +1,5 @@
 //! The admin HTTP API, `/api/v1/*`, on the same listener as the appservice API. Every
-//! route requires `Authorization: Bearer <admin.token>`.
+//! route requires `Authorization: Bearer <admin.token>` (any case of `Bearer`).
 //!
 //! - `POST /api/v1/router/test` — a [`RouteQuery`] in, the [`RouteDecision`] out; nothing is
 //!   sent or recorded.
@@ -19,7 +19,7 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 
 use crate::config::ChannelId;
-use crate::net::{ApiError, token_digest, token_matches};
+use crate::net::{ApiError, bearer_token, token_digest, token_matches};
 use crate::router::RouteDecision;
 use crate::router::explain::{Explain, ExplainError, RouteQuery};
 use crate::store::JournalStore;
@@ -114,8 +114,7 @@ async fn require_admin_token(
     let presented = request
         .headers()
         .get(axum::http::header::AUTHORIZATION)
-        .and_then(|h| h.to_str().ok())
-        .and_then(|h| h.strip_prefix("Bearer "));
+        .and_then(bearer_token);
     let Some(token) = presented else {
         return Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
@@ -133,10 +132,6 @@ async fn require_admin_token(
     Ok(next.run(request).await)
 }
 
-fn bad_json(rejection: JsonRejection) -> ApiError {
-    ApiError::new(StatusCode::BAD_REQUEST, "M_BAD_JSON", rejection.body_text())
-}
-
 fn store_error(e: crate::store::StoreError) -> ApiError {
     ApiError::new(
         StatusCode::INTERNAL_SERVER_ERROR,
@@ -149,7 +144,7 @@ async fn router_test(
     State(state): State<Arc<AdminState>>,
     query: Result<Json<RouteQuery>, JsonRejection>,
 ) -> Result<Json<RouteDecision>, ApiError> {
-    let Json(query) = query.map_err(bad_json)?;
+    let Json(query) = query?;
     state
         .explain
         .explain(&query)
@@ -212,13 +207,13 @@ async fn pairing_approve(
     State(state): State<Arc<AdminState>>,
     body: Result<Json<ApproveRequest>, JsonRejection>,
 ) -> Result<Json<PairingRequest>, ApiError> {
-    let Json(body) = body.map_err(bad_json)?;
+    let Json(body) = body?;
     match approve(state.store.pairing.as_ref(), &body.code)
         .await
         .map_err(store_error)?
     {
         Some(request) => {
-            tracing::info!(channel = %request.channel, sender = %request.sender, "pairing approved");
+            tracing::info!(channel = ?request.channel, sender = ?request.sender, "pairing approved");
             Ok(Json(request))
         }
         None => Err(ApiError::new(
@@ -246,7 +241,7 @@ async fn pairing_revoke(
     State(state): State<Arc<AdminState>>,
     body: Result<Json<RevokeRequest>, JsonRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let Json(body) = body.map_err(bad_json)?;
+    let Json(body) = body?;
     let revoked = state
         .store
         .pairing
@@ -254,7 +249,7 @@ async fn pairing_revoke(
         .await
         .map_err(store_error)?;
     if revoked {
-        tracing::info!(channel = %body.channel, sender = %body.sender, "pairing revoked");
+        tracing::info!(channel = ?body.channel, sender = ?body.sender, "pairing revoked");
         Ok(Json(serde_json::json!({ "revoked": true })))
     } else {
         Err(ApiError::new(

@@ -290,6 +290,42 @@ fn die_with_parent(command: &mut std::process::Command) {
     }
 }
 
+/// Makes the child start with the open-file limit `soft`, `hard` (at most the test's own
+/// hard limit: lowering is always allowed).
+fn with_open_files_limit(command: &mut std::process::Command, soft: u64, hard: u64) {
+    use std::os::unix::process::CommandExt;
+    let limit = libc::rlimit {
+        rlim_cur: soft,
+        rlim_max: hard,
+    };
+    // SAFETY: setrlimit is async-signal-safe and reads only `limit`, copied into the closure.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        });
+    }
+}
+
+/// Raises this test process's soft open-file limit to its hard limit, and returns it: a
+/// test holding many connections needs more than the usual 1,024.
+pub fn raise_own_open_files_limit() -> u64 {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read and write `limit`.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit), 0);
+        limit.rlim_cur = limit.rlim_max;
+        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &limit), 0);
+    }
+    limit.rlim_cur
+}
+
 /// The config every agentbus in these tests shares; providers are filled in per test.
 fn base_config(appservice_port: u16, store: &Path) -> Config {
     let yaml = format!(
@@ -324,6 +360,8 @@ pub struct Agentbus {
     pub dir: tempfile::TempDir,
     child: Option<std::process::Child>,
     pub url: String,
+    /// The open-file limit (soft, hard) the process starts with, if not the test's own.
+    open_files: Option<(u64, u64)>,
 }
 
 impl Agentbus {
@@ -392,12 +430,26 @@ routing:
     /// [`Self::write_config_text`] with `store.path` set to `store` (relative paths are
     /// relative to the config directory).
     pub fn write_config_text_on_store(rest: &str, store: &Path) -> tempfile::TempDir {
+        Self::write_config_parts(rest, store, "")
+    }
+
+    /// The standard config with more keys in `appservice:` (YAML flow-mapping entries
+    /// such as `header_read_timeout: 1s`).
+    pub fn write_config_with_appservice(llm_url: &str, appservice: &str) -> tempfile::TempDir {
+        Self::write_config_parts(
+            &Self::standard_rest(llm_url, OPEN_DMS, ""),
+            Path::new("data"),
+            &format!(", {appservice}"),
+        )
+    }
+
+    fn write_config_parts(rest: &str, store: &Path, appservice: &str) -> tempfile::TempDir {
         let synapse = synapse();
         let dir = tempfile::tempdir().unwrap();
         let config = format!(
             r#"
 homeserver: {{ url: "{}", server_name: {SERVER_NAME} }}
-appservice: {{ id: {APPSERVICE_ID}, bind: "127.0.0.1:{}", as_token: {AS_TOKEN}, hs_token: {HS_TOKEN} }}
+appservice: {{ id: {APPSERVICE_ID}, bind: "127.0.0.1:{}", as_token: {AS_TOKEN}, hs_token: {HS_TOKEN}{appservice} }}
 admin: {{ token: {ADMIN_TOKEN} }}
 store: {{ path: {} }}
 {rest}
@@ -422,6 +474,7 @@ store: {{ path: {} }}
             dir,
             child: None,
             url: format!("http://127.0.0.1:{}", synapse().appservice_port),
+            open_files: None,
         }
     }
 
@@ -449,6 +502,17 @@ store: {{ path: {} }}
             .await?;
         let status = response.status().as_u16();
         Ok((status, response.json().await.unwrap_or(Value::Null)))
+    }
+
+    /// Starts the process, from the next [`Agentbus::spawn`] on, with this open-file limit
+    /// (`RLIMIT_NOFILE`), as a service manager would.
+    pub fn set_open_files_limit(&mut self, soft: u64, hard: u64) {
+        self.open_files = Some((soft, hard));
+    }
+
+    /// The process ID of the running process.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("agentbus is running").id()
     }
 
     /// Whether the process is still running (it may have exited on its own).
@@ -510,6 +574,9 @@ store: {{ path: {} }}
             .stdout(Stdio::null())
             .stderr(log);
         die_with_parent(&mut command);
+        if let Some((soft, hard)) = self.open_files {
+            with_open_files_limit(&mut command, soft, hard);
+        }
         self.child = Some(command.spawn().expect("the agentbus binary starts"));
         let deadline = tokio::time::Instant::now() + WAIT;
         while self.log().matches("agentbus is running").count() == runs_before {
