@@ -600,6 +600,12 @@ mod tests {
         assert_eq!(key, b"matrix\xff@eve:x");
     }
 
+    /// The sequence numbers of the pending events among `ids`.
+    async fn pending_seqs(store: &Stores, ids: &[ruma::OwnedEventId]) -> Vec<u64> {
+        let pending = store.journal.pending_of(ids).await.unwrap();
+        pending.iter().map(|e| e.seq).collect()
+    }
+
     #[tokio::test]
     async fn a_journaled_event_is_found_by_its_id_until_it_is_finished() {
         use crate::store::{IncomingEvent, JournalOutcome, Partition};
@@ -622,14 +628,7 @@ mod tests {
             .map(|id| ruma::EventId::parse(*id).unwrap())
             .collect();
         let store = reopen(store, &dir);
-        let found: Vec<u64> = store
-            .journal
-            .pending_of(&ids)
-            .await
-            .unwrap()
-            .iter()
-            .map(|e| e.seq)
-            .collect();
+        let found = pending_seqs(&store, &ids).await;
         assert_eq!(found, [journaled[0].seq, journaled[1].seq]);
         let lease = store
             .journal
@@ -646,14 +645,7 @@ mod tests {
             .finish_events(&lease, &[journaled[0].reference()], &[])
             .await
             .unwrap();
-        let found: Vec<u64> = store
-            .journal
-            .pending_of(&ids)
-            .await
-            .unwrap()
-            .iter()
-            .map(|e| e.seq)
-            .collect();
+        let found = pending_seqs(&store, &ids).await;
         assert_eq!(found, [journaled[1].seq], "a finished event is not pending");
     }
 }

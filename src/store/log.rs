@@ -713,6 +713,12 @@ mod tests {
         move |n| Ok(next.fetch_add(n, Ordering::SeqCst))
     }
 
+    /// The pending events' IDs, oldest first.
+    fn pending_ids(log: &JournalLog) -> Vec<String> {
+        let pending = log.pending_events(None, 10);
+        pending.iter().map(|e| e.event_id.to_string()).collect()
+    }
+
     fn journaled(outcome: JournalOutcome) -> Vec<JournaledEvent> {
         match outcome {
             JournalOutcome::Journaled(events) => events,
@@ -737,11 +743,7 @@ mod tests {
         drop(file);
         let log = JournalLog::open(dir.path()).unwrap();
         assert_eq!(fs::metadata(&path).unwrap().len(), whole);
-        let ids: Vec<_> = log
-            .pending_events(None, 10)
-            .into_iter()
-            .map(|e| e.event_id.to_string())
-            .collect();
+        let ids = pending_ids(&log);
         assert_eq!(ids, ["$ev1", "$ev2"]);
         // Appends go on after the cut.
         journaled(log.journal("t3", vec![event(3, "!a:x")], 1, &seqs).unwrap());
@@ -782,11 +784,7 @@ mod tests {
         log.finish(&[first[0].seq]).unwrap();
         drop(log);
         let log = JournalLog::open(dir.path()).unwrap();
-        let ids: Vec<_> = log
-            .pending_events(None, 10)
-            .into_iter()
-            .map(|e| e.event_id.to_string())
-            .collect();
+        let ids = pending_ids(&log);
         assert_eq!(ids, ["$ev2"]);
         assert!(
             log.seq_of(&first[0].event_id).is_some(),
@@ -840,11 +838,7 @@ mod tests {
         );
         drop(log);
         let log = JournalLog::open(dir.path()).unwrap();
-        let ids: Vec<_> = log
-            .pending_events(None, 10)
-            .into_iter()
-            .map(|e| e.event_id.to_string())
-            .collect();
+        let ids = pending_ids(&log);
         assert_eq!(ids, ["$ev3", "$ev4", "$ev5", "$ev6"]);
         assert_eq!(log.seq_of(&second[2].event_id), Some(second[2].seq));
     }
