@@ -13,7 +13,7 @@ use futures::future::{FutureExt, select_all};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use super::{AgentRuntime, Assignment, Delivery, Ended, Job, Outcome, RunHandle};
+use super::{AgentRuntime, Assignment, Ended, Job, Outcome, RunHandle};
 use crate::config::QueueMode;
 use crate::store::SessionKey;
 
@@ -120,22 +120,6 @@ impl AgentRuntime {
             }
         }
         cancelled
-    }
-
-    /// The outcome `outcome` will bring, as the inbox needs it ([`Outcome::delivery`]). A
-    /// run that was dropped unanswered (its lane died, which is logged) resolves as an
-    /// error, like a dropped answer always did.
-    pub fn when_delivered(
-        &self,
-        outcome: oneshot::Receiver<Outcome>,
-    ) -> oneshot::Receiver<Delivery> {
-        let (tx, rx) = oneshot::channel();
-        self.tracker.spawn(async move {
-            if let Ok(outcome) = outcome.await {
-                let _ = tx.send(outcome.delivery());
-            }
-        });
-        rx
     }
 
     /// How many sessions have a running lane.

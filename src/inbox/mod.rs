@@ -24,7 +24,7 @@ use tokio_util::task::TaskTracker;
 
 use self::decode::{Inbound, decode};
 use self::facts::Facts;
-use crate::agents::{AgentRuntime, Delivery};
+use crate::agents::{AgentRuntime, Delivery, Outcome};
 use crate::config::Config;
 use crate::matrix::MatrixClient;
 use crate::router::explain::{Explain, ExplainError, RouteQuery};
@@ -514,7 +514,7 @@ impl Inbox {
         tracker.spawn(async move {
             let outcomes = futures::future::join_all(answers).await;
             // A dropped sender (a lane that died) counts as done: the error was logged.
-            if outcomes.iter().any(|o| matches!(o, Ok(Delivery::Interrupted))) {
+            if outcomes.contains(&Some(Delivery::Interrupted)) {
                 tracing::info!(event_id = %event.event_id, "answer interrupted by shutdown; the event stays journaled");
                 return;
             }
@@ -574,8 +574,16 @@ struct Processed {
     line: Option<(OwnedRoomId, HistoryEntry)>,
 }
 
-/// How each answer an event waits for ended, as the agents deliver them.
-type Answers = Vec<oneshot::Receiver<Delivery>>;
+/// How each answer an event waits for ended, as the agents deliver them; `None` for a run
+/// dropped unanswered (its lane died, which is logged).
+type Answers = Vec<futures::future::BoxFuture<'static, Option<Delivery>>>;
+
+/// What a queued run's outcome means for its event ([`Outcome::delivery`]).
+fn answer(
+    outcome: oneshot::Receiver<Outcome>,
+) -> futures::future::BoxFuture<'static, Option<Delivery>> {
+    Box::pin(async move { outcome.await.ok().map(|o| o.delivery()) })
+}
 
 /// A notice sent inline that shutdown interrupted holds its event in the journal, like an
 /// answer would; anything else has nothing left to wait for.
@@ -583,7 +591,5 @@ fn held(delivery: Delivery) -> Answers {
     if delivery != Delivery::Interrupted {
         return Vec::new();
     }
-    let (tx, rx) = oneshot::channel();
-    let _ = tx.send(delivery);
-    vec![rx]
+    vec![Box::pin(std::future::ready(Some(delivery)))]
 }

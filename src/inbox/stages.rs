@@ -13,7 +13,7 @@ use ruma::{OwnedRoomId, RoomId};
 use super::commands::{self, Command};
 use super::decode::{Encrypted, Membership, Message};
 use super::facts::Facts;
-use super::{Answers, Inbox, Processed, held};
+use super::{Answers, Inbox, Processed, answer, held};
 use crate::agents::{Delivery, Job, Submitted, Trigger, Turn, notices};
 use crate::config::{AgentId, ChannelId};
 use crate::router::{MessageFacts, RouteDecision, Strategy};
@@ -163,7 +163,7 @@ impl Inbox {
                 // Nothing here cancels a run; the handle is not kept.
                 Submitted::Queued { outcome, handle: _ } => {
                     tracing::info!(agent = %agent.id, room_id = %turn.room_id, event_id = %turn.event_id, "queued for the agent");
-                    answers.push(self.runtime.when_delivered(outcome));
+                    answers.push(answer(outcome));
                 }
                 Submitted::Busy => {
                     tracing::warn!(agent = %agent.id, room_id = %turn.room_id, event_id = %turn.event_id, "session queue full; message not queued");
