@@ -167,6 +167,7 @@ fn bench_routing(c: &mut Criterion) {
         },
         recent: &recent,
         sender_paired: false,
+        paired_member_joined: true,
         guard: &guard,
     };
     // Every message must actually exercise a strategy, or the numbers mean little.

@@ -28,6 +28,13 @@ pub fn pairing_code(code: &str, ttl: Duration) -> String {
     )
 }
 
+/// The reason given when an agent declines an invite (shown to the inviter).
+pub fn invite_declined(reason: &str) -> String {
+    format!(
+        "agentbus declined: {reason}. An admin can pair you (DM an agent to get a code) or list you in allow_from."
+    )
+}
+
 /// An end-to-end encrypted message, which agents cannot read.
 pub fn encrypted() -> &'static str {
     "🔒 This message is end-to-end encrypted and agents cannot read it. \

@@ -218,7 +218,7 @@ pub enum GroupPolicy {
 }
 
 /// `channels.<name>:` — the policies of one channel.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ChannelPolicyConfig {
     #[serde(default)]
@@ -235,6 +235,27 @@ pub struct ChannelPolicyConfig {
     /// Per-room settings by room ID or alias; `*` sets the defaults for every room.
     #[serde(default)]
     pub groups: BTreeMap<String, GroupRoomConfig>,
+    /// How many rooms one sender not in `allow_from` may bring agents into (invites
+    /// beyond it are declined); counted since start-up.
+    #[serde(default = "default_rooms_per_sender")]
+    pub max_rooms_per_sender: usize,
+}
+
+impl Default for ChannelPolicyConfig {
+    fn default() -> Self {
+        Self {
+            dm_policy: DmPolicy::default(),
+            allow_from: Vec::new(),
+            group_policy: GroupPolicy::default(),
+            group_allow_from: Vec::new(),
+            groups: BTreeMap::new(),
+            max_rooms_per_sender: default_rooms_per_sender(),
+        }
+    }
+}
+
+fn default_rooms_per_sender() -> usize {
+    10
 }
 
 /// `channels.<name>.groups.<room>:`

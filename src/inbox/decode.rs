@@ -143,6 +143,8 @@ pub struct Membership {
     pub target: Option<OwnedUserId>,
     /// `None` when the content has no readable `membership`.
     pub membership: Option<MembershipState>,
+    /// The invite's `is_direct` flag: the inviter means the room as a DM.
+    pub is_direct: bool,
 }
 
 /// An `m.reaction` event.
@@ -210,6 +212,7 @@ pub fn decode(event: &JournaledEvent) -> Result<Inbound<'_>, DecodeError> {
                 sender,
                 target: envelope.state_key.and_then(|key| key.parse().ok()),
                 membership: content.membership,
+                is_direct: content.is_direct == Some(true),
             })
         }
         kind @ TimelineEventType::Reaction => {
@@ -335,6 +338,8 @@ struct NewContent<'a> {
 struct MemberContent {
     #[serde(default, deserialize_with = "lenient")]
     membership: Option<MembershipState>,
+    #[serde(default, deserialize_with = "lenient")]
+    is_direct: Option<bool>,
 }
 
 #[derive(Deserialize)]

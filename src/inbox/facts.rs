@@ -24,6 +24,9 @@ pub(super) struct Facts {
     pub reply_to_sender: Option<OwnedUserId>,
     /// Whether the sender was approved by pairing.
     pub sender_paired: bool,
+    /// Whether another person joined to the room was approved by pairing (looked up
+    /// only for a sender the config does not admit: it vouches for a group room).
+    pub paired_member_joined: bool,
     /// Whether one of our agents is in the room (else nobody reads its history, so a
     /// line of it can wait for the batched finish).
     pub agents_here: bool,
@@ -64,6 +67,7 @@ impl Facts {
             message,
             recent: context,
             sender_paired: self.sender_paired,
+            paired_member_joined: self.paired_member_joined,
             guard,
         }
     }
@@ -125,9 +129,17 @@ impl Inbox {
             Some(id) => self.sender_of(message.room_id, &room, &recent, id).await,
             None => None,
         };
+        // Pairing matters only where an agent could answer.
+        let sender_paired = agents_here && self.sender_paired(&message.sender).await;
+        let paired_member_joined = agents_here
+            && !sender_paired
+            && self
+                .router
+                .needs_vouching(&ChannelId::MATRIX, &message.sender)
+            && self.paired_member_joined(&room, &message.sender).await;
         Facts {
-            // Pairing matters only where an agent could answer.
-            sender_paired: agents_here && self.sender_paired(&message.sender).await,
+            sender_paired,
+            paired_member_joined,
             agents_here,
             room,
             recent,
@@ -145,6 +157,30 @@ impl Inbox {
                 tracing::warn!(error = %e, "cannot read pairing approvals; treating sender as unpaired");
                 false
             })
+    }
+
+    /// The config's aliases that resolved to `room_id`.
+    pub(super) fn aliases_of(&self, room_id: &RoomId) -> Vec<String> {
+        self.aliases
+            .read()
+            .expect("alias lock")
+            .get(room_id)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Whether a person in the room other than `sender` was approved by pairing.
+    pub(super) async fn paired_member_joined(&self, room: &RoomFacts, sender: &UserId) -> bool {
+        for user in room
+            .joined
+            .iter()
+            .filter(|u| *u != sender && !self.config.is_own_user(u))
+        {
+            if self.sender_paired(user).await {
+                return true;
+            }
+        }
+        false
     }
 
     /// Resolves the config's room aliases (group settings, binding peers) that have not
@@ -385,7 +421,12 @@ agents: [ { id: damon, provider: echo }, { id: coder, provider: echo } ]
     }
 
     fn route(facts: &Facts, message: &Message<'_>) -> crate::router::RouteDecision {
-        let config = crate::config::Config::parse(CONFIG).unwrap();
+        // Everyone on the test server is admitted (the admission rules have tests of
+        // their own in the router).
+        let config = crate::config::Config::parse(&format!(
+            "{CONFIG}channels: {{ matrix: {{ allow_from: ['@*:example.org'] }} }}\n"
+        ))
+        .unwrap();
         let router = Router::new(&config);
         let guard = LoopGuard::default();
         let context = facts.context();
@@ -403,6 +444,7 @@ agents: [ { id: damon, provider: echo }, { id: coder, provider: echo } ]
             recent: vec![line(owned_event_id!("$x"), "@bob:example.org", None)],
             reply_to_sender: Some(owned_user_id!("@coder:example.org")),
             sender_paired: true,
+            paired_member_joined: false,
             agents_here: true,
         };
         let context = facts.context();
@@ -471,6 +513,7 @@ agents: [ { id: damon, provider: echo }, { id: coder, provider: echo } ]
             ],
             reply_to_sender: None,
             sender_paired: false,
+            paired_member_joined: false,
             agents_here: true,
         };
         assert!(m.reply_to.is_none());

@@ -25,7 +25,7 @@ use tokio_util::task::TaskTracker;
 use self::decode::{Inbound, decode};
 use self::facts::Facts;
 use crate::agents::{AgentRuntime, Delivery, Outcome};
-use crate::config::Config;
+use crate::config::{ChannelId, Config};
 use crate::matrix::MatrixClient;
 use crate::router::explain::{Explain, ExplainError, RouteQuery};
 use crate::router::{LoopGuard, MessageFacts, RoomFacts, RouteDecision, Router};
@@ -102,6 +102,9 @@ pub struct Inbox {
     unresolved: Mutex<Vec<String>>,
     /// When unresolved aliases were last looked up (at most once per [`FACTS_RETRY`]).
     aliases_tried: Mutex<Option<Instant>>,
+    /// The rooms each capped sender brought agents into since start-up
+    /// (`channels.<ch>.max_rooms_per_sender`).
+    pulled: Mutex<HashMap<OwnedUserId, std::collections::BTreeSet<OwnedRoomId>>>,
 }
 
 impl Inbox {
@@ -133,6 +136,7 @@ impl Inbox {
             rooms: Mutex::new(HashMap::new()),
             names: Mutex::new(HashMap::new()),
             aliases: RwLock::new(HashMap::new()),
+            pulled: Mutex::new(HashMap::new()),
             unresolved: Mutex::new(facts::config_aliases(&config)),
             config,
         })
@@ -191,8 +195,13 @@ impl Inbox {
                 self.sender_of(&room_id, &room, &recent, &event_id).await
             }
         };
+        let sender_paired = self.sender_paired(&sender).await;
+        let paired_member_joined = !sender_paired
+            && self.router.needs_vouching(&ChannelId::MATRIX, &sender)
+            && self.paired_member_joined(&room, &sender).await;
         let facts = Facts {
-            sender_paired: self.sender_paired(&sender).await,
+            sender_paired,
+            paired_member_joined,
             agents_here: true,
             room,
             recent,

@@ -16,7 +16,7 @@ use super::facts::Facts;
 use super::{Answers, Inbox, Processed, answer, held};
 use crate::agents::{Delivery, Job, Submitted, Trigger, Turn, notices};
 use crate::config::{AgentId, ChannelId};
-use crate::router::{MessageFacts, RouteDecision, Strategy};
+use crate::router::{Admission, MessageFacts, RouteDecision, Strategy};
 use crate::store::{HistoryEntry, PAIRING_TTL};
 
 impl Inbox {
@@ -251,6 +251,13 @@ impl Inbox {
         if member.membership != Some(MembershipState::Invite) {
             return;
         }
+        // Invites are rare: the inviter's pairing is always looked up.
+        let paired = self.sender_paired(&member.sender).await;
+        if let Err(reason) = self.admit_invite(room_id, member, paired) {
+            return self
+                .decline(&agent.id, target, room_id, member, &reason)
+                .await;
+        }
         match self.matrix.intent(target).join_room(room_id).await {
             Ok(()) => {
                 tracing::info!(agent = %agent.id, room_id = %room_id, inviter = %member.sender, "joined on invite")
@@ -258,6 +265,60 @@ impl Inbox {
             Err(e) => {
                 tracing::error!(agent = %agent.id, room_id = %room_id, error = %e, "could not join on invite")
             }
+        }
+    }
+
+    /// Whether an invite from `member.sender` (`paired`: approved by pairing) is
+    /// admitted, then whether it is within the sender's room cap; `Err` says why not.
+    fn admit_invite(
+        &self,
+        room_id: &RoomId,
+        member: &Membership,
+        paired: bool,
+    ) -> Result<(), String> {
+        let admission = self.router.admit_invite(
+            &ChannelId::MATRIX,
+            &member.sender,
+            paired,
+            room_id,
+            &self.aliases_of(room_id),
+            member.is_direct,
+        );
+        if let Admission::Refuse { reason } = admission {
+            return Err(reason);
+        }
+        if let Some(cap) = self.router.room_cap(&ChannelId::MATRIX, &member.sender) {
+            let mut pulled = self.pulled.lock().expect("pulled-rooms lock");
+            let rooms = pulled.entry(member.sender.clone()).or_default();
+            if !rooms.contains(room_id) && rooms.len() >= cap {
+                return Err(format!(
+                    "{} has already brought agents into {cap} rooms (channels.matrix.max_rooms_per_sender)",
+                    member.sender
+                ));
+            }
+            rooms.insert(room_id.to_owned());
+        }
+        Ok(())
+    }
+
+    /// Declines an invite the admission policy refused, telling the inviter why in the
+    /// membership's reason.
+    async fn decline(
+        &self,
+        agent: &AgentId,
+        target: &ruma::UserId,
+        room_id: &RoomId,
+        member: &Membership,
+        reason: &str,
+    ) {
+        tracing::warn!(agent = %agent, room_id = %room_id, inviter = %member.sender, reason = %reason, "declined an invite");
+        if let Err(e) = self
+            .matrix
+            .intent(target)
+            .leave_room(room_id, &notices::invite_declined(reason))
+            .await
+        {
+            tracing::error!(agent = %agent, room_id = %room_id, error = %e, "could not decline the invite");
         }
     }
 

@@ -118,6 +118,16 @@ impl Intent {
         Ok(())
     }
 
+    /// Declines an invite to (or leaves) `room_id`, saying why: the reason is shown to the
+    /// inviter as the membership change's `reason`.
+    pub async fn leave_room(&self, room_id: &RoomId, reason: &str) -> Result<(), MatrixError> {
+        let mut request = membership::leave_room::v3::Request::new(room_id.to_owned());
+        request.reason = Some(reason.to_owned());
+        self.client.send(request, Some(&self.user)).await?;
+        self.client.forget_joined(&self.user, room_id);
+        Ok(())
+    }
+
     /// Joins `room_id` unless the user is remembered as joined to it.
     pub async fn ensure_joined(&self, room_id: &RoomId) -> Result<(), MatrixError> {
         if self.client.is_joined(&self.user, room_id) {

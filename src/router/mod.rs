@@ -7,9 +7,11 @@
 //! 1. **Who sent it.** The appservice bot never routes. An agent's message routes only
 //!    when `routing.agent_to_agent` is on, both agents are allowed, the hop counter is under
 //!    `max_hops`, the pair is not cooling down — and then only by explicit mention.
-//! 2. **Policy.** DMs: `channels.<ch>.dm_policy` (`pairing`, `allowlist`, `open`,
-//!    `disabled`). Group rooms: `group_policy` (`open`, `allowlist`, `disabled`) and
-//!    `group_allow_from`. A refused message is never answered.
+//! 2. **Admission** ([`admission`], the same policy that decides invites). DMs:
+//!    `channels.<ch>.dm_policy` (`pairing`, `allowlist`, `open`, `disabled`). Group rooms:
+//!    `group_policy` (`open`, `allowlist`, `disabled`), `group_allow_from`, and whether an
+//!    admitted or paired person vouches for the room. A refused message is never
+//!    answered; an unknown sender gets a pairing code, not answers.
 //! 3. **Strategies**, the first that names an agent allowed in the room wins:
 //!    explicit mention > reply to an agent / thread an agent answered in > broadcast
 //!    (`@all`, `@room`) > keyword > context (follow-up with the last agent) > the DM's agent
@@ -20,6 +22,7 @@
 //! An agent is *allowed* in a room when it is joined and, in a group room with an
 //! `agents:` list, listed there. Nothing routes to any other agent.
 
+mod admission;
 mod bindings;
 pub mod explain;
 mod guard;
@@ -35,15 +38,14 @@ use ruma::{EventId, OwnedUserId, RoomId, UserId};
 use serde::{Deserialize, Serialize};
 use wildmatch::WildMatch;
 
+pub use self::admission::{Act, Admission, Place, Standing};
 pub use self::bindings::{BindingHit, Conversation, Tier};
 pub use self::guard::LoopGuard;
 use self::keyword::KeywordMatcher;
 use self::mention::{
     TypedNames, contains_at_name, pill_targets, strip_reply_fallback, strip_reply_html,
 };
-use crate::config::{
-    AgentId, ChannelId, ChannelPolicyConfig, Config, DmPolicy, GroupPolicy, RoutingConfig,
-};
+use crate::config::{AgentId, ChannelId, ChannelPolicyConfig, Config, RoutingConfig};
 
 /// An agent as the router sees it: its user, the names people type for it and its
 /// mention patterns.
@@ -150,6 +152,10 @@ pub struct RouteInput<'a> {
     pub recent: &'a [&'a dyn ContextLine],
     /// Whether the sender was approved by pairing on this channel.
     pub sender_paired: bool,
+    /// Whether a person other than the sender who was approved by pairing is joined
+    /// (members matching `allow_from` the router sees itself): such a person vouches for a
+    /// group room (see [`admission`]).
+    pub paired_member_joined: bool,
     pub guard: &'a LoopGuard,
 }
 
@@ -390,9 +396,11 @@ impl Router {
             };
         }
 
+        // The pairing code, when one is due, comes from the first agent that may answer.
+        let speaker = allowed.iter().position(|&a| a).unwrap_or(joined[0]);
         if kind == SenderKind::Person
             && let Some(refusal) =
-                self.check_policy(input, rules, settings.as_ref(), is_dm, &joined)
+                self.check_policy(input, rules, settings.as_ref(), is_dm, speaker)
         {
             return refusal;
         }
@@ -571,60 +579,102 @@ impl Router {
         }
     }
 
-    /// DM and group policies for a person's message; `Some` refuses (or asks to pair).
+    /// Admission of a person's message (see [`admission`]); `Some` refuses or asks to pair,
+    /// the pairing code coming from `speaker`.
     fn check_policy(
         &self,
         input: &RouteInput<'_>,
         rules: &ChannelRules,
         settings: Option<&RoomSettings<'_>>,
         is_dm: bool,
-        joined: &[usize],
+        speaker: usize,
     ) -> Option<RouteDecision> {
-        let channel = input.channel;
         let sender = input.message.sender.as_str();
-        let policy = &rules.policy;
-        if is_dm {
-            return match policy.dm_policy {
-                DmPolicy::Open => None,
-                DmPolicy::Disabled => Some(RouteDecision::refused(format!(
-                    "direct messages are off (channels.{channel}.dm_policy: disabled)"
-                ))),
-                DmPolicy::Allowlist if rules.allow_from.matches(sender) => None,
-                DmPolicy::Allowlist => Some(RouteDecision::refused(format!(
-                    "{sender} is not in channels.{channel}.allow_from (dm_policy: allowlist)"
-                ))),
-                DmPolicy::Pairing if input.sender_paired || rules.allow_from.matches(sender) => {
-                    None
-                }
-                DmPolicy::Pairing => Some(RouteDecision {
-                    targets: Vec::new(),
-                    strategy: Strategy::Pairing,
-                    reason: format!(
-                        "{sender} is not paired yet (channels.{channel}.dm_policy: pairing); a pairing code is sent instead"
-                    ),
-                    pairing_agent: Some(self.candidates[joined[0]].id.clone()),
-                }),
-            };
-        }
-        match policy.group_policy {
-            GroupPolicy::Disabled => {
-                return Some(RouteDecision::refused(format!(
-                    "group rooms are off (channels.{channel}.group_policy: disabled)"
-                )));
+        let place = if is_dm {
+            Place::Dm
+        } else {
+            let listed = settings.is_some_and(|s| s.listed);
+            Place::Group {
+                listed,
+                vouched: listed || input.paired_member_joined || self.member_vouches(input, rules),
             }
-            GroupPolicy::Allowlist if !settings.is_some_and(|s| s.listed) => {
-                return Some(RouteDecision::refused(format!(
-                    "room is not listed under channels.{channel}.groups (group_policy: allowlist)"
-                )));
+        };
+        let standing = rules.standing(sender, input.sender_paired, place);
+        match rules.admit(input.channel, sender, standing, place, Act::Message) {
+            Admission::Admit => None,
+            Admission::Pair { reason } => Some(RouteDecision {
+                targets: Vec::new(),
+                strategy: Strategy::Pairing,
+                reason,
+                pairing_agent: Some(self.candidates[speaker].id.clone()),
+            }),
+            Admission::Refuse { reason } => Some(RouteDecision::refused(reason)),
+        }
+    }
+
+    /// Whether a joined person other than the sender is admitted by the channel's globs.
+    fn member_vouches(&self, input: &RouteInput<'_>, rules: &ChannelRules) -> bool {
+        input.room.joined.iter().any(|user| {
+            user != input.message.sender
+                && self.sender_kind(user) == SenderKind::Person
+                && (rules.allow_from.matches(user.as_str())
+                    || rules.group_allow_from.matches(user.as_str()))
+        })
+    }
+
+    /// Whether `sender` is unknown to the channel's globs and `dm_policy` in a group room:
+    /// only then does it matter whether a paired person vouches for the room (the inbox
+    /// looks that up only when asked).
+    pub fn needs_vouching(&self, channel: &ChannelId, sender: &UserId) -> bool {
+        let rules = self.channels.get(channel).unwrap_or(&self.default_channel);
+        let place = Place::Group {
+            listed: false,
+            vouched: false,
+        };
+        self.sender_kind(sender) == SenderKind::Person
+            && rules.standing(sender.as_str(), false, place) == Standing::Unknown
+    }
+
+    /// How many rooms `sender` may bring agents into, or `None` when uncapped (our own
+    /// users, senders in `allow_from`).
+    pub fn room_cap(&self, channel: &ChannelId, sender: &UserId) -> Option<usize> {
+        let rules = self.channels.get(channel).unwrap_or(&self.default_channel);
+        (self.sender_kind(sender) == SenderKind::Person
+            && !rules.allow_from.matches(sender.as_str()))
+        .then_some(rules.policy.max_rooms_per_sender)
+    }
+
+    /// Admission of an invite of one of our agents into `room_id` (known by `aliases` in
+    /// the config) from `inviter`: [`Admission::Admit`] and [`Admission::Pair`] join,
+    /// [`Admission::Refuse`] declines. `is_direct` is the invite's own flag.
+    pub fn admit_invite(
+        &self,
+        channel: &ChannelId,
+        inviter: &UserId,
+        inviter_paired: bool,
+        room_id: &RoomId,
+        aliases: &[String],
+        is_direct: bool,
+    ) -> Admission {
+        if self.sender_kind(inviter) != SenderKind::Person {
+            // Our own bot and agents bring agents in on the operator's behalf.
+            return Admission::Admit;
+        }
+        let rules = self.channels.get(channel).unwrap_or(&self.default_channel);
+        let place = if is_direct {
+            Place::Dm
+        } else {
+            let groups = &rules.policy.groups;
+            let listed = std::iter::once(room_id.as_str())
+                .chain(aliases.iter().map(String::as_str))
+                .any(|key| groups.contains_key(key));
+            Place::Group {
+                listed,
+                vouched: listed,
             }
-            _ => {}
-        }
-        if !rules.group_allow_from.0.is_empty() && !rules.group_allow_from.matches(sender) {
-            return Some(RouteDecision::refused(format!(
-                "{sender} is not in channels.{channel}.group_allow_from"
-            )));
-        }
-        None
+        };
+        let standing = rules.standing(inviter.as_str(), inviter_paired, place);
+        rules.admit(channel, inviter.as_str(), standing, place, Act::Invite)
     }
 
     /// The allowed candidates a message explicitly mentions, and how they were found.

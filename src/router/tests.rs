@@ -114,6 +114,8 @@ struct Case {
     aliases: Vec<String>,
     recent: Vec<HistoryEntry>,
     paired: bool,
+    /// A person other than the sender approved by pairing is joined (vouches for a group).
+    paired_member: bool,
     room: OwnedRoomId,
 }
 
@@ -138,6 +140,8 @@ impl Case {
             aliases: Vec::new(),
             recent: Vec::new(),
             paired: false,
+            // A team room: Bob was approved by pairing, so the room is vouched for.
+            paired_member: true,
             room: ruma::owned_room_id!("!room:hs"),
         }
     }
@@ -219,6 +223,7 @@ impl Case {
             },
             recent: &recent,
             sender_paired: self.paired,
+            paired_member_joined: self.paired_member,
             guard,
         };
         router.route(&input)
@@ -599,6 +604,139 @@ impl Case {
         self.joined.push(member);
         self
     }
+}
+
+/// The admission table (router/admission.rs): every room × sender × act has an outcome.
+/// Alice is admitted by `allow_from`, Carol is paired, Eve is unknown.
+#[test]
+fn admission_table_for_invites_and_messages() {
+    let router =
+        router_with("channels: { matrix: { dm_policy: pairing, allow_from: ['@alice:hs'] } }\n");
+    let standings = [
+        ("@alice:hs", false),
+        ("@carol:hs", true),
+        ("@eve:hs", false),
+    ];
+    // (room, its members besides the sender and the agents, paired member present)
+    let dm = |sender: &'static str, paired: bool| Case {
+        paired,
+        paired_member: false,
+        joined: vec![sender, "@damon:hs"],
+        ..Case::dm("hello").from(sender)
+    };
+    let team = |sender: &'static str, paired: bool| Case {
+        paired,
+        paired_member: false,
+        joined: vec!["@alice:hs", sender, "@damon:hs", "@coder:hs"],
+        ..Case::group("@damon hello").from(sender)
+    };
+    let eves_room = |sender: &'static str, paired: bool| Case {
+        paired,
+        paired_member: false,
+        joined: vec!["@eve:hs", "@mallory:hs", sender, "@damon:hs", "@coder:hs"],
+        ..Case::group("@damon hello").from(sender)
+    };
+    let admit = Admission::Admit;
+    let pair = |a: &Admission| matches!(a, Admission::Pair { .. });
+    let refuse = |a: &Admission| matches!(a, Admission::Refuse { .. });
+
+    for (i, &(sender, paired)) in standings.iter().enumerate() {
+        let unknown = i == 2;
+        let who = user(sender);
+        // Messages.
+        let d = dm(sender, paired).route(&router);
+        let want = if unknown {
+            Strategy::Pairing
+        } else {
+            Strategy::DirectMessage
+        };
+        assert_eq!(d.strategy, want, "DM, {sender}: {}", d.reason);
+        let d = team(sender, paired).route(&router);
+        assert_eq!(
+            d.strategy,
+            Strategy::Mention,
+            "team room, {sender}: {}",
+            d.reason
+        );
+        assert_eq!(d.targets, [agent("damon")]);
+        let d = eves_room(sender, paired).route(&router);
+        let want = if unknown {
+            Strategy::Pairing
+        } else {
+            Strategy::Mention
+        };
+        assert_eq!(d.strategy, want, "Eve's room, {sender}: {}", d.reason);
+        if unknown {
+            assert_eq!(d.pairing_agent.as_deref(), Some("damon"));
+            assert!(d.targets.is_empty());
+        }
+        // Invites (a room's members are not visible before joining: both group rooms
+        // look alike then).
+        let room = ruma::owned_room_id!("!room:hs");
+        let invite =
+            |direct| router.admit_invite(&ChannelId::MATRIX, &who, paired, &room, &[], direct);
+        if unknown {
+            assert!(pair(&invite(true)), "DM invite from {sender}");
+            assert!(refuse(&invite(false)), "group invite from {sender}");
+        } else {
+            assert_eq!(invite(true), admit, "DM invite from {sender}");
+            assert_eq!(invite(false), admit, "group invite from {sender}");
+        }
+    }
+
+    // A room with its own `groups:` entry vouches for itself, at an invite too.
+    let listed =
+        router_with("channels: { matrix: { dm_policy: pairing, groups: { '#team:hs': {} } } }\n");
+    let eve = user("@eve:hs");
+    let room = ruma::owned_room_id!("!room:hs");
+    assert_eq!(
+        listed.admit_invite(
+            &ChannelId::MATRIX,
+            &eve,
+            false,
+            &room,
+            &["#team:hs".into()],
+            false
+        ),
+        admit
+    );
+    let d = Case {
+        aliases: vec!["#team:hs".into()],
+        ..eves_room("@eve:hs", false)
+    }
+    .route(&listed);
+    assert_eq!(d.strategy, Strategy::Mention, "{}", d.reason);
+    // Under allowlist an unknown sender is refused, not paired, everywhere.
+    let strict =
+        router_with("channels: { matrix: { dm_policy: allowlist, allow_from: ['@alice:hs'] } }\n");
+    assert!(refuse(&strict.admit_invite(
+        &ChannelId::MATRIX,
+        &eve,
+        false,
+        &room,
+        &[],
+        true
+    )));
+    assert_eq!(
+        dm("@eve:hs", false).route(&strict).strategy,
+        Strategy::Refused
+    );
+    assert_eq!(
+        eves_room("@eve:hs", false).route(&strict).strategy,
+        Strategy::Refused
+    );
+    // Our own agents and bot bring agents anywhere.
+    assert_eq!(
+        strict.admit_invite(
+            &ChannelId::MATRIX,
+            &user("@coder:hs"),
+            false,
+            &room,
+            &[],
+            false
+        ),
+        admit
+    );
 }
 
 #[test]
