@@ -28,6 +28,24 @@ pub fn pairing_code(code: &str, ttl: Duration) -> String {
     )
 }
 
+/// A sender asked for more answers than `routing.limits.per_sender` allows.
+pub fn sender_limited(answers: u32, per: Duration, retry_after: Duration) -> String {
+    format!(
+        "🚦 You have asked agents for {answers} answers in {per} (routing.limits.per_sender), so this message was not answered. You can ask again in {wait}.",
+        per = humantime::format_duration(per),
+        wait = humantime::format_duration(retry_after),
+    )
+}
+
+/// A room had more answers than `routing.limits.per_room` allows.
+pub fn room_limited(answers: u32, per: Duration, retry_after: Duration) -> String {
+    format!(
+        "🚦 Agents have given this room {answers} answers in {per} (routing.limits.per_room), so this message was not answered. Ask again in {wait}.",
+        per = humantime::format_duration(per),
+        wait = humantime::format_duration(retry_after),
+    )
+}
+
 /// The reason given when an agent declines an invite (shown to the inviter).
 pub fn invite_declined(reason: &str) -> String {
     format!(

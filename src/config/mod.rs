@@ -30,7 +30,7 @@ pub use self::llm::{
 pub use self::routing::{
     AdminConfig, AgentToAgentConfig, BindingConfig, BindingMatch, BroadcastConfig,
     ChannelPolicyConfig, ContextConfig, DmPolicy, GroupPolicy, GroupRoomConfig, KNOWN_CHANNELS,
-    KeywordConfig, KeywordRule, MentionConfig, RoutingConfig,
+    KeywordConfig, KeywordRule, LimitsConfig, MentionConfig, RateConfig, RoutingConfig,
 };
 
 /// Environment variable that overrides `appservice.as_token`.

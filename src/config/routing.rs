@@ -29,6 +29,53 @@ pub struct RoutingConfig {
     pub broadcast: BroadcastConfig,
     #[serde(default)]
     pub agent_to_agent: AgentToAgentConfig,
+    #[serde(default)]
+    pub limits: LimitsConfig,
+}
+
+/// `routing.limits:` — how many model-backed answers people can cause: a token bucket per
+/// sender and one per room. Each agent that answers a message takes one; an empty bucket
+/// refills evenly over `per`. A message over a limit is not answered, and the first one
+/// gets a notice saying so.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    #[serde(default = "default_sender_rate")]
+    pub per_sender: RateConfig,
+    #[serde(default = "default_room_rate")]
+    pub per_room: RateConfig,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            per_sender: default_sender_rate(),
+            per_room: default_room_rate(),
+        }
+    }
+}
+
+/// `{ answers: 60, per: 10m }`: at most `answers` at once, refilled over `per`.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateConfig {
+    pub answers: u32,
+    #[serde(with = "humantime_serde")]
+    pub per: Duration,
+}
+
+fn default_sender_rate() -> RateConfig {
+    RateConfig {
+        answers: 60,
+        per: Duration::from_secs(600),
+    }
+}
+
+fn default_room_rate() -> RateConfig {
+    RateConfig {
+        answers: 120,
+        per: Duration::from_secs(600),
+    }
 }
 
 /// `routing.mention:` — `@name`, pills, `m.mentions`, aliases and per-agent patterns.
@@ -111,6 +158,11 @@ pub struct BroadcastConfig {
     pub enabled: bool,
     #[serde(default = "default_broadcast_trigger")]
     pub trigger: String,
+    /// Sender globs who may broadcast, besides the channel's `allow_from` (the admins);
+    /// anyone may in a room whose `groups:` entry sets `broadcast: true`. Everyone else's
+    /// `@all` is an ordinary message.
+    #[serde(default)]
+    pub allow_from: Vec<String>,
 }
 
 impl Default for BroadcastConfig {
@@ -118,6 +170,7 @@ impl Default for BroadcastConfig {
         Self {
             enabled: true,
             trigger: default_broadcast_trigger(),
+            allow_from: Vec::new(),
         }
     }
 }
@@ -272,6 +325,10 @@ pub struct GroupRoomConfig {
     /// The room's bound agent answers every message nobody else was addressed by.
     #[serde(default)]
     pub auto_reply: Option<bool>,
+    /// Anyone in the room may broadcast (`@all`, `@room`), not only the senders in
+    /// `allow_from` and `routing.broadcast.allow_from`.
+    #[serde(default)]
+    pub broadcast: Option<bool>,
 }
 
 /// `admin:` — the HTTP admin API (`/api/v1/*`) and the CLI that talks to it.
@@ -440,6 +497,17 @@ pub(super) fn validate(
             "routing.agent_to_agent.max_hops".to_owned(),
             "must be at least 1".to_owned(),
         ));
+    }
+    for (key, rate) in [
+        ("routing.limits.per_sender", routing.limits.per_sender),
+        ("routing.limits.per_room", routing.limits.per_room),
+    ] {
+        if rate.answers == 0 || rate.per.is_zero() {
+            later.push((
+                key.to_owned(),
+                "needs answers and per above zero (e.g. { answers: 60, per: 10m })".to_owned(),
+            ));
+        }
     }
     if admin.token.as_deref().is_some_and(str::is_empty) {
         later.push((

@@ -10,6 +10,7 @@
 mod commands;
 pub mod decode;
 mod facts;
+mod limits;
 mod stages;
 
 use std::collections::HashMap;
@@ -105,6 +106,8 @@ pub struct Inbox {
     /// The rooms each capped sender brought agents into since start-up
     /// (`channels.<ch>.max_rooms_per_sender`).
     pulled: Mutex<HashMap<OwnedUserId, std::collections::BTreeSet<OwnedRoomId>>>,
+    /// Per-sender and per-room limits on model-backed answers (`routing.limits`).
+    limits: limits::Limits,
 }
 
 impl Inbox {
@@ -137,6 +140,7 @@ impl Inbox {
             names: Mutex::new(HashMap::new()),
             aliases: RwLock::new(HashMap::new()),
             pulled: Mutex::new(HashMap::new()),
+            limits: limits::Limits::new(&config.routing.limits),
             unresolved: Mutex::new(facts::config_aliases(&config)),
             config,
         })

@@ -13,6 +13,7 @@ use ruma::{OwnedRoomId, RoomId};
 use super::commands::{self, Command};
 use super::decode::{Encrypted, Membership, Message};
 use super::facts::Facts;
+use super::limits::Which;
 use super::{Answers, Inbox, Processed, answer, held};
 use crate::agents::{Delivery, Job, Submitted, Trigger, Turn, notices};
 use crate::config::{AgentId, ChannelId};
@@ -148,6 +149,34 @@ impl Inbox {
                 return held(self.send_pairing_code(agent, &turn.trigger()).await);
             }
             return Vec::new();
+        }
+        if command.is_none()
+            && !self.config.is_own_user(&message.sender)
+            && let Err(limited) = self.limits.take(
+                &message.sender,
+                message.room_id,
+                decision.targets.len(),
+                std::time::Instant::now(),
+            )
+        {
+            tracing::warn!(
+                room_id = %turn.room_id, sender = %turn.sender, event_id = %turn.event_id,
+                limit = ?limited.which, retry_after = ?limited.retry_after, "rate limited; not answered"
+            );
+            if !limited.first {
+                return Vec::new();
+            }
+            let (answers, per) = limited.rate;
+            let text = match limited.which {
+                Which::Sender => notices::sender_limited(answers, per, limited.retry_after),
+                Which::Room => notices::room_limited(answers, per, limited.retry_after),
+            };
+            let agent = &decision.targets[0];
+            return held(
+                self.runtime
+                    .notice(agent, &turn.trigger(), "limited", &text)
+                    .await,
+            );
         }
         let mut answers = Vec::new();
         for agent in decision

@@ -253,6 +253,8 @@ struct RoomSettings<'c> {
     listed: bool,
     require_mention: bool,
     auto_reply: bool,
+    /// Anyone here may broadcast.
+    broadcast: bool,
     agents: Option<&'c [AgentId]>,
 }
 
@@ -278,6 +280,8 @@ pub struct Router {
     /// Per candidate: listed in `routing.agent_to_agent.allow`.
     agent_to_agent: Vec<bool>,
     broadcast_trigger: String,
+    /// `routing.broadcast.allow_from`.
+    broadcast_from: Globs,
 }
 
 impl Router {
@@ -301,6 +305,7 @@ impl Router {
                 .collect(),
             default_channel: ChannelRules::new(ChannelPolicyConfig::default()),
             broadcast_trigger: config.routing.broadcast.trigger.trim().to_lowercase(),
+            broadcast_from: Globs::new(&config.routing.broadcast.allow_from),
             routing: config.routing.clone(),
             bot: config.sender_user_id(),
             candidates,
@@ -447,6 +452,7 @@ impl Router {
         }
 
         if routing.broadcast.enabled
+            && self.may_broadcast(message.sender, rules, settings.as_ref())
             && let Some(how) = self.broadcast_trigger(message, &lowered)
         {
             let everyone: Vec<usize> = (0..allowed.len()).filter(|&i| allowed[i]).collect();
@@ -573,6 +579,7 @@ impl Router {
             listed: own.is_some(),
             require_mention: pick(&|g| g.require_mention).unwrap_or(!auto_reply),
             auto_reply,
+            broadcast: pick(&|g| g.broadcast).unwrap_or(false),
             agents: own
                 .and_then(|g| g.agents.as_deref())
                 .or_else(|| star.and_then(|g| g.agents.as_deref())),
@@ -723,6 +730,20 @@ impl Router {
             })
             .collect();
         (patterned, "mention pattern")
+    }
+
+    /// Whether `sender` may make every agent here answer at once: the admins
+    /// (`allow_from`, `routing.broadcast.allow_from`) anywhere, anyone in a room that opts
+    /// in with `broadcast: true`. One `@all` costs a model call per agent.
+    fn may_broadcast(
+        &self,
+        sender: &UserId,
+        rules: &ChannelRules,
+        settings: Option<&RoomSettings<'_>>,
+    ) -> bool {
+        settings.is_some_and(|s| s.broadcast)
+            || rules.allow_from.matches(sender.as_str())
+            || self.broadcast_from.matches(sender.as_str())
     }
 
     fn broadcast_trigger(&self, message: &MessageFacts<'_>, lowered: &str) -> Option<&str> {

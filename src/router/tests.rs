@@ -59,6 +59,8 @@ routing:
       - { keywords: ["代码", "编程", "debug"], agent: coder }
       - { keywords: ["搜索", "调研", "查资料"], agent: researcher }
   context: { lookback: 5, idle_timeout: 10m }
+  # Alice (every case's default sender) is an admin and may broadcast.
+  broadcast: { allow_from: ["@alice:hs"] }
 "#;
 
 /// Milliseconds; "now" in every case.
@@ -391,6 +393,35 @@ channels: { matrix: { groups: { "!room:hs": { agents: [damon, researcher] } } } 
         Strategy::Broadcast,
     );
     check(&custom, &Case::group("@all hi"), &[], Strategy::Nobody);
+}
+
+#[test]
+fn only_admins_broadcast_unless_the_room_opts_in() {
+    let router = router_with("channels: { matrix: { allow_from: ['@ops:hs'] } }\n");
+    let everyone = &["damon", "coder", "researcher"];
+    // Bob is neither in routing.broadcast.allow_from nor in allow_from: his @all is an
+    // ordinary message, and so is a room mention.
+    let bob = Case::group("@all what do you think?").from("@bob:hs");
+    check(&router, &bob, &[], Strategy::Nobody);
+    let mut room_mention = Case::group("everyone").from("@bob:hs");
+    room_mention.mentions = Some(Mentions::with_room_mention());
+    check(&router, &room_mention, &[], Strategy::Nobody);
+    // Other strategies still apply to it.
+    check(
+        &router,
+        &Case::group("@all @coder what now?").from("@bob:hs"),
+        &["coder"],
+        Strategy::Mention,
+    );
+    // The channel's allow_from admits broadcasting too.
+    let ops = Case::group("@all hi")
+        .from("@ops:hs")
+        .with_member("@ops:hs");
+    check(&router, &ops, everyone, Strategy::Broadcast);
+    // A room that opts in lets anyone there broadcast.
+    let open =
+        router_with("channels: { matrix: { groups: { '!room:hs': { broadcast: true } } } }\n");
+    check(&open, &bob, everyone, Strategy::Broadcast);
 }
 
 #[test]

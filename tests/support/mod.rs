@@ -1048,6 +1048,40 @@ impl Human {
         }
     }
 
+    /// Waits until `user`'s membership of `room` is `membership` (`leave`, `join`, …) and
+    /// returns the member event's content (with the `reason`, if one was given).
+    pub async fn wait_membership(
+        &self,
+        room: &OwnedRoomId,
+        user: &OwnedUserId,
+        membership: &str,
+    ) -> Value {
+        let url = format!(
+            "{}/_matrix/client/v3/rooms/{room}/state/m.room.member/{user}",
+            synapse().url
+        );
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let content: Value = ::reqwest::Client::new()
+                .get(&url)
+                .bearer_auth(&self.access_token)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            if content["membership"] == membership {
+                return content;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{user}'s membership of {room} never became {membership}: {content}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Sends a plain-text message and returns its event ID.
     pub async fn send(&self, room: &OwnedRoomId, text: &str) -> OwnedEventId {
         self.send_content(room, RoomMessageEventContent::text_plain(text))
