@@ -4,7 +4,8 @@
 //! memory from a real sled store, the LLM hub, the OpenAI-compatible SSE client against a
 //! local stub that streams `DELTAS` chunks `PAUSE` apart, and the streamed reply (a
 //! message plus edits, typing) sent to a local sink that answers like a homeserver's
-//! `PUT /rooms/{id}/send` (no Synapse: this measures agentbus, not the homeserver).
+//! `PUT /rooms/{id}/send` (no Synapse: this measures agentbus, not the homeserver), and
+//! the room state an agent reads once per room before its first answer.
 //! Prints peak memory, memory per session, deltas per second and the time to finish.
 //!
 //! `cargo bench --bench sessions` (optionally `-- 2000` for another session count)
@@ -17,7 +18,7 @@ use agentbus::agents::{AgentRuntime, Job, Submitted, Turn};
 use agentbus::config::{AgentId, Config};
 use agentbus::llm::{LlmHub, build_providers};
 use agentbus::matrix::{MatrixClient, RetryPolicy};
-use axum::routing::{post, put};
+use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use ruma::{OwnedEventId, OwnedRoomId, OwnedUserId};
 use serde_json::{Value, json};
@@ -75,6 +76,21 @@ async fn homeserver(sink: Arc<Sink>) -> String {
                     Json(json!({}))
                 }
             }),
+        )
+        // What an agent asks once per room before its first answer (who reads it): the
+        // room has no history visibility set (`shared`) and nobody else in it.
+        .route(
+            "/_matrix/client/v3/rooms/{room}/state/m.room.history_visibility/",
+            get(|| async {
+                (
+                    axum::http::StatusCode::NOT_FOUND,
+                    Json(json!({ "errcode": "M_NOT_FOUND", "error": "no such state" })),
+                )
+            }),
+        )
+        .route(
+            "/_matrix/client/v3/rooms/{room}/members",
+            get(|| async { Json(json!({ "chunk": [] })) }),
         );
     serve(app).await
 }
@@ -179,6 +195,7 @@ agents:
         thread_root: None,
         hops: 1,
         group: false,
+        ts: agentbus::unix_ms(),
     };
     let damon = AgentId::parse("damon").unwrap();
     let ask = |turns: Vec<Turn>| {

@@ -120,6 +120,7 @@ fn turn(human: &Human, room: &OwnedRoomId, event_id: &OwnedEventId, body: &str) 
         thread_root: None,
         hops: 1,
         group: false,
+        ts: agentbus::unix_ms(),
     }
 }
 

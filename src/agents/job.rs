@@ -280,6 +280,7 @@ mod tests {
             thread_root: Some(ruma::owned_event_id!("$root")),
             hops: 1,
             group: false,
+            ts: 1_718_000_000_000,
         };
         let damon = AgentId::parse("damon").unwrap();
         let Job::Answer(job) = Job::reply(&damon, turn) else {

@@ -1,5 +1,10 @@
 //! Conversation memory: which session a message belongs to, how many tokens text costs
-//! (approximately, CJK-aware), and which stored lines fit a turn's budget.
+//! (approximately, CJK-aware), which stored lines the readers of a turn's answer may read
+//! ([`readable`], by [`super::audience`]), and which of those fit the turn's budget.
+//!
+//! A group room's session is shared: one agent's memory of everything said to it there,
+//! by everyone. That is why a line is shown again only to an answer all of whose readers
+//! may read the line in the room itself.
 
 use crate::config::{MemoryConfig, ModelConfig};
 use crate::llm::{ChatMessage, Role};
@@ -73,6 +78,31 @@ pub fn assemble(
     messages.extend(fit_history(stored, history_budget(memory, model, fixed)));
     messages.push(current);
     messages
+}
+
+/// The lines of `stored` whose time `may_read` allows. An answer is kept only with every
+/// question it answers (the lines since the previous answer): it may quote them.
+pub fn readable(stored: Vec<SessionEntry>, may_read: impl Fn(u64) -> bool) -> Vec<SessionEntry> {
+    let mut kept = Vec::with_capacity(stored.len());
+    let mut questions_kept = true;
+    for entry in stored {
+        let readable = may_read(entry.ts);
+        match entry.role {
+            SessionRole::User => {
+                questions_kept &= readable;
+                if readable {
+                    kept.push(entry);
+                }
+            }
+            SessionRole::Assistant => {
+                if readable && questions_kept {
+                    kept.push(entry);
+                }
+                questions_kept = true;
+            }
+        }
+    }
+    kept
 }
 
 /// The newest lines of `history` that fit `budget`, as chat messages, oldest first. The
@@ -200,6 +230,34 @@ mod tests {
             assemble("", &[], current(), &memory, &model),
             vec![current()]
         );
+    }
+
+    #[test]
+    fn only_readable_lines_are_kept_and_an_answer_only_with_its_questions() {
+        let at = |role, content: &str, ts| SessionEntry {
+            role,
+            content: content.into(),
+            ts,
+        };
+        use SessionRole::{Assistant, User};
+        let stored = vec![
+            at(User, "alice: the secret word is tangerine", 10),
+            // Posted after Bob joined, but it answers a line he may not read.
+            at(Assistant, "tangerine, noted", 25),
+            at(User, "alice: and the colour?", 15),
+            at(User, "bob: hello", 30),
+            at(Assistant, "orange; hi Bob", 31),
+            at(User, "bob: what is the word?", 40),
+            at(Assistant, "I cannot say", 41),
+        ];
+        let kept = readable(stored.clone(), |ts| ts >= 20);
+        let texts: Vec<&str> = kept.iter().map(|e| e.content.as_str()).collect();
+        assert_eq!(
+            texts,
+            ["bob: hello", "bob: what is the word?", "I cannot say"]
+        );
+        assert_eq!(readable(stored.clone(), |_| true), stored);
+        assert!(readable(stored, |_| false).is_empty());
     }
 
     #[test]

@@ -6,10 +6,13 @@
 //!   [`Outcome`] (text, events posted, usage, how it ended); a [`RunHandle`] cancels it.
 //! - [`session`]: one lane per session (agent + room + thread), queue or collect.
 //! - [`memory`]: the session's stored history, fitted to a token budget.
+//! - [`audience`]: who reads an answer, so a turn is given only what they all may read of
+//!   the room's history (its history visibility, each member's join).
 //! - [`stream`]: the answer as a message plus throttled edits.
 //! - [`tools`]: the built-in tools and the allow/deny policy.
 //! - [`notices`]: everything an agent says that is not a model's answer.
 
+pub mod audience;
 pub mod job;
 pub mod memory;
 pub mod notices;
@@ -119,6 +122,9 @@ pub struct Turn {
     pub hops: u32,
     /// Whether the room has more people than the sender and agents (names are prefixed).
     pub group: bool,
+    /// When the message was sent (`origin_server_ts`, unix ms): its line in memory is
+    /// shown to whoever may read it then.
+    pub ts: u64,
 }
 
 impl Turn {
@@ -242,6 +248,8 @@ pub struct AgentRuntime {
     store: Stores,
     hub: LlmHub,
     tools: tools::Tools,
+    /// Rooms' history visibility and members' times: what an answer may be built from.
+    audiences: audience::Audiences,
     lanes: Mutex<HashMap<SessionKey, mpsc::Sender<session::Queued>>>,
     /// The cancellation tokens of every queued or running job, by session.
     runs: Mutex<HashMap<SessionKey, Vec<(u64, CancellationToken)>>>,
@@ -270,6 +278,7 @@ impl AgentRuntime {
             store,
             hub,
             tools: tools::Tools::new(),
+            audiences: audience::Audiences::new(),
             lanes: Mutex::new(HashMap::new()),
             runs: Mutex::new(HashMap::new()),
             run_ids: AtomicU64::new(0),
@@ -277,6 +286,12 @@ impl AgentRuntime {
             stop,
             closing: CancellationToken::new(),
         })
+    }
+
+    /// What is known of rooms' history visibility and members, for the inbox to keep up
+    /// to date as their events arrive.
+    pub fn audiences(&self) -> &audience::Audiences {
+        &self.audiences
     }
 
     /// Shutdown has begun: lanes finish what they hold, then end.
@@ -545,8 +560,8 @@ impl AgentRuntime {
         })
     }
 
-    /// The prompt: system prompt, the session's remembered lines that fit the budget, and
-    /// these turns.
+    /// The prompt: system prompt, the session's remembered lines that `audience` may read
+    /// and that fit the budget, and these turns.
     async fn prompt(
         &self,
         agent: &AgentConfig,
@@ -554,6 +569,7 @@ impl AgentRuntime {
         session: &SessionKey,
         turns: &[Turn],
         images: Vec<Image>,
+        audience: &audience::Audience,
     ) -> Vec<ChatMessage> {
         let mut system = agent
             .system_prompt
@@ -576,6 +592,7 @@ impl AgentRuntime {
             tracing::warn!(agent = %agent.id, error = %e, "could not read the session; answering without memory");
             Vec::new()
         });
+        let stored = memory::readable(stored, |ts| audience.may_read(ts));
         memory::assemble(
             &system,
             &stored,
@@ -606,7 +623,19 @@ impl AgentRuntime {
             };
             images.push(image);
         }
-        let mut messages = self.prompt(agent, &chain[0], session, turns, images).await;
+        let askers: Vec<(&UserId, u64)> = turns.iter().map(|t| (&*t.sender, t.ts)).collect();
+        let audience = self
+            .audiences
+            .audience(
+                &self.matrix.intent(agent_user),
+                &last.room_id,
+                &askers,
+                |user| self.config.agent_by_user(user).is_some(),
+            )
+            .await;
+        let mut messages = self
+            .prompt(agent, &chain[0], session, turns, images, &audience)
+            .await;
         let scope = job.reason.scope();
         let mut answer = match posted_as(&job.destination) {
             None => Answer::Silent(String::new()),
@@ -645,6 +674,7 @@ impl AgentRuntime {
         let ctx = tools::ToolContext {
             history: self.store.history.as_ref(),
             room_id: &last.room_id,
+            audience: &audience,
         };
         let mut cut_off: Option<LlmError> = None;
         let mut cancelled = false;
@@ -808,7 +838,7 @@ impl AgentRuntime {
             .map(|t| SessionEntry {
                 role: SessionRole::User,
                 content: t.line(),
-                ts: now,
+                ts: t.ts,
             })
             .collect();
         lines.push(SessionEntry {

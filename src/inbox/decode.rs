@@ -9,7 +9,7 @@
 //! them at intake.
 //!
 //! The pieces are ruma's types (identifiers, [`Mentions`], [`InReplyTo`], [`RelationType`],
-//! [`ImageInfo`], [`MembershipState`], [`ReactionEventContent`], …). ruma's whole-content
+//! [`ImageInfo`], [`MembershipState`], [`HistoryVisibility`], [`ReactionEventContent`], …). ruma's whole-content
 //! types (`RoomMessageEventContent`, `AnySyncTimelineEvent`) are not used for the hot
 //! `m.room.message` path: each re-reads the JSON several times (a raw copy, then once for
 //! the relation, once for mentions, once for the msgtype, once for the variant) and fails
@@ -28,6 +28,7 @@ use ruma::events::TimelineEventType;
 use ruma::events::reaction::ReactionEventContent;
 use ruma::events::relation::{InReplyTo, RelationType};
 use ruma::events::room::ImageInfo;
+use ruma::events::room::history_visibility::HistoryVisibility;
 use ruma::events::room::member::MembershipState;
 use ruma::events::room::redaction::RoomRedactionEventContent;
 use ruma::{EventEncryptionAlgorithm, EventId, OwnedEventId, OwnedMxcUri, OwnedUserId, RoomId};
@@ -45,6 +46,8 @@ pub enum Inbound<'a> {
     Message(Box<Message<'a>>),
     /// `m.room.member`: someone joined, left or was invited.
     Membership(Membership),
+    /// `m.room.history_visibility`: who may read the room's history from now on.
+    HistoryVisibility(HistoryVisibilityChange),
     /// `m.reaction`: an annotation on another event.
     Reaction(Reaction),
     /// `m.room.redaction`: another event was removed.
@@ -145,6 +148,18 @@ pub struct Membership {
     pub membership: Option<MembershipState>,
     /// The invite's `is_direct` flag: the inviter means the room as a DM.
     pub is_direct: bool,
+    /// `origin_server_ts`, in milliseconds (0 if the event had none).
+    pub ts: u64,
+}
+
+/// An `m.room.history_visibility` state event (state key empty).
+#[derive(Debug)]
+pub struct HistoryVisibilityChange {
+    pub sender: OwnedUserId,
+    pub visibility: HistoryVisibility,
+    /// `origin_server_ts`, in milliseconds (0 if the event had none): the setting holds
+    /// for events from then on.
+    pub ts: u64,
 }
 
 /// An `m.reaction` event.
@@ -213,6 +228,17 @@ pub fn decode(event: &JournaledEvent) -> Result<Inbound<'_>, DecodeError> {
                 target: envelope.state_key.and_then(|key| key.parse().ok()),
                 membership: content.membership,
                 is_direct: content.is_direct == Some(true),
+                ts: envelope.origin_server_ts,
+            })
+        }
+        kind @ TimelineEventType::RoomHistoryVisibility
+            if envelope.state_key.as_deref() == Some("") =>
+        {
+            let content: HistoryVisibilityContent = read(kind, content)?;
+            Inbound::HistoryVisibility(HistoryVisibilityChange {
+                sender,
+                visibility: content.history_visibility,
+                ts: envelope.origin_server_ts,
             })
         }
         kind @ TimelineEventType::Reaction => {
@@ -340,6 +366,11 @@ struct MemberContent {
     membership: Option<MembershipState>,
     #[serde(default, deserialize_with = "lenient")]
     is_direct: Option<bool>,
+}
+
+#[derive(Deserialize)]
+struct HistoryVisibilityContent {
+    history_visibility: HistoryVisibility,
 }
 
 #[derive(Deserialize)]
@@ -695,9 +726,47 @@ mod tests {
                 assert_eq!(m.sender, "@alice:example.org");
                 assert_eq!(m.target, Some(owned_user_id!("@damon:example.org")));
                 assert_eq!(m.membership, Some(MembershipState::Invite));
+                assert_eq!(m.ts, 1_718_001_200_000);
             }
             other => panic!("expected a membership, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn a_history_visibility_change_names_the_setting_and_when() {
+        let event = journaled(
+            r#"{"type":"m.room.history_visibility","room_id":"!r:hs","event_id":"$e","sender":"@a:hs",
+                "state_key":"","origin_server_ts":1718001200000,"content":{"history_visibility":"joined"}}"#,
+        );
+        match decode(&event).unwrap() {
+            Inbound::HistoryVisibility(change) => {
+                assert_eq!(change.sender, "@a:hs");
+                assert_eq!(change.visibility, HistoryVisibility::Joined);
+                assert_eq!(change.ts, 1_718_001_200_000);
+            }
+            other => panic!("expected a history visibility change, got {other:?}"),
+        }
+        // A value the spec does not name is kept as it is (and read as `joined` later).
+        let custom = journaled(
+            r#"{"type":"m.room.history_visibility","room_id":"!r:hs","event_id":"$e","sender":"@a:hs",
+                "state_key":"","content":{"history_visibility":"org.example.members_only"}}"#,
+        );
+        assert!(matches!(
+            decode(&custom),
+            Ok(Inbound::HistoryVisibility(HistoryVisibilityChange { visibility, .. }))
+                if visibility.as_str() == "org.example.members_only"
+        ));
+        // With a state key it is no room setting; without a setting it cannot be read.
+        let keyed = journaled(
+            r#"{"type":"m.room.history_visibility","room_id":"!r:hs","event_id":"$e","sender":"@a:hs",
+                "state_key":"x","content":{"history_visibility":"shared"}}"#,
+        );
+        assert!(matches!(decode(&keyed), Ok(Inbound::Other { .. })));
+        let empty = journaled(
+            r#"{"type":"m.room.history_visibility","room_id":"!r:hs","event_id":"$e","sender":"@a:hs",
+                "state_key":"","content":{}}"#,
+        );
+        assert!(matches!(decode(&empty), Err(DecodeError::Content { .. })));
     }
 
     #[test]

@@ -556,6 +556,10 @@ impl Inbox {
                 self.on_member(&event.room_id, &member).await;
                 Vec::new()
             }
+            Inbound::HistoryVisibility(change) => {
+                self.on_history_visibility(&event.room_id, &change);
+                Vec::new()
+            }
             Inbound::Encrypted(encrypted) => held(
                 self.on_encrypted(&event.room_id, &event.event_id, &encrypted)
                     .await,

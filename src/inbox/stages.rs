@@ -4,14 +4,15 @@
 //! our own users' unless agents may talk to each other, not edits, not notices) →
 //! [`commands`](super::commands) → [`facts`](super::facts) → routing (pure) → recording
 //! (room history, loop guard) → agents (queue a job for each routed agent, or the pairing
-//! code). Memberships (join on invite) and encrypted messages (say we cannot read them)
-//! have a stage each.
+//! code). Memberships (join on invite; each member's time in the room), history
+//! visibility changes (what newcomers may read, see [`crate::agents::audience`]) and
+//! encrypted messages (say we cannot read them) have a stage each.
 
 use ruma::events::room::member::MembershipState;
 use ruma::{OwnedRoomId, RoomId};
 
 use super::commands::{self, Command};
-use super::decode::{Encrypted, Membership, Message};
+use super::decode::{Encrypted, HistoryVisibilityChange, Membership, Message};
 use super::facts::Facts;
 use super::limits::Which;
 use super::{Answers, Inbox, Processed, answer, held};
@@ -219,6 +220,7 @@ impl Inbox {
             image: message.image.clone(),
             thread_root: message.thread_root.clone(),
             hops: message.hops + 1,
+            ts: message.ts,
             group: facts
                 .room
                 .joined
@@ -260,15 +262,24 @@ impl Inbox {
             .await
     }
 
-    /// A membership change: the room's cached members are stale; an agent invited joins.
+    /// A membership change: the room's cached members are stale, the member's time in the
+    /// room (what they may read of its history) starts or ends; an agent invited joins.
     pub(super) async fn on_member(&self, room_id: &RoomId, member: &Membership) {
         self.forget_members(room_id);
         let Some(target) = &member.target else {
             return;
         };
+        let audiences = self.runtime.audiences();
         let Some(agent) = self.config.agent_by_user(target) else {
+            if let Some(membership) = &member.membership {
+                audiences.record_member(room_id, target, membership, member.ts);
+            }
             return;
         };
+        if member.membership == Some(MembershipState::Join) {
+            // What happened while none of our agents was here never arrived: ask again.
+            audiences.forget(room_id);
+        }
         if matches!(
             member.membership,
             Some(MembershipState::Leave | MembershipState::Ban)
@@ -349,6 +360,14 @@ impl Inbox {
         {
             tracing::error!(agent = %agent, room_id = %room_id, error = %e, "could not decline the invite");
         }
+    }
+
+    /// The room's history visibility changed: lines from now on are read under it.
+    pub(super) fn on_history_visibility(&self, room_id: &RoomId, change: &HistoryVisibilityChange) {
+        tracing::info!(room_id = %room_id, sender = %change.sender, visibility = %change.visibility, "history visibility changed");
+        self.runtime
+            .audiences()
+            .record_visibility(room_id, change.visibility.clone(), change.ts);
     }
 
     /// An encrypted message cannot be read; the room's first agent says so rather than

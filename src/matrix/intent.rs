@@ -9,7 +9,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ruma::api::client::{account, membership, message, profile, room, typing};
-use ruma::events::MessageLikeEventType;
+use ruma::events::room::history_visibility::HistoryVisibility;
+use ruma::events::room::member::MembershipState;
+use ruma::events::{MessageLikeEventType, StateEventType};
 use ruma::serde::Raw;
 use ruma::{
     EventId, MxcUri, OwnedEventId, OwnedMxcUri, OwnedUserId, RoomId, TransactionId, UserId,
@@ -20,6 +22,14 @@ use tokio_util::sync::CancellationToken;
 use super::client::MatrixClient;
 use super::error::{MatrixError, Undelivered};
 use super::retry::until_delivered;
+
+/// A piece of room state, and since when it holds (`origin_server_ts` of the event that
+/// set it; `None` when the homeserver did not say).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StateSince<T> {
+    pub value: T,
+    pub since: Option<u64>,
+}
 
 /// [`MatrixClient`] acting as one of our users; made by [`MatrixClient::intent`].
 #[derive(Clone)]
@@ -154,6 +164,101 @@ impl Intent {
             .joined
             .into_iter()
             .map(|(id, member)| (id, member.display_name))
+            .collect())
+    }
+
+    /// The room's `m.room.history_visibility` state (`GET /rooms/{roomId}/state/
+    /// m.room.history_visibility/?format=event`): the setting and, when the homeserver
+    /// returns the whole event, when it was set (`origin_server_ts`). `None` when the room
+    /// has none (`M_NOT_FOUND`), which the spec reads as `shared`.
+    pub async fn history_visibility(
+        &self,
+        room_id: &RoomId,
+    ) -> Result<Option<StateSince<HistoryVisibility>>, MatrixError> {
+        use ruma::api::client::state::get_state_event_for_key::v3::{Request, StateEventFormat};
+        #[derive(Deserialize)]
+        struct Content {
+            history_visibility: HistoryVisibility,
+        }
+        /// The whole event, or (from a homeserver that ignores `format`) its content.
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum EventOrContent {
+            Event {
+                origin_server_ts: u64,
+                content: Content,
+            },
+            Content(Content),
+        }
+        let mut request = Request::new(
+            room_id.to_owned(),
+            StateEventType::RoomHistoryVisibility,
+            String::new(),
+        );
+        request.format = StateEventFormat::Event;
+        let response = match self.client.send(request, Some(&self.user)).await {
+            Err(e) if e.errcode() == Some("M_NOT_FOUND") => return Ok(None),
+            other => self.noting(room_id, other)?,
+        };
+        let (since, content) = match serde_json::from_str(response.event_or_content.get()) {
+            Ok(EventOrContent::Event {
+                origin_server_ts,
+                content,
+            }) => (Some(origin_server_ts), content),
+            Ok(EventOrContent::Content(content)) => (None, content),
+            Err(e) => {
+                return Err(MatrixError::Permanent {
+                    status: 200,
+                    errcode: "M_BAD_JSON".to_owned(),
+                    message: format!("unreadable m.room.history_visibility in {room_id}: {e}"),
+                });
+            }
+        };
+        Ok(Some(StateSince {
+            value: content.history_visibility,
+            since,
+        }))
+    }
+
+    /// Everyone invited to or joined in `room_id`, each with the `origin_server_ts` of
+    /// their current membership event (`GET /rooms/{roomId}/members`; the user must be
+    /// in the room). A joined member's event may be a later profile change, so `since`
+    /// is never earlier than their join.
+    pub async fn present_members(
+        &self,
+        room_id: &RoomId,
+    ) -> Result<Vec<(OwnedUserId, StateSince<MembershipState>)>, MatrixError> {
+        #[derive(Deserialize)]
+        struct Member {
+            state_key: OwnedUserId,
+            origin_server_ts: u64,
+            content: MemberContent,
+        }
+        #[derive(Deserialize)]
+        struct MemberContent {
+            membership: MembershipState,
+        }
+        let request = membership::get_member_events::v3::Request::new(room_id.to_owned());
+        let response = self.client.send(request, Some(&self.user)).await;
+        let chunk = self.noting(room_id, response)?.chunk;
+        Ok(chunk
+            .iter()
+            .filter_map(|raw| raw.deserialize_as_unchecked::<Member>().ok())
+            .filter(|m| {
+                matches!(
+                    m.content.membership,
+                    MembershipState::Join | MembershipState::Invite
+                )
+            })
+            .map(|m| {
+                (
+                    m.state_key,
+                    StateSince {
+                        value: m.content.membership,
+                        since: Some(m.origin_server_ts),
+                    },
+                )
+            })
             .collect())
     }
 
@@ -368,6 +473,85 @@ mod tests {
             .await
             .unwrap_err();
         assert!(matches!(error, MatrixError::Network(_)), "{error}");
+    }
+
+    #[tokio::test]
+    async fn the_history_visibility_is_read_with_its_time_or_without_or_as_unset() {
+        let (url, seen) = homeserver(vec![
+            (
+                200,
+                r#"{"type":"m.room.history_visibility","state_key":"","sender":"@a:hs","event_id":"$v",
+                    "origin_server_ts":1718000000000,"content":{"history_visibility":"joined"}}"#,
+            ),
+            (200, r#"{"history_visibility":"invited"}"#),
+            (404, r#"{"errcode":"M_NOT_FOUND","error":"no such state"}"#),
+        ])
+        .await;
+        let client = MatrixClient::new(&url, "as-token", fast_retries());
+        let damon = client.intent(user_id!("@damon:hs"));
+        let room = room_id!("!room:hs");
+        let event = damon.history_visibility(room).await.unwrap();
+        assert_eq!(
+            event,
+            Some(StateSince {
+                value: HistoryVisibility::Joined,
+                since: Some(1_718_000_000_000)
+            })
+        );
+        let content_only = damon.history_visibility(room).await.unwrap();
+        assert_eq!(
+            content_only,
+            Some(StateSince {
+                value: HistoryVisibility::Invited,
+                since: None
+            })
+        );
+        assert_eq!(damon.history_visibility(room).await.unwrap(), None);
+        assert_eq!(
+            seen.lock().unwrap()[0],
+            "GET /_matrix/client/v3/rooms/!room:hs/state/m.room.history_visibility/?format=event&user_id=%40damon%3Ahs"
+        );
+    }
+
+    #[tokio::test]
+    async fn present_members_are_the_joined_and_invited_with_their_event_times() {
+        let (url, seen) = homeserver(vec![(
+            200,
+            r#"{"chunk":[
+                {"type":"m.room.member","state_key":"@alice:hs","sender":"@alice:hs","event_id":"$a","origin_server_ts":10,"content":{"membership":"join"}},
+                {"type":"m.room.member","state_key":"@bob:hs","sender":"@alice:hs","event_id":"$b","origin_server_ts":20,"content":{"membership":"invite"}},
+                {"type":"m.room.member","state_key":"@eve:hs","sender":"@eve:hs","event_id":"$e","origin_server_ts":30,"content":{"membership":"leave"}},
+                {"type":"m.room.member","state_key":"@mallory:hs","sender":"@alice:hs","event_id":"$m","origin_server_ts":40,"content":{"membership":"ban"}}
+            ]}"#,
+        )])
+        .await;
+        let client = MatrixClient::new(&url, "as-token", fast_retries());
+        let members = client
+            .intent(user_id!("@damon:hs"))
+            .present_members(room_id!("!room:hs"))
+            .await
+            .unwrap();
+        let since = |value, at| StateSince {
+            value,
+            since: Some(at),
+        };
+        assert_eq!(
+            members,
+            [
+                (
+                    user_id!("@alice:hs").to_owned(),
+                    since(MembershipState::Join, 10)
+                ),
+                (
+                    user_id!("@bob:hs").to_owned(),
+                    since(MembershipState::Invite, 20)
+                ),
+            ]
+        );
+        assert_eq!(
+            *seen.lock().unwrap(),
+            ["GET /_matrix/client/v3/rooms/!room:hs/members?user_id=%40damon%3Ahs"]
+        );
     }
 
     #[tokio::test]

@@ -8,7 +8,7 @@
 //! - `client.rs` — [`MatrixClient`], the transport and what the appservice asks as itself
 //!   (versions, whoami, ping, aliases).
 //! - `intent.rs` — [`Intent`], the client acting as one user: register, join, profile,
-//!   send, typing, members, media. `client.intent(&user)` makes one.
+//!   send, typing, members, history visibility, media. `client.intent(&user)` makes one.
 //! - `retry.rs` — [`RetryPolicy`], and the until-delivered loop that waits out an outage.
 //! - `error.rs` — [`MatrixError`] and [`Undelivered`]: how a request failed.
 //! - [`keys`] — our protocol content keys (`io.agentbus.*`).
@@ -21,5 +21,5 @@ mod retry;
 
 pub use client::{MatrixClient, PathInput};
 pub use error::{MatrixError, Undelivered, classify_error};
-pub use intent::Intent;
+pub use intent::{Intent, StateSince};
 pub use retry::{RetryPolicy, UNREACHABLE_RETRY};

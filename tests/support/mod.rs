@@ -635,6 +635,10 @@ pub enum LlmMode {
     /// Offered tools and asked by a person: call `search_room_history` with the person's
     /// text; given a tool result: answer `[<model>] tool said: <result>`.
     Tools,
+    /// Like `Tools`, searching for these words (up to 50 matches) instead of the person's
+    /// text (in a group room that text starts with the person's name, which no earlier
+    /// line contains).
+    Search(&'static str),
     /// Answer HTTP 500 with an OpenAI-style error body.
     Fail,
     /// Never answer (until the mode changes).
@@ -775,13 +779,16 @@ impl LlmStub {
                 }
                 LlmMode::Answer => return sse_text(&model, &answer, Duration::ZERO),
                 LlmMode::Slow => return sse_text(&model, &answer, Duration::from_millis(400)),
-                LlmMode::Tools if last["role"] == "tool" => {
+                LlmMode::Tools | LlmMode::Search(_) if last["role"] == "tool" => {
                     let text = format!("[{model}] tool said: {}", content_text(&last));
                     return sse_text(&model, &text, Duration::ZERO);
                 }
-                LlmMode::Tools => {
-                    let query = content_text(&last);
-                    let arguments = json!({"query": query}).to_string();
+                LlmMode::Tools | LlmMode::Search(_) => {
+                    let arguments = match mode {
+                        LlmMode::Search(words) => json!({"query": words, "limit": 50}),
+                        _ => json!({"query": content_text(&last)}),
+                    }
+                    .to_string();
                     let (head, rest) = arguments.split_at(arguments.len() / 2);
                     let call = |delta: Value| chunk(&model, json!({"tool_calls": [delta]}), None);
                     let lines = vec![

@@ -1,4 +1,7 @@
-//! `search_room_history`: the room's recent lines that contain all the given words.
+//! `search_room_history`: the room's recent lines that contain all the given words — of
+//! those every reader of the answer may read in the room (see
+//! [`audience`](crate::agents::audience)): a newcomer to a room whose history visibility
+//! is `joined` does not learn through the agent what was said before they joined.
 
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -59,19 +62,31 @@ pub(super) async fn search_room_history(ctx: &ToolContext<'_>, args: &SearchArgs
         Ok(history) => history,
         Err(e) => return ToolOutcome::error(format!("could not read this room's history: {e}")),
     };
-    let matches: Vec<&HistoryEntry> = history
+    let readable: Vec<&HistoryEntry> = history
+        .iter()
+        .filter(|entry| ctx.audience.may_read(entry.ts))
+        .collect();
+    let hidden = readable.len() < history.len();
+    let matches: Vec<&HistoryEntry> = readable
         .iter()
         .rev()
+        .copied()
         .filter(|entry| {
             let body = entry.body.to_lowercase();
             words.iter().all(|word| body.contains(word.as_str()))
         })
         .collect();
+    // Says that lines were left out, never how many or which.
+    let note = if hidden {
+        "\n(Messages that not everyone here may read — sent before someone joined, under the room's history visibility — were not searched.)"
+    } else {
+        ""
+    };
     if matches.is_empty() {
         return ToolOutcome::ok(format!(
-            "no matches for {:?} in the last {} messages of this room",
+            "no matches for {:?} in the last {} messages of this room{note}",
             args.query,
-            history.len()
+            readable.len()
         ));
     }
     let mut text = if matches.len() > limit {
@@ -89,6 +104,7 @@ pub(super) async fn search_room_history(ctx: &ToolContext<'_>, args: &SearchArgs
             if cut { "…" } else { "" }
         ));
     }
+    text.push_str(note);
     ToolOutcome::ok(text)
 }
 
@@ -173,6 +189,59 @@ mod tests {
 
         let empty = search(json!({ "query": "  " })).await;
         assert!(!empty.ok);
+    }
+
+    #[tokio::test]
+    async fn history_search_leaves_out_what_a_reader_of_the_answer_may_not_read() {
+        use ruma::events::room::history_visibility::HistoryVisibility;
+
+        use crate::agents::audience::{Audience, Since};
+
+        let mut room = Room::new();
+        room.say(1, "@alice:hs", "the secret word is tangerine")
+            .await;
+        room.say(3, "@bob:hs", "what is the secret word?").await;
+        // Bob joined between the two lines, in a room whose history is `joined`.
+        let bob_joined = 1_700_000_000_000 + 2 * 60_000;
+        room.audience = Audience::new(
+            vec![(0, HistoryVisibility::Joined)],
+            vec![
+                Since {
+                    invited: None,
+                    joined: Some(0),
+                },
+                Since {
+                    invited: None,
+                    joined: Some(bob_joined),
+                },
+            ],
+        );
+        let tools = Tools::new();
+        let search = |query: &str| {
+            let call = tool_call(
+                "search_room_history",
+                &json!({ "query": query }).to_string(),
+            );
+            let ctx = room.ctx();
+            let tools = tools.clone();
+            async move { tools.call(&ToolsConfig::default(), &ctx, &call).await }
+        };
+        let found = search("secret").await;
+        assert_eq!(
+            found.text,
+            "1 matches, newest first:\n\
+             [2023-11-14T22:16:20Z] @bob:hs: what is the secret word?\n\
+             (Messages that not everyone here may read — sent before someone joined, under the room's history visibility — were not searched.)"
+        );
+        let none = search("tangerine").await;
+        assert!(none.ok);
+        assert!(
+            none.text
+                .starts_with("no matches for \"tangerine\" in the last 1 messages"),
+            "{}",
+            none.text
+        );
+        assert!(!none.text.contains("secret word is"), "{}", none.text);
     }
 
     #[test]

@@ -17,15 +17,18 @@ use ruma::RoomId;
 use serde::de::DeserializeOwned;
 use wildmatch::WildMatch;
 
+use super::audience::Audience;
 use crate::config::{BUILTIN_TOOLS, ToolsConfig};
 use crate::llm::{ToolCall, ToolSpec};
 use crate::net::guard::AddressGuard;
 use crate::store::HistoryStore;
 
-/// What a tool may look at: the room's history and the room the agent is answering in.
+/// What a tool may look at: the room's history, the room the agent is answering in, and
+/// who will read the answer (a tool shows only what they all may read of the room).
 pub struct ToolContext<'a> {
     pub history: &'a dyn HistoryStore,
     pub room_id: &'a RoomId,
+    pub audience: &'a Audience,
 }
 
 /// The result of one call, as text for the model.
@@ -279,6 +282,7 @@ mod tests {
         _dir: tempfile::TempDir,
         pub(super) store: Stores,
         pub(super) room_id: OwnedRoomId,
+        pub(super) audience: Audience,
     }
 
     impl Room {
@@ -293,6 +297,7 @@ mod tests {
                 _dir: dir,
                 store,
                 room_id: owned_room_id!("!room:hs"),
+                audience: Audience::unrestricted(),
             }
         }
 
@@ -316,6 +321,7 @@ mod tests {
             ToolContext {
                 history: self.store.history.as_ref(),
                 room_id: &self.room_id,
+                audience: &self.audience,
             }
         }
     }
