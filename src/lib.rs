@@ -12,7 +12,8 @@
 //!   pairing; the feed to the inbox ([`store::feed`]). [`store::open`] builds the backend
 //!   `store.backend` names: fjall (default) or sled, embedded, through
 //!   [`store::embedded`]; `lease.rs` the partitions, `fjall.rs` / `sled.rs` the engines,
-//!   `log.rs` fjall's journal (an append-only segment log with the dedupe window).
+//!   `log.rs` fjall's journal (an append-only segment log with the dedupe window),
+//!   [`store::private`] the data directory's modes (0700 / 0600, umask 077).
 //! - [`inbox`] — per-room ordered workers over the journal: replay first, then what the
 //!   feed brings; each event decoded once into a typed value, then the stages in order:
 //!   the bridges' relay hook, commands (`!reset`), the room's facts (members, aliases,
@@ -26,7 +27,8 @@
 //!   ([`agents::tools`]), one file per tool. A run takes a job (`agents::Job`: session,
 //!   inputs, why it runs, where the answer goes) and returns an `agents::Outcome` (text,
 //!   event IDs, usage, how it ended); its `agents::RunHandle` cancels it.
-//! - [`llm`] — streaming model providers behind one trait and the hub above them.
+//! - [`llm`] — streaming model providers behind one trait and the hub above them; the API
+//!   key redacted from every error ([`llm::redact`]).
 //! - [`matrix`] — the outbound client-server API as any of our users (an
 //!   [`matrix::Intent`] each), with retries, and our protocol keys ([`matrix::keys`]).
 //! - [`render`] — Markdown → Matrix HTML, and answers split to fit events.

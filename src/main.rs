@@ -8,7 +8,7 @@ use agentbus::appservice::registration::{self, Registration};
 use agentbus::cli::admin;
 use agentbus::cli::say::{SayRequest, say};
 use agentbus::config::{ChannelId, Config};
-use agentbus::ops::checks::{CheckFailure, EXIT_CONFIG, EXIT_LOCAL_SETUP};
+use agentbus::ops::checks::{self, CheckFailure, EXIT_CONFIG, EXIT_LOCAL_SETUP};
 use agentbus::router::explain::RouteQuery;
 use agentbus::server::{Services, serve};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -139,6 +139,10 @@ enum PairingCommand {
 }
 
 fn main() -> ExitCode {
+    // First, before any thread or file exists: everything agentbus creates from here on
+    // — the data directory, the store's files (also those fjall and sled create
+    // themselves), the tokens file — is its user's alone, whatever umask it was started with.
+    agentbus::store::private::restrict_umask();
     let cli = Cli::parse();
     let default_filter = match cli.command {
         Command::Say { .. } | Command::Route { .. } | Command::Pairing { .. } => "warn",
@@ -178,7 +182,11 @@ async fn run(cli: Cli) -> Result<(), CheckFailure> {
             raise_open_files_limit();
             let listener = bind(&config).await?;
             tracing::info!(address = %config.appservice.bind, "appservice API listening");
+            let data_dir = config.store.path.clone();
             let services = Services::build(config)?;
+            if let Some(warning) = checks::data_dir_warning(&data_dir) {
+                tracing::warn!(path = %data_dir.display(), "{warning}");
+            }
             let shutdown = CancellationToken::new();
             tokio::spawn(cancel_on_signal(shutdown.clone()));
             serve(services, listener, shutdown).await

@@ -250,7 +250,7 @@ async fn an_outage_ends_in_one_clear_notice() {
     assert_eq!(notice.content["msgtype"], "m.notice");
     assert_eq!(
         notice.body(),
-        "⚠️ Damon could not answer: stub/damon-model: the model provider returned HTTP 500: the stub model is down"
+        "⚠️ Damon could not answer: stub/damon-model: the model provider answered 500 Internal Server Error (the provider failed)."
     );
     // `llm.retries: 1` in the test config: two tries, then the notice.
     assert_eq!(llm.requests().len(), 2);

@@ -39,8 +39,9 @@ async fn check_passes_against_the_real_homeserver_and_names_each_failure() {
         .lines()
         .map(|l| l.split(' ').next().unwrap())
         .collect();
-    assert_eq!(marks, ["✓", "✓", "✓", "✓"], "{stdout}");
+    assert_eq!(marks, ["✓", "✓", "✓", "✓", "✓"], "{stdout}");
     assert!(stdout.contains("homeserver reached agentbus"), "{stdout}");
+    assert!(stdout.contains("is private to agentbus's user"), "{stdout}");
 
     let original = std::fs::read_to_string(&config_path).unwrap();
     let run_with = |edited: String| {

@@ -276,7 +276,7 @@ async fn a_failing_provider_leaves_a_clear_notice_in_the_room() {
     assert_eq!(notice.content["msgtype"], "m.notice");
     assert_eq!(
         notice.body(),
-        "⚠️ Coder could not answer: stub/coder-model: the model provider returned HTTP 500: the stub model is down"
+        "⚠️ Coder could not answer: stub/coder-model: the model provider answered 500 Internal Server Error (the provider failed)."
     );
 }
 

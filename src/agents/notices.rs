@@ -1,7 +1,9 @@
 //! Everything an agent says that is not a model's answer: the notices sent as `m.notice`
 //! replies when it is busy, does not know the sender, cannot read the message, could not
-//! answer or was stopped, and the line that ends a stopped answer. One place, so the wording stays consistent and each notice names the
-//! thing (agent, model, image) and what the person can do next.
+//! answer or was stopped, and the line that ends a stopped answer. One place, so the
+//! wording stays consistent and each notice names the thing (agent, model, image) and what
+//! the person can do next. A failed model call is told by its status and a short
+//! [`cause`], never in the provider's words: those stay in the log.
 
 use std::fmt::Display;
 use std::time::Duration;
@@ -100,7 +102,8 @@ pub fn image_download_failed(agent: &AgentConfig, name: &str, error: &dyn Displa
     )
 }
 
-/// No model of the agent's chain answered the turn.
+/// No model of the agent's chain answered the turn: each model tried with the short
+/// [`cause`] of its failure (the provider's own words stay in the log).
 pub fn no_model_answered(agent: &AgentConfig, failure: &Failure) -> String {
     if !failure.attempts.is_empty()
         && failure
@@ -113,12 +116,31 @@ pub fn no_model_answered(agent: &AgentConfig, failure: &Failure) -> String {
             agent.display_name()
         );
     }
-    format!("⚠️ {} could not answer: {failure}", agent.display_name())
+    if failure.attempts.is_empty() {
+        return format!(
+            "⚠️ {} could not answer: no model of its chain has a configured provider.",
+            agent.display_name()
+        );
+    }
+    let causes: Vec<String> = failure
+        .attempts
+        .iter()
+        .map(|a| format!("{}: {}", a.model, cause(&a.error)))
+        .collect();
+    format!(
+        "⚠️ {} could not answer: {}.",
+        agent.display_name(),
+        causes.join("; then ")
+    )
 }
 
 /// The answer broke off before any text arrived.
 pub fn broke_off(agent: &AgentConfig, error: &LlmError) -> String {
-    format!("⚠️ {} could not answer: {error}", agent.display_name())
+    format!(
+        "⚠️ {} could not answer: {}.",
+        agent.display_name(),
+        cause(error)
+    )
 }
 
 /// The model answered with nothing.
@@ -131,7 +153,81 @@ pub fn empty_answer(agent: &AgentConfig) -> String {
 
 /// The answer broke off after part of it was posted.
 pub fn cut_off(agent: &AgentConfig, error: &LlmError) -> String {
-    format!("⚠️ {}'s answer was cut off: {error}", agent.display_name())
+    format!(
+        "⚠️ {}'s answer was cut off: {}.",
+        agent.display_name(),
+        cause(error)
+    )
+}
+
+/// What a failed model call says in a room: the HTTP status and a short cause, never the
+/// provider's error body (it can quote the request, the key or internals; the log keeps it,
+/// redacted).
+pub fn cause(error: &LlmError) -> String {
+    match error {
+        LlmError::Timeout(wait) => format!(
+            "the model did not answer within {}",
+            humantime::format_duration(*wait)
+        ),
+        LlmError::Stalled(wait) => format!(
+            "the model stopped sending for {} in the middle of its answer",
+            humantime::format_duration(*wait)
+        ),
+        LlmError::Http {
+            status, message, ..
+        } => {
+            let code = http::StatusCode::from_u16(*status).ok();
+            let status_line = match code.and_then(|c| c.canonical_reason()) {
+                Some(reason) => format!("{status} {reason}"),
+                None => status.to_string(),
+            };
+            format!(
+                "the model provider answered {status_line} ({})",
+                http_cause(*status, message)
+            )
+        }
+        LlmError::Network(_) => "the model provider could not be reached".to_owned(),
+        LlmError::BadResponse(_) => {
+            "the model provider sent an answer agentbus could not read".to_owned()
+        }
+        LlmError::WarmingUp => "the model is still warming up".to_owned(),
+    }
+}
+
+/// A few words for what a refusal with `status` means, from the status and from whether
+/// the provider's `message` says the conversation was too long (the one cause a person can
+/// act on that the status does not tell). `message` is only looked at, never quoted.
+fn http_cause(status: u16, message: &str) -> &'static str {
+    if status == 413 || says_too_long(message) {
+        return "refused: the conversation is too long for the model";
+    }
+    match status {
+        401 => "refused: the API key was not accepted",
+        403 => "refused: not allowed",
+        404 => "the model or its endpoint was not found",
+        408 | 504 => "timed out",
+        429 => "rate limited; try again in a little while",
+        529 => "overloaded; try again in a little while",
+        500..=599 => "the provider failed",
+        _ => "refused the request",
+    }
+}
+
+/// Whether a provider's error text says the input did not fit the model's context.
+fn says_too_long(message: &str) -> bool {
+    let message = message.to_lowercase();
+    [
+        "context length",
+        "context_length",
+        "context window",
+        "maximum context",
+        "prompt is too long",
+        "too many tokens",
+        "input is too long",
+        "exceeds the context",
+    ]
+    .iter()
+    .any(|phrase| message.contains(phrase))
 }
 
 /// The last line of an answer that was stopped (cancelled) while it streamed.
@@ -196,7 +292,7 @@ agents: [ { id: damon, display_name: Damon, provider: echo, queue_limit: 3 } ]
         let agent = agent();
         assert_eq!(
             cut_off(&agent, &LlmError::WarmingUp),
-            format!("⚠️ Damon's answer was cut off: {}", LlmError::WarmingUp)
+            "⚠️ Damon's answer was cut off: the model is still warming up."
         );
         assert_eq!(
             empty_answer(&agent),
@@ -216,6 +312,101 @@ agents: [ { id: damon, display_name: Damon, provider: echo, queue_limit: 3 } ]
         assert!(
             image_too_big(&agent, "cat.png", 10 * 1024 * 1024)
                 .contains("cat.png is larger than the 10 MB Damon")
+        );
+    }
+
+    fn http(status: u16, message: &str) -> LlmError {
+        LlmError::Http {
+            status,
+            message: message.to_owned(),
+            retry_after: None,
+        }
+    }
+
+    fn failed(attempts: &[(&str, LlmError)]) -> Failure {
+        Failure {
+            attempts: attempts
+                .iter()
+                .map(|(model, error)| crate::llm::Attempt {
+                    model: ModelRef::parse(model).unwrap(),
+                    error: error.clone(),
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn a_refusal_says_its_status_and_cause_but_not_the_providers_words() {
+        let agent = agent();
+        let failure = failed(&[(
+            "openai/gpt",
+            http(
+                401,
+                "Incorrect API key provided: SK-LIVE-0123. You can find your key at …",
+            ),
+        )]);
+        assert_eq!(
+            no_model_answered(&agent, &failure),
+            "⚠️ Damon could not answer: openai/gpt: the model provider answered 401 Unauthorized (refused: the API key was not accepted)."
+        );
+    }
+
+    #[test]
+    fn each_model_of_the_chain_gets_its_cause() {
+        let failure = failed(&[
+            ("main/big", http(429, "slow down, org-123")),
+            (
+                "backup/small",
+                LlmError::Network("tcp connect error 10.0.0.7:443".into()),
+            ),
+        ]);
+        assert_eq!(
+            no_model_answered(&agent(), &failure),
+            "⚠️ Damon could not answer: main/big: the model provider answered 429 Too Many Requests \
+             (rate limited; try again in a little while); then backup/small: the model provider could not be reached."
+        );
+        assert_eq!(
+            no_model_answered(&agent(), &failed(&[])),
+            "⚠️ Damon could not answer: no model of its chain has a configured provider."
+        );
+    }
+
+    #[test]
+    fn a_context_overflow_is_named_whatever_the_status() {
+        let error = http(
+            400,
+            "This model's maximum context length is 4096 tokens. However, you requested 60233 tokens.",
+        );
+        assert_eq!(
+            cause(&error),
+            "the model provider answered 400 Bad Request (refused: the conversation is too long for the model)"
+        );
+        assert_eq!(
+            cause(&http(413, "")),
+            "the model provider answered 413 Payload Too Large (refused: the conversation is too long for the model)"
+        );
+    }
+
+    #[test]
+    fn timeouts_and_unreadable_answers_say_so_without_detail() {
+        let agent = agent();
+        assert_eq!(
+            broke_off(&agent, &LlmError::Timeout(Duration::from_secs(30))),
+            "⚠️ Damon could not answer: the model did not answer within 30s."
+        );
+        assert_eq!(
+            cut_off(&agent, &LlmError::Stalled(Duration::from_secs(90))),
+            "⚠️ Damon's answer was cut off: the model stopped sending for 1m 30s in the middle of its answer."
+        );
+        assert_eq!(
+            cause(&LlmError::BadResponse(
+                "a stream chunk is not the JSON we expect (secret)".into()
+            )),
+            "the model provider sent an answer agentbus could not read"
+        );
+        assert_eq!(
+            cause(&http(529, "Overloaded")),
+            "the model provider answered 529 (overloaded; try again in a little while)"
         );
     }
 }

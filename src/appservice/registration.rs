@@ -12,6 +12,7 @@ use rand::Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
+use crate::store;
 
 /// The appservice registration YAML ([spec](https://spec.matrix.org/v1.18/application-service-api/#registration)).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -151,20 +152,23 @@ pub fn generate_token() -> String {
     hex::encode(bytes)
 }
 
-/// Writes `bytes` to `path` readable by the owner only, creating parent directories.
+/// Writes `bytes` to `path` readable by the owner only, creating missing parent
+/// directories 0700 (the data directory, for the tokens file).
 pub fn write_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
     use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent)?;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        store::private::create_dir(parent)?;
     }
     let tmp = path.with_extension("tmp");
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
-        .mode(0o600)
+        .mode(store::private::FILE_MODE)
         .open(&tmp)?;
+    // A leftover temporary file from a crash keeps its mode through O_CREAT.
+    file.set_permissions(std::fs::Permissions::from_mode(store::private::FILE_MODE))?;
     file.write_all(bytes)?;
     file.sync_all()?;
     std::fs::rename(&tmp, path)
@@ -264,5 +268,18 @@ agents: [ { id: damon, provider: echo }, { id: code.r, provider: echo } ]
             third.appservice.as_token.as_deref(),
             Some(as_token.as_str())
         );
+    }
+
+    #[test]
+    fn the_tokens_file_creates_a_private_data_directory() {
+        use std::os::unix::fs::PermissionsExt;
+        let root = tempfile::tempdir().unwrap();
+        let data = root.path().join("var/data");
+        let mut config = config(&data);
+        ensure_tokens(&mut config).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&data), 0o700);
+        assert_eq!(mode(&root.path().join("var")), 0o700);
+        assert_eq!(mode(&tokens_path(&config)), 0o600);
     }
 }

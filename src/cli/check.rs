@@ -1,4 +1,5 @@
-//! `agentbus check`: the config, then the homeserver checks, without serving.
+//! `agentbus check`: the config, the data directory's permissions, then the homeserver
+//! checks, without serving.
 
 use tokio_util::sync::CancellationToken;
 
@@ -52,6 +53,8 @@ pub async fn check(config: Config) -> Result<(), CheckFailure> {
                 ));
             }
         };
+    // After the store opened (it creates a missing data directory), before the homeserver.
+    println!("{}", checks::data_dir_check(&config.store.path));
     let result = checks::run_homeserver_checks(&config, &matrix, &contact).await;
     shutdown.cancel();
     if let Some(server) = server {

@@ -170,8 +170,9 @@ pub enum Delta {
     Finish(FinishReason),
 }
 
-/// Why a provider gave no (complete) answer. Messages are safe to show in a room: they
-/// never carry an API key.
+/// Why a provider gave no (complete) answer. The text is for the log: it quotes what the
+/// provider said (with the API key [`redact`]ed). Rooms get a short cause without the
+/// provider's words (`agents::notices`).
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum LlmError {
     #[error("the model did not answer within {}s", .0.as_secs())]
@@ -325,11 +326,79 @@ pub fn build_providers(config: &Config) -> ProviderRegistry {
         .collect()
 }
 
-/// Replaces every occurrence of `secret` in `text` (an error body may quote the key).
+/// The shortest run of a key's characters that [`redact`] hides: long enough that ordinary
+/// words rarely match by chance, short enough that a prefix or a fragment of the key quoted
+/// by a provider ("sk-proj-AbCd…") is hidden too.
+pub const REDACT_MIN_RUN: usize = 8;
+
+/// What [`redact`] puts where the key was.
+pub const REDACTED: &str = "[redacted]";
+
+/// `text` with every trace of `secret` replaced by `[redacted]`: any run of 8 or more
+/// consecutive characters of the key ([`REDACT_MIN_RUN`]), compared case-insensitively,
+/// so an error body that quotes the key upper-cased, cut short or in part shows none of
+/// it. A key shorter than 8 characters is hidden only where it appears whole (any case);
+/// one shorter than 4 is not a secret worth hiding and is left alone.
+///
+/// One pass over `text` per character of the key (O(text × key), keys are short), no
+/// pattern built from the secret.
 pub fn redact(text: &str, secret: Option<&str>) -> String {
-    match secret {
-        Some(secret) if secret.len() >= 4 => text.replace(secret, "[redacted]"),
-        _ => text.to_owned(),
+    let Some(secret) = secret else {
+        return text.to_owned();
+    };
+    let key: Vec<char> = secret.chars().map(fold_case).collect();
+    if key.len() < 4 {
+        return text.to_owned();
+    }
+    let min_run = key.len().min(REDACT_MIN_RUN);
+    let chars: Vec<char> = text.chars().collect();
+    // run[j]: how many characters of `text` from the current position on match the key
+    // from its character j on. Walking `text` backwards, run[j] = run'[j + 1] + 1 on a match,
+    // where run' is the row of the next position.
+    let mut run = vec![0usize; key.len() + 1];
+    let mut hidden_until = vec![0usize; chars.len()];
+    for i in (0..chars.len()).rev() {
+        let c = fold_case(chars[i]);
+        let mut longest = 0;
+        // Ascending j reads run[j + 1] before it is overwritten for this position.
+        for j in 0..key.len() {
+            run[j] = if key[j] == c { run[j + 1] + 1 } else { 0 };
+            longest = longest.max(run[j]);
+        }
+        if longest >= min_run {
+            hidden_until[i] = i + longest;
+        }
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut i = 0;
+    while i < chars.len() {
+        if hidden_until[i] == 0 {
+            out.push(chars[i]);
+            i += 1;
+            continue;
+        }
+        // Overlapping runs become one marker.
+        let mut end = hidden_until[i];
+        let mut k = i;
+        while k < end.min(chars.len()) {
+            end = end.max(hidden_until[k]);
+            k += 1;
+        }
+        out.push_str(REDACTED);
+        i = end;
+    }
+    out
+}
+
+/// A character compared without case: its lower case when that is one character.
+fn fold_case(c: char) -> char {
+    if c.is_ascii() {
+        return c.to_ascii_lowercase();
+    }
+    let mut lower = c.to_lowercase();
+    match (lower.next(), lower.next()) {
+        (Some(l), None) => l,
+        _ => c,
     }
 }
 
@@ -444,6 +513,86 @@ mod tests {
         );
         let long = "x".repeat(500);
         assert_eq!(error_message(long.as_bytes(), None).chars().count(), 201);
+        // Redacted before it is cut to 200 characters, so no cut leaves a piece of the key.
+        let body = format!("{}SK-SECRET-123", "y".repeat(195));
+        let message = error_message(body.as_bytes(), Some("sk-secret-123"));
+        assert_eq!(message, format!("{}[reda…", "y".repeat(195)));
+    }
+
+    const KEY: &str = "sk-proj-Ab12Cd34Ef56Gh78";
+
+    #[test]
+    fn the_exact_key_is_redacted() {
+        assert_eq!(
+            redact(&format!("bad key {KEY}."), Some(KEY)),
+            "bad key [redacted]."
+        );
+        assert_eq!(redact("no key here", None), "no key here");
+    }
+
+    #[test]
+    fn the_key_upper_cased_is_redacted() {
+        let text = format!("Invalid key {}", KEY.to_uppercase());
+        assert_eq!(redact(&text, Some(KEY)), "Invalid key [redacted]");
+    }
+
+    #[test]
+    fn a_twelve_character_prefix_is_redacted() {
+        let text = format!("key starting {}… is revoked", &KEY[..12]);
+        assert_eq!(
+            redact(&text, Some(KEY)),
+            "key starting [redacted]… is revoked"
+        );
+    }
+
+    #[test]
+    fn an_eight_character_run_from_the_middle_is_redacted_in_any_case() {
+        // "2cd34ef5" is KEY[10..18], lower-cased.
+        let text = "fragment x2cd34ef5y of it";
+        assert_eq!(redact(text, Some(KEY)), "fragment x[redacted]y of it");
+    }
+
+    #[test]
+    fn a_seven_character_run_is_left_alone() {
+        let text = format!("only {} of it", &KEY[10..17]);
+        assert_eq!(redact(&text, Some(KEY)), text);
+    }
+
+    #[test]
+    fn unicode_around_the_key_survives() {
+        let text = format!("密钥无效：{}（已撤销）🔑", &KEY[3..]);
+        assert_eq!(redact(&text, Some(KEY)), "密钥无效：[redacted]（已撤销）🔑");
+        let text = format!("Schlüssel «{}» ungültig", KEY.to_uppercase());
+        assert_eq!(redact(&text, Some(KEY)), "Schlüssel «[redacted]» ungültig");
+    }
+
+    #[test]
+    fn overlapping_and_repeated_traces_all_go() {
+        // "sk-proj-" and "-proj-Ab12" overlap in the text on its second "-"; then the
+        // whole key twice in a row.
+        let text = format!("sk-proj-proj-Ab12 and {KEY}{KEY}");
+        let redacted = redact(&text, Some(KEY));
+        assert_eq!(redacted, "[redacted] and [redacted][redacted]");
+    }
+
+    #[test]
+    fn a_short_key_is_redacted_only_whole() {
+        assert_eq!(
+            redact("Key OLLAMA1 or ollama?", Some("ollama1")),
+            "Key [redacted] or ollama?"
+        );
+        // Too short to be a secret worth hiding.
+        assert_eq!(redact("abc", Some("abc")), "abc");
+    }
+
+    #[test]
+    fn a_long_text_is_scanned_once_per_key_character() {
+        let mut text = "lorem ipsum ".repeat(20_000);
+        text.push_str(&KEY.to_uppercase());
+        let started = std::time::Instant::now();
+        let redacted = redact(&text, Some(KEY));
+        assert!(redacted.ends_with("ipsum [redacted]"));
+        assert!(started.elapsed() < Duration::from_secs(5));
     }
 
     #[test]

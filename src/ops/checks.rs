@@ -1,12 +1,15 @@
 //! Startup checks, in order, each with a one-line human message and its own exit code:
 //! config valid (2), homeserver reachable (3), as_token valid (4), homeserver can reach us (5).
-//! Local setup problems (store, listener, token file) exit with 6.
+//! Local setup problems (store, listener, token file) exit with 6. A data directory that
+//! other users can read is a warning ([`data_dir_check`]), not a failure.
 
 use std::fmt;
+use std::path::Path;
 
 use crate::config::Config;
 use crate::matrix::{MatrixClient, MatrixError};
 use crate::net::Contact;
+use crate::store;
 
 /// A check that failed: what to print and which exit code to leave with.
 #[derive(Debug)]
@@ -35,6 +38,73 @@ impl CheckFailure {
             code,
             message: message.into(),
         }
+    }
+}
+
+/// How many exposed entries [`data_dir_check`] names before "and N more".
+const EXPOSED_NAMED: usize = 3;
+
+/// The data directory line of `agentbus check`: `✓` when only agentbus's user can reach
+/// anything in it, else `⚠` naming what group or other users can reach (with its mode) and
+/// the fix. A warning rather than a failure, so a deployment whose store an older version
+/// created keeps running (`serve` logs the same warning) until the operator runs the fix.
+pub fn data_dir_check(dir: &Path) -> String {
+    data_dir_warning(dir).unwrap_or_else(|| {
+        if dir.exists() {
+            format!(
+                "✓ data directory {} is private to agentbus's user",
+                dir.display()
+            )
+        } else {
+            format!(
+                "· data directory {} does not exist yet; agentbus creates it private (0700)",
+                dir.display()
+            )
+        }
+    })
+}
+
+/// The `⚠` line of [`data_dir_check`] when `dir` or anything in it is group- or
+/// other-accessible (or cannot be checked); `None` when it is private or missing.
+pub fn data_dir_warning(dir: &Path) -> Option<String> {
+    let exposed = match store::private::exposed_entries(dir) {
+        Ok(exposed) => exposed,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(e) => {
+            return Some(format!(
+                "⚠ cannot check who may read the data directory {}: {e}",
+                dir.display()
+            ));
+        }
+    };
+    if exposed.is_empty() {
+        return None;
+    }
+    let mut named: Vec<String> = exposed
+        .iter()
+        .take(EXPOSED_NAMED)
+        .map(|e| format!("{} is {:04o}", e.path.display(), e.mode))
+        .collect();
+    if exposed.len() > EXPOSED_NAMED {
+        named.push(format!("{} more", exposed.len() - EXPOSED_NAMED));
+    }
+    Some(format!(
+        "⚠ the data directory {} is readable by other users than agentbus's ({}); it holds every \
+         conversation and the tokens — make it private with: chmod -R go= {}",
+        dir.display(),
+        named.join(", "),
+        shell_quoted(dir)
+    ))
+}
+
+/// `path` as a shell word: as it is when it needs no quoting, else in single quotes.
+fn shell_quoted(path: &Path) -> String {
+    let text = path.display().to_string();
+    let plain = |c: char| c.is_ascii_alphanumeric() || "/._-+=:@,".contains(c);
+    if !text.is_empty() && text.chars().all(plain) {
+        text
+    } else {
+        format!("'{}'", text.replace('\'', r"'\''"))
     }
 }
 
@@ -108,4 +178,71 @@ pub async fn run_homeserver_checks(
         }
     }
     Ok(passed)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    fn set_mode(path: &Path, mode: u32) {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+
+    #[test]
+    fn a_private_data_directory_passes_and_a_missing_one_is_explained() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("data");
+        assert!(data_dir_check(&dir).starts_with("· data directory "));
+        store::private::create_dir(&dir).unwrap();
+        assert_eq!(
+            data_dir_check(&dir),
+            format!(
+                "✓ data directory {} is private to agentbus's user",
+                dir.display()
+            )
+        );
+        assert_eq!(data_dir_warning(&dir), None);
+    }
+
+    #[test]
+    fn a_shared_data_directory_names_paths_modes_and_the_fix() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("my data");
+        store::private::create_dir(&dir.join("fjall")).unwrap();
+        for name in ["a", "b", "c"] {
+            let file = dir.join("fjall").join(name);
+            std::fs::write(&file, b"").unwrap();
+            set_mode(&file, 0o644);
+        }
+        set_mode(&dir, 0o755);
+        let line = data_dir_check(&dir);
+        let shown = dir.display();
+        assert!(
+            line.starts_with(&format!(
+                "⚠ the data directory {shown} is readable by other users"
+            )),
+            "{line}"
+        );
+        assert!(
+            line.contains(&format!(
+                "{shown} is 0755, {shown}/fjall/a is 0644, {shown}/fjall/b is 0644, 1 more"
+            )),
+            "{line}"
+        );
+        assert!(line.ends_with(&format!("chmod -R go= '{shown}'")), "{line}");
+    }
+
+    #[test]
+    fn paths_are_quoted_for_the_shell_only_when_needed() {
+        assert_eq!(
+            shell_quoted(Path::new("/var/lib/agentbus/data")),
+            "/var/lib/agentbus/data"
+        );
+        assert_eq!(
+            shell_quoted(Path::new("/srv/it's here")),
+            r"'/srv/it'\''s here'"
+        );
+    }
 }

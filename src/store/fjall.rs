@@ -104,7 +104,8 @@ fn stamp_of(value: &[u8]) -> u64 {
 }
 
 fn lock_dir(dir: &Path) -> Result<File, StoreError> {
-    std::fs::create_dir_all(dir).map_err(|e| {
+    use std::os::unix::fs::OpenOptionsExt;
+    super::private::create_dir(dir).map_err(|e| {
         StoreError::Unavailable(format!(
             "cannot create store directory {}: {e}",
             dir.display()
@@ -115,6 +116,7 @@ fn lock_dir(dir: &Path) -> Result<File, StoreError> {
         .create(true)
         .truncate(false)
         .write(true)
+        .mode(super::private::FILE_MODE)
         .open(&path)
         .map_err(|e| StoreError::Unavailable(format!("cannot open {}: {e}", path.display())))?;
     let mut waits = LOCK_WAITS;
@@ -593,6 +595,33 @@ mod tests {
     }
 
     crate::store_conformance_tests!(fresh(), reopen);
+
+    #[tokio::test]
+    async fn what_the_store_creates_itself_is_private_whatever_the_umask() {
+        use std::os::unix::fs::PermissionsExt;
+        let root = tempfile::tempdir().unwrap();
+        let config = crate::config::StoreConfig {
+            path: root.path().join("data"),
+            ..Default::default()
+        };
+        let store = crate::store::open(&config).unwrap();
+        store
+            .journal
+            .journal_transaction("t1".into(), Vec::new(), 1)
+            .await
+            .unwrap();
+        let mode = |p: &str| {
+            let path = config.path.join(p);
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777
+        };
+        // agentbus's own directories and files; what fjall creates inside follows the
+        // process umask, which the binary sets to 077 (tests/privacy.rs).
+        for dir in ["", "fjall", "fjall/event-log"] {
+            assert_eq!(mode(dir), 0o700, "{dir:?}");
+        }
+        assert_eq!(mode("fjall/LOCK"), 0o600);
+        assert_eq!(mode("fjall/event-log/0000000000000001.log"), 0o600);
+    }
 
     #[test]
     fn pairing_keys_are_channel_0xff_sender_as_earlier_versions_wrote_them() {

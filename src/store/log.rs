@@ -160,10 +160,12 @@ fn segment_path(dir: &Path, segment: u64) -> PathBuf {
 }
 
 fn open_segment(dir: &Path, segment: u64) -> Result<File, StoreError> {
+    use std::os::unix::fs::OpenOptionsExt;
     let path = segment_path(dir, segment);
     let file = OpenOptions::new()
         .create(true)
         .append(true)
+        .mode(super::private::FILE_MODE)
         .open(&path)
         .map_err(io_error(&format!("cannot open {}", path.display())))?;
     // The new file's name must survive a power cut too.
@@ -284,7 +286,8 @@ fn read_record(reader: &mut impl Read, buf: &mut Vec<u8>) -> Result<Option<(usiz
 impl JournalLog {
     /// Opens the log in `dir` (created if missing), reading every segment back.
     pub(super) fn open(dir: &Path) -> Result<Self, StoreError> {
-        fs::create_dir_all(dir).map_err(io_error(&format!("cannot create {}", dir.display())))?;
+        super::private::create_dir(dir)
+            .map_err(io_error(&format!("cannot create {}", dir.display())))?;
         let mut numbers: Vec<u64> = fs::read_dir(dir)
             .map_err(io_error(&format!("cannot list {}", dir.display())))?
             .filter_map(|entry| {

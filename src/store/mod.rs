@@ -16,6 +16,7 @@ pub mod feed;
 mod fjall;
 mod lease;
 mod log;
+pub mod private;
 mod sled;
 
 use std::sync::Arc;
@@ -64,8 +65,15 @@ impl Stores {
     }
 }
 
-/// Opens the store `config` describes (`store.backend`, `store.path`).
+/// Opens the store `config` describes (`store.backend`, `store.path`), creating the data
+/// directory 0700 when it is missing ([`private`]).
 pub fn open(config: &StoreConfig) -> Result<Stores, StoreError> {
+    private::create_dir(&config.path).map_err(|e| {
+        StoreError::Unavailable(format!(
+            "cannot create the data directory {}: {e}",
+            config.path.display()
+        ))
+    })?;
     let sled_dir = config.path.join("sled");
     let fjall_dir = config.path.join("fjall");
     match config.backend {

@@ -49,6 +49,13 @@ const LOCK_WAITS: u32 = 250;
 impl SledBackend {
     /// Opens (or creates) the store in `dir`.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        // sled makes its directory itself, with the umask's mode: make it private first.
+        super::private::create_dir(dir).map_err(|e| {
+            StoreError::Unavailable(format!(
+                "cannot create store directory {}: {e}",
+                dir.display()
+            ))
+        })?;
         let config = ::sled::Config::new()
             .path(dir)
             // Small writes, flushed explicitly on every journal: no need for a big cache.

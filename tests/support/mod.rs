@@ -310,6 +310,18 @@ fn with_open_files_limit(command: &mut std::process::Command, soft: u64, hard: u
     }
 }
 
+/// Makes the child start with the file-mode creation mask `mask`.
+fn with_umask(command: &mut std::process::Command, mask: u32) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: umask is async-signal-safe, cannot fail and touches no memory.
+    unsafe {
+        command.pre_exec(move || {
+            libc::umask(mask as libc::mode_t);
+            Ok(())
+        });
+    }
+}
+
 /// Raises this test process's soft open-file limit to its hard limit, and returns it: a
 /// test holding many connections needs more than the usual 1,024.
 pub fn raise_own_open_files_limit() -> u64 {
@@ -362,6 +374,10 @@ pub struct Agentbus {
     pub url: String,
     /// The open-file limit (soft, hard) the process starts with, if not the test's own.
     open_files: Option<(u64, u64)>,
+    /// The file-mode creation mask the process starts with, if not the test's own.
+    umask: Option<u32>,
+    /// Environment variables set for the process beside the test's own.
+    env: Vec<(String, String)>,
 }
 
 impl Agentbus {
@@ -475,6 +491,8 @@ store: {{ path: {} }}
             child: None,
             url: format!("http://127.0.0.1:{}", synapse().appservice_port),
             open_files: None,
+            umask: None,
+            env: Vec::new(),
         }
     }
 
@@ -508,6 +526,18 @@ store: {{ path: {} }}
     /// (`RLIMIT_NOFILE`), as a service manager would.
     pub fn set_open_files_limit(&mut self, soft: u64, hard: u64) {
         self.open_files = Some((soft, hard));
+    }
+
+    /// Starts the process, from the next [`Agentbus::spawn`] on, with this umask, as a
+    /// shell or service manager would (022 is the usual default).
+    pub fn set_umask(&mut self, mask: u32) {
+        self.umask = Some(mask);
+    }
+
+    /// Sets the environment variable `name` for the process from the next
+    /// [`Agentbus::spawn`] on (a provider's `api_key_env`, say).
+    pub fn set_env(&mut self, name: &str, value: &str) {
+        self.env.push((name.to_owned(), value.to_owned()));
     }
 
     /// The process ID of the running process.
@@ -571,11 +601,15 @@ store: {{ path: {} }}
             .arg(self.dir.path().join("agentbus.yaml"))
             .arg("serve")
             .env("RUST_LOG", "warn,agentbus=debug")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(log);
         die_with_parent(&mut command);
         if let Some((soft, hard)) = self.open_files {
             with_open_files_limit(&mut command, soft, hard);
+        }
+        if let Some(mask) = self.umask {
+            with_umask(&mut command, mask);
         }
         self.child = Some(command.spawn().expect("the agentbus binary starts"));
         let deadline = tokio::time::Instant::now() + WAIT;
@@ -626,7 +660,7 @@ impl Drop for Agentbus {
 }
 
 /// How the model stub behaves.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum LlmMode {
     /// Stream `[<model>] <last user message>` a word per chunk.
     Answer,
@@ -641,6 +675,9 @@ pub enum LlmMode {
     Search(&'static str),
     /// Answer HTTP 500 with an OpenAI-style error body.
     Fail,
+    /// Answer HTTP `status` with `body` as it is (`application/json`), as a provider
+    /// refusing a request would.
+    Refuse { status: u16, body: String },
     /// Never answer (until the mode changes).
     Hang,
 }
@@ -770,12 +807,19 @@ impl LlmStub {
         let answer = format!("[{model}] {}", content_text(&last));
         loop {
             let changed = self.changed.notified();
-            let mode = *self.mode.lock().unwrap();
+            let mode = self.mode.lock().unwrap().clone();
             match mode {
                 LlmMode::Hang => changed.await,
                 LlmMode::Fail => {
                     let body = json!({"error": {"message": "the stub model is down", "type": "server_error"}});
                     return (StatusCode::INTERNAL_SERVER_ERROR, Json(body)).into_response();
+                }
+                LlmMode::Refuse { status, body } => {
+                    return axum::response::Response::builder()
+                        .status(status)
+                        .header("content-type", "application/json")
+                        .body(axum::body::Body::from(body))
+                        .unwrap();
                 }
                 LlmMode::Answer => return sse_text(&model, &answer, Duration::ZERO),
                 LlmMode::Slow => return sse_text(&model, &answer, Duration::from_millis(400)),
