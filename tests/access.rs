@@ -6,16 +6,9 @@ mod support;
 
 use matrix_sdk::ruma::events::Mentions;
 use matrix_sdk::ruma::events::room::message::RoomMessageEventContent;
-use support::{Agentbus, Human, LlmMode, LlmStub, agent_id, cli_async, content_text, exclusive};
-
-/// The pairing code in a pairing notice.
-fn pairing_code(body: &str) -> String {
-    body.split("Your pairing code is ")
-        .nth(1)
-        .and_then(|rest| rest.get(..8))
-        .unwrap_or_else(|| panic!("no pairing code in {body:?}"))
-        .to_owned()
-}
+use support::{
+    Agentbus, Human, LlmMode, LlmStub, agent_id, cli_async, content_text, exclusive, pairing_code,
+};
 
 /// The models were asked exactly these messages, in order (each request's last line ends
 /// with the message; in a group room it names the speaker first).
@@ -35,9 +28,7 @@ fn assert_asked(llm: &LlmStub, expected: &[&str]) {
 async fn an_unknown_sender_gets_pairing_not_answers_in_rooms_of_their_own() {
     let _one_at_a_time = exclusive().await;
     let llm = LlmStub::start(LlmMode::Answer).await;
-    let dir = Agentbus::write_config_with(&llm.url, "channels: { matrix: { dm_policy: pairing } }");
-    let mut bus = Agentbus::configured(dir);
-    bus.spawn().await;
+    let bus = Agentbus::start_with(&llm.url, "channels: { matrix: { dm_policy: pairing } }").await;
     let eve = Human::new("eve").await;
 
     // A "direct" room with two agents: both accept the DM invites (an unknown sender may
@@ -53,14 +44,7 @@ async fn an_unknown_sender_gets_pairing_not_answers_in_rooms_of_their_own() {
     // A DM made a group by a second account of Eve's own.
     let dm = eve.dm_with("researcher").await;
     let eve2 = Human::new("eve2").await;
-    eve.client
-        .get_room(&dm)
-        .unwrap()
-        .invite_user_by_id(&eve2.user_id)
-        .await
-        .unwrap();
-    eve2.client.join_room_by_id(&dm).await.unwrap();
-    eve.wait_joined(&dm, &eve2.user_id).await;
+    eve.bring_in(&dm, &eve2).await;
     let ask = eve.send(&dm, "@researcher dig this up").await;
     let notice = eve.wait_reply(&dm, "researcher", &ask).await;
     assert_eq!(pairing_code(notice.body()), code, "one code per sender");
@@ -101,12 +85,11 @@ async fn an_unknown_sender_gets_pairing_not_answers_in_rooms_of_their_own() {
 async fn a_sender_can_bring_agents_into_only_so_many_rooms() {
     let _one_at_a_time = exclusive().await;
     let llm = LlmStub::start(LlmMode::Answer).await;
-    let dir = Agentbus::write_config_with(
+    let _bus = Agentbus::start_with(
         &llm.url,
         "channels: { matrix: { dm_policy: open, max_rooms_per_sender: 2 } }",
-    );
-    let mut bus = Agentbus::configured(dir);
-    bus.spawn().await;
+    )
+    .await;
     let mallory = Human::new("mallory").await;
 
     for _ in 0..2 {
@@ -130,9 +113,7 @@ async fn only_admins_make_every_agent_answer_at_once() {
     let _one_at_a_time = exclusive().await;
     let llm = LlmStub::start(LlmMode::Answer).await;
     // Everyone may talk to agents, but nobody is in allow_from: nobody may broadcast.
-    let dir = Agentbus::write_config_with(&llm.url, "channels: { matrix: { dm_policy: open } }");
-    let mut bus = Agentbus::configured(dir);
-    bus.spawn().await;
+    let _bus = Agentbus::start_with(&llm.url, "channels: { matrix: { dm_policy: open } }").await;
     let bob = Human::new("bob").await;
     let room = bob
         .create_room(&["damon", "coder", "researcher"], false)
@@ -171,15 +152,7 @@ async fn answers_are_rate_limited_per_sender_and_per_room_with_one_notice() {
     let bob = Human::new("bob").await;
     let room = alice.create_room(&["damon"], false).await;
     alice.wait_joined(&room, &agent_id("damon")).await;
-    alice
-        .client
-        .get_room(&room)
-        .unwrap()
-        .invite_user_by_id(&bob.user_id)
-        .await
-        .unwrap();
-    bob.client.join_room_by_id(&room).await.unwrap();
-    alice.wait_joined(&room, &bob.user_id).await;
+    alice.bring_in(&room, &bob).await;
 
     let mut asked = Vec::new();
     for n in 1..=4 {

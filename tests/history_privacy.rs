@@ -42,19 +42,6 @@ async fn room_with_damon(owner: &Human, visibility: HistoryVisibility) -> OwnedR
     room
 }
 
-/// `newcomer` is invited by `owner` and joins.
-async fn join(owner: &Human, newcomer: &Human, room: &OwnedRoomId) {
-    owner
-        .client
-        .get_room(room)
-        .unwrap()
-        .invite_user_by_id(&newcomer.user_id)
-        .await
-        .unwrap();
-    newcomer.client.join_room_by_id(room).await.unwrap();
-    owner.wait_joined(room, &newcomer.user_id).await;
-}
-
 /// `who` asks damon `text` in `room`; returns damon's finished answer and every model
 /// request the turn made (one per model call).
 async fn ask(llm: &LlmStub, who: &Human, room: &OwnedRoomId, text: &str) -> (Seen, Vec<Value>) {
@@ -102,7 +89,7 @@ async fn a_newcomer_to_a_joined_room_is_not_given_what_was_said_before_they_join
 
     // Bob joins later: through Matrix he cannot read Alice's line.
     let bob = Human::new("bob").await;
-    join(&alice, &bob, &room).await;
+    alice.bring_in(&room, &bob).await;
     let (answer, asked) = ask(&llm, &bob, &room, "@damon what is the secret word?").await;
     assert_eq!(asked.len(), 1);
     let given = texts(&asked);
@@ -147,7 +134,7 @@ async fn in_a_shared_room_a_newcomer_is_given_the_history_sent_while_it_was_shar
 
     ask(&llm, &alice, &room, "@damon the secret word is tangerine").await;
     let bob = Human::new("bob").await;
-    join(&alice, &bob, &room).await;
+    alice.bring_in(&room, &bob).await;
 
     // The control: in a shared room Bob may read it all, and the agent remembers it.
     let (_, asked) = ask(&llm, &bob, &room, "@damon what is the secret word?").await;
@@ -175,7 +162,7 @@ async fn in_a_shared_room_a_newcomer_is_given_the_history_sent_while_it_was_shar
     llm.set_mode(LlmMode::Answer);
     ask(&llm, &alice, &room, "@damon the password is persimmon").await;
     let carol = Human::new("carol").await;
-    join(&alice, &carol, &room).await;
+    alice.bring_in(&room, &carol).await;
     let (_, asked) = ask(&llm, &carol, &room, "@damon what is the password?").await;
     let given = texts(&asked);
     assert!(given.contains("what is the password?"), "{given}");

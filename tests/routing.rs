@@ -121,13 +121,7 @@ async fn a_follow_up_without_a_mention_continues_with_the_last_agent() {
 
     // A different person's unaddressed message is not Gus's conversation.
     let hal = Human::new("hal").await;
-    gus.client
-        .get_room(&room)
-        .unwrap()
-        .invite_user_by_id(&hal.user_id)
-        .await
-        .unwrap();
-    hal.client.join_room_by_id(&room).await.unwrap();
+    gus.bring_in(&room, &hal).await;
     let aside = hal.send(&room, "lunch anyone?").await;
     let sentinel = gus.send(&room, "@damon ping").await;
     gus.wait_reply(&room, "damon", &sentinel).await;
@@ -152,13 +146,7 @@ async fn an_unknown_dm_sender_gets_a_pairing_code_and_answers_after_approval() {
     let hello = ivy.send(&dm, "hello damon").await;
     let notice = ivy.wait_reply(&dm, "damon", &hello).await;
     assert_eq!(notice.content["msgtype"], "m.notice");
-    let code = notice
-        .body()
-        .split("Your pairing code is ")
-        .nth(1)
-        .and_then(|rest| rest.get(..8))
-        .unwrap_or_else(|| panic!("no code in {:?}", notice.body()))
-        .to_owned();
+    let code = support::pairing_code(notice.body());
     assert!(
         llm.requests().is_empty(),
         "an unpaired sender reached the model"

@@ -479,7 +479,12 @@ store: {{ path: {} }}
     }
 
     pub async fn start(llm_url: &str) -> Agentbus {
-        let mut bus = Agentbus::configured(Self::write_config(llm_url));
+        Self::start_with(llm_url, OPEN_DMS).await
+    }
+
+    /// Starts the standard config with `channels:` replaced by `channels` (YAML).
+    pub async fn start_with(llm_url: &str, channels: &str) -> Agentbus {
+        let mut bus = Agentbus::configured(Self::write_config_with(llm_url, channels));
         bus.spawn().await;
         bus
     }
@@ -974,6 +979,15 @@ pub async fn cli_async(args: &[&str]) -> (Option<i32>, String, String) {
     )
 }
 
+/// The pairing code in an agent's pairing notice.
+pub fn pairing_code(body: &str) -> String {
+    body.split("Your pairing code is ")
+        .nth(1)
+        .and_then(|rest| rest.get(..8))
+        .unwrap_or_else(|| panic!("no pairing code in {body:?}"))
+        .to_owned()
+}
+
 /// A unique localpart for this test run.
 pub fn unique(prefix: &str) -> String {
     static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
@@ -1073,30 +1087,11 @@ impl Human {
 
     /// Waits until `user` is joined to `room` (asked over the REST API).
     pub async fn wait_joined(&self, room: &OwnedRoomId, user: &OwnedUserId) {
-        let url = format!(
-            "{}/_matrix/client/v3/rooms/{room}/joined_members",
-            synapse().url
-        );
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            let members: Value = ::reqwest::Client::new()
-                .get(&url)
-                .bearer_auth(&self.access_token)
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            if members["joined"].get(user.as_str()).is_some() {
-                return;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "{user} never joined {room}: {members}"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        let path = format!("rooms/{room}/joined_members");
+        self.poll(&path, &format!("{user} joined {room}"), |members| {
+            members["joined"].get(user.as_str()).is_some()
+        })
+        .await;
     }
 
     /// Waits until `user`'s membership of `room` is `membership` (`leave`, `join`, …) and
@@ -1107,13 +1102,19 @@ impl Human {
         user: &OwnedUserId,
         membership: &str,
     ) -> Value {
-        let url = format!(
-            "{}/_matrix/client/v3/rooms/{room}/state/m.room.member/{user}",
-            synapse().url
-        );
+        let path = format!("rooms/{room}/state/m.room.member/{user}");
+        let what = format!("{user}'s membership of {room} became {membership}");
+        self.poll(&path, &what, |content| content["membership"] == membership)
+            .await
+    }
+
+    /// Asks `GET /_matrix/client/v3/{path}` as this user until `done` holds for the answer
+    /// (which is returned), failing with `what` after [`WAIT`].
+    async fn poll(&self, path: &str, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+        let url = format!("{}/_matrix/client/v3/{path}", synapse().url);
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
-            let content: Value = ::reqwest::Client::new()
+            let answer: Value = ::reqwest::Client::new()
                 .get(&url)
                 .bearer_auth(&self.access_token)
                 .send()
@@ -1122,15 +1123,28 @@ impl Human {
                 .json()
                 .await
                 .unwrap();
-            if content["membership"] == membership {
-                return content;
+            if done(&answer) {
+                return answer;
             }
             assert!(
                 tokio::time::Instant::now() < deadline,
-                "{user}'s membership of {room} never became {membership}: {content}"
+                "never true: {what}; last answer {answer}"
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// Invites `newcomer` to `room` and has them join; returns once the homeserver lists
+    /// them as joined.
+    pub async fn bring_in(&self, room: &OwnedRoomId, newcomer: &Human) {
+        self.client
+            .get_room(room)
+            .unwrap()
+            .invite_user_by_id(&newcomer.user_id)
+            .await
+            .unwrap();
+        newcomer.client.join_room_by_id(room).await.unwrap();
+        self.wait_joined(room, &newcomer.user_id).await;
     }
 
     /// Sends a plain-text message and returns its event ID.
