@@ -79,18 +79,19 @@ impl<K: Hash + Eq + Clone> Buckets<K> {
         }
     }
 
-    fn refilled(&mut self, key: &K, now: Instant) -> &mut Bucket {
-        if self.map.len() >= KEPT && !self.map.contains_key(key) {
-            let (rate, cap) = (self.rate, f64::from(self.rate.answers));
+    /// The key's bucket, refilled to `now` (a new key starts full).
+    fn refilled(&mut self, key: K, now: Instant) -> &mut Bucket {
+        let rate = self.rate;
+        if self.map.len() >= KEPT && !self.map.contains_key(&key) {
+            let cap = f64::from(rate.answers);
             self.map.retain(|_, b| {
                 b.refill(rate, now);
                 b.tokens < cap
             });
         }
-        let rate = self.rate;
         let bucket = self
             .map
-            .entry(key.clone())
+            .entry(key)
             .or_insert_with(|| Bucket::full(rate, now));
         bucket.refill(rate, now);
         bucket
@@ -124,22 +125,22 @@ impl Limits {
         let mut inner = self.inner.lock().expect("limits lock");
         let (senders, rooms) = &mut *inner;
         let (sender_rate, room_rate) = (senders.rate, rooms.rate);
-        let by_sender = *senders.refilled(&sender.to_owned(), now);
-        let by_room = *rooms.refilled(&room.to_owned(), now);
+        let by_sender = senders.refilled(sender.to_owned(), now);
+        let by_room = rooms.refilled(room.to_owned(), now);
         let over = if by_sender.tokens < n {
-            Some((Which::Sender, sender_rate, by_sender))
+            Some((Which::Sender, sender_rate))
         } else if by_room.tokens < n {
-            Some((Which::Room, room_rate, by_room))
+            Some((Which::Room, room_rate))
         } else {
             None
         };
-        if let Some((which, rate, bucket)) = over {
-            let slot = match which {
-                Which::Sender => senders.map.get_mut(sender).expect("just refilled"),
-                Which::Room => rooms.map.get_mut(room).expect("just refilled"),
+        if let Some((which, rate)) = over {
+            let bucket = match which {
+                Which::Sender => by_sender,
+                Which::Room => by_room,
             };
-            let first = !slot.noticed;
-            slot.noticed = true;
+            let first = !bucket.noticed;
+            bucket.noticed = true;
             return Err(Limited {
                 which,
                 rate: (rate.answers, rate.per),
@@ -147,12 +148,10 @@ impl Limits {
                 first,
             });
         }
-        let charge = |bucket: &mut Bucket| {
+        for bucket in [by_sender, by_room] {
             bucket.tokens -= n;
             bucket.noticed = false;
-        };
-        charge(senders.map.get_mut(sender).expect("just refilled"));
-        charge(rooms.map.get_mut(room).expect("just refilled"));
+        }
         Ok(())
     }
 }

@@ -182,13 +182,8 @@ pub async fn run_homeserver_checks(
 
 #[cfg(test)]
 mod tests {
-    use std::os::unix::fs::PermissionsExt;
-
     use super::*;
-
-    fn set_mode(path: &Path, mode: u32) {
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
-    }
+    use crate::store::private::set_mode;
 
     #[test]
     fn a_private_data_directory_passes_and_a_missing_one_is_explained() {

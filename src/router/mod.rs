@@ -45,7 +45,9 @@ use self::keyword::KeywordMatcher;
 use self::mention::{
     TypedNames, contains_at_name, pill_targets, strip_reply_fallback, strip_reply_html,
 };
-use crate::config::{AgentId, ChannelId, ChannelPolicyConfig, Config, RoutingConfig};
+use crate::config::{
+    AgentId, ChannelId, ChannelPolicyConfig, Config, GroupRoomConfig, RoutingConfig,
+};
 
 /// An agent as the router sees it: its user, the names people type for it and its
 /// mention patterns.
@@ -237,6 +239,14 @@ struct ChannelRules {
 }
 
 impl ChannelRules {
+    /// The room's own `groups:` entry, by room ID or one of its config aliases (not `*`).
+    fn own_entry(&self, room_id: &RoomId, aliases: &[String]) -> Option<&GroupRoomConfig> {
+        let groups = &self.policy.groups;
+        std::iter::once(room_id.as_str())
+            .chain(aliases.iter().map(String::as_str))
+            .find_map(|key| groups.get(key))
+    }
+
     fn new(policy: ChannelPolicyConfig) -> Self {
         Self {
             allow_from: Globs::new(&policy.allow_from),
@@ -566,12 +576,9 @@ impl Router {
         rules: &'c ChannelRules,
         input: &RouteInput<'_>,
     ) -> RoomSettings<'c> {
-        let groups = &rules.policy.groups;
-        let own = std::iter::once(input.room_id.as_str())
-            .chain(input.room.aliases.iter().map(String::as_str))
-            .find_map(|key| groups.get(key));
-        let star = groups.get("*");
-        let pick = |f: &dyn Fn(&'c crate::config::GroupRoomConfig) -> Option<bool>| {
+        let own = rules.own_entry(input.room_id, &input.room.aliases);
+        let star = rules.policy.groups.get("*");
+        let pick = |f: &dyn Fn(&'c GroupRoomConfig) -> Option<bool>| {
             own.and_then(f).or_else(|| star.and_then(f))
         };
         let auto_reply = pick(&|g| g.auto_reply).unwrap_or(false);
@@ -671,10 +678,7 @@ impl Router {
         let place = if is_direct {
             Place::Dm
         } else {
-            let groups = &rules.policy.groups;
-            let listed = std::iter::once(room_id.as_str())
-                .chain(aliases.iter().map(String::as_str))
-                .any(|key| groups.contains_key(key));
+            let listed = rules.own_entry(room_id, aliases).is_some();
             Place::Group {
                 listed,
                 vouched: listed,
