@@ -1,14 +1,15 @@
 //! The facts step: everything routing needs beyond the message itself — the room's joined
-//! members and config aliases, recent history, who sent the replied-to event, whether the
-//! sender is paired — gathered in one place, from caches where it can be. Routing itself
-//! then is a pure call.
+//! members and config aliases, recent history, who sent the replied-to event (and what it
+//! said, which the agents are given as the reply's context), whether the sender is
+//! paired — gathered in one place, from caches where it can be. Routing itself then is a
+//! pure call.
 
 use std::collections::HashMap;
 use std::time::Instant;
 
 use ruma::{OwnedUserId, RoomId, UserId};
 
-use super::decode::Message;
+use super::decode::{Message, strip_reply_fallback};
 use super::{FACTS_RETRY, Inbox, ROUTING_HISTORY};
 use crate::config::{AgentId, ChannelId, Config};
 use crate::router::{ContextLine, LoopGuard, MessageFacts, RoomFacts, RouteInput};
@@ -22,6 +23,9 @@ pub(super) struct Facts {
     pub recent: Vec<HistoryEntry>,
     /// Who sent the event the message replies to, if it is one and that is known.
     pub reply_to_sender: Option<OwnedUserId>,
+    /// The text of the event the message replies to, without its own reply fallback,
+    /// when it is known and has one.
+    pub reply_to_text: Option<String>,
     /// Whether the sender was approved by pairing.
     pub sender_paired: bool,
     /// Whether one of our agents is in the room (else nobody reads its history, so a
@@ -121,9 +125,12 @@ impl Inbox {
         } else {
             Vec::new()
         };
-        let reply_to_sender = match &message.reply_to {
-            Some(id) => self.sender_of(message.room_id, &room, &recent, id).await,
-            None => None,
+        let (reply_to_sender, reply_to_text) = match &message.reply_to {
+            Some(id) => match self.replied_to(message.room_id, &room, &recent, id).await {
+                Some((sender, text)) => (Some(sender), text),
+                None => (None, None),
+            },
+            None => (None, None),
         };
         Facts {
             // Pairing matters only where an agent could answer.
@@ -132,6 +139,7 @@ impl Inbox {
             room,
             recent,
             reply_to_sender,
+            reply_to_text,
         }
     }
 
@@ -210,17 +218,21 @@ impl Inbox {
             })
     }
 
-    /// Who sent `event_id`: from recent history, else asked of the homeserver as an agent
-    /// in the room.
-    pub(super) async fn sender_of(
+    /// Who sent `event_id` and its text (without a reply fallback of its own): from
+    /// recent history, else asked of the homeserver as an agent in the room.
+    pub(super) async fn replied_to(
         &self,
         room_id: &RoomId,
         room: &RoomFacts,
         recent: &[HistoryEntry],
         event_id: &ruma::EventId,
-    ) -> Option<OwnedUserId> {
+    ) -> Option<(OwnedUserId, Option<String>)> {
+        let text = |body: &str| {
+            let text = strip_reply_fallback(body).trim();
+            (!text.is_empty()).then(|| text.to_owned())
+        };
         if let Some(entry) = recent.iter().find(|e| e.event_id == event_id) {
-            return Some(entry.sender.clone());
+            return Some((entry.sender.clone(), text(&entry.body)));
         }
         let reader = self
             .router
@@ -230,10 +242,10 @@ impl Inbox {
         match self
             .matrix
             .intent(&reader.user_id)
-            .event_sender(room_id, event_id)
+            .event_gist(room_id, event_id)
             .await
         {
-            Ok(sender) => Some(sender),
+            Ok(gist) => Some((gist.sender, gist.body.as_deref().and_then(text))),
             Err(e) => {
                 tracing::debug!(room_id = %room_id, event_id = %event_id, error = %e, "cannot read the replied-to event");
                 None
@@ -402,6 +414,7 @@ agents: [ { id: damon, provider: echo }, { id: coder, provider: echo } ]
             room: group_room(),
             recent: vec![line(owned_event_id!("$x"), "@bob:example.org", None)],
             reply_to_sender: Some(owned_user_id!("@coder:example.org")),
+            reply_to_text: None,
             sender_paired: true,
             agents_here: true,
         };
@@ -470,6 +483,7 @@ agents: [ { id: damon, provider: echo }, { id: coder, provider: echo } ]
                 ),
             ],
             reply_to_sender: None,
+            reply_to_text: None,
             sender_paired: false,
             agents_here: true,
         };

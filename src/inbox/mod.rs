@@ -188,7 +188,9 @@ impl Inbox {
             Some(event) => {
                 let event_id = ruma::EventId::parse(event)
                     .map_err(|e| bad("invalid reply_to event ID", event, &e))?;
-                self.sender_of(&room_id, &room, &recent, &event_id).await
+                self.replied_to(&room_id, &room, &recent, &event_id)
+                    .await
+                    .map(|(sender, _)| sender)
             }
         };
         let facts = Facts {
@@ -197,6 +199,7 @@ impl Inbox {
             room,
             recent,
             reply_to_sender,
+            reply_to_text: None,
         };
         let message = MessageFacts {
             sender: &sender,

@@ -14,7 +14,7 @@ use super::commands::{self, Command};
 use super::decode::{Encrypted, Membership, Message};
 use super::facts::Facts;
 use super::{Answers, Inbox, Processed, answer, held};
-use crate::agents::{Delivery, Job, Submitted, Trigger, Turn, notices};
+use crate::agents::{Delivery, Job, Quote, Submitted, Trigger, Turn, notices};
 use crate::config::{AgentId, ChannelId};
 use crate::router::{MessageFacts, RouteDecision, Strategy};
 use crate::store::{HistoryEntry, PAIRING_TTL};
@@ -92,7 +92,7 @@ impl Inbox {
             let entry = HistoryEntry {
                 event_id: event_id.to_owned(),
                 sender: sender.clone(),
-                body: message.body.clone().into_owned(),
+                body: message.text().to_owned(),
                 ts: message.ts,
                 thread_root: message.thread_root.clone(),
                 routed_to: decision.targets.clone(),
@@ -179,15 +179,25 @@ impl Inbox {
         answers
     }
 
-    /// The message as the agents' job carries it.
+    /// The message as the agents' job carries it: its text without a reply fallback, and
+    /// what it replies to from the replied-to event itself.
     fn turn(&self, message: &Message<'_>, facts: &Facts) -> Turn {
+        let reply_to = match (&facts.reply_to_sender, &facts.reply_to_text) {
+            (Some(sender), Some(text)) => Some(Quote {
+                sender: sender.clone(),
+                sender_name: self.display_name(message.room_id, sender),
+                text: text.clone(),
+            }),
+            _ => None,
+        };
         Turn {
             room_id: message.room_id.to_owned(),
             event_id: message.event_id.to_owned(),
             sender: message.sender.clone(),
             sender_name: self.display_name(message.room_id, &message.sender),
-            body: message.body.clone().into_owned(),
+            body: message.text().to_owned(),
             image: message.image.clone(),
+            reply_to,
             thread_root: message.thread_root.clone(),
             hops: message.hops + 1,
             group: facts
