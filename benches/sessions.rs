@@ -192,6 +192,7 @@ agents:
         sender_name: "alice".into(),
         body: format!("question number {i}: how do sessions scale?"),
         image: None,
+        reply_to: None,
         thread_root: None,
         hops: 1,
         group: false,

@@ -350,12 +350,18 @@ async fn with_queue_collect_messages_that_wait_become_one_turn() {
 
     pia.wait_reply(&dm, "coder", &first).await;
     let together = pia.wait_reply(&dm, "coder", &third).await;
-    assert_eq!(together.body(), "[coder-model] and lib.rs\nand the tests");
+    // The stub answers the last message it was sent.
+    assert_eq!(together.body(), "[coder-model] and the tests");
     let requests = llm.requests();
     assert_eq!(requests.len(), 2, "two turns for three messages");
+    // One model call for both, each message a chat message of its own.
+    let asked = conversation(&requests[1]);
     assert_eq!(
-        conversation(&requests[1]).last().unwrap(),
-        &("user".to_owned(), "and lib.rs\nand the tests".to_owned())
+        asked[asked.len() - 2..],
+        [
+            ("user".to_owned(), "and lib.rs".to_owned()),
+            ("user".to_owned(), "and the tests".to_owned())
+        ]
     );
     // A sentinel: once answered, nothing else is on its way to the second message.
     let sentinel = pia.send(&dm, "thanks").await;

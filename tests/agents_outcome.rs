@@ -117,6 +117,7 @@ fn turn(human: &Human, room: &OwnedRoomId, event_id: &OwnedEventId, body: &str) 
         sender_name: human.localpart.clone(),
         body: body.to_owned(),
         image: None,
+        reply_to: None,
         thread_root: None,
         hops: 1,
         group: false,

@@ -277,6 +277,7 @@ mod tests {
             sender_name: "ann".into(),
             body: "hi".into(),
             image: None,
+            reply_to: None,
             thread_root: Some(ruma::owned_event_id!("$root")),
             hops: 1,
             group: false,

@@ -26,17 +26,18 @@ pub fn estimate_tokens(text: &str) -> usize {
 }
 
 /// Per-message overhead of chat formats (role markers, separators).
-const MESSAGE_OVERHEAD: usize = 4;
+pub const MESSAGE_OVERHEAD: usize = 4;
+/// What an image is counted as: vision models bill one at a few hundred to a thousand
+/// tokens.
+pub const IMAGE_TOKENS: usize = 1000;
 
 /// The cost of one message in a prompt.
 pub fn message_tokens(message: &ChatMessage) -> usize {
-    MESSAGE_OVERHEAD
-        + estimate_tokens(&message.content)
-        // Vision models bill an image at a few hundred to a thousand tokens.
-        + message.images.len() * 1000
+    MESSAGE_OVERHEAD + estimate_tokens(&message.content) + message.images.len() * IMAGE_TOKENS
 }
 
-fn is_cjk(c: char) -> bool {
+/// Whether `c` is costed as a whole token: CJK scripts and full-width forms.
+pub(super) fn is_cjk(c: char) -> bool {
     matches!(c as u32,
         0x1100..=0x11FF      // Hangul Jamo
         | 0x2E80..=0x2FDF    // CJK radicals
@@ -61,12 +62,13 @@ pub fn history_budget(memory: &MemoryConfig, model: &ModelConfig, fixed: usize) 
 }
 
 /// The prompt for one turn: the `system` prompt (when not empty), the newest remembered
-/// lines that fit the budget left by the system prompt, `current` and the model's answer,
-/// then `current`.
+/// lines that fit the budget left by the system prompt, the `current` messages, the
+/// `reserved` tokens (tool definitions) and the model's answer, then `current`.
 pub fn assemble(
     system: &str,
     stored: &[SessionEntry],
-    current: ChatMessage,
+    current: Vec<ChatMessage>,
+    reserved: usize,
     memory: &MemoryConfig,
     model: &ModelConfig,
 ) -> Vec<ChatMessage> {
@@ -74,9 +76,14 @@ pub fn assemble(
     if !system.is_empty() {
         messages.push(ChatMessage::new(Role::System, system));
     }
-    let fixed: usize = messages.iter().chain([&current]).map(message_tokens).sum();
+    let fixed: usize = reserved
+        + messages
+            .iter()
+            .chain(&current)
+            .map(message_tokens)
+            .sum::<usize>();
     messages.extend(fit_history(stored, history_budget(memory, model, fixed)));
-    messages.push(current);
+    messages.extend(current);
     messages
 }
 
@@ -175,6 +182,7 @@ mod tests {
         let memory = MemoryConfig {
             max_messages: 40,
             max_tokens: 4000,
+            ..MemoryConfig::default()
         };
         let mut model = ModelConfig::unlisted("m");
         model.context_window = 2048;
@@ -202,17 +210,18 @@ mod tests {
         let memory = MemoryConfig {
             max_messages: 40,
             max_tokens: 4000,
+            ..MemoryConfig::default()
         };
         let mut model = ModelConfig::unlisted("m");
         let current = || ChatMessage::new(Role::User, "and now?");
         // Roomy: all 40 lines between the system prompt and the question.
-        let roomy = assemble("Be brief.", &stored, current(), &memory, &model);
+        let roomy = assemble("Be brief.", &stored, vec![current()], 0, &memory, &model);
         assert_eq!(roomy.len(), 42);
         // 100 tokens of window after a 40-token answer: system (7) + question (6) leave 47,
         // which holds four lines of 11 tokens, starting with a question.
         model.context_window = 100;
         model.max_tokens = 40;
-        let tight = assemble("Be brief.", &stored, current(), &memory, &model);
+        let tight = assemble("Be brief.", &stored, vec![current()], 0, &memory, &model);
         let texts: Vec<&str> = tight.iter().map(|m| m.content.as_str()).collect();
         assert_eq!(
             texts,
@@ -227,7 +236,7 @@ mod tests {
         );
         // No system prompt: no empty system message.
         assert_eq!(
-            assemble("", &[], current(), &memory, &model),
+            assemble("", &[], vec![current()], 0, &memory, &model),
             vec![current()]
         );
     }

@@ -171,6 +171,11 @@ pub struct MemoryConfig {
     /// the model's context window leaves after its answer).
     #[serde(default = "default_memory_tokens")]
     pub max_tokens: usize,
+    /// Characters of one message sent to the model (default 16000; fewer when the
+    /// model's context window holds fewer). A longer message keeps its beginning and its
+    /// end, with a note of how much was cut between them.
+    #[serde(default = "default_max_message_chars")]
+    pub max_message_chars: usize,
 }
 
 impl Default for MemoryConfig {
@@ -178,6 +183,7 @@ impl Default for MemoryConfig {
         Self {
             max_messages: default_memory_messages(),
             max_tokens: default_memory_tokens(),
+            max_message_chars: default_max_message_chars(),
         }
     }
 }
@@ -255,6 +261,12 @@ fn default_retries() -> u32 {
 }
 fn default_memory_messages() -> usize {
     40
+}
+/// The fewest characters `memory.max_message_chars` may be: a cut message keeps its
+/// beginning and end around a note of about 40 characters.
+pub const MIN_MESSAGE_CHARS: usize = 200;
+fn default_max_message_chars() -> usize {
+    16_000
 }
 fn default_memory_tokens() -> usize {
     4000
@@ -378,6 +390,15 @@ pub(super) fn validate_agent(
         problem(
             format!("{at}.memory.max_tokens"),
             "must be at least 1".into(),
+        );
+    }
+    if agent.memory.max_message_chars < MIN_MESSAGE_CHARS {
+        problem(
+            format!("{at}.memory.max_message_chars"),
+            format!(
+                "{} is too few to keep the start and end of a long message; use at least {MIN_MESSAGE_CHARS}",
+                agent.memory.max_message_chars
+            ),
         );
     }
     if agent.tools.max_iterations == 0 {

@@ -735,7 +735,7 @@ llm: {{ max_concurrency: 0 }}
         )
         .replace(
             "provider: dashscope, model: qwen-max }",
-            "provider: dashscope, model: qwen-max, fallbacks: [qwen-plus, nowhere/x], image_model: local/smol, queue_limit: 0, tools: { allow: [fetch_url, web_search], deny: [\"*time\"], max_iterations: 0 } }",
+            "provider: dashscope, model: qwen-max, fallbacks: [qwen-plus, nowhere/x], image_model: local/smol, queue_limit: 0, memory: { max_message_chars: 50 }, tools: { allow: [fetch_url, web_search], deny: [\"*time\"], max_iterations: 0 } }",
         );
         let err = error_of(&text);
         for expected in [
@@ -746,6 +746,7 @@ llm: {{ max_concurrency: 0 }}
             "agents[1].fallbacks[0]: \"qwen-plus\" must be written provider/model",
             "agents[1].fallbacks[1]: unknown provider \"nowhere\" in \"nowhere/x\"",
             "agents[1].queue_limit: must be at least 1",
+            "agents[1].memory.max_message_chars: 50 is too few to keep the start and end of a long message; use at least 200",
             "agents[1].tools.allow[1]: \"web_search\" matches no tool; the tools are current_time, fetch_url, search_room_history",
             "agents[1].tools.max_iterations: must be at least 1",
         ] {

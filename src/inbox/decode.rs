@@ -95,6 +95,36 @@ impl Message<'_> {
     pub fn is_notice(&self) -> bool {
         self.msgtype == MsgType::Notice
     }
+
+    /// What the sender wrote: the body without the quote of the replied-to message that
+    /// older clients put in front of a reply or a thread message. That quote is the
+    /// replying client's to write, so it may say anything about anyone; nothing reads
+    /// it. (`formatted_body`'s `<mx-reply>` counterpart never reaches a model or the
+    /// history: both take the plain body.)
+    pub fn text(&self) -> &str {
+        if self.reply_to.is_some() || self.thread_root.is_some() {
+            strip_reply_fallback(&self.body)
+        } else {
+            &self.body
+        }
+    }
+}
+
+/// `body` without a leading [reply fallback](https://spec.matrix.org/v1.18/client-server-api/#fallbacks-for-rich-replies):
+/// `> <@sender:server> quoted` (or `> * <@sender…>` for an emote), more `>` lines, and
+/// the blank line after them. A body that does not open that way is returned whole, so
+/// a quote the person typed stays.
+pub fn strip_reply_fallback(body: &str) -> &str {
+    if !(body.starts_with("> <") || body.starts_with("> * <")) {
+        return body;
+    }
+    let mut rest = body;
+    while rest.starts_with('>') {
+        rest = rest.split_once('\n').map_or("", |(_, tail)| tail);
+    }
+    rest.strip_prefix("\r\n")
+        .or_else(|| rest.strip_prefix('\n'))
+        .unwrap_or(rest)
 }
 
 /// An edit: which message it replaces and, if given, the new text.
@@ -522,6 +552,30 @@ mod tests {
         );
         assert!(!mentions.room);
         assert_eq!((m.hops, m.streaming), (0, false));
+        assert_eq!(m.text(), "Can you raise the limit? \"now\"");
+    }
+
+    #[test]
+    fn the_text_of_a_reply_is_what_its_sender_typed() {
+        for (body, text) in [
+            ("> <@d:hs> quoted\n\nactual", "actual"),
+            ("> <@d:hs> one\n> two\n\nactual\nsecond", "actual\nsecond"),
+            ("> * <@d:hs> waves\n\nhi", "hi"),
+            ("> <@d:hs> quoted\r\n\r\nactual", "actual"),
+            // Only the quoting shape of a fallback is one; a quote the person typed stays.
+            (
+                "> to be or not\n\nthat is it",
+                "> to be or not\n\nthat is it",
+            ),
+            ("plain", "plain"),
+            ("> <@d:hs> only a quote", ""),
+        ] {
+            assert_eq!(strip_reply_fallback(body), text, "{body:?}");
+        }
+        // A message that is not a reply keeps its body whole.
+        let event = fixture!("element-room-mention");
+        let m = message(&event);
+        assert_eq!(m.text(), m.body);
     }
 
     #[test]

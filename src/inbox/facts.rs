@@ -1,18 +1,28 @@
 //! The facts step: everything routing needs beyond the message itself — the room's joined
-//! members and config aliases, recent history, who sent the replied-to event, whether the
-//! sender is paired — gathered in one place, from caches where it can be. Routing itself
-//! then is a pure call.
+//! members and config aliases, recent history, who sent the replied-to event (and what it
+//! said, which the agents are given as the reply's context), whether the sender is
+//! paired — gathered in one place, from caches where it can be. Routing itself then is a
+//! pure call.
 
 use std::collections::HashMap;
 use std::time::Instant;
 
 use ruma::{OwnedUserId, RoomId, UserId};
 
-use super::decode::Message;
+use super::decode::{Message, strip_reply_fallback};
 use super::{FACTS_RETRY, Inbox, ROUTING_HISTORY};
 use crate::config::{AgentId, ChannelId, Config};
 use crate::router::{ContextLine, LoopGuard, MessageFacts, RoomFacts, RouteInput};
 use crate::store::HistoryEntry;
+
+/// The event a message replies to, as far as it is known.
+pub(super) struct Replied {
+    pub sender: OwnedUserId,
+    /// Its text, without a reply fallback of its own, when it has one.
+    pub text: Option<String>,
+    /// When it was sent (`origin_server_ts`).
+    pub ts: Option<u64>,
+}
 
 /// What routing one message looks at, besides the message.
 #[derive(Debug, Default)]
@@ -22,6 +32,12 @@ pub(super) struct Facts {
     pub recent: Vec<HistoryEntry>,
     /// Who sent the event the message replies to, if it is one and that is known.
     pub reply_to_sender: Option<OwnedUserId>,
+    /// The text of the event the message replies to, without its own reply fallback,
+    /// when it is known and has one.
+    pub reply_to_text: Option<String>,
+    /// When the replied-to event was sent, when that is known: its text reaches the model
+    /// only if every reader of the answer may read it then.
+    pub reply_to_ts: Option<u64>,
     /// Whether the sender was approved by pairing.
     pub sender_paired: bool,
     /// Whether another person joined to the room was approved by pairing (looked up
@@ -125,9 +141,12 @@ impl Inbox {
         } else {
             Vec::new()
         };
-        let reply_to_sender = match &message.reply_to {
-            Some(id) => self.sender_of(message.room_id, &room, &recent, id).await,
-            None => None,
+        let (reply_to_sender, reply_to_text, reply_to_ts) = match &message.reply_to {
+            Some(id) => match self.replied_to(message.room_id, &room, &recent, id).await {
+                Some(Replied { sender, text, ts }) => (Some(sender), text, ts),
+                None => (None, None, None),
+            },
+            None => (None, None, None),
         };
         // Pairing matters only where an agent could answer.
         let sender_paired = agents_here && self.sender_paired(&message.sender).await;
@@ -144,6 +163,8 @@ impl Inbox {
             room,
             recent,
             reply_to_sender,
+            reply_to_text,
+            reply_to_ts,
         }
     }
 
@@ -246,17 +267,25 @@ impl Inbox {
             })
     }
 
-    /// Who sent `event_id`: from recent history, else asked of the homeserver as an agent
-    /// in the room.
-    pub(super) async fn sender_of(
+    /// Who sent `event_id` and its text (without a reply fallback of its own): from
+    /// recent history, else asked of the homeserver as an agent in the room.
+    pub(super) async fn replied_to(
         &self,
         room_id: &RoomId,
         room: &RoomFacts,
         recent: &[HistoryEntry],
         event_id: &ruma::EventId,
-    ) -> Option<OwnedUserId> {
+    ) -> Option<Replied> {
+        let text = |body: &str| {
+            let text = strip_reply_fallback(body).trim();
+            (!text.is_empty()).then(|| text.to_owned())
+        };
         if let Some(entry) = recent.iter().find(|e| e.event_id == event_id) {
-            return Some(entry.sender.clone());
+            return Some(Replied {
+                sender: entry.sender.clone(),
+                text: text(&entry.body),
+                ts: Some(entry.ts),
+            });
         }
         let reader = self
             .router
@@ -266,10 +295,14 @@ impl Inbox {
         match self
             .matrix
             .intent(&reader.user_id)
-            .event_sender(room_id, event_id)
+            .event_gist(room_id, event_id)
             .await
         {
-            Ok(sender) => Some(sender),
+            Ok(gist) => Some(Replied {
+                text: gist.body.as_deref().and_then(text),
+                sender: gist.sender,
+                ts: gist.ts,
+            }),
             Err(e) => {
                 tracing::debug!(room_id = %room_id, event_id = %event_id, error = %e, "cannot read the replied-to event");
                 None
@@ -443,6 +476,8 @@ agents: [ { id: damon, provider: echo }, { id: coder, provider: echo } ]
             room: group_room(),
             recent: vec![line(owned_event_id!("$x"), "@bob:example.org", None)],
             reply_to_sender: Some(owned_user_id!("@coder:example.org")),
+            reply_to_text: None,
+            reply_to_ts: None,
             sender_paired: true,
             paired_member_joined: false,
             agents_here: true,
@@ -512,6 +547,8 @@ agents: [ { id: damon, provider: echo }, { id: coder, provider: echo } ]
                 ),
             ],
             reply_to_sender: None,
+            reply_to_text: None,
+            reply_to_ts: None,
             sender_paired: false,
             paired_member_joined: false,
             agents_here: true,

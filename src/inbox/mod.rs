@@ -196,7 +196,9 @@ impl Inbox {
             Some(event) => {
                 let event_id = ruma::EventId::parse(event)
                     .map_err(|e| bad("invalid reply_to event ID", event, &e))?;
-                self.sender_of(&room_id, &room, &recent, &event_id).await
+                self.replied_to(&room_id, &room, &recent, &event_id)
+                    .await
+                    .map(|replied| replied.sender)
             }
         };
         let sender_paired = self.sender_paired(&sender).await;
@@ -210,6 +212,8 @@ impl Inbox {
             room,
             recent,
             reply_to_sender,
+            reply_to_text: None,
+            reply_to_ts: None,
         };
         let message = MessageFacts {
             sender: &sender,

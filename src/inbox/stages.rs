@@ -16,7 +16,7 @@ use super::decode::{Encrypted, HistoryVisibilityChange, Membership, Message};
 use super::facts::Facts;
 use super::limits::Which;
 use super::{Answers, Inbox, Processed, answer, held};
-use crate::agents::{Delivery, Job, Submitted, Trigger, Turn, notices};
+use crate::agents::{Delivery, Job, Quote, Submitted, Trigger, Turn, notices};
 use crate::config::{AgentId, ChannelId};
 use crate::router::{Admission, MessageFacts, RouteDecision, Strategy};
 use crate::store::{HistoryEntry, PAIRING_TTL};
@@ -94,7 +94,7 @@ impl Inbox {
             let entry = HistoryEntry {
                 event_id: event_id.to_owned(),
                 sender: sender.clone(),
-                body: message.body.clone().into_owned(),
+                body: message.text().to_owned(),
                 ts: message.ts,
                 thread_root: message.thread_root.clone(),
                 routed_to: decision.targets.clone(),
@@ -209,15 +209,26 @@ impl Inbox {
         answers
     }
 
-    /// The message as the agents' job carries it.
+    /// The message as the agents' job carries it: its text without a reply fallback, and
+    /// what it replies to from the replied-to event itself.
     fn turn(&self, message: &Message<'_>, facts: &Facts) -> Turn {
+        let reply_to = match (&facts.reply_to_sender, &facts.reply_to_text) {
+            (Some(sender), Some(text)) => Some(Quote {
+                sender: sender.clone(),
+                sender_name: self.display_name(message.room_id, sender),
+                text: text.clone(),
+                ts: facts.reply_to_ts,
+            }),
+            _ => None,
+        };
         Turn {
             room_id: message.room_id.to_owned(),
             event_id: message.event_id.to_owned(),
             sender: message.sender.clone(),
             sender_name: self.display_name(message.room_id, &message.sender),
-            body: message.body.clone().into_owned(),
+            body: message.text().to_owned(),
             image: message.image.clone(),
+            reply_to,
             thread_root: message.thread_root.clone(),
             hops: message.hops + 1,
             ts: message.ts,

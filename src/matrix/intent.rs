@@ -31,6 +31,16 @@ pub struct StateSince<T> {
     pub since: Option<u64>,
 }
 
+/// What [`Intent::event_gist`] reads of an event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventGist {
+    pub sender: OwnedUserId,
+    /// `content.body`, when it is a string (a message's text, reply fallback included).
+    pub body: Option<String>,
+    /// `origin_server_ts`, when the event has one.
+    pub ts: Option<u64>,
+}
+
 /// [`MatrixClient`] acting as one of our users; made by [`MatrixClient::intent`].
 #[derive(Clone)]
 pub struct Intent {
@@ -281,23 +291,37 @@ impl Intent {
         Ok((response.file, response.content_type))
     }
 
-    /// The sender of event `event_id` in `room_id` (the user must be able to see it).
-    pub async fn event_sender(
+    /// Who sent event `event_id` in `room_id` and, for a message, its plain-text body
+    /// (the user must be able to see it).
+    pub async fn event_gist(
         &self,
         room_id: &RoomId,
         event_id: &EventId,
-    ) -> Result<OwnedUserId, MatrixError> {
+    ) -> Result<EventGist, MatrixError> {
         #[derive(Deserialize)]
-        struct Sender {
+        struct Event {
             sender: OwnedUserId,
+            #[serde(default)]
+            content: Content,
+            #[serde(default)]
+            origin_server_ts: Option<u64>,
+        }
+        #[derive(Deserialize, Default)]
+        struct Content {
+            #[serde(default)]
+            body: Option<serde_json::Value>,
         }
         let request =
             room::get_room_event::v3::Request::new(room_id.to_owned(), event_id.to_owned());
         let response = self.client.send(request, Some(&self.user)).await;
         let event = self.noting(room_id, response)?.event;
         event
-            .deserialize_as_unchecked::<Sender>()
-            .map(|s| s.sender)
+            .deserialize_as_unchecked::<Event>()
+            .map(|e| EventGist {
+                sender: e.sender,
+                body: e.content.body.and_then(|b| b.as_str().map(str::to_owned)),
+                ts: e.origin_server_ts,
+            })
             .map_err(|e| MatrixError::Permanent {
                 status: 200,
                 errcode: "M_BAD_JSON".to_owned(),

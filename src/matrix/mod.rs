@@ -21,5 +21,5 @@ mod retry;
 
 pub use client::{MatrixClient, PathInput};
 pub use error::{MatrixError, Undelivered, classify_error};
-pub use intent::{Intent, StateSince};
+pub use intent::{EventGist, Intent, StateSince};
 pub use retry::{RetryPolicy, UNREACHABLE_RETRY};
