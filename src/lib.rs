@@ -49,6 +49,7 @@
 pub mod agents;
 pub mod appservice;
 pub mod cli;
+pub mod collab;
 pub mod config;
 pub mod inbox;
 pub mod llm;

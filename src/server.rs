@@ -15,6 +15,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::agents::AgentRuntime;
 use crate::appservice::{self, AppState};
+use crate::collab::Collab;
 use crate::config::Config;
 use crate::inbox::Inbox;
 use crate::llm::{LlmHub, build_providers};
@@ -85,11 +86,20 @@ impl Services {
         );
         let backlog = Backlog::new(config.appservice.max_backlog);
         let (sender, receiver) = feed::feed(backlog.clone());
+        let collab = Collab::new(
+            config.clone(),
+            runtime.clone(),
+            matrix.clone(),
+            store.clone(),
+            tracker.clone(),
+            stop.clone(),
+        );
         let inbox = Inbox::new(
             config.clone(),
             store.clone(),
             matrix.clone(),
             runtime.clone(),
+            collab,
             backlog.clone(),
         );
         let appservice = AppState::new(
@@ -267,32 +277,42 @@ async fn prune_daily(store: Arc<dyn JournalStore>, shutdown: CancellationToken) 
     }
 }
 
-/// Registers every agent and sets its profile. Failures are logged, not fatal: an agent
-/// whose profile could not be set still answers.
+/// Registers every agent and team and sets its profile. Failures are logged, not fatal:
+/// an agent whose profile could not be set still answers.
 pub async fn provision_agents(config: &Config, matrix: &MatrixClient) {
-    for agent in &config.agents {
-        let user = config.user_id(&agent.id);
+    let profiles = config
+        .agents
+        .iter()
+        .map(|a| (&a.id, a.display_name(), &a.avatar))
+        .chain(
+            config
+                .teams
+                .iter()
+                .map(|t| (&t.id, t.display_name(), &t.avatar)),
+        );
+    for (id, display_name, avatar) in profiles {
+        let user = config.user_id(id);
         let intent = matrix.intent(&user);
         if let Err(e) = intent.ensure_registered().await {
-            tracing::error!(agent = %agent.id, error = %e, "could not register agent user");
+            tracing::error!(agent = %id, error = %e, "could not register agent user");
             continue;
         }
-        if let Err(e) = intent.set_display_name(agent.display_name()).await {
-            tracing::warn!(agent = %agent.id, error = %e, "could not set display name");
+        if let Err(e) = intent.set_display_name(display_name).await {
+            tracing::warn!(agent = %id, error = %e, "could not set display name");
         }
-        if let Some(avatar) = &agent.avatar {
+        if let Some(avatar) = avatar {
             let url = ruma::OwnedMxcUri::from(avatar.as_str());
             match url.validate() {
                 Ok(_) => {
                     if let Err(e) = intent.set_avatar_url(url).await {
-                        tracing::warn!(agent = %agent.id, error = %e, "could not set avatar");
+                        tracing::warn!(agent = %id, error = %e, "could not set avatar");
                     }
                 }
                 Err(e) => {
-                    tracing::warn!(agent = %agent.id, error = %e, "avatar is not a valid mxc:// URI")
+                    tracing::warn!(agent = %id, error = %e, "avatar is not a valid mxc:// URI")
                 }
             }
         }
-        tracing::info!(agent = %agent.id, user = %user, "agent ready");
+        tracing::info!(agent = %id, user = %user, "agent ready");
     }
 }

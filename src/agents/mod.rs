@@ -679,7 +679,10 @@ impl AgentRuntime {
                 &self.matrix.intent(agent_user),
                 &last.room_id,
                 &askers,
-                |user| self.config.agent_by_user(user).is_some(),
+                |user| {
+                    self.config.agent_by_user(user).is_some()
+                        || self.config.team_by_user(user).is_some()
+                },
             )
             .await;
         let specs = self.tools.specs(&agent.tools);

@@ -122,6 +122,24 @@ impl AgentRuntime {
         cancelled
     }
 
+    /// `!stop` in `room`: cancels every run of every session there (see
+    /// [`AgentRuntime::cancel_session`]); returns how many were not cancelled already.
+    pub fn cancel_room(&self, room: &ruma::RoomId) -> usize {
+        let runs = self.runs.lock().expect("runs lock");
+        let mut cancelled = 0;
+        for (_, token) in runs
+            .iter()
+            .filter(|(session, _)| session.room == room)
+            .flat_map(|(_, tokens)| tokens)
+        {
+            if !token.is_cancelled() {
+                token.cancel();
+                cancelled += 1;
+            }
+        }
+        cancelled
+    }
+
     /// How many sessions have a running lane.
     pub fn active_sessions(&self) -> usize {
         self.lanes

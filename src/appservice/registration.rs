@@ -53,7 +53,9 @@ impl Registration {
         let mut users: Vec<Namespace> = config
             .agents
             .iter()
-            .map(|a| exclusive(format!("^@{}:{server}$", regex::escape(&a.id))))
+            .map(|a| &a.id)
+            .chain(config.teams.iter().map(|t| &t.id))
+            .map(|id| exclusive(format!("^@{}:{server}$", regex::escape(id))))
             .collect();
         // Reserved for the puppet users of bridged platforms.
         let prefix = regex::escape(&config.appservice.puppet_prefix);

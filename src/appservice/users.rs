@@ -22,10 +22,21 @@ pub async fn get_user(
     let Path(user_id) = user_id?;
     let not_found = || ApiError::new(StatusCode::NOT_FOUND, "M_NOT_FOUND", "No such user");
     let user = UserId::parse(&user_id).map_err(|_| not_found())?;
-    let agent = state.config.agent_by_user(&user).ok_or_else(not_found)?;
-    state.matrix.intent(&user).ensure_registered().await.map_err(|e| {
-        tracing::error!(agent = %agent.id, error = %e, "could not register agent on user query");
-        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "M_UNKNOWN", format!("could not register {user}: {e}"))
-    })?;
+    let agent = (state.config.agent_by_user(&user).map(|a| &a.id))
+        .or_else(|| state.config.team_by_user(&user).map(|t| &t.id))
+        .ok_or_else(not_found)?;
+    state
+        .matrix
+        .intent(&user)
+        .ensure_registered()
+        .await
+        .map_err(|e| {
+            tracing::error!(agent = %agent, error = %e, "could not register agent on user query");
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "M_UNKNOWN",
+                format!("could not register {user}: {e}"),
+            )
+        })?;
     Ok(Json(serde_json::json!({})))
 }

@@ -19,12 +19,18 @@ use url::Url;
 mod ids;
 mod llm;
 mod routing;
+mod teams;
 
 pub use self::ids::{AgentId, ChannelId, InvalidAgentId, is_valid_localpart};
 
 pub use self::llm::{
     BUILTIN_TOOLS, InputKind, LlmConfig, MemoryConfig, ModelConfig, ModelRef, ProviderApi,
     ProviderConfig, QueueMode, ToolsConfig,
+};
+
+pub use self::teams::{
+    Comparison, Condition, Merger, RuleConfig, StageConfig, TaskMode, TeamBroadcastConfig,
+    TeamConfig, TeamLimits, TeamMode,
 };
 
 pub use self::routing::{
@@ -59,6 +65,9 @@ pub struct Config {
     pub llm: LlmConfig,
     /// The agents, each one virtual Matrix user.
     pub agents: Vec<AgentConfig>,
+    /// Teams of agents, each one virtual Matrix user too, that work on a request together.
+    #[serde(default)]
+    pub teams: Vec<TeamConfig>,
     /// Routing strategies: mention, keyword, context, broadcast, agent-to-agent.
     #[serde(default)]
     pub routing: RoutingConfig,
@@ -527,6 +536,32 @@ impl Config {
                 }
             }
         }
+        for (i, team) in self.teams.iter().enumerate() {
+            let at = format!("teams[{i}].id");
+            if let Err(invalid) = team.id.validate() {
+                problem(at, invalid.to_string());
+            } else if !seen.insert(team.id.as_str()) {
+                problem(
+                    at,
+                    format!("{:?} is already the id of an agent or a team", team.id),
+                );
+            } else if team.id == appservice.sender_localpart
+                || team.id.starts_with(&appservice.puppet_prefix)
+            {
+                problem(
+                    at,
+                    format!(
+                        "{:?} is the appservice's own user or has its puppet prefix",
+                        team.id
+                    ),
+                );
+            }
+        }
+        teams::validate(
+            &self.teams,
+            &|id| self.agents.iter().any(|a| a.id == *id),
+            &mut problem,
+        );
         let defaults: Vec<usize> = (0..self.agents.len())
             .filter(|&i| self.agents[i].default)
             .collect();
@@ -544,9 +579,19 @@ impl Config {
             &self.bindings,
             &self.channels,
             &self.admin,
-            &|id| self.agents.iter().any(|a| a.id == *id),
+            &|id| self.agents.iter().any(|a| a.id == *id) || self.team(id).is_some(),
             &mut problem,
         );
+        for (room, group) in self.channels.values().flat_map(|c| &c.groups) {
+            if let Some(team) = &group.team
+                && self.team(team).is_none()
+            {
+                problem(
+                    format!("channels.*.groups.{room:?}.team"),
+                    format!("unknown team {team:?}"),
+                );
+            }
+        }
 
         if problems.is_empty() {
             Ok(())
@@ -584,6 +629,25 @@ impl Config {
         local == self.appservice.sender_localpart
             || local.starts_with(&self.appservice.puppet_prefix)
             || self.agents.iter().any(|a| a.id == local)
+            || self.teams.iter().any(|t| t.id == local)
+    }
+
+    /// The team `id`, if it is one.
+    pub fn team(&self, id: &AgentId) -> Option<&TeamConfig> {
+        self.teams.iter().find(|t| t.id == *id)
+    }
+
+    /// The agent `id`, if it is one.
+    pub fn agent(&self, id: &AgentId) -> Option<&AgentConfig> {
+        self.agents.iter().find(|a| a.id == *id)
+    }
+
+    /// The team whose user is `user`.
+    pub fn team_by_user(&self, user: &UserId) -> Option<&TeamConfig> {
+        if user.server_name() != self.homeserver.server_name {
+            return None;
+        }
+        self.teams.iter().find(|t| t.id == user.localpart())
     }
 
     /// The policies of `channel` (defaults when the file has none for it).

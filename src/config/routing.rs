@@ -329,6 +329,10 @@ pub struct GroupRoomConfig {
     /// `allow_from` and `routing.broadcast.allow_from`.
     #[serde(default)]
     pub broadcast: Option<bool>,
+    /// The team the room's work goes to: with `require_mention: false`, every message
+    /// nobody was addressed by becomes a task of this team, and `@all` its broadcast.
+    #[serde(default)]
+    pub team: Option<AgentId>,
 }
 
 /// `admin:` — the HTTP admin API (`/api/v1/*`) and the CLI that talks to it.

@@ -36,7 +36,7 @@ use serde::{Deserialize, Deserializer};
 use serde_json::value::RawValue;
 
 use crate::agents::ImageRef;
-use crate::matrix::keys::{HOPS_KEY, STREAMING_KEY};
+use crate::matrix::keys::{HOPS_KEY, STREAMING_KEY, TASK_KEY};
 use crate::store::JournaledEvent;
 
 /// One event, typed by what the inbox does with it.
@@ -88,6 +88,8 @@ pub struct Message<'a> {
     pub hops: u32,
     /// Our agent's answer is still streaming (`io.agentbus.streaming`).
     pub streaming: bool,
+    /// A team posted it for one of its tasks (`io.agentbus.task`).
+    pub in_task: bool,
 }
 
 impl Message<'_> {
@@ -361,12 +363,15 @@ struct MessageContent<'a> {
         deserialize_with = "lenient"
     )]
     streaming: Option<bool>,
+    #[serde(rename = "io.agentbus.task", default, deserialize_with = "lenient")]
+    task: Option<String>,
 }
 
 // serde's attributes need literals: hold them to the shared constants at compile time.
 const _: () = {
     assert!(matches!(HOPS_KEY.as_bytes(), b"io.agentbus.hops"));
     assert!(matches!(STREAMING_KEY.as_bytes(), b"io.agentbus.streaming"));
+    assert!(matches!(TASK_KEY.as_bytes(), b"io.agentbus.task"));
 };
 
 /// `m.relates_to`: every field on its own, so one malformed field does not hide the
@@ -470,6 +475,7 @@ impl<'a> MessageContent<'a> {
                 .hops
                 .map_or(0, |h| u32::try_from(h).unwrap_or(u32::MAX)),
             streaming: self.streaming.unwrap_or(false),
+            in_task: self.task.is_some(),
         }
     }
 }

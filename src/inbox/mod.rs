@@ -26,6 +26,7 @@ use tokio_util::task::TaskTracker;
 use self::decode::{Inbound, decode};
 use self::facts::Facts;
 use crate::agents::{AgentRuntime, Delivery, Outcome};
+use crate::collab::Collab;
 use crate::config::{ChannelId, Config};
 use crate::matrix::MatrixClient;
 use crate::router::explain::{Explain, ExplainError, RouteQuery};
@@ -80,6 +81,8 @@ pub struct Inbox {
     lease: RwLock<Lease>,
     matrix: Arc<MatrixClient>,
     runtime: Arc<AgentRuntime>,
+    /// Teams' tasks.
+    collab: Arc<Collab>,
     router: Router,
     guard: Mutex<LoopGuard>,
     backlog: Arc<Backlog>,
@@ -116,6 +119,7 @@ impl Inbox {
         store: Stores,
         matrix: Arc<MatrixClient>,
         runtime: Arc<AgentRuntime>,
+        collab: Arc<Collab>,
         backlog: Arc<Backlog>,
     ) -> Arc<Self> {
         let (finishing, finished) = mpsc::unbounded_channel();
@@ -135,6 +139,7 @@ impl Inbox {
             store,
             matrix,
             runtime,
+            collab,
             guard: Mutex::new(LoopGuard::default()),
             rooms: Mutex::new(HashMap::new()),
             names: Mutex::new(HashMap::new()),
@@ -568,7 +573,11 @@ impl Inbox {
                 self.on_encrypted(&event.room_id, &event.event_id, &encrypted)
                     .await,
             ),
-            Inbound::Reaction(_) | Inbound::Redaction(_) | Inbound::Other { .. } => Vec::new(),
+            Inbound::Reaction(reaction) => {
+                self.on_reaction(&event.room_id, &reaction);
+                Vec::new()
+            }
+            Inbound::Redaction(_) | Inbound::Other { .. } => Vec::new(),
         };
         Processed {
             answers,

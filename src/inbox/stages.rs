@@ -12,7 +12,7 @@ use ruma::events::room::member::MembershipState;
 use ruma::{OwnedRoomId, RoomId};
 
 use super::commands::{self, Command};
-use super::decode::{Encrypted, HistoryVisibilityChange, Membership, Message};
+use super::decode::{Encrypted, HistoryVisibilityChange, Membership, Message, Reaction};
 use super::facts::Facts;
 use super::limits::Which;
 use super::{Answers, Inbox, Processed, answer, held};
@@ -28,13 +28,37 @@ impl Inbox {
         if !self.is_for_agents(message) {
             return Processed::default();
         }
-        let command = commands::parse(&message.body);
+        let command = commands::parse(message.text());
+        if command == Some(Command::Stop) && !self.config.is_own_user(&message.sender) {
+            self.stop_room(message);
+            return Processed::default();
+        }
         let facts = self.gather_facts(message).await;
         let decision = self.decide(message.room_id, &facts, facts.message(message));
         let line = self.record(message, &facts, &decision).await;
         Processed {
             answers: self.answer(message, &facts, decision, command).await,
             line,
+        }
+    }
+
+    /// `!stop`: every team task and agent answer running in the room stops.
+    fn stop_room(&self, message: &Message<'_>) {
+        let tasks = self.collab.stop_room(message.room_id, &message.sender);
+        let runs = self.runtime.cancel_room(message.room_id);
+        tracing::info!(room_id = %message.room_id, sender = %message.sender, tasks, runs, "!stop");
+    }
+
+    /// A 🛑 or ❌ reaction from a person on a task's request or status stops the task.
+    pub(super) fn on_reaction(&self, room_id: &RoomId, reaction: &Reaction) {
+        if !commands::is_stop_reaction(&reaction.key) || self.config.is_own_user(&reaction.sender) {
+            return;
+        }
+        if self
+            .collab
+            .stop_event(room_id, &reaction.target, &reaction.sender)
+        {
+            tracing::info!(room_id = %room_id, sender = %reaction.sender, target = %reaction.target, "stop reaction: task cancelled");
         }
     }
 
@@ -50,7 +74,8 @@ impl Inbox {
         if self.config.is_own_user(&message.sender) && !self.config.routing.agent_to_agent.enabled {
             return false;
         }
-        message.edit.is_none() && !message.is_notice()
+        // A team's own posts for a task (hand-offs, status) are the task's, not requests.
+        message.edit.is_none() && !message.is_notice() && !message.in_task
     }
 
     /// Routes a message under the current loop-guard state.
@@ -180,6 +205,21 @@ impl Inbox {
             );
         }
         let mut answers = Vec::new();
+        for team in decision
+            .targets
+            .iter()
+            .filter(|id| self.config.team(id).is_some())
+        {
+            if command.is_some() {
+                continue;
+            }
+            tracing::info!(team = %team, room_id = %turn.room_id, event_id = %turn.event_id, "task for the team");
+            answers.push(self.collab.start(
+                team,
+                turn.clone(),
+                decision.strategy == Strategy::Broadcast,
+            ));
+        }
         for agent in decision
             .targets
             .iter()
@@ -187,7 +227,8 @@ impl Inbox {
         {
             let job = match command {
                 Some(Command::Reset) => Job::reset(&agent.id, turn.clone()),
-                None => Job::reply(&agent.id, turn.clone()),
+                // Our own agents' `!stop` is only words.
+                Some(Command::Stop) | None => Job::reply(&agent.id, turn.clone()),
             };
             match self.runtime.submit(job) {
                 // Nothing here cancels a run; the handle is not kept.
@@ -281,7 +322,8 @@ impl Inbox {
             return;
         };
         let audiences = self.runtime.audiences();
-        let Some(agent) = self.config.agent_by_user(target) else {
+        // Agents and teams join on invite alike.
+        let Some(agent) = self.router.agent_of(target) else {
             if let Some(membership) = &member.membership {
                 audiences.record_member(room_id, target, membership, member.ts);
             }
@@ -300,6 +342,13 @@ impl Inbox {
             return;
         }
         if member.membership != Some(MembershipState::Invite) {
+            return;
+        }
+        // A team bringing its members in: ours to accept.
+        if self.config.is_own_user(&member.sender) {
+            if let Err(e) = self.matrix.intent(target).ensure_joined(room_id).await {
+                tracing::warn!(agent = %agent.id, room_id = %room_id, error = %e, "could not join on our team's invite");
+            }
             return;
         }
         // Invites are rare: the inviter's pairing is always looked up.

@@ -148,6 +148,16 @@ impl Intent {
         Ok(())
     }
 
+    /// Invites `user` to `room_id`.
+    pub async fn invite(&self, room_id: &RoomId, user: &UserId) -> Result<(), MatrixError> {
+        use membership::invite_user::v3::{InvitationRecipient, InviteUserId, Request};
+        let recipient = InvitationRecipient::from(InviteUserId::new(user.to_owned()));
+        let request = Request::new(room_id.to_owned(), recipient);
+        let invited = self.client.send(request, Some(&self.user)).await;
+        self.noting(room_id, invited)?;
+        Ok(())
+    }
+
     /// Joins `room_id` unless the user is remembered as joined to it.
     pub async fn ensure_joined(&self, room_id: &RoomId) -> Result<(), MatrixError> {
         if self.client.is_joined(&self.user, room_id) {

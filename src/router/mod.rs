@@ -59,6 +59,8 @@ pub struct Candidate {
     /// Lower-cased names that may follow an `@`: localpart, display name, aliases.
     names: Vec<String>,
     patterns: Vec<Regex>,
+    /// A team's user: it takes tasks, and is not one of "every agent" of a broadcast.
+    pub team: bool,
 }
 
 impl Candidate {
@@ -77,11 +79,22 @@ impl Candidate {
             user_id,
             names: all,
             patterns: Vec::new(),
+            team: false,
         }
     }
 
-    /// Every configured agent, in config order.
+    /// Every configured agent, in config order, then every team.
     pub fn all_from_config(config: &Config) -> Vec<Candidate> {
+        let teams = config.teams.iter().map(|t| {
+            let names = t
+                .display_name
+                .iter()
+                .cloned()
+                .chain(t.aliases.iter().cloned());
+            let mut candidate = Candidate::new(&t.id, config.user_id(&t.id), names);
+            candidate.team = true;
+            candidate
+        });
         config
             .agents
             .iter()
@@ -99,6 +112,7 @@ impl Candidate {
                     .collect();
                 candidate
             })
+            .chain(teams)
             .collect()
     }
 }
@@ -173,6 +187,8 @@ pub enum Strategy {
     Context,
     DirectMessage,
     AutoReply,
+    /// A room whose work goes to a team (`groups.<room>.team`): the team takes it.
+    Team,
     /// An unknown DM sender: the agent sends a pairing code and nothing else.
     Pairing,
     /// A policy or the loop guard refused the message.
@@ -266,6 +282,8 @@ struct RoomSettings<'c> {
     /// Anyone here may broadcast.
     broadcast: bool,
     agents: Option<&'c [AgentId]>,
+    /// The team the room's work goes to (`groups.<room>.team`).
+    team: Option<&'c AgentId>,
 }
 
 /// Who sent a message.
@@ -465,12 +483,35 @@ impl Router {
             && self.may_broadcast(message.sender, rules, settings.as_ref())
             && let Some(how) = self.broadcast_trigger(message, &lowered)
         {
-            let everyone: Vec<usize> = (0..allowed.len()).filter(|&i| allowed[i]).collect();
+            // A room whose work goes to a team broadcasts through the team.
+            if let Some(team) = settings.as_ref().and_then(|s| s.team)
+                && let Some(i) = self.candidates.iter().position(|c| c.id == *team)
+                && allowed[i]
+            {
+                let reason = format!("broadcast ({how}) through the room's team @{team}");
+                return self.decide(vec![i], Strategy::Broadcast, reason);
+            }
+            let everyone: Vec<usize> = (0..allowed.len())
+                .filter(|&i| allowed[i] && !self.candidates[i].team)
+                .collect();
             let reason = format!(
                 "broadcast ({how}) to every agent allowed here: {}",
                 self.names(&everyone)
             );
             return self.decide(everyone, Strategy::Broadcast, reason);
+        }
+
+        // A room whose work goes to a team: what nobody was addressed by is its task.
+        let unaddressed_ok = settings.as_ref().is_none_or(|s| !s.require_mention);
+        if let Some(team) = settings
+            .as_ref()
+            .filter(|_| unaddressed_ok)
+            .and_then(|s| s.team)
+            && let Some(i) = self.candidates.iter().position(|c| c.id == *team)
+            && allowed[i]
+        {
+            let reason = format!("the room's work goes to team @{team} (groups team:)");
+            return self.decide(vec![i], Strategy::Team, reason);
         }
 
         if routing.keyword.enabled
@@ -483,7 +524,6 @@ impl Router {
             return self.decide(vec![hit.agent], Strategy::Keyword, reason);
         }
 
-        let unaddressed_ok = settings.as_ref().is_none_or(|s| !s.require_mention);
         if routing.context.enabled
             && unaddressed_ok
             && let Some((agent, idle)) = self.continuation(input, &allowed)
@@ -587,6 +627,9 @@ impl Router {
             require_mention: pick(&|g| g.require_mention).unwrap_or(!auto_reply),
             auto_reply,
             broadcast: pick(&|g| g.broadcast).unwrap_or(false),
+            team: own
+                .and_then(|g| g.team.as_ref())
+                .or_else(|| star.and_then(|g| g.team.as_ref())),
             agents: own
                 .and_then(|g| g.agents.as_deref())
                 .or_else(|| star.and_then(|g| g.agents.as_deref())),

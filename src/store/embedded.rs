@@ -21,7 +21,7 @@ use super::lease::LeaseTable;
 use super::{
     EventRef, HistoryEntry, HistoryStore, IncomingEvent, JournalOutcome, JournalStore,
     JournaledEvent, Lease, PairedSender, PairingRequest, PairingStore, Partition, SessionEntry,
-    SessionKey, SessionStore, StoreError,
+    SessionKey, SessionStore, StoreError, TaskStore,
 };
 use crate::config::ChannelId;
 
@@ -93,6 +93,10 @@ pub trait Backend: Send + Sync + 'static {
     fn is_paired(&self, channel: &ChannelId, sender: &str) -> Result<bool, StoreError>;
     fn paired_senders(&self) -> Result<Vec<PairedSender>, StoreError>;
     fn revoke_pairing(&self, channel: &ChannelId, sender: &str) -> Result<bool, StoreError>;
+    fn save_task(&self, id: &str, record: &[u8]) -> Result<(), StoreError>;
+    fn task(&self, id: &str) -> Result<Option<Vec<u8>>, StoreError>;
+    fn remove_task(&self, id: &str) -> Result<bool, StoreError>;
+    fn tasks(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
 }
 
 /// How a backend is opened (again).
@@ -379,6 +383,25 @@ impl<B: Backend> SessionStore for Embedded<B> {
 
     async fn clear_session(&self, session: &SessionKey) -> Result<usize, StoreError> {
         self.with(|b| b.clear_session(&session.storage_key()))
+    }
+}
+
+#[async_trait]
+impl<B: Backend> TaskStore for Embedded<B> {
+    async fn save_task(&self, id: &str, record: &[u8]) -> Result<(), StoreError> {
+        self.with(|b| b.save_task(id, record))
+    }
+
+    async fn task(&self, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.with(|b| b.task(id))
+    }
+
+    async fn remove_task(&self, id: &str) -> Result<bool, StoreError> {
+        self.with(|b| b.remove_task(id))
+    }
+
+    async fn tasks(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        self.with(|b| b.tasks())
     }
 }
 

@@ -59,6 +59,7 @@ pub struct FjallBackend {
     paired: PartitionHandle,
     sessions: PartitionHandle,
     sent: PartitionHandle,
+    tasks: PartitionHandle,
     meta: PartitionHandle,
     /// Next sequence number, and the end of the block reserved on disk.
     next_seq: AtomicU64,
@@ -182,6 +183,7 @@ impl FjallBackend {
             paired: partition("paired")?,
             sessions: partition("sessions")?,
             sent: partition("sent")?,
+            tasks: partition("tasks")?,
             meta,
             keyspace,
             next_seq: AtomicU64::new(next),
@@ -571,6 +573,45 @@ impl Backend for FjallBackend {
             )))?;
         }
         Ok(was)
+    }
+
+    // fjall writes to its journal file on insert: a killed process loses none of it.
+    fn save_task(&self, id: &str, record: &[u8]) -> Result<(), StoreError> {
+        self.tasks
+            .insert(id, record)
+            .map_err(unavailable(&format!("cannot save task {id}")))
+    }
+
+    fn task(&self, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.tasks
+            .get(id)
+            .map(|v| v.map(|v| v.to_vec()))
+            .map_err(unavailable(&format!("cannot read task {id}")))
+    }
+
+    fn remove_task(&self, id: &str) -> Result<bool, StoreError> {
+        let was = self
+            .tasks
+            .contains_key(id)
+            .map_err(unavailable("cannot read tasks"))?;
+        if was {
+            self.tasks
+                .remove(id)
+                .map_err(unavailable(&format!("cannot remove task {id}")))?;
+        }
+        Ok(was)
+    }
+
+    fn tasks(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        self.tasks
+            .iter()
+            .map(|item| {
+                let (key, value) = item.map_err(unavailable("cannot read tasks"))?;
+                let id = String::from_utf8(key.to_vec())
+                    .map_err(|_| StoreError::Corrupt("a task ID is not UTF-8".into()))?;
+                Ok((id, value.to_vec()))
+            })
+            .collect()
     }
 }
 

@@ -1,6 +1,7 @@
 //! Durable state, one async trait per concern: [`JournalStore`] (the transaction journal,
 //! dedupe records, partition leases, sent-message records), [`HistoryStore`] (room history),
-//! [`SessionStore`] (agents' conversation memory) and [`PairingStore`] (DM pairing).
+//! [`SessionStore`] (agents' conversation memory), [`PairingStore`] (DM pairing) and
+//! [`TaskStore`] (teams' tasks in progress).
 //!
 //! [`open`] builds the backend `store.backend` names and hands out [`Stores`], one handle
 //! per concern. The embedded engines (fjall, the default, and sled) implement a small
@@ -33,13 +34,14 @@ pub use self::sled::SledBackend;
 
 use crate::config::{AgentId, ChannelId, StoreBackend, StoreConfig};
 
-/// The four concerns of one store.
+/// The concerns of one store.
 #[derive(Clone)]
 pub struct Stores {
     pub journal: Arc<dyn JournalStore>,
     pub history: Arc<dyn HistoryStore>,
     pub sessions: Arc<dyn SessionStore>,
     pub pairing: Arc<dyn PairingStore>,
+    pub tasks: Arc<dyn TaskStore>,
 }
 
 impl Stores {
@@ -54,13 +56,14 @@ impl Stores {
     /// One backend serving every concern.
     pub fn of<S>(store: Arc<S>) -> Self
     where
-        S: JournalStore + HistoryStore + SessionStore + PairingStore + 'static,
+        S: JournalStore + HistoryStore + SessionStore + PairingStore + TaskStore + 'static,
     {
         Self {
             journal: store.clone(),
             history: store.clone(),
             sessions: store.clone(),
-            pairing: store,
+            pairing: store.clone(),
+            tasks: store,
         }
     }
 }
@@ -487,6 +490,24 @@ pub trait PairingStore: Send + Sync {
 
     /// Forgets an approval; returns whether there was one.
     async fn revoke_pairing(&self, channel: &ChannelId, sender: &str) -> Result<bool, StoreError>;
+}
+
+/// Teams' tasks in progress, each one record under its ID, written as the task moves on
+/// so a restarted process resumes it where it was. The record is the caller's (JSON);
+/// a write is on disk (surviving a killed process) when it returns.
+#[async_trait]
+pub trait TaskStore: Send + Sync {
+    /// Stores `record` as task `id`'s, replacing what was there.
+    async fn save_task(&self, id: &str, record: &[u8]) -> Result<(), StoreError>;
+
+    /// Task `id`'s record, if it has one.
+    async fn task(&self, id: &str) -> Result<Option<Vec<u8>>, StoreError>;
+
+    /// Forgets task `id`; returns whether it had a record.
+    async fn remove_task(&self, id: &str) -> Result<bool, StoreError>;
+
+    /// Every task with a record, by ID.
+    async fn tasks(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
 }
 
 /// What the conformance macros share: fixed times, builders and a lease on everything.
@@ -1643,6 +1664,43 @@ macro_rules! store_conformance_tests {
         mod pairing {
             use super::*;
             $crate::pairing_conformance_tests!($fresh, $reopen);
+        }
+        mod tasks {
+            use super::*;
+            $crate::task_conformance_tests!($fresh, $reopen);
+        }
+    };
+}
+
+/// [`TaskStore`] conformance: records replace, survive a reopen and are forgotten.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! task_conformance_tests {
+    ($fresh:expr, $reopen:expr) => {
+        #[tokio::test]
+        async fn task_records_replace_survive_a_reopen_and_are_forgotten() {
+            let (store, guard) = $fresh;
+            assert_eq!(store.tasks.task("devteam:$a").await.unwrap(), None);
+            store.tasks.save_task("devteam:$a", b"one").await.unwrap();
+            store.tasks.save_task("devteam:$a", b"two").await.unwrap();
+            store.tasks.save_task("devteam:$b", b"three").await.unwrap();
+            let store = $reopen(store, &guard);
+            assert_eq!(
+                store.tasks.task("devteam:$a").await.unwrap().as_deref(),
+                Some(&b"two"[..])
+            );
+            assert_eq!(
+                store.tasks.tasks().await.unwrap(),
+                vec![
+                    ("devteam:$a".to_owned(), b"two".to_vec()),
+                    ("devteam:$b".to_owned(), b"three".to_vec())
+                ]
+            );
+            assert!(store.tasks.remove_task("devteam:$a").await.unwrap());
+            assert!(!store.tasks.remove_task("devteam:$a").await.unwrap());
+            let store = $reopen(store, &guard);
+            assert_eq!(store.tasks.task("devteam:$a").await.unwrap(), None);
+            assert_eq!(store.tasks.tasks().await.unwrap().len(), 1);
         }
     };
 }

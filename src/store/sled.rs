@@ -40,6 +40,7 @@ pub struct SledBackend {
     paired: Tree,
     sessions: Tree,
     sent: Tree,
+    tasks: Tree,
 }
 
 /// How many times opening waits 20 ms for sled's file lock (five seconds in all: under load its
@@ -98,6 +99,7 @@ impl SledBackend {
             paired: tree("paired")?,
             sessions: tree("sessions")?,
             sent: tree("sent")?,
+            tasks: tree("tasks")?,
             db,
         })
     }
@@ -678,6 +680,44 @@ impl Backend for SledBackend {
             self.flush()?;
         }
         Ok(removed.is_some())
+    }
+
+    fn save_task(&self, id: &str, record: &[u8]) -> Result<(), StoreError> {
+        self.tasks
+            .insert(id.as_bytes(), record)
+            .map_err(|e| StoreError::Unavailable(format!("cannot save task {id}: {e}")))?;
+        self.flush()
+    }
+
+    fn task(&self, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.tasks
+            .get(id.as_bytes())
+            .map(|v| v.map(|v| v.to_vec()))
+            .map_err(|e| StoreError::Unavailable(format!("cannot read task {id}: {e}")))
+    }
+
+    fn remove_task(&self, id: &str) -> Result<bool, StoreError> {
+        let removed = self
+            .tasks
+            .remove(id.as_bytes())
+            .map_err(|e| StoreError::Unavailable(format!("cannot remove task {id}: {e}")))?;
+        if removed.is_some() {
+            self.flush()?;
+        }
+        Ok(removed.is_some())
+    }
+
+    fn tasks(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        self.tasks
+            .iter()
+            .map(|item| {
+                let (key, value) =
+                    item.map_err(|e| StoreError::Unavailable(format!("cannot read tasks: {e}")))?;
+                let id = String::from_utf8(key.to_vec())
+                    .map_err(|_| StoreError::Corrupt("a task ID is not UTF-8".into()))?;
+                Ok((id, value.to_vec()))
+            })
+            .collect()
     }
 }
 

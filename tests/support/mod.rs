@@ -350,6 +350,12 @@ agents:
   - {{ id: damon, display_name: Damon, aliases: ["戴蒙"], provider: echo }}
   - {{ id: coder, display_name: Coder, provider: echo }}
   - {{ id: researcher, display_name: Researcher, provider: echo }}
+# The teams' users are in the registration too (tests/teams.rs).
+teams:
+  - {{ id: devteam, mode: broadcast, workers: [coder] }}
+  - {{ id: pipeteam, mode: broadcast, workers: [coder] }}
+  - {{ id: panel, mode: broadcast, workers: [coder] }}
+  - {{ id: triage, mode: broadcast, workers: [coder] }}
 "#,
         store.display()
     );
@@ -685,6 +691,50 @@ pub enum LlmMode {
     Refuse { status: u16, body: String },
     /// Never answer (until the mode changes).
     Hang,
+    /// What the script says for this request (by model and messages): a wire-level
+    /// model per agent.
+    Script(Script),
+}
+
+/// A scripted model: `(model, messages) → what to send`.
+#[derive(Clone)]
+pub struct Script(pub Arc<ScriptFn>);
+
+/// What a [`Script`] runs.
+pub type ScriptFn = dyn Fn(&str, &[Value]) -> Scripted + Send + Sync;
+
+impl Script {
+    /// The stub mode that runs `f`.
+    pub fn mode(f: impl Fn(&str, &[Value]) -> Scripted + Send + Sync + 'static) -> LlmMode {
+        LlmMode::Script(Script(Arc::new(f)))
+    }
+}
+
+impl std::fmt::Debug for Script {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Script(..)")
+    }
+}
+
+impl PartialEq for Script {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for Script {}
+
+/// One scripted answer.
+#[derive(Clone, Debug)]
+pub enum Scripted {
+    /// Stream this text at once.
+    Say(String),
+    /// Stream this text a word every 400 ms.
+    Slow(String),
+    /// Send nothing until the client goes away (or the stub's mode changes).
+    Hang,
+    /// Answer HTTP 500, as [`LlmMode::Fail`].
+    Fail,
 }
 
 /// A wire-level OpenAI Chat Completions stub
@@ -788,7 +838,10 @@ impl LlmStub {
             post(move |Json(request): Json<Value>| {
                 let state = state.clone();
                 async move {
+                    // A request dropped while it hangs (the client went away) ended too.
+                    let hanging = EndedGuard(state.ended.clone());
                     let response = state.respond(request).await;
+                    std::mem::forget(hanging);
                     let ended = EndedGuard(state.ended.clone());
                     // The guard lives in the body stream, and counts when hyper drops it.
                     response.map(|body| {
@@ -826,6 +879,17 @@ impl LlmStub {
                         .body(axum::body::Body::from(body))
                         .unwrap();
                 }
+                LlmMode::Script(Script(script)) => match script(&model, &messages) {
+                    Scripted::Say(text) => return sse_text(&model, &text, Duration::ZERO),
+                    Scripted::Slow(text) => {
+                        return sse_text(&model, &text, Duration::from_millis(400));
+                    }
+                    Scripted::Hang => changed.await,
+                    Scripted::Fail => {
+                        let body = json!({"error": {"message": "the stub model is down", "type": "server_error"}});
+                        return (StatusCode::INTERNAL_SERVER_ERROR, Json(body)).into_response();
+                    }
+                },
                 LlmMode::Answer => return sse_text(&model, &answer, Duration::ZERO),
                 LlmMode::Slow => return sse_text(&model, &answer, Duration::from_millis(400)),
                 LlmMode::Tools | LlmMode::Search(_) if last["role"] == "tool" => {
@@ -1163,6 +1227,18 @@ impl Human {
             .get_room(room)
             .expect("the human is in the room");
         room.send(content).await.unwrap().response.event_id
+    }
+
+    /// Reacts to `event` with `key` (an emoji).
+    pub async fn react(&self, room: &OwnedRoomId, event: &OwnedEventId, key: &str) {
+        use matrix_sdk::ruma::events::reaction::ReactionEventContent;
+        use matrix_sdk::ruma::events::relation::Annotation;
+        let room = self
+            .client
+            .get_room(room)
+            .expect("the human is in the room");
+        let content = ReactionEventContent::new(Annotation::new(event.clone(), key.to_owned()));
+        room.send(content).await.unwrap();
     }
 
     /// Waits for a message matching `matches` and returns it.

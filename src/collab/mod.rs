@@ -1,0 +1,755 @@
+//! Teams at work: one request, several agents, all of it in the room.
+//!
+//! A message routed to a team becomes a **task**. The task runs in the thread of the
+//! request: the team's user posts one status message there and edits it as the task moves
+//! on (which mode, who is running, how it ended and why); every step is an agent's run
+//! through its own session lane ([`AgentRuntime::submit`]), posted as that agent. The
+//! modes:
+//!
+//! - **star** ([`star`]): the coordinator plans (`@worker: part` lines), each hand-off
+//!   is posted by the coordinator mentioning the worker, the workers answer in parallel in
+//!   the thread (and may hand off further, up to `max_depth`), and the coordinator posts
+//!   the integrated answer.
+//! - **pipeline** ([`pipeline`]): stages in order, each given the last one's output.
+//! - **broadcast** ([`broadcast`]): every worker answers; a summary links each answer,
+//!   marking the ones that miss the timeout late (they still appear, and join it).
+//! - **hybrid**: rules (or the coordinator's model) pick one of those, or `direct`.
+//!
+//! **Limits** (`teams[].limits`) are enforced here, not by a prompt: agent turns, fan-out
+//! per plan, delegation depth, wall-clock time, tokens (the providers' usage, summed) and
+//! hand-offs between the same two agents. Reaching one ends the task, saying which.
+//!
+//! **Stop**: `!stop` in the room, or a 🛑 / ❌ reaction on the request or the status,
+//! cancels every running step (their model streams are closed) and finalises what they
+//! had posted as stopped.
+//!
+//! **Restarts**: the request stays in the journal until its task ends, and the task's
+//! record ([`TaskStore`](crate::store::TaskStore)) holds every finished step. After a
+//! restart the task picks up where it was: a finished step is never run again, the
+//! interrupted one runs again (its sends derive their transaction IDs from the step, so
+//! it edits what it had posted), and the status says it resumed. A task that ended keeps
+//! its record, so a replayed request is not answered twice.
+
+mod broadcast;
+mod pipeline;
+pub mod plan;
+mod record;
+mod star;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use ruma::{OwnedEventId, OwnedRoomId, OwnedUserId, RoomId};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::agents::{
+    AgentRuntime, Assignment, Delivery, Destination, Ended, Job, Outcome, Reason, Submitted, Turn,
+    derived_txn_id,
+};
+use crate::config::{AgentId, Config, TaskMode, TeamConfig, TeamMode};
+use crate::matrix::keys::{HOPS_KEY, TASK_KEY};
+use crate::matrix::{MatrixClient, Undelivered};
+use crate::store::{SessionKey, Stores};
+
+use self::record::{StepRecord, TaskRecord};
+
+/// How a task ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum End {
+    Done,
+    /// A step failed in a way that stops the task (a pipeline stage, say); why.
+    Failed(String),
+    /// Stopped by a person (`!stop`, a reaction): who.
+    Cancelled(OwnedUserId),
+    /// The task's wall-clock limit.
+    TimedOut(Duration),
+    /// Another limit: which, and what it was.
+    Limit(String),
+    /// Shutdown: the request stays journaled and the task resumes after the restart.
+    Interrupted,
+}
+
+impl End {
+    fn describe(&self) -> String {
+        match self {
+            End::Done => "✅ done".to_owned(),
+            End::Failed(why) => format!("❌ failed: {why}"),
+            End::Cancelled(by) => format!("🛑 cancelled by {by}"),
+            End::TimedOut(after) => format!(
+                "⏱ timed out: the task ran longer than its limit of {} (limits.timeout)",
+                humantime::format_duration(*after)
+            ),
+            End::Limit(which) => format!("⛔ stopped: {which}"),
+            End::Interrupted => "⏸ interrupted by a restart; it resumes".to_owned(),
+        }
+    }
+}
+
+/// What one step is asked.
+pub(crate) struct Step {
+    /// Unique in the task: the record's key, and part of the step's transaction IDs.
+    pub name: String,
+    pub agent: AgentId,
+    pub prompt: String,
+    /// Posted in the task's thread, or silent (its text is for another step).
+    pub posted: bool,
+    /// How long it may take (a pipeline stage's `timeout`).
+    pub timeout: Option<Duration>,
+}
+
+/// What came of a step.
+#[derive(Debug, Clone)]
+pub(crate) struct Done {
+    pub text: String,
+    pub events: Vec<OwnedEventId>,
+    /// `None` when it answered; else why not.
+    pub failure: Option<String>,
+    /// Replayed from the record: it finished before a restart.
+    pub replayed: bool,
+}
+
+/// A task while it runs: what every step shares.
+pub(crate) struct Task {
+    pub id: String,
+    pub team: TeamConfig,
+    pub room: OwnedRoomId,
+    /// The request, as people sent it.
+    pub request: Turn,
+    /// The thread the task runs in (the request's own, or the one it started).
+    pub root: OwnedEventId,
+    pub cancel: CancellationToken,
+    /// Why the task is ending, set by whoever ends it first.
+    end: Mutex<Option<End>>,
+    record: tokio::sync::Mutex<TaskRecord>,
+    /// The status line's latest text (without the header).
+    status: Mutex<String>,
+}
+
+impl Task {
+    /// Ends the task for `why` unless something ended it first; cancels every step.
+    pub fn end(&self, why: End) {
+        let mut end = self.end.lock().expect("task end lock");
+        if end.is_none() {
+            *end = Some(why);
+        }
+        drop(end);
+        self.cancel.cancel();
+    }
+
+    fn ended(&self) -> Option<End> {
+        self.end.lock().expect("task end lock").clone()
+    }
+
+    pub fn asker(&self) -> String {
+        let name = self.request.sender_name.trim();
+        if name.is_empty() {
+            self.request.sender.to_string()
+        } else {
+            format!("{name} ({})", self.request.sender)
+        }
+    }
+}
+
+/// Runs teams' tasks.
+pub struct Collab {
+    config: Arc<Config>,
+    runtime: Arc<AgentRuntime>,
+    matrix: Arc<MatrixClient>,
+    store: Stores,
+    tracker: TaskTracker,
+    /// Shutdown: tasks stop waiting and stay journaled.
+    stop: CancellationToken,
+    running: Mutex<HashMap<String, Arc<Task>>>,
+}
+
+impl Collab {
+    pub fn new(
+        config: Arc<Config>,
+        runtime: Arc<AgentRuntime>,
+        matrix: Arc<MatrixClient>,
+        store: Stores,
+        tracker: TaskTracker,
+        stop: CancellationToken,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            config,
+            runtime,
+            matrix,
+            store,
+            tracker,
+            stop,
+            running: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Starts (or, after a restart, resumes) `team`'s task for `request`; `broadcast`
+    /// when it was asked with `@all`. Resolves when the task is over, with what it means
+    /// for the request's event.
+    pub fn start(
+        self: &Arc<Self>,
+        team: &AgentId,
+        request: Turn,
+        broadcast: bool,
+    ) -> BoxFuture<'static, Option<Delivery>> {
+        let this = self.clone();
+        let team = team.clone();
+        let handle = self.tracker.spawn(async move {
+            let team = this.config.team(&team).cloned()?;
+            Some(this.run(team, request, broadcast).await)
+        });
+        Box::pin(async move { handle.await.ok().flatten() })
+    }
+
+    /// `!stop` by `by` in `room`: ends every task running there. Returns how many.
+    pub fn stop_room(&self, room: &RoomId, by: &ruma::UserId) -> usize {
+        let running = self.running.lock().expect("running tasks lock");
+        let mut stopped = 0;
+        for task in running.values().filter(|t| t.room == room) {
+            task.end(End::Cancelled(by.to_owned()));
+            stopped += 1;
+        }
+        stopped
+    }
+
+    /// A stop reaction by `by` on `event`: ends the task whose request or status it is.
+    pub fn stop_event(&self, room: &RoomId, event: &ruma::EventId, by: &ruma::UserId) -> bool {
+        let running = self.running.lock().expect("running tasks lock");
+        let Some(task) = running.values().find(|t| {
+            t.room == room
+                && (t.request.event_id == event
+                    || t.root == event
+                    || t.record
+                        .try_lock()
+                        .is_ok_and(|r| r.status.as_deref() == Some(event)))
+        }) else {
+            return false;
+        };
+        task.end(End::Cancelled(by.to_owned()));
+        true
+    }
+
+    async fn run(self: &Arc<Self>, team: TeamConfig, request: Turn, broadcast: bool) -> Delivery {
+        let id = format!("{}:{}", team.id, request.event_id);
+        let stored = match self.store.tasks.task(&id).await {
+            Ok(stored) => stored.and_then(|bytes| TaskRecord::decode(&bytes)),
+            Err(e) => {
+                tracing::warn!(task = %id, error = %e, "could not read the task's record; starting it afresh");
+                None
+            }
+        };
+        if stored.as_ref().is_some_and(|r| r.ended) {
+            tracing::info!(task = %id, "task already ended before a restart; not run again");
+            return Delivery::Delivered;
+        }
+        let resumed = stored.is_some();
+        let mut record = stored.unwrap_or_else(|| TaskRecord::new(crate::unix_ms()));
+        let (mode, why) = match record.mode {
+            Some(mode) => (mode, record.why.clone().unwrap_or_default()),
+            None => self.pick_mode(&team, &request, broadcast).await,
+        };
+        record.mode = Some(mode);
+        record.why = Some(why.clone());
+        let root = request
+            .thread_root
+            .clone()
+            .unwrap_or_else(|| request.event_id.clone());
+        let task = Arc::new(Task {
+            id: id.clone(),
+            room: request.room_id.clone(),
+            root,
+            // Not shutdown's child: a stopped task finalises its steps as stopped, an
+            // interrupted one leaves them to resume.
+            cancel: CancellationToken::new(),
+            end: Mutex::new(None),
+            record: tokio::sync::Mutex::new(record),
+            status: Mutex::new(String::new()),
+            team,
+            request,
+        });
+        self.running
+            .lock()
+            .expect("running tasks lock")
+            .insert(id.clone(), task.clone());
+        tracing::info!(task = %id, mode = mode.as_str(), resumed, "task started");
+        self.bring_in_members(&task).await;
+        let mut opening = why;
+        if resumed {
+            opening.push_str(" — resumed after a restart");
+        }
+        self.set_status(&task, &opening).await;
+        let deadline = {
+            let started = task.record.lock().await.started_ms;
+            let elapsed = crate::unix_ms().saturating_sub(started);
+            task.team
+                .limits
+                .timeout
+                .saturating_sub(Duration::from_millis(elapsed))
+        };
+        let body = async {
+            match mode {
+                TaskMode::Star => star::run(self, &task).await,
+                TaskMode::Pipeline => pipeline::run(self, &task).await,
+                TaskMode::Broadcast => broadcast::run(self, &task).await,
+                TaskMode::Direct => self.direct(&task).await,
+            }
+        };
+        let limit = task.team.limits.timeout;
+        let outcome = tokio::select! {
+            end = body => end,
+            _ = tokio::time::sleep(deadline) => {
+                task.end(End::TimedOut(limit));
+                // The steps see the cancellation, finalise what they posted and return.
+                End::TimedOut(limit)
+            }
+        };
+        let end = task.ended().unwrap_or(outcome);
+        self.running.lock().expect("running tasks lock").remove(&id);
+        if end == End::Interrupted || self.stop.is_cancelled() {
+            tracing::info!(task = %id, "task interrupted by shutdown; it resumes after the restart");
+            return Delivery::Interrupted;
+        }
+        self.finish(&task, &end).await
+    }
+
+    /// Records the end, says it in the status (and, for an end people should notice, in
+    /// a message of its own), and lets the request leave the journal.
+    async fn finish(&self, task: &Task, end: &End) -> Delivery {
+        tracing::info!(task = %task.id, end = ?end, "task ended");
+        let summary = {
+            let record = task.record.lock().await;
+            format!(
+                "{} ({} agent turns, {} tokens)",
+                end.describe(),
+                record.turns,
+                record.tokens
+            )
+        };
+        self.set_status(task, &summary).await;
+        if !matches!(end, End::Done) {
+            let text = format!("{} — {}", task.team.display_name(), end.describe());
+            if let Err(e) = self
+                .post(task, &task.team.id, "ended", &text, &[], true)
+                .await
+            {
+                tracing::warn!(task = %task.id, error = %e, "could not say how the task ended");
+            }
+        }
+        let mut record = task.record.lock().await;
+        record.ended = true;
+        self.save(task, &record).await;
+        Delivery::Delivered
+    }
+
+    /// The mode of a new task, and the line saying how it was chosen.
+    async fn pick_mode(
+        &self,
+        team: &TeamConfig,
+        request: &Turn,
+        broadcast: bool,
+    ) -> (TaskMode, String) {
+        if broadcast {
+            return (
+                TaskMode::Broadcast,
+                "broadcast (asked with @all)".to_owned(),
+            );
+        }
+        match team.mode {
+            TeamMode::Star => (TaskMode::Star, "star".to_owned()),
+            TeamMode::Pipeline => (TaskMode::Pipeline, "pipeline".to_owned()),
+            TeamMode::Broadcast => (TaskMode::Broadcast, "broadcast".to_owned()),
+            TeamMode::Hybrid => {
+                if let Some((mode, i, when)) = plan::classify(&team.rules, &request.body) {
+                    return (
+                        mode,
+                        format!("hybrid → {} (rules[{i}]: {when})", mode.as_str()),
+                    );
+                }
+                if team.classifier
+                    && let Some(coordinator) = &team.coordinator
+                    && let Some(mode) = self.ask_classifier(team, coordinator, request).await
+                {
+                    return (
+                        mode,
+                        format!(
+                            "hybrid → {} (the coordinator's model chose it)",
+                            mode.as_str()
+                        ),
+                    );
+                }
+                (
+                    team.default_mode,
+                    format!(
+                        "hybrid → {} (no rule matched: default_mode)",
+                        team.default_mode.as_str()
+                    ),
+                )
+            }
+        }
+    }
+
+    /// Asks the coordinator's model to pick a mode (silently, outside any task's limits).
+    async fn ask_classifier(
+        &self,
+        team: &TeamConfig,
+        coordinator: &AgentId,
+        request: &Turn,
+    ) -> Option<TaskMode> {
+        let mut turn = request.clone();
+        turn.body = plan::classifier_prompt(&request.body);
+        turn.group = false;
+        turn.reply_to = None;
+        let job = Job::Answer(Assignment {
+            session: SessionKey::new(coordinator, &request.room_id, Some(&request.event_id)),
+            inputs: vec![turn],
+            reason: Reason::Collaboration {
+                step: format!("{}:classify", team.id),
+            },
+            destination: Destination::Silent,
+        });
+        let Submitted::Queued { outcome, .. } = self.runtime.submit(job) else {
+            return None;
+        };
+        let outcome = outcome.await.ok()?;
+        let mode = plan::classifier_answer(&outcome.text)?;
+        // Only a mode the team can run.
+        let runnable = match mode {
+            TaskMode::Star => team.coordinator.is_some() && !team.workers.is_empty(),
+            TaskMode::Pipeline => !team.stages.is_empty(),
+            TaskMode::Broadcast => !team.workers.is_empty(),
+            TaskMode::Direct => team.coordinator.is_some(),
+        };
+        runnable.then_some(mode)
+    }
+
+    /// `direct`: the coordinator answers alone, in the thread.
+    async fn direct(&self, task: &Task) -> End {
+        let Some(coordinator) = task.team.coordinator.clone() else {
+            return End::Failed("the team has no coordinator".into());
+        };
+        self.set_status(task, &format!("@{coordinator} answers"))
+            .await;
+        let step = Step {
+            name: "answer".into(),
+            agent: coordinator,
+            prompt: task.request.body.clone(),
+            posted: true,
+            timeout: None,
+        };
+        match self.step(task, step).await {
+            Ok(done) => match done.failure {
+                None => End::Done,
+                Some(why) => End::Failed(why),
+            },
+            Err(end) => end,
+        }
+    }
+
+    /// Invites the team's agents that are not in the room (as the team) and joins them.
+    async fn bring_in_members(&self, task: &Task) {
+        let team_user = self.config.user_id(&task.team.id);
+        let joined = match self
+            .matrix
+            .intent(&team_user)
+            .joined_members(&task.room)
+            .await
+        {
+            Ok(members) => members.into_iter().map(|(id, _)| id).collect::<Vec<_>>(),
+            Err(e) => {
+                tracing::warn!(task = %task.id, error = %e, "could not list the room's members");
+                return;
+            }
+        };
+        for agent in task.team.members() {
+            let user = self.config.user_id(&agent);
+            if joined.contains(&user) {
+                continue;
+            }
+            if let Err(e) = self
+                .matrix
+                .intent(&team_user)
+                .invite(&task.room, &user)
+                .await
+            {
+                tracing::warn!(task = %task.id, agent = %agent, error = %e, "could not invite a team member");
+                continue;
+            }
+            if let Err(e) = self.matrix.intent(&user).join_room(&task.room).await {
+                tracing::warn!(task = %task.id, agent = %agent, error = %e, "a team member could not join");
+            }
+        }
+    }
+
+    /// Runs one step, or replays it from the record when it finished before a restart.
+    /// `Err` when the task is ending (stopped, a limit, shutdown): the step's partial
+    /// answer was finalised as stopped.
+    pub(crate) async fn step(&self, task: &Task, step: Step) -> Result<Done, End> {
+        if let Some(done) = task.record.lock().await.steps.get(&step.name) {
+            return Ok(Done {
+                text: done.text.clone(),
+                events: done.events.clone(),
+                failure: done.failure.clone(),
+                replayed: true,
+            });
+        }
+        if let Some(end) = task.ended() {
+            return Err(end);
+        }
+        {
+            let mut record = task.record.lock().await;
+            let max = task.team.limits.max_agent_turns;
+            if record.turns >= max {
+                drop(record);
+                let end = End::Limit(format!(
+                    "{max} agent turns reached (limits.max_agent_turns)"
+                ));
+                task.end(end.clone());
+                return Err(end);
+            }
+            record.turns += 1;
+        }
+        let mut turn = task.request.clone();
+        turn.body = step.prompt;
+        turn.group = false;
+        turn.reply_to = None;
+        turn.hops = task.request.hops + 1;
+        turn.thread_root = Some(task.root.clone());
+        let destination = if step.posted {
+            Destination::Thread {
+                room: task.room.clone(),
+                root: task.root.clone(),
+            }
+        } else {
+            Destination::Silent
+        };
+        let job = Job::Answer(Assignment {
+            session: SessionKey::new(&step.agent, &task.room, Some(&task.root)),
+            inputs: vec![turn],
+            reason: Reason::Collaboration {
+                step: format!("{}:{}", task.id, step.name),
+            },
+            destination,
+        });
+        let (outcome, handle) = match self.runtime.submit(job) {
+            Submitted::Queued { outcome, handle } => (outcome, handle),
+            Submitted::Busy => {
+                return Ok(self
+                    .remember(task, &step.name, failed(format!("@{} is busy", step.agent)))
+                    .await);
+            }
+            Submitted::Refused => {
+                return Ok(self
+                    .remember(
+                        task,
+                        &step.name,
+                        failed(format!("@{} cannot run", step.agent)),
+                    )
+                    .await);
+            }
+        };
+        let timeout = step.timeout.unwrap_or(Duration::MAX);
+        let mut outcome = std::pin::pin!(outcome);
+        let mut timed_out = false;
+        let finished: Option<Outcome> = tokio::select! {
+            outcome = &mut outcome => outcome.ok(),
+            // Shutdown: the runtime ends the run as interrupted by itself.
+            _ = self.stop.cancelled() => (&mut outcome).await.ok(),
+            _ = task.cancel.cancelled() => {
+                handle.cancel();
+                let _ = (&mut outcome).await;
+                None
+            }
+            _ = tokio::time::sleep(timeout) => {
+                timed_out = true;
+                handle.cancel();
+                (&mut outcome).await.ok()
+            }
+        };
+        let Some(outcome) = finished else {
+            return Err(task.ended().unwrap_or(End::Interrupted));
+        };
+        let tokens = outcome
+            .usage
+            .map_or(0, |u| u.input_tokens + u.output_tokens);
+        let failure = match &outcome.ended {
+            _ if timed_out => Some(format!(
+                "@{} took longer than {}",
+                step.agent,
+                humantime::format_duration(timeout)
+            )),
+            Ended::Finished => None,
+            Ended::Failed(notice) => Some(notice.clone()),
+            Ended::TimedOut => Some(format!("@{}'s model did not answer in time", step.agent)),
+            Ended::Cancelled => Some(format!("@{} was stopped", step.agent)),
+            Ended::Undeliverable(why) => Some(format!(
+                "@{}'s answer could not be posted: {why}",
+                step.agent
+            )),
+            Ended::Interrupted => return Err(End::Interrupted),
+        };
+        let done = Done {
+            text: outcome.text,
+            events: outcome.events,
+            failure,
+            replayed: false,
+        };
+        let over_budget = {
+            let mut record = task.record.lock().await;
+            record.tokens += tokens;
+            record.tokens > task.team.limits.token_budget
+        };
+        let done = self.remember(task, &step.name, done).await;
+        if over_budget {
+            let end = End::Limit(format!(
+                "the token budget of {} was used up (limits.token_budget)",
+                task.team.limits.token_budget
+            ));
+            task.end(end.clone());
+            return Err(end);
+        }
+        Ok(done)
+    }
+
+    /// Keeps a finished step in the task's record, on disk.
+    async fn remember(&self, task: &Task, name: &str, done: Done) -> Done {
+        let mut record = task.record.lock().await;
+        record.steps.insert(
+            name.to_owned(),
+            StepRecord {
+                text: done.text.clone(),
+                events: done.events.clone(),
+                failure: done.failure.clone(),
+            },
+        );
+        self.save(task, &record).await;
+        done
+    }
+
+    async fn save(&self, task: &Task, record: &TaskRecord) {
+        if let Err(e) = self.store.tasks.save_task(&task.id, &record.encode()).await {
+            tracing::warn!(task = %task.id, error = %e, "could not save the task's record");
+        }
+    }
+
+    /// Edits the status message to `line` (posting it first if the task has none).
+    pub(crate) async fn set_status(&self, task: &Task, line: &str) {
+        *task.status.lock().expect("status lock") = line.to_owned();
+        let text = format!("🧭 {} · {}", task.team.display_name(), line);
+        let existing = task.record.lock().await.status.clone();
+        let result = match existing {
+            None => {
+                let sent = self
+                    .post(task, &task.team.id, "status", &text, &[], true)
+                    .await;
+                if let Ok(event) = &sent {
+                    let mut record = task.record.lock().await;
+                    record.status = Some(event.clone());
+                    self.save(task, &record).await;
+                }
+                sent.map(|_| ())
+            }
+            Some(status) => {
+                self.edit(task, &task.team.id, &status, &text).await;
+                Ok(())
+            }
+        };
+        if let Err(e) = result {
+            tracing::warn!(task = %task.id, error = %e, "could not post the task's status");
+        }
+    }
+
+    /// Edits `event`, posted by `from` for the task, to say `text` (as a notice).
+    pub(crate) async fn edit(
+        &self,
+        task: &Task,
+        from: &AgentId,
+        event: &ruma::EventId,
+        text: &str,
+    ) {
+        let content = json!({
+            "msgtype": "m.notice",
+            "body": format!("* {text}"),
+            "m.new_content": { "msgtype": "m.notice", "body": text, "m.mentions": {} },
+            "m.relates_to": { "rel_type": "m.replace", "event_id": event },
+            "m.mentions": {},
+            TASK_KEY: task.id,
+            HOPS_KEY: task.request.hops + 1,
+        });
+        let txn = derived_txn_id(
+            &task.request.event_id,
+            from,
+            &format!("{}:edit:{event}:{}", task.id, digest(text)),
+        );
+        if let Err(e) = self
+            .matrix
+            .intent(&self.config.user_id(from))
+            .send_message_until_delivered(&task.room, &txn, &content, &self.stop)
+            .await
+        {
+            tracing::warn!(task = %task.id, error = %e, "could not edit the task's message");
+        }
+    }
+
+    /// Posts `text` as `from` (an agent or the team) in the task's thread, mentioning
+    /// `mention`; `purpose` keeps its transaction ID apart from the task's other posts.
+    pub(crate) async fn post(
+        &self,
+        task: &Task,
+        from: &AgentId,
+        purpose: &str,
+        text: &str,
+        mention: &[OwnedUserId],
+        notice: bool,
+    ) -> Result<OwnedEventId, Undelivered> {
+        let msgtype = if notice { "m.notice" } else { "m.text" };
+        let content = json!({
+            "msgtype": msgtype,
+            "body": text,
+            "m.mentions": { "user_ids": mention },
+            "m.relates_to": {
+                "rel_type": "m.thread", "event_id": task.root, "is_falling_back": true,
+                "m.in_reply_to": { "event_id": task.root },
+            },
+            TASK_KEY: task.id,
+            HOPS_KEY: task.request.hops + 1,
+        });
+        let txn = derived_txn_id(
+            &task.request.event_id,
+            from,
+            &format!("{}:{purpose}", task.id),
+        );
+        self.matrix
+            .intent(&self.config.user_id(from))
+            .send_message_until_delivered(&task.room, &txn, &content, &self.stop)
+            .await
+    }
+
+    /// An agent's display name.
+    pub(crate) fn name_of(&self, agent: &AgentId) -> String {
+        self.config
+            .agent(agent)
+            .map_or_else(|| agent.to_string(), |a| a.display_name().to_owned())
+    }
+
+    pub(crate) fn user_of(&self, agent: &AgentId) -> OwnedUserId {
+        self.config.user_id(agent)
+    }
+}
+
+fn failed(why: String) -> Done {
+    Done {
+        text: String::new(),
+        events: Vec::new(),
+        failure: Some(why),
+        replayed: false,
+    }
+}
+
+/// A short digest of `text`, the same in every process, for transaction IDs.
+fn digest(text: &str) -> String {
+    use sha2::Digest as _;
+    hex::encode(&sha2::Sha256::digest(text.as_bytes())[..8])
+}

@@ -1,0 +1,393 @@
+//! The words a task is made of: the prompts its steps are asked, the hand-offs a
+//! coordinator's plan names, a pipeline stage's template, and the summary of a broadcast.
+//! Pure functions, so every rule here is tested without a room.
+
+use std::collections::BTreeMap;
+
+use crate::config::{AgentId, Condition, RuleConfig, TaskMode};
+
+/// One hand-off of a plan: who, and what they are asked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Handoff {
+    pub agent: AgentId,
+    pub task: String,
+}
+
+/// The hand-offs in a plan: lines `@agent: what to do` (also `@agent:server: …`, a
+/// full-width colon, or a list bullet before it) naming one of `allowed`. Other lines are
+/// the coordinator's own words. An agent named twice gets both parts, joined.
+pub fn handoffs(plan: &str, allowed: &[AgentId]) -> Vec<Handoff> {
+    let mut found: Vec<Handoff> = Vec::new();
+    for line in plan.lines() {
+        let line = line.trim().trim_start_matches(['-', '*', '•']).trim_start();
+        let Some(rest) = line.strip_prefix('@') else {
+            continue;
+        };
+        let end = rest
+            .find(|c: char| !(c.is_ascii_alphanumeric() || "._=/-".contains(c)))
+            .unwrap_or(rest.len());
+        let (name, mut rest) = rest.split_at(end);
+        // `@coder:example.org: …`: a server name before the colon that ends the name.
+        if let Some(after) = rest.strip_prefix(':')
+            && let Some(colon) = after.find([':', '：'])
+            && !after[..colon].contains(char::is_whitespace)
+            && !after[..colon].is_empty()
+        {
+            rest = &after[colon..];
+        }
+        let Some(task) = rest
+            .trim_start()
+            .strip_prefix(':')
+            .or_else(|| rest.trim_start().strip_prefix('：'))
+        else {
+            continue;
+        };
+        let task = task.trim();
+        let Some(agent) = allowed.iter().find(|a| a.as_str() == name) else {
+            continue;
+        };
+        if task.is_empty() {
+            continue;
+        }
+        match found.iter_mut().find(|h| h.agent == *agent) {
+            Some(h) => {
+                h.task.push('\n');
+                h.task.push_str(task);
+            }
+            None => found.push(Handoff {
+                agent: agent.clone(),
+                task: task.to_owned(),
+            }),
+        }
+    }
+    found
+}
+
+/// What the coordinator is asked to plan.
+pub fn plan_prompt(
+    asker: &str,
+    team: &str,
+    request: &str,
+    workers: &[(AgentId, String)],
+    fanout: usize,
+) -> String {
+    let mut roster = String::new();
+    for (id, name) in workers {
+        roster.push_str(&format!("\n- @{id} ({name})"));
+    }
+    let example = workers.first().map_or("worker", |(id, _)| id.as_str());
+    format!(
+        "{asker} asked the team {team}:\n\n{request}\n\nYou coordinate it. Your team:{roster}\n\n\
+         Hand off parts of the work with one line per hand-off, written as\n\
+         @{example}: what they should do\n\
+         (at most {fanout} hand-offs). If nobody's help is needed, answer the request yourself, \
+         with no hand-off lines."
+    )
+}
+
+/// What a worker is asked by whoever handed the part off.
+pub fn worker_prompt(from: &str, asker: &str, task: &str, request: &str) -> String {
+    format!(
+        "{from} hands you a part of {asker}'s request.\n\nYour part: {task}\n\nThe whole request: {request}"
+    )
+}
+
+/// A worker's answer as the coordinator reads it for the synthesis.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Report {
+    pub agent: AgentId,
+    /// The answer; `Err` says why there is none.
+    pub answer: Result<String, String>,
+}
+
+/// What the coordinator is asked to integrate.
+pub fn synthesis_prompt(asker: &str, request: &str, reports: &[Report]) -> String {
+    let mut text = format!("{asker} asked the team:\n\n{request}\n\nYour team's answers:");
+    for report in reports {
+        match &report.answer {
+            Ok(answer) => text.push_str(&format!("\n\n@{} answered:\n{answer}", report.agent)),
+            Err(why) => text.push_str(&format!("\n\n@{} did not answer: {why}", report.agent)),
+        }
+    }
+    text.push_str(&format!(
+        "\n\nWrite the team's answer for {asker}, integrating these. Say which part is missing, if one is."
+    ));
+    text
+}
+
+/// A pipeline stage's prompt: `{{request}}`, `{{input}}` and `{{stages.NAME}}` filled in
+/// (an unknown name is left as written).
+pub fn render_stage(
+    template: &str,
+    request: &str,
+    input: &str,
+    stages: &BTreeMap<String, String>,
+) -> String {
+    let mut out = String::with_capacity(template.len() + input.len());
+    let mut rest = template;
+    while let Some(open) = rest.find("{{") {
+        out.push_str(&rest[..open]);
+        let after = &rest[open + 2..];
+        let Some(close) = after.find("}}") else {
+            out.push_str(&rest[open..]);
+            return out;
+        };
+        let name = after[..close].trim();
+        match name {
+            "request" => out.push_str(request),
+            "input" => out.push_str(input),
+            _ => match name.strip_prefix("stages.").and_then(|s| stages.get(s)) {
+                Some(text) => out.push_str(text),
+                None => out.push_str(&rest[open..open + 2 + close + 2]),
+            },
+        }
+        rest = &after[close + 2..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Which mode a hybrid team picks for `text`, and why (the rule's number and source).
+pub fn classify<'r>(rules: &'r [RuleConfig], text: &str) -> Option<(TaskMode, usize, &'r str)> {
+    rules.iter().enumerate().find_map(|(i, rule)| {
+        let condition = Condition::parse(&rule.when).ok()?;
+        condition
+            .matches(text)
+            .then_some((rule.mode, i, rule.when.as_str()))
+    })
+}
+
+/// What the coordinator's model is asked when no rule picked a mode.
+pub fn classifier_prompt(request: &str) -> String {
+    format!(
+        "Pick how a team of agents should handle this request. Reply with one word: \
+         star (you delegate parts to your workers), broadcast (every worker answers on its own), \
+         pipeline (the stages run in order) or direct (you answer alone).\n\nThe request: {request}"
+    )
+}
+
+/// The mode a classifier's answer names: the first of the words it knows.
+pub fn classifier_answer(answer: &str) -> Option<TaskMode> {
+    answer
+        .split(|c: char| !c.is_alphanumeric())
+        .find_map(TaskMode::parse)
+}
+
+/// One answer of a broadcast, as the summary shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub agent: AgentId,
+    pub name: String,
+    /// Where it is: a matrix.to permalink.
+    pub link: Option<String>,
+    pub text: String,
+    /// It came after the summary's timeout.
+    pub late: bool,
+}
+
+/// The `matrix.to` permalink of an event.
+pub fn permalink(room: &str, event: &str) -> String {
+    let escape = |s: &str| {
+        s.replace('%', "%25")
+            .replace('#', "%23")
+            .replace('/', "%2F")
+            .replace('?', "%3F")
+    };
+    format!("https://matrix.to/#/{}/{}", escape(room), escape(event))
+}
+
+/// The opening of `text`: its first `max` characters on one line.
+pub fn opening(text: &str, max: usize) -> String {
+    let one_line = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    if one_line.chars().count() <= max {
+        return one_line;
+    }
+    let mut cut: String = one_line.chars().take(max).collect();
+    cut.push('…');
+    cut
+}
+
+/// A `concat` summary: each answer's opening and link in the order they came (at most
+/// `max`), then who is still missing.
+pub fn concat_summary(entries: &[Entry], waiting: &[String], max: usize) -> String {
+    let mut text = format!(
+        "Answers ({} of {}):",
+        entries.len(),
+        entries.len() + waiting.len()
+    );
+    for (i, entry) in entries.iter().take(max).enumerate() {
+        text.push_str(&format!("\n{}. {}", i + 1, line_of(entry)));
+    }
+    if entries.len() > max {
+        text.push_str(&format!("\n… and {} more", entries.len() - max));
+    }
+    for name in waiting {
+        text.push_str(&format!("\n⏳ {name}: no answer yet (late)"));
+    }
+    text
+}
+
+fn line_of(entry: &Entry) -> String {
+    let late = if entry.late { " (late)" } else { "" };
+    let link = entry
+        .link
+        .as_ref()
+        .map(|l| format!(" — {l}"))
+        .unwrap_or_default();
+    format!("{}{late}: {}{link}", entry.name, opening(&entry.text, 200))
+}
+
+/// A `vote` summary: the answer given most often (first lines compared, ignoring case and
+/// punctuation), with its count, then every answer's link.
+pub fn vote_summary(entries: &[Entry], waiting: &[String], max: usize) -> String {
+    let mut counts: Vec<(String, usize, &Entry)> = Vec::new();
+    for entry in entries {
+        let key = normalized_first_line(&entry.text);
+        match counts.iter_mut().find(|(k, _, _)| *k == key) {
+            Some((_, n, _)) => *n += 1,
+            None => counts.push((key, 1, entry)),
+        }
+    }
+    let total = entries.len() + waiting.len();
+    let mut text = match counts.iter().max_by_key(|(_, n, _)| *n) {
+        Some((_, n, first)) => format!(
+            "Vote: {n} of {total} answered \"{}\"",
+            opening(first.text.lines().next().unwrap_or_default(), 120)
+        ),
+        None => format!("Vote: none of {total} answered yet"),
+    };
+    for (i, entry) in entries.iter().take(max).enumerate() {
+        text.push_str(&format!("\n{}. {}", i + 1, line_of(entry)));
+    }
+    for name in waiting {
+        text.push_str(&format!("\n⏳ {name}: no answer yet (late)"));
+    }
+    text
+}
+
+fn normalized_first_line(text: &str) -> String {
+    text.lines()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or_default()
+        .chars()
+        .filter(|c| c.is_alphanumeric() || c.is_whitespace())
+        .collect::<String>()
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+        .to_lowercase()
+}
+
+/// What the coordinator is asked to merge, best first.
+pub fn merge_prompt(request: &str, entries: &[Entry]) -> String {
+    let mut text = format!("Several agents answered this request on their own:\n\n{request}\n");
+    for entry in entries {
+        text.push_str(&format!("\n@{} answered:\n{}\n", entry.agent, entry.text));
+    }
+    text.push_str("\nMerge them into one answer, the best points first; say where they disagree.");
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ids(names: &[&str]) -> Vec<AgentId> {
+        names.iter().map(|n| AgentId::parse(n).unwrap()).collect()
+    }
+
+    #[test]
+    fn a_plan_hands_off_to_the_named_workers_only() {
+        let team = ids(&["coder", "researcher"]);
+        let plan = "Let's split this.\n@coder: write the parser\n- @researcher:example.org: find prior art\n\
+                    @writer: the docs\n@coder：and its tests\n@researcher:\nsee @coder: not a hand-off";
+        assert_eq!(
+            handoffs(plan, &team),
+            vec![
+                Handoff {
+                    agent: team[0].clone(),
+                    task: "write the parser\nand its tests".into()
+                },
+                Handoff {
+                    agent: team[1].clone(),
+                    task: "find prior art".into()
+                },
+            ]
+        );
+        assert!(handoffs("I can answer this myself: 42.", &team).is_empty());
+    }
+
+    #[test]
+    fn a_stage_template_fills_in_request_input_and_earlier_stages() {
+        let mut stages = BTreeMap::new();
+        stages.insert("draft".to_owned(), "the draft".to_owned());
+        assert_eq!(
+            render_stage(
+                "Review {{ input }} for {{request}}; draft was {{stages.draft}}, {{stages.nope}} {{",
+                "the ask",
+                "v2",
+                &stages
+            ),
+            "Review v2 for the ask; draft was the draft, {{stages.nope}} {{"
+        );
+    }
+
+    #[test]
+    fn rules_pick_in_order_and_say_which() {
+        let rules: Vec<RuleConfig> = serde_yaml::from_str(
+            "- { when: \"contains_keyword(['项目','系统']) AND length > 20\", mode: star }\n\
+             - { when: \"contains_keyword(['怎么选','对比'])\", mode: broadcast }\n\
+             - { when: \"length < 50\", mode: direct }",
+        )
+        .unwrap();
+        let long = "我们的项目需要一个新的系统来处理用户的订单和支付，还要支持退款和对账功能";
+        assert_eq!(
+            classify(&rules, long).map(|(m, i, _)| (m, i)),
+            Some((TaskMode::Star, 0))
+        );
+        assert_eq!(
+            classify(&rules, "数据库怎么选？").map(|(m, i, _)| (m, i)),
+            Some((TaskMode::Broadcast, 1))
+        );
+        assert_eq!(
+            classify(&rules, "hi").map(|(m, i, _)| (m, i)),
+            Some((TaskMode::Direct, 2))
+        );
+        assert_eq!(classify(&rules, &"x".repeat(60)), None);
+        assert_eq!(
+            classifier_answer("**Broadcast** — because"),
+            Some(TaskMode::Broadcast)
+        );
+        assert_eq!(classifier_answer("no idea"), None);
+    }
+
+    #[test]
+    fn summaries_link_each_answer_and_mark_the_late_ones() {
+        let entry = |agent: &str, text: &str, late: bool| Entry {
+            agent: AgentId::parse(agent).unwrap(),
+            name: agent.to_owned(),
+            link: Some(permalink("!room:hs", &format!("${agent}"))),
+            text: text.to_owned(),
+            late,
+        };
+        let entries = vec![
+            entry("coder", "Use Postgres.\nIt scales.", false),
+            entry("writer", "use postgres!", true),
+        ];
+        let concat = concat_summary(&entries, &["slow".to_owned()], 10);
+        assert_eq!(
+            concat,
+            "Answers (2 of 3):\n1. coder: Use Postgres. It scales. — https://matrix.to/#/!room:hs/$coder\n\
+             2. writer (late): use postgres! — https://matrix.to/#/!room:hs/$writer\n⏳ slow: no answer yet (late)"
+        );
+        let vote = vote_summary(&entries, &[], 10);
+        assert!(
+            vote.starts_with("Vote: 2 of 2 answered \"Use Postgres.\""),
+            "{vote}"
+        );
+        assert_eq!(
+            permalink("!a/b:hs", "$c#d"),
+            "https://matrix.to/#/!a%2Fb:hs/$c%23d"
+        );
+    }
+}
