@@ -75,13 +75,15 @@ pub fn plan_prompt(
     for (id, name) in workers {
         roster.push_str(&format!("\n- @{id} ({name})"));
     }
-    let example = workers.first().map_or("worker", |(id, _)| id.as_str());
+    let mut form = String::new();
+    for (id, name) in workers {
+        form.push_str(&format!("\n@{id}: the part for {name}"));
+    }
     format!(
         "{asker} asked the team {team}:\n\n{request}\n\nYou coordinate it. Your team:{roster}\n\n\
-         Hand off parts of the work with one line per hand-off, written as\n\
-         @{example}: what they should do\n\
-         (at most {fanout} hand-offs). If nobody's help is needed, answer the request yourself, \
-         with no hand-off lines."
+         Hand off parts of the work with one line per hand-off (at most {fanout}, only to who \
+         is needed), written as{form}\n\n\
+         If nobody's help is needed, answer the request yourself, with no hand-off lines."
     )
 }
 
