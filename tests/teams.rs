@@ -541,3 +541,28 @@ async fn two_agents_handing_work_to_each_other_stop_at_the_ping_pong_limit() {
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_team_invited_alone_brings_its_members_in() {
+    let _one_at_a_time = exclusive().await;
+    let llm = LlmStub::start(Script::mode(|model, messages| {
+        answer(model, &last(messages))
+    }))
+    .await;
+    let _bus = start(&llm, "").await;
+    let hal = Human::new("hal").await;
+    let room = hal.create_room(&["devteam"], false).await;
+    hal.wait_joined(&room, &support::agent_id("devteam")).await;
+
+    let request = hal.send(&room, "@devteam write the release notes").await;
+    wait_status(&hal, "devteam", "✅ done").await;
+    for agent in ["damon", "coder", "researcher"] {
+        hal.wait_joined(&room, &support::agent_id(agent)).await;
+    }
+    let coder = in_thread(&hal, &request, "coder");
+    assert_eq!(coder.len(), 1);
+    assert_eq!(
+        hal.wait_final(&coder[0]).await.body(),
+        "[coder-model] did: write the parser"
+    );
+}

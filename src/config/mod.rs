@@ -582,14 +582,16 @@ impl Config {
             &|id| self.agents.iter().any(|a| a.id == *id) || self.team(id).is_some(),
             &mut problem,
         );
-        for (room, group) in self.channels.values().flat_map(|c| &c.groups) {
-            if let Some(team) = &group.team
-                && self.team(team).is_none()
-            {
-                problem(
-                    format!("channels.*.groups.{room:?}.team"),
-                    format!("unknown team {team:?}"),
-                );
+        for (channel, policy) in &self.channels {
+            for (room, group) in &policy.groups {
+                if let Some(team) = &group.team
+                    && self.team(team).is_none()
+                {
+                    problem(
+                        format!("channels.{channel}.groups.{room:?}.team"),
+                        format!("unknown team {team:?}"),
+                    );
+                }
             }
         }
 
@@ -720,6 +722,46 @@ agents:
             error_of(&text),
             r#"agents[2].provider: unknown provider "openai2"; known: dashscope, local"#
         );
+    }
+
+    #[test]
+    fn teams_parse_with_their_limits_and_are_own_users() {
+        let text = format!(
+            "{GOOD}teams:\n  - {{ id: devteam, mode: star, coordinator: damon, workers: [coder, researcher], limits: {{ timeout: 5m }} }}\n"
+        );
+        let config = Config::parse(&text).unwrap();
+        config.validate().unwrap();
+        let team = config.team(&AgentId::parse("devteam").unwrap()).unwrap();
+        assert_eq!(team.limits.timeout, Duration::from_secs(300));
+        assert_eq!(team.limits.max_agent_turns, 12);
+        assert_eq!(team.members().len(), 3);
+        assert!(config.is_own_user(&config.user_id("devteam")));
+        assert!(config.team_by_user(&config.user_id("damon")).is_none());
+    }
+
+    #[test]
+    fn a_broken_team_is_named_key_by_key() {
+        let text = format!(
+            r#"{GOOD}teams:
+  - {{ id: damon, mode: star, workers: [coder] }}
+  - {{ id: pipe, mode: pipeline, stages: [{{ name: a, agent: nobody }}, {{ name: a, agent: coder }}] }}
+  - {{ id: mix, mode: hybrid, coordinator: damon, rules: [{{ when: "length >> 3", mode: broadcast }}], limits: {{ token_budget: 0 }} }}
+channels: {{ matrix: {{ groups: {{ "!r:hs": {{ team: ghost }} }} }} }}
+"#
+        );
+        let err = error_of(&text);
+        for expected in [
+            r#"teams[0].id: "damon" is already the id of an agent or a team"#,
+            "teams[0].coordinator: star needs a coordinator and at least one worker",
+            r#"teams[1].stages[0].agent: unknown agent "nobody""#,
+            "teams[1].stages[1].name: stage names must be non-empty and unique",
+            r#"teams[2].rules[0].when: "length >> 3": "> 3" is not a whole number"#,
+            "teams[2].workers: broadcast needs at least one worker (rules[0] picks it)",
+            "teams[2].limits.token_budget: must be more than 0",
+            r#"channels.matrix.groups."!r:hs".team: unknown team "ghost""#,
+        ] {
+            assert!(err.contains(expected), "missing {expected:?} in:\n{err}");
+        }
     }
 
     #[test]
