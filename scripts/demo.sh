@@ -144,6 +144,22 @@ agents:
     provider: $provider
     $agent_model
     system_prompt: You find and summarise sources.
+teams:
+  # @devteam in #project: the rules pick how the team works on each request.
+  - id: devteam
+    display_name: Dev Team
+    mode: hybrid
+    coordinator: damon
+    workers: [coder, researcher]
+    stages:
+      - { name: draft, agent: coder, prompt: "Write a first draft: {{request}}" }
+      - { name: review, agent: researcher, prompt: "Review and improve this draft: {{input}}" }
+    rules:
+      - { when: "contains_keyword(['plan', '设计', '项目'])", mode: star }
+      - { when: "contains_keyword(['draft', '草稿'])", mode: pipeline }
+      - { when: "contains_keyword(['compare', '对比', '怎么选'])", mode: broadcast }
+    default_mode: direct
+    limits: { max_agent_turns: 8, timeout: 5m, token_budget: 50000 }
 routing:
   keyword:
     rules:
@@ -201,9 +217,14 @@ if ! curl -sf "$HS_URL/_matrix/client/v3/directory/room/$ALIAS" -H "Authorizatio
     curl -sf -X POST "$HS_URL/_matrix/client/v3/createRoom" -H "Authorization: Bearer $TOKEN" \
         -H 'content-type: application/json' \
         -d "{\"name\":\"project\",\"room_alias_name\":\"project\",\"preset\":\"private_chat\",
-             \"topic\":\"agentbus demo: @damon, @coder and @researcher are here. Mention one, say @all, or just ask about code or research.\",
-             \"invite\":[\"@damon:$SERVER_NAME\",\"@coder:$SERVER_NAME\",\"@researcher:$SERVER_NAME\"]}" >/dev/null \
+             \"topic\":\"agentbus demo: @damon, @coder, @researcher and the team @devteam are here. Mention one, say @all, or just ask about code or research.\",
+             \"invite\":[\"@damon:$SERVER_NAME\",\"@coder:$SERVER_NAME\",\"@researcher:$SERVER_NAME\",\"@devteam:$SERVER_NAME\"]}" >/dev/null \
         || die "cannot create #project"
+elif grep -q "id: devteam" "$CONFIG"; then
+    # A #project from an earlier demo: bring the team in (an error means it is there).
+    ROOM_ID="$(curl -sf "$HS_URL/_matrix/client/v3/directory/room/$ALIAS" -H "Authorization: Bearer $TOKEN" | json '["room_id"]')"
+    curl -s -X POST "$HS_URL/_matrix/client/v3/rooms/$ROOM_ID/invite" -H "Authorization: Bearer $TOKEN" \
+        -H 'content-type: application/json' -d "{\"user_id\":\"@devteam:$SERVER_NAME\"}" >/dev/null || true
 fi
 
 SWITCH_MODEL="stop the demo, delete $CONFIG and start it again with
@@ -245,7 +266,7 @@ agentbus demo is running.
   Homeserver   $HS_URL   (server name: $SERVER_NAME)
   User         @demo:$SERVER_NAME
   Password     $PASSWORD
-  Room         #project:$SERVER_NAME  (damon, coder and researcher are in it)
+  Room         #project:$SERVER_NAME  (damon, coder, researcher and the team devteam)
 
 Connect Element (or any Matrix client) to $HS_URL as "demo" with that password, open
 #project and write "@coder hello" — or start a direct chat with @damon:$SERVER_NAME.
@@ -254,6 +275,14 @@ Or right here, in another terminal:
 
   $BIN --config $CONFIG say --room '#project:$SERVER_NAME' --as demo --password '$PASSWORD' "@coder hello"
   $BIN --config $CONFIG say --room '#project:$SERVER_NAME' --as demo --password '$PASSWORD' --replies 3 "@all 大家好"
+
+The team @devteam works in the open in a thread of your message — one line per mode:
+
+  star       @devteam plan a small CLI that turns CSV into JSON
+  pipeline   @devteam draft a haiku about message queues
+  broadcast  @devteam compare sled and fjall
+  direct     @devteam hello            (hybrid: no rule matched, Damon answers)
+  stop       !stop   (or react 🛑 to the task's status)
 
 Ask who would answer, and why, without sending anything:
 
