@@ -156,14 +156,14 @@ async fn say_posts_as_a_human_and_prints_the_agents_replies() {
     assert_eq!(
         lines,
         [
-            // Two people in the room: the model sees who is speaking.
+            // Two people in the room: the model sees who is speaking, named by user ID.
             format!(
-                "@coder:localhost: [coder-model] {}: @coder and @damon: status?",
-                guest.localpart
+                "@coder:localhost: [coder-model] {} ({}): @coder and @damon: status?",
+                guest.localpart, guest.user_id
             ),
             format!(
-                "@damon:localhost: [damon-model] {}: @coder and @damon: status?",
-                guest.localpart
+                "@damon:localhost: [damon-model] {} ({}): @coder and @damon: status?",
+                guest.localpart, guest.user_id
             ),
         ]
     );
