@@ -38,6 +38,7 @@ pub struct Services {
     pub matrix: Arc<MatrixClient>,
     pub inbox: Arc<Inbox>,
     pub runtime: Arc<AgentRuntime>,
+    collab: Arc<Collab>,
     pub backlog: Arc<Backlog>,
     appservice: Arc<AppState>,
     admin: Arc<AdminState>,
@@ -99,7 +100,7 @@ impl Services {
             store.clone(),
             matrix.clone(),
             runtime.clone(),
-            collab,
+            collab.clone(),
             backlog.clone(),
         );
         let appservice = AppState::new(
@@ -119,6 +120,7 @@ impl Services {
             matrix,
             inbox,
             runtime,
+            collab,
             backlog,
             appservice,
             admin,
@@ -169,8 +171,11 @@ impl Services {
             shutdown.clone(),
             self.tracker.clone(),
         ));
-        self.tracker
-            .spawn(prune_daily(self.store.journal.clone(), shutdown.clone()));
+        self.tracker.spawn(prune_daily(
+            self.store.journal.clone(),
+            self.collab.clone(),
+            shutdown.clone(),
+        ));
     }
 
     /// After `shutdown`: waits up to `grace` for the tracked tasks (answers in flight),
@@ -261,7 +266,11 @@ pub async fn serve(
 }
 
 /// Prunes old dedupe records now and once a day until shutdown.
-async fn prune_daily(store: Arc<dyn JournalStore>, shutdown: CancellationToken) {
+async fn prune_daily(
+    store: Arc<dyn JournalStore>,
+    collab: Arc<Collab>,
+    shutdown: CancellationToken,
+) {
     loop {
         let cutoff = crate::unix_ms()
             .saturating_sub(u64::try_from(DEDUPE_RETENTION.as_millis()).unwrap_or(0));
@@ -269,6 +278,10 @@ async fn prune_daily(store: Arc<dyn JournalStore>, shutdown: CancellationToken) 
             Ok(0) => {}
             Ok(n) => tracing::info!(records = n, "pruned old txnId / event_id dedupe records"),
             Err(e) => tracing::warn!(error = %e, "could not prune dedupe records"),
+        }
+        match collab.prune_ended(cutoff).await {
+            0 => {}
+            n => tracing::info!(records = n, "pruned the records of long-ended team tasks"),
         }
         tokio::select! {
             _ = shutdown.cancelled() => return,

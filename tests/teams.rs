@@ -566,3 +566,39 @@ async fn a_team_invited_alone_brings_its_members_in() {
         "[coder-model] did: write the parser"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_wall_clock_limit_ends_a_task_whose_workers_hang() {
+    let _one_at_a_time = exclusive().await;
+    let llm = LlmStub::start(Script::mode(|model, messages| {
+        let prompt = last(messages);
+        if prompt.contains("Your part: ") {
+            return Scripted::Hang;
+        }
+        answer(model, &prompt)
+    }))
+    .await;
+    let _bus = start(&llm, "timeout: 3s").await;
+    let ida = Human::new("ida").await;
+    let room = team_room(&ida, "devteam").await;
+    ida.send(&room, "@devteam port it to wasm").await;
+    let ended = ida
+        .wait_for("the task's end", |s| {
+            s.sender == support::agent_id("devteam")
+                && s.edits().is_none()
+                && s.body().contains("⏱ timed out")
+        })
+        .await;
+    assert!(
+        ended.body().contains("its limit of 3s (limits.timeout)"),
+        "{}",
+        ended.body()
+    );
+    // Both hanging workers' streams were closed; no synthesis was asked for.
+    llm.wait_for_ended(3).await;
+    assert!(
+        requests_of(&llm, "damon-model")
+            .iter()
+            .all(|p| !p.contains("Your team's answers"))
+    );
+}

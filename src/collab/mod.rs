@@ -204,6 +204,13 @@ impl Collab {
         Box::pin(async move { handle.await.ok().flatten() })
     }
 
+    /// Forgets the records of tasks that ended before `cutoff_ms` (unix ms): by then the
+    /// journal's dedupe records of their requests are gone too, so nothing can replay
+    /// them. Returns how many were forgotten.
+    pub async fn prune_ended(&self, cutoff_ms: u64) -> usize {
+        record::prune_ended(self.store.tasks.as_ref(), cutoff_ms).await
+    }
+
     /// `!stop` by `by` in `room`: ends every task running there. Returns how many.
     pub fn stop_room(&self, room: &RoomId, by: &ruma::UserId) -> usize {
         let running = self.running.lock().expect("running tasks lock");
@@ -340,6 +347,7 @@ impl Collab {
         }
         let mut record = task.record.lock().await;
         record.ended = true;
+        record.ended_ms = crate::unix_ms();
         self.save(task, &record).await;
         Delivery::Delivered
     }

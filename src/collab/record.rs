@@ -7,6 +7,7 @@ use ruma::OwnedEventId;
 use serde::{Deserialize, Serialize};
 
 use crate::config::TaskMode;
+use crate::store::TaskStore;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) struct TaskRecord {
@@ -35,6 +36,10 @@ pub(crate) struct TaskRecord {
     /// The task is over: a replayed request is not run again.
     #[serde(default)]
     pub ended: bool,
+    /// When it ended (unix ms): its record is forgotten once the request can no longer be
+    /// redelivered (see [`Collab::prune_ended`](super::Collab::prune_ended)).
+    #[serde(default)]
+    pub ended_ms: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -58,6 +63,7 @@ impl TaskRecord {
             tokens: 0,
             pairs: BTreeMap::new(),
             ended: false,
+            ended_ms: 0,
         }
     }
 
@@ -76,9 +82,65 @@ impl TaskRecord {
     }
 }
 
+/// See [`Collab::prune_ended`](super::Collab::prune_ended).
+pub(crate) async fn prune_ended(tasks: &dyn TaskStore, cutoff_ms: u64) -> usize {
+    let records = match tasks.tasks().await {
+        Ok(records) => records,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not list task records to prune");
+            return 0;
+        }
+    };
+    let mut pruned = 0;
+    for (id, bytes) in records {
+        let Some(record) = TaskRecord::decode(&bytes) else {
+            continue;
+        };
+        if record.ended && record.ended_ms < cutoff_ms {
+            match tasks.remove_task(&id).await {
+                Ok(true) => pruned += 1,
+                Ok(false) => {}
+                Err(e) => tracing::warn!(task = %id, error = %e, "could not prune a task record"),
+            }
+        }
+    }
+    pruned
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn only_tasks_that_ended_before_the_cutoff_are_forgotten() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().to_owned();
+        let stores =
+            crate::store::Stores::embedded(move || crate::store::FjallBackend::open(&path))
+                .unwrap();
+        let mut old = TaskRecord::new(1);
+        (old.ended, old.ended_ms) = (true, 1_000);
+        let mut recent = TaskRecord::new(1);
+        (recent.ended, recent.ended_ms) = (true, 5_000);
+        let running = TaskRecord::new(1);
+        for (id, record) in [
+            ("t:old", &old),
+            ("t:recent", &recent),
+            ("t:running", &running),
+        ] {
+            stores.tasks.save_task(id, &record.encode()).await.unwrap();
+        }
+        assert_eq!(prune_ended(stores.tasks.as_ref(), 2_000).await, 1);
+        let left: Vec<String> = stores
+            .tasks
+            .tasks()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
+        assert_eq!(left, ["t:recent", "t:running"]);
+    }
 
     #[test]
     fn a_record_reads_back_what_it_wrote() {
