@@ -594,8 +594,19 @@ async fn the_wall_clock_limit_ends_a_task_whose_workers_hang() {
         "{}",
         ended.body()
     );
-    // Both hanging workers' streams were closed; no synthesis was asked for.
+    // Both hanging workers were stopped (their streams closed), not left to time out.
     llm.wait_for_ended(3).await;
+    for (agent, name) in [("coder", "Coder"), ("researcher", "Researcher")] {
+        let said = ida
+            .wait_for(&format!("{agent} stopped"), |s| {
+                s.sender == support::agent_id(agent)
+            })
+            .await;
+        assert_eq!(
+            said.body(),
+            format!("⏹️ {name} was stopped before answering this.")
+        );
+    }
     assert!(
         requests_of(&llm, "damon-model")
             .iter()

@@ -305,12 +305,14 @@ impl Collab {
             }
         };
         let limit = task.team.limits.timeout;
+        let mut body = std::pin::pin!(body);
         let outcome = tokio::select! {
-            end = body => end,
+            end = &mut body => end,
             _ = tokio::time::sleep(deadline) => {
                 task.end(End::TimedOut(limit));
-                // The steps see the cancellation, finalise what they posted and return.
-                End::TimedOut(limit)
+                // The steps see the cancellation: they stop their runs, which finalise
+                // what they posted, and return.
+                body.await
             }
         };
         let end = task.ended().unwrap_or(outcome);
