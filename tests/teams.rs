@@ -613,3 +613,62 @@ async fn the_wall_clock_limit_ends_a_task_whose_workers_hang() {
             .all(|p| !p.contains("Your team's answers"))
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_star_task_killed_mid_work_reruns_only_the_interrupted_step() {
+    let _one_at_a_time = exclusive().await;
+    let released = Arc::new(AtomicBool::new(false));
+    let gate = released.clone();
+    let llm = LlmStub::start(Script::mode(move |model, messages| {
+        let prompt = last(messages);
+        if model == "coder-model" && !gate.load(Ordering::SeqCst) {
+            return Scripted::Hang;
+        }
+        answer(model, &prompt)
+    }))
+    .await;
+    let mut bus = start(&llm, "").await;
+    let jo = Human::new("jo").await;
+    let room = team_room(&jo, "devteam").await;
+    let request = jo.send(&room, "@devteam audit the journal").await;
+    // The researcher answered; the coder hangs.
+    jo.wait_for("the researcher's answer", |s| {
+        s.sender == support::agent_id("researcher")
+    })
+    .await;
+    bus.kill().await;
+
+    released.store(true, Ordering::SeqCst);
+    bus.spawn().await;
+    wait_status(&jo, "devteam", "✅ done").await;
+    let plans = requests_of(&llm, "damon-model")
+        .into_iter()
+        .filter(|p| p.contains("You coordinate it"))
+        .count();
+    assert_eq!(plans, 1, "the plan is not asked for again");
+    assert_eq!(
+        requests_of(&llm, "researcher-model").len(),
+        1,
+        "the finished step is not rerun"
+    );
+    assert_eq!(
+        requests_of(&llm, "coder-model").len(),
+        2,
+        "the interrupted step runs again"
+    );
+    let synthesis: Vec<Seen> = in_thread(&jo, &request, "damon")
+        .into_iter()
+        .filter(|s| !s.body().contains("could you"))
+        .collect();
+    assert_eq!(synthesis.len(), 1, "one synthesis: {synthesis:?}");
+    assert_eq!(
+        jo.wait_final(&synthesis[0]).await.body(),
+        "[damon-model] integrated 2 answers"
+    );
+    // Each hand-off was posted once, the restart's re-post deduplicated by its transaction ID.
+    let handoffs = in_thread(&jo, &request, "damon")
+        .into_iter()
+        .filter(|s| s.body().contains("could you"))
+        .count();
+    assert_eq!(handoffs, 2);
+}

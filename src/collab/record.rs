@@ -33,6 +33,10 @@ pub(crate) struct TaskRecord {
     /// Hand-offs between two agents (`"a b"`, the names sorted), for the ping-pong limit.
     #[serde(default)]
     pub pairs: BTreeMap<String, u32>,
+    /// The hand-offs counted in `pairs`, so one resumed after a restart is not counted
+    /// twice.
+    #[serde(default)]
+    pub handed: std::collections::BTreeSet<String>,
     /// The task is over: a replayed request is not run again.
     #[serde(default)]
     pub ended: bool,
@@ -62,6 +66,7 @@ impl TaskRecord {
             turns: 0,
             tokens: 0,
             pairs: BTreeMap::new(),
+            handed: Default::default(),
             ended: false,
             ended_ms: 0,
         }

@@ -60,7 +60,16 @@ pub(super) async fn run(collab: &Collab, task: &Task) -> End {
             Err(e) => End::Failed(format!("the answer could not be posted: {e}")),
         };
     }
-    let reports = match delegate(collab, task, coordinator.clone(), handoffs, 1).await {
+    let reports = match delegate(
+        collab,
+        task,
+        coordinator.clone(),
+        handoffs,
+        1,
+        coordinator.to_string(),
+    )
+    .await
+    {
         Ok(reports) => reports,
         Err(end) => return end,
     };
@@ -94,6 +103,7 @@ fn delegate<'a>(
     from: AgentId,
     handoffs: Vec<Handoff>,
     depth: u32,
+    path: String,
 ) -> BoxFuture<'a, Result<Vec<Report>, End>> {
     Box::pin(async move {
         let limits = &task.team.limits;
@@ -109,6 +119,9 @@ fn delegate<'a>(
         {
             let mut record = task.record.lock().await;
             for handoff in &handoffs {
+                if !record.handed.insert(handoff_purpose(&path, &handoff.agent)) {
+                    continue;
+                }
                 let mut pair = [from.as_str(), handoff.agent.as_str()];
                 pair.sort_unstable();
                 let count = record.pairs.entry(pair.join(" ")).or_insert(0);
@@ -130,7 +143,7 @@ fn delegate<'a>(
                 collab.name_of(&handoff.agent),
                 handoff.task
             );
-            let purpose = format!("handoff:{depth}:{from}>{}", handoff.agent);
+            let purpose = handoff_purpose(&path, &handoff.agent);
             if let Err(e) = collab
                 .post(
                     task,
@@ -151,7 +164,7 @@ fn delegate<'a>(
             .await;
         let runs = handoffs
             .into_iter()
-            .map(|handoff| work(collab, task, from.clone(), handoff, depth));
+            .map(|handoff| work(collab, task, from.clone(), handoff, depth, &path));
         let mut reports = Vec::new();
         for result in join_all(runs).await {
             reports.extend(result?);
@@ -167,10 +180,11 @@ async fn work(
     from: AgentId,
     handoff: Handoff,
     depth: u32,
+    path: &str,
 ) -> Result<Vec<Report>, End> {
     let team = &task.team;
     let step = Step {
-        name: format!("work:{depth}:{from}>{}", handoff.agent),
+        name: format!("work:{path}>{}", handoff.agent),
         agent: handoff.agent.clone(),
         prompt: plan::worker_prompt(
             &collab.name_of(&from),
@@ -209,6 +223,14 @@ async fn work(
         task.end(end.clone());
         return Err(end);
     }
-    reports.extend(delegate(collab, task, handoff.agent, further, depth + 1).await?);
+    let path = format!("{path}>{}", handoff.agent);
+    reports.extend(delegate(collab, task, handoff.agent, further, depth + 1, path).await?);
     Ok(reports)
+}
+
+/// Names a hand-off by the chain of agents that led to it (`damon>coder` handing to
+/// `researcher`: `handoff:damon>coder>researcher`), unique in the task: its post's
+/// transaction ID, its count for `ping_pong`.
+fn handoff_purpose(path: &str, to: &AgentId) -> String {
+    format!("handoff:{path}>{to}")
 }
