@@ -1,7 +1,7 @@
 //! HTTP load against a running `agentbus serve`, with this process playing the homeserver.
 //!
-//! Two modes, each over plain HTTP against the real binary (`scripts/load.sh` sets up a
-//! throwaway Synapse and agentbus and runs both):
+//! Three modes, each over plain HTTP against the real binary (`scripts/load.sh` sets up a
+//! throwaway Synapse and agentbus and runs them all):
 //!
 //! **`--mode transactions`** (default) PUTs `--events` Element-shaped `m.room.message` events
 //! to `/_matrix/app/v1/transactions/{txnId}` in transactions of `--batch`, spread over
@@ -33,6 +33,26 @@
 //! cargo run --release --example appservice_load -- --mode echo --conversations 10 \
 //!     --messages 20 --homeserver http://127.0.0.1:8008 --server-name localhost \
 //!     --shared-secret-file /tmp/synapse/shared_secret
+//! ```
+//!
+//! **`--mode team`** measures a team's task end to end: `--concurrency` humans (registered
+//! the same way) each create a private group room and invite `--team` (a team's user) and
+//! its `--team-agents`, wait until all of them have joined, then send tasks, one at a time
+//! per room, `--tasks` in all: `@devteam task N: …`, a typed mention. The team answers in
+//! the request's thread with one status notice (`🧭 <team> · …`, `m.relates_to` an
+//! `m.thread` on the request) that it edits as the task moves on. A task's latency is the
+//! time from the send request until the human's `/sync` shows the status edit (`m.replace`
+//! of the status) whose `m.new_content.body` says `✅ done`; a final status with ❌, ⛔, 🛑
+//! or ⏱ is a failed task (reported; exit 1). It reports tasks/s over all rooms at once,
+//! p50/p90/p99/max latency, the time to the status message, and the messages and edits the
+//! team and its agents posted per task. On the `echo` provider model time is ~0, so this
+//! is agentbus + homeserver time per task.
+//!
+//! ```sh
+//! cargo run --release --example appservice_load -- --mode team --tasks 100 \
+//!     --concurrency 100 --team devteam --team-agents damon,coder,researcher,writer,tester \
+//!     --homeserver http://127.0.0.1:8008 --server-name localhost \
+//!     --shared-secret-file DIR/shared_secret
 //! ```
 //!
 //! Only loopback URLs are accepted, every count is bounded, and `--timeout` bounds the run.
@@ -99,6 +119,31 @@ struct Args {
     /// How long one reply may take before it counts as missing (echo mode).
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     reply_timeout: Duration,
+    /// Localpart of the team the tasks are for (team mode).
+    #[arg(long, default_value = "devteam")]
+    team: String,
+    /// Localparts of the team's agents, comma-separated: invited with the team, and the
+    /// room is ready once all of them have joined (team mode).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "damon,coder,researcher,writer,tester"
+    )]
+    team_agents: Vec<String>,
+    /// Tasks to send in total (team mode).
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    tasks: u64,
+    /// Tasks in flight at once, one room (and one human) per slot (team mode).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=200))]
+    concurrency: u64,
+    /// How long one task may take, send to final status, before it counts as missing
+    /// (team mode).
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    task_timeout: Duration,
+    /// `name=pid` of a local process whose CPU time (user + system, from /proc) over the
+    /// timed part is reported, e.g. `synapse=1234`; repeatable (team mode).
+    #[arg(long = "cpu-pid", value_parser = parse_cpu_pid)]
+    cpu_pids: Vec<(String, u32)>,
     /// The whole run is abandoned (exit 1) after this long.
     #[arg(long, default_value = "30m", value_parser = humantime::parse_duration)]
     timeout: Duration,
@@ -110,6 +155,8 @@ enum Mode {
     Transactions,
     /// Human → homeserver → agentbus → echo agent → homeserver → human latency.
     Echo,
+    /// A task for a star team, from the human's message to the team's final status.
+    Team,
 }
 
 /// A failure that ends the run, said in one line.
@@ -123,6 +170,7 @@ async fn main() -> ExitCode {
         match args.mode {
             Mode::Transactions => run_transactions(&args).await,
             Mode::Echo => run_echo(&args).await,
+            Mode::Team => run_team(&args).await,
         }
     };
     match tokio::time::timeout(timeout, run).await {
@@ -560,6 +608,8 @@ async fn run_echo(args: &Args) -> Result<(), Failure> {
             http: http.clone(),
             homeserver: homeserver.clone(),
             agent: agent.clone(),
+            members: vec![agent.clone()],
+            direct: true,
             localpart: format!("load{run}h{i}"),
             access_token: String::new(),
             room_id: String::new(),
@@ -613,11 +663,17 @@ async fn run_echo(args: &Args) -> Result<(), Failure> {
     Ok(())
 }
 
-/// One human and their DM with the agent.
+/// One human and their room: a DM with the agent (echo mode), or a group room with a
+/// team and its agents (team mode).
 struct Conversation {
     http: reqwest::Client,
     homeserver: Url,
+    /// Whose replies count (echo mode); the team user (team mode).
     agent: String,
+    /// Who is invited when the room is created, and must have joined before it is ready.
+    members: Vec<String>,
+    /// A DM (`is_direct`, trusted private chat) rather than a private group room.
+    direct: bool,
     localpart: String,
     access_token: String,
     room_id: String,
@@ -632,18 +688,20 @@ struct Outcome {
 }
 
 impl Conversation {
-    /// Registers the human, opens the DM, waits for the agent to join, syncs once.
+    /// Registers the human, opens the room, waits for every member to join, syncs once.
     async fn set_up(mut self, secret: &str) -> Result<Conversation, Failure> {
         self.access_token = self.register(secret).await?;
+        let room = if self.direct {
+            json!({ "is_direct": true, "preset": "trusted_private_chat", "invite": self.members })
+        } else {
+            json!({ "preset": "private_chat", "name": format!("team load {}", self.localpart),
+                    "invite": self.members })
+        };
         let created = self
             .call(
                 reqwest::Method::POST,
                 "/_matrix/client/v3/createRoom",
-                Some(json!({
-                    "is_direct": true,
-                    "preset": "trusted_private_chat",
-                    "invite": [self.agent],
-                })),
+                Some(room),
             )
             .await?;
         self.room_id = created["room_id"]
@@ -654,19 +712,33 @@ impl Conversation {
             "/_matrix/client/v3/rooms/{}/joined_members",
             encode(&self.room_id)
         );
-        let deadline = Instant::now() + Duration::from_secs(60);
+        // A DM has one member to wait for; a team's room has several, and many rooms set
+        // up at once on one homeserver queue their joins, so those poll less often (the
+        // polls would compete with the joins) and wait longer.
+        let (poll, wait) = if self.direct {
+            (Duration::from_millis(100), Duration::from_secs(60))
+        } else {
+            (Duration::from_millis(1000), Duration::from_secs(600))
+        };
+        let deadline = Instant::now() + wait;
         loop {
             let joined = self.call(reqwest::Method::GET, &members, None).await?;
-            if joined["joined"].get(&self.agent).is_some() {
+            let missing: Vec<&String> = self
+                .members
+                .iter()
+                .filter(|m| joined["joined"].get(m.as_str()).is_none())
+                .collect();
+            if missing.is_empty() {
                 break;
             }
             if Instant::now() >= deadline {
                 return Err(format!(
-                    "{} did not join {} within 60 s: {joined}",
-                    self.agent, self.room_id
+                    "{missing:?} did not join {} within {}: {joined}",
+                    self.room_id,
+                    humantime::format_duration(wait)
                 ));
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            tokio::time::sleep(poll).await;
         }
         // The starting point of this human's sync: everything after it is new.
         let first = self.sync(Duration::ZERO).await?;
@@ -880,6 +952,363 @@ impl Conversation {
 /// A path segment, percent-encoded (room IDs hold `!` and `:`).
 fn encode(segment: &str) -> String {
     percent_encoding::utf8_percent_encode(segment, percent_encoding::NON_ALPHANUMERIC).to_string()
+}
+
+// ------------------------------------------------------------------------- team --
+
+async fn run_team(args: &Args) -> Result<(), Failure> {
+    let homeserver = loopback_url(
+        "--homeserver",
+        args.homeserver
+            .as_deref()
+            .ok_or("--homeserver is required in team mode")?,
+    )?;
+    let secret_file = args
+        .shared_secret_file
+        .as_ref()
+        .ok_or("--shared-secret-file is required in team mode")?;
+    let secret = std::fs::read_to_string(secret_file)
+        .map_err(|e| format!("--shared-secret-file {}: {e}", secret_file.display()))?
+        .trim()
+        .to_owned();
+    if args.team_agents.is_empty() || args.team_agents.len() > 50 {
+        return Err("--team-agents names 1 to 50 agents".to_owned());
+    }
+    let team = format!("@{}:{}", args.team, args.server_name);
+    let mut members = vec![team.clone()];
+    members.extend(
+        args.team_agents
+            .iter()
+            .map(|a| format!("@{}:{}", a.trim(), args.server_name)),
+    );
+    let slots = args.concurrency.min(args.tasks);
+    let http = http_client();
+    let run = run_id();
+    println!(
+        "team: run {run}: {} tasks for {team} (agents {}), {slots} at once in {slots} room(s) via {homeserver}",
+        args.tasks,
+        args.team_agents.join(", ")
+    );
+
+    // Setup (register, group room, team and agents join) for every slot first, a few at
+    // once (the homeserver creates rooms one after another anyway, and a hundred waiting
+    // requests would run into the client's timeout); the timed part starts once all rooms
+    // are ready.
+    let setup_started = Instant::now();
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(10));
+    let mut setups = tokio::task::JoinSet::new();
+    for i in 0..slots {
+        let conversation = Conversation {
+            http: http.clone(),
+            homeserver: homeserver.clone(),
+            agent: team.clone(),
+            members: members.clone(),
+            direct: false,
+            localpart: format!("load{run}t{i}"),
+            access_token: String::new(),
+            room_id: String::new(),
+            since: String::new(),
+        };
+        let (secret, in_flight) = (secret.clone(), in_flight.clone());
+        setups.spawn(async move {
+            let _turn = in_flight
+                .acquire_owned()
+                .await
+                .map_err(|e| format!("setup: {e}"))?;
+            conversation.set_up(&secret).await
+        });
+    }
+    let mut conversations = Vec::new();
+    while let Some(joined) = setups.join_next().await {
+        conversations.push(joined.map_err(|e| format!("setup task: {e}"))??);
+    }
+    println!(
+        "set up {} room(s) ({} members joined in each) in {:.2} s",
+        conversations.len(),
+        members.len(),
+        setup_started.elapsed().as_secs_f64()
+    );
+
+    let cpu_before = cpu_times(&args.cpu_pids);
+    let started = Instant::now();
+    let mut runs = tokio::task::JoinSet::new();
+    for (i, conversation) in conversations.into_iter().enumerate() {
+        // Slot i sends tasks i, i + slots, …, each once the one before it ended.
+        let numbers: Vec<u64> = (i as u64..args.tasks).step_by(slots as usize).collect();
+        let (mention, timeout, tag) = (
+            format!("@{}", args.team),
+            args.task_timeout,
+            format!("{run}-{i}"),
+        );
+        runs.spawn(async move {
+            conversation
+                .run_tasks(&tag, &mention, &numbers, timeout)
+                .await
+        });
+    }
+    let mut all = Tasks::default();
+    while let Some(finished) = runs.join_next().await {
+        all.add(finished.map_err(|e| format!("team slot: {e}"))??);
+    }
+    let wall = started.elapsed();
+    let cpu_after = cpu_times(&args.cpu_pids);
+    let done = all.latencies.len();
+    println!(
+        "tasks: {done} of {} done, {} failed, {} missing after --task-timeout",
+        args.tasks,
+        all.failed.len(),
+        all.missing
+    );
+    println!(
+        "tasks/s: {:.2}  ({slots} at once, {:.2} s wall)",
+        done as f64 / wall.as_secs_f64(),
+        wall.as_secs_f64()
+    );
+    println!(
+        "send → ✅ done latency: {}  (agentbus + homeserver time per task: the echo provider answers at once, model time is ~0)",
+        Percentiles::of(&mut all.latencies)
+    );
+    println!(
+        "send → status posted: {}",
+        Percentiles::of(&mut all.to_status)
+    );
+    if done > 0 {
+        let (messages, edits): (u64, u64) = all
+            .events
+            .iter()
+            .fold((0, 0), |(m, e), &(dm, de)| (m + dm, e + de));
+        let per_task = |(m, e): (u64, u64)| m + e;
+        let fewest = all.events.iter().copied().map(per_task).min().unwrap_or(0);
+        let most = all.events.iter().copied().map(per_task).max().unwrap_or(0);
+        println!(
+            "events per task: {:.1}  ({:.1} messages + {:.1} edits, by the team and its agents; fewest {fewest}, most {most})",
+            (messages + edits) as f64 / done as f64,
+            messages as f64 / done as f64,
+            edits as f64 / done as f64,
+        );
+    }
+    if all.limited > 0 {
+        println!(
+            "event counts incomplete: {} /sync batches were limited (gaps in the timeline)",
+            all.limited
+        );
+    }
+    if !args.cpu_pids.is_empty() {
+        let split: Vec<String> = cpu_before
+            .iter()
+            .zip(&cpu_after)
+            .map(|((name, before), (_, after))| match (before, after) {
+                (Some(b), Some(a)) => format!("{name} {:.2} s", a - b),
+                _ => format!("{name} unknown (no such process)"),
+            })
+            .collect();
+        println!(
+            "CPU time over the timed part ({:.2} s wall): {}",
+            wall.as_secs_f64(),
+            split.join(", ")
+        );
+    }
+    if let Some(text) = &all.last_status {
+        println!("a final status: {text}");
+    }
+    for (event, text) in &all.failed {
+        println!("failed task {event}: {text}");
+    }
+    if !all.failed.is_empty() || all.missing > 0 {
+        return Err(format!(
+            "{} tasks failed and {} did not end within --task-timeout",
+            all.failed.len(),
+            all.missing
+        ));
+    }
+    Ok(())
+}
+
+/// `name=pid`, for `--cpu-pid`.
+fn parse_cpu_pid(raw: &str) -> Result<(String, u32), String> {
+    let (name, pid) = raw
+        .split_once('=')
+        .ok_or_else(|| format!("{raw:?}: expected name=pid"))?;
+    let pid = pid.parse().map_err(|e| format!("{raw:?}: {e}"))?;
+    Ok((name.to_owned(), pid))
+}
+
+/// Each process' CPU seconds so far (user + system), `None` if it cannot be read.
+fn cpu_times(pids: &[(String, u32)]) -> Vec<(String, Option<f64>)> {
+    pids.iter()
+        .map(|(name, pid)| (name.clone(), cpu_seconds(*pid)))
+        .collect()
+}
+
+/// utime + stime of /proc/<pid>/stat, in seconds (the kernel reports them in USER_HZ,
+/// 100 per second on Linux).
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name, in parentheses, may hold spaces: the fields start after its ')'.
+    let fields: Vec<&str> = stat.rsplit_once(") ")?.1.split_whitespace().collect();
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) / 100.0)
+}
+
+/// What the tasks of one slot (or of all of them) measured.
+#[derive(Default)]
+struct Tasks {
+    /// Send → final `✅ done` status edit, per done task.
+    latencies: Vec<Duration>,
+    /// Send → the team's status message, per task that got one.
+    to_status: Vec<Duration>,
+    /// Per done task: messages and edits the team and its agents sent in the room.
+    events: Vec<(u64, u64)>,
+    /// Tasks that ended otherwise: the request's event ID and the final status.
+    failed: Vec<(String, String)>,
+    missing: u64,
+    /// `/sync` batches with `limited: true` (events skipped, so counts are low).
+    limited: u64,
+    last_status: Option<String>,
+}
+
+impl Tasks {
+    fn add(&mut self, other: Tasks) {
+        self.latencies.extend(other.latencies);
+        self.to_status.extend(other.to_status);
+        self.events.extend(other.events);
+        self.failed.extend(other.failed);
+        self.missing += other.missing;
+        self.limited += other.limited;
+        if other.last_status.is_some() {
+            self.last_status = other.last_status;
+        }
+    }
+}
+
+/// How one task ended, as the human saw it.
+enum TaskEnd {
+    Done,
+    /// ❌ ⛔ 🛑 ⏱: the final status text.
+    Failed(String),
+    Missing,
+}
+
+impl Conversation {
+    /// Sends the tasks `numbers` one after another, each once the one before it ended.
+    async fn run_tasks(
+        mut self,
+        tag: &str,
+        mention: &str,
+        numbers: &[u64],
+        timeout: Duration,
+    ) -> Result<Tasks, Failure> {
+        let mut tasks = Tasks::default();
+        for &n in numbers {
+            let path = format!(
+                "/_matrix/client/v3/rooms/{}/send/m.room.message/load-{tag}-{n}",
+                encode(&self.room_id)
+            );
+            // A typed mention, as a person writes it; no pill, no m.mentions.
+            let content = json!({
+                "msgtype": "m.text",
+                "body": format!("{mention} task {n}: plan the next release, with tests and release notes"),
+                "m.mentions": {},
+            });
+            let t0 = Instant::now();
+            let sent = self
+                .call(reqwest::Method::PUT, &path, Some(content))
+                .await?;
+            let event_id = sent["event_id"]
+                .as_str()
+                .ok_or_else(|| format!("send answered without event_id: {sent}"))?
+                .to_owned();
+            match self.wait_task(&event_id, t0, timeout, &mut tasks).await? {
+                TaskEnd::Done => tasks.latencies.push(t0.elapsed()),
+                TaskEnd::Failed(text) => tasks.failed.push((event_id, text)),
+                TaskEnd::Missing => {
+                    eprintln!(
+                        "task {event_id} in {} did not end within {}",
+                        self.room_id,
+                        humantime::format_duration(timeout)
+                    );
+                    tasks.missing += 1;
+                }
+            }
+        }
+        Ok(tasks)
+    }
+
+    /// Long-polls `/sync` until the team's status for the task `event_id` (its thread
+    /// root) is edited to a final state, or the timeout passes; counts what the team and
+    /// its agents posted meanwhile.
+    async fn wait_task(
+        &mut self,
+        event_id: &str,
+        t0: Instant,
+        timeout: Duration,
+        tasks: &mut Tasks,
+    ) -> Result<TaskEnd, Failure> {
+        let deadline = t0 + timeout;
+        let me = format!(
+            "@{}:{}",
+            self.localpart,
+            self.agent.split_once(':').map_or("", |(_, server)| server)
+        );
+        let (mut status, mut messages, mut edits) = (None::<String>, 0u64, 0u64);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(TaskEnd::Missing);
+            }
+            let batch = match self.sync(left.min(Duration::from_secs(30))).await {
+                Ok(batch) => batch,
+                Err(_) if Instant::now() >= deadline => return Ok(TaskEnd::Missing),
+                Err(e) => return Err(e),
+            };
+            if let Some(next) = batch["next_batch"].as_str() {
+                self.since = next.to_owned();
+            }
+            let timeline = &batch["rooms"]["join"][&self.room_id]["timeline"];
+            if timeline["limited"] == true {
+                tasks.limited += 1;
+            }
+            for event in timeline["events"].as_array().into_iter().flatten() {
+                if event["type"] != "m.room.message" || event["sender"] == me.as_str() {
+                    continue;
+                }
+                let relates = &event["content"]["m.relates_to"];
+                let edit = relates["rel_type"] == "m.replace";
+                if edit {
+                    edits += 1;
+                } else {
+                    messages += 1;
+                }
+                if status.is_none()
+                    && !edit
+                    && event["sender"] == self.agent.as_str()
+                    && relates["rel_type"] == "m.thread"
+                    && relates["event_id"] == event_id
+                {
+                    status = event["event_id"].as_str().map(str::to_owned);
+                    tasks.to_status.push(t0.elapsed());
+                }
+                let Some(status) = &status else {
+                    continue;
+                };
+                if !(edit && relates["event_id"] == status.as_str()) {
+                    continue;
+                }
+                let text = event["content"]["m.new_content"]["body"]
+                    .as_str()
+                    .unwrap_or_default();
+                if text.contains("✅ done") {
+                    tasks.events.push((messages, edits));
+                    tasks.last_status = Some(text.to_owned());
+                    return Ok(TaskEnd::Done);
+                }
+                if ["❌", "⛔", "🛑", "⏱"].iter().any(|end| text.contains(end)) {
+                    return Ok(TaskEnd::Failed(text.to_owned()));
+                }
+            }
+        }
+    }
 }
 
 // ---------------------------------------------------------------------- common --

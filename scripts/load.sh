@@ -5,15 +5,22 @@
 #      one in flight at a time, as Synapse sends them (acknowledged and drained events/s,
 #      ack latency);
 #   2. echo latency: for each count in CONVERSATIONS, that many people each DM @damon and
-#      send MESSAGES messages one after another (send → reply latency, messages/s).
+#      send MESSAGES messages one after another (send → reply latency, messages/s);
+#   3. team tasks: for each count n in TASKS, a star team (@devteam: coordinator @damon,
+#      workers coder, researcher, writer, tester) gets max(n, MIN_TASKS) tasks, n at once,
+#      one group room per slot (send → "✅ done" status latency, tasks/s, events per task,
+#      and the CPU seconds Synapse and agentbus spent on the timed part).
 # Everything it started is stopped on exit. Results: BENCHMARKS.md, "HTTP load against the
-# running binary".
+# running binary" and "A star team task over HTTP".
 #
 #   scripts/load.sh
 #   EVENTS=20000 CONVERSATIONS="1 10" MESSAGES=20 scripts/load.sh
+#   EVENTS=0 CONVERSATIONS=0 TASKS="1 100" scripts/load.sh      # team tasks only
 #
 # Environment: EVENTS (200000), BATCH (100), ROOMS (1000), CONVERSATIONS ("1 10"),
-# MESSAGES (20); EVENTS=0 or CONVERSATIONS=0 skips that part. KEEP=1 keeps the temp dir (logs, store) after a successful run too,
+# MESSAGES (20), TASKS ("1 100"), MIN_TASKS (20); EVENTS=0, CONVERSATIONS=0 or TASKS=0
+# skips that part (the agents writer and tester and the team are configured only when
+# TASKS runs). KEEP=1 keeps the temp dir (logs, store) after a successful run too,
 # RUST_LOG for agentbus (its default when unset).
 set -euo pipefail
 
@@ -23,6 +30,8 @@ BATCH="${BATCH:-100}"
 ROOMS="${ROOMS:-1000}"
 CONVERSATIONS="${CONVERSATIONS:-1 10}"
 MESSAGES="${MESSAGES:-20}"
+TASKS="${TASKS:-1 100}"
+MIN_TASKS="${MIN_TASKS:-20}"
 SERVER_NAME=localhost
 HS="$ROOT/scripts/dev-homeserver.sh"
 TARGET="${CARGO_TARGET_DIR:-$ROOT/target}/release"
@@ -40,6 +49,11 @@ free_port() {
 secret() { python3 -c 'import secrets; print(secrets.token_hex(24))'; }
 # Other work on the machine shows in every number here; the load average says how much.
 loadavg() { printf 'load average %s\n' "$(cut -d' ' -f1-3 /proc/loadavg)"; }
+team_part() {
+    local n
+    for n in $TASKS; do ((n > 0)) && return 0; done
+    return 1
+}
 
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/agentbus-load.XXXXXX")"
 AGENTBUS_PID=""
@@ -80,6 +94,18 @@ HS_URL="http://127.0.0.1:$HS_PORT"
 AS_URL="http://127.0.0.1:$AS_PORT"
 HS_TOKEN="$(secret)"
 CONFIG="$WORK/agentbus.yaml"
+# Part 3's team and its two other workers; left out when it does not run, so that parts 1
+# and 2 run with the agents they always had.
+TEAM_AGENTS="" TEAMS=""
+if team_part; then
+    TEAM_AGENTS='
+  - { id: writer, display_name: Writer, provider: echo }
+  - { id: tester, display_name: Tester, provider: echo }'
+    TEAMS='
+teams:
+  - { id: devteam, display_name: Dev Team, mode: star, coordinator: damon,
+      workers: [coder, researcher, writer, tester], limits: { max_fanout: 4 } }'
+fi
 cat >"$CONFIG" <<YAML
 # Written by scripts/load.sh for one load run.
 homeserver: { url: "$HS_URL", server_name: $SERVER_NAME }
@@ -90,12 +116,13 @@ providers:
 agents:
   - { id: damon, display_name: Damon, aliases: ["戴蒙"], provider: echo }
   - { id: coder, display_name: Coder, provider: echo }
-  - { id: researcher, display_name: Researcher, provider: echo }
+  - { id: researcher, display_name: Researcher, provider: echo }$TEAM_AGENTS
 channels:
-  matrix: { dm_policy: allowlist, allow_from: ["@*:$SERVER_NAME"] }
+  # Group rooms: open (agents and the team join on an invite from an allow_from sender).
+  matrix: { dm_policy: allowlist, allow_from: ["@*:$SERVER_NAME"], group_policy: open }
 # A load run measures throughput: the per-sender and per-room answer limits are lifted.
 routing:
-  limits: { per_sender: { answers: 1000000, per: 1s }, per_room: { answers: 1000000, per: 1s } }
+  limits: { per_sender: { answers: 1000000, per: 1s }, per_room: { answers: 1000000, per: 1s } }$TEAMS
 YAML
 
 step "writing the registration (rate_limited: false) and starting Synapse on $HS_URL"
@@ -138,6 +165,19 @@ for n in $CONVERSATIONS; do
     loadavg >>"$WORK/echo-$n.txt"
 done
 
+SYNAPSE_PID="$(cat "$WORK/synapse/synapse.pid" 2>/dev/null || echo 0)"
+for n in $TASKS; do
+    ((n > 0)) || continue
+    count=$((n > MIN_TASKS ? n : MIN_TASKS))
+    step "team tasks: $count star task(s) for @devteam, $n at once ($(loadavg))"
+    run "$LOAD" --mode team --tasks "$count" --concurrency "$n" --team devteam \
+        --team-agents damon,coder,researcher,writer,tester --homeserver "$HS_URL" \
+        --server-name "$SERVER_NAME" --shared-secret-file "$WORK/synapse/shared_secret" \
+        --cpu-pid "synapse=$SYNAPSE_PID" --cpu-pid "agentbus=$AGENTBUS_PID" \
+        | tee "$WORK/team-$n.txt" || STATUS=1
+    loadavg >>"$WORK/team-$n.txt"
+done
+
 COMMIT="$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo "unknown (not a git checkout)")"
 if [[ -n "$(git -C "$ROOT" status --porcelain -- src Cargo.toml Cargo.lock 2>/dev/null)" ]]; then
     COMMIT="$COMMIT + uncommitted changes in src/"
@@ -150,6 +190,12 @@ step "summary (commit $COMMIT, $(nproc) cores)"
         ((n > 0)) || continue
         printf 'echo, %s conversation(s) × %s messages:\n' "$n" "$MESSAGES"
         grep -E '^(replies|messages/s|send → reply|load average)' "$WORK/echo-$n.txt" | sed 's/^/  /'
+    done
+    for n in $TASKS; do
+        ((n > 0)) || continue
+        printf 'team tasks, %s at once:\n' "$n"
+        grep -E '^(tasks|send →|events per task|CPU time|failed task|load average)' \
+            "$WORK/team-$n.txt" | sed 's/^/  /'
     done
 } || true
 if ((STATUS)); then
