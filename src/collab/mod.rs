@@ -125,8 +125,9 @@ pub(crate) struct Task {
     /// Why the task is ending, set by whoever ends it first.
     end: Mutex<Option<End>>,
     record: tokio::sync::Mutex<TaskRecord>,
-    /// The status line's latest text (without the header).
-    status: Mutex<String>,
+    /// The status message, once posted: a stop reaction on it is looked up here, never
+    /// waiting for the record (held while it is saved).
+    status: Mutex<Option<OwnedEventId>>,
 }
 
 impl Task {
@@ -229,9 +230,7 @@ impl Collab {
             t.room == room
                 && (t.request.event_id == event
                     || t.root == event
-                    || t.record
-                        .try_lock()
-                        .is_ok_and(|r| r.status.as_deref() == Some(event)))
+                    || t.status.lock().expect("status lock").as_deref() == Some(event))
         }) else {
             return false;
         };
@@ -272,8 +271,8 @@ impl Collab {
             // interrupted one leaves them to resume.
             cancel: CancellationToken::new(),
             end: Mutex::new(None),
+            status: Mutex::new(record.status.clone()),
             record: tokio::sync::Mutex::new(record),
-            status: Mutex::new(String::new()),
             team,
             request,
         });
@@ -646,7 +645,6 @@ impl Collab {
 
     /// Edits the status message to `line` (posting it first if the task has none).
     pub(crate) async fn set_status(&self, task: &Task, line: &str) {
-        *task.status.lock().expect("status lock") = line.to_owned();
         let text = format!("🧭 {} · {}", task.team.display_name(), line);
         let existing = task.record.lock().await.status.clone();
         let result = match existing {
@@ -655,6 +653,7 @@ impl Collab {
                     .post(task, &task.team.id, "status", &text, &[], true)
                     .await;
                 if let Ok(event) = &sent {
+                    *task.status.lock().expect("status lock") = Some(event.clone());
                     let mut record = task.record.lock().await;
                     record.status = Some(event.clone());
                     self.save(task, &record).await;
