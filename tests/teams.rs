@@ -51,6 +51,7 @@ teams:
     rules:
       - {{ when: "contains_keyword(['project']) AND length > 40", mode: star }}
       - {{ when: "contains_keyword(['compare'])", mode: broadcast }}
+    classifier: true
     default_mode: direct
 {OPEN_DMS}
 "#
@@ -81,6 +82,14 @@ fn part(prompt: &str) -> String {
 /// The usual team: damon plans a part for each worker and integrates; workers say what
 /// they did.
 fn answer(model: &str, prompt: &str) -> Scripted {
+    if prompt.starts_with("Pick how a team of agents should handle") {
+        let pick = if prompt.contains("which one") {
+            "Broadcast."
+        } else {
+            "no idea"
+        };
+        return Scripted::Say(pick.into());
+    }
     if prompt.contains("You coordinate it") {
         return Scripted::Say(
             "Splitting it.\n@coder: write the parser\n@researcher: find prior art".into(),
@@ -418,6 +427,15 @@ async fn hybrid_rules_pick_each_mode_and_say_which() {
         "hybrid → broadcast (rules[1]: contains_keyword(['compare']))",
     )
     .await;
+    // No rule: the coordinator's model is asked, and its pick is said.
+    ed.send(&room, "@triage which one is faster?").await;
+    wait_status(
+        &ed,
+        "triage",
+        "hybrid → broadcast (the coordinator's model chose it)",
+    )
+    .await;
+    // A classifier that names no mode leaves it to default_mode.
     let hi = ed.send(&room, "@triage hi").await;
     wait_status(
         &ed,

@@ -255,7 +255,10 @@ impl Collab {
         let mut record = stored.unwrap_or_else(|| TaskRecord::new(crate::unix_ms()));
         let (mode, why) = match record.mode {
             Some(mode) => (mode, record.why.clone().unwrap_or_default()),
-            None => self.pick_mode(&team, &request, broadcast).await,
+            None => {
+                self.pick_mode(&team, &request, broadcast, &mut record)
+                    .await
+            }
         };
         record.mode = Some(mode);
         record.why = Some(why.clone());
@@ -359,6 +362,7 @@ impl Collab {
         team: &TeamConfig,
         request: &Turn,
         broadcast: bool,
+        record: &mut TaskRecord,
     ) -> (TaskMode, String) {
         if broadcast {
             return (
@@ -377,10 +381,17 @@ impl Collab {
                         format!("hybrid → {} (rules[{i}]: {when})", mode.as_str()),
                     );
                 }
-                if team.classifier
-                    && let Some(coordinator) = &team.coordinator
-                    && let Some(mode) = self.ask_classifier(team, coordinator, request).await
-                {
+                let asked = match (&team.classifier, &team.coordinator) {
+                    (true, Some(coordinator)) => {
+                        // The classifier's call counts in the task's limits like any turn.
+                        let (mode, tokens) = self.ask_classifier(team, coordinator, request).await;
+                        record.turns += 1;
+                        record.tokens += tokens;
+                        mode
+                    }
+                    _ => None,
+                };
+                if let Some(mode) = asked {
                     return (
                         mode,
                         format!(
@@ -406,7 +417,7 @@ impl Collab {
         team: &TeamConfig,
         coordinator: &AgentId,
         request: &Turn,
-    ) -> Option<TaskMode> {
+    ) -> (Option<TaskMode>, u64) {
         let mut turn = request.clone();
         turn.body = plan::classifier_prompt(&request.body);
         turn.group = false;
@@ -420,10 +431,18 @@ impl Collab {
             destination: Destination::Silent,
         });
         let Submitted::Queued { outcome, .. } = self.runtime.submit(job) else {
-            return None;
+            return (None, 0);
         };
-        let outcome = outcome.await.ok()?;
-        let mode = plan::classifier_answer(&outcome.text)?;
+        let Ok(outcome) = outcome.await else {
+            return (None, 0);
+        };
+        let tokens = outcome
+            .usage
+            .map_or(0, |u| u.input_tokens + u.output_tokens);
+        let Some(mode) = plan::classifier_answer(&outcome.text) else {
+            tracing::info!(team = %team.id, answer = %outcome.text, "the classifier named no mode");
+            return (None, tokens);
+        };
         // Only a mode the team can run.
         let runnable = match mode {
             TaskMode::Star => team.coordinator.is_some() && !team.workers.is_empty(),
@@ -431,7 +450,7 @@ impl Collab {
             TaskMode::Broadcast => !team.workers.is_empty(),
             TaskMode::Direct => team.coordinator.is_some(),
         };
-        runnable.then_some(mode)
+        (runnable.then_some(mode), tokens)
     }
 
     /// `direct`: the coordinator answers alone, in the thread.
