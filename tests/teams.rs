@@ -42,7 +42,9 @@ teams:
     display_name: Panel
     mode: broadcast
     workers: [coder, researcher]
-    broadcast: {{ timeout: 3s, merger: concat }}
+    # Long enough for the coder's instant answer to make it on a slow machine; the
+    # researcher is held back until the summary is out.
+    broadcast: {{ timeout: 12s, merger: concat }}
   - id: triage
     display_name: Triage
     mode: hybrid
@@ -596,7 +598,8 @@ async fn the_wall_clock_limit_ends_a_task_whose_workers_hang() {
         answer(model, &prompt)
     }))
     .await;
-    let _bus = start(&llm, "timeout: 3s").await;
+    // Long enough for the plan and both hand-offs on a slow machine.
+    let _bus = start(&llm, "timeout: 10s").await;
     let ida = Human::new("ida").await;
     let room = team_room(&ida, "devteam").await;
     ida.send(&room, "@devteam port it to wasm").await;
@@ -608,7 +611,7 @@ async fn the_wall_clock_limit_ends_a_task_whose_workers_hang() {
         })
         .await;
     assert!(
-        ended.body().contains("its limit of 3s (limits.timeout)"),
+        ended.body().contains("its limit of 10s (limits.timeout)"),
         "{}",
         ended.body()
     );
