@@ -67,11 +67,15 @@ pub(super) async fn run(collab: &Collab, task: &Task) -> End {
             // Late: added to the summary as it stands.
             let waiting = waiting(collab, &entries, &answering);
             let mut lines: Vec<&str> = text.lines().filter(|l| !l.starts_with("⏳ ")).collect();
-            let added = format!("+ {}", late_line(entries.last().expect("just pushed")));
+            let added = format!(
+                "+ {}",
+                plan::entry_line(entries.last().expect("just pushed"))
+            );
             lines.push(&added);
             let mut updated = lines.join("\n");
             for name in &waiting {
-                updated.push_str(&format!("\n⏳ {name}: no answer yet (late)"));
+                updated.push('\n');
+                updated.push_str(&plan::waiting_line(name));
             }
             collab.edit(task, &task.team.id, event, &updated).await;
             *text = updated;
@@ -97,15 +101,6 @@ fn entry(collab: &Collab, task: &Task, agent: &AgentId, done: &Done, late: bool)
         },
         late,
     }
-}
-
-fn late_line(entry: &Entry) -> String {
-    plan::concat_summary(std::slice::from_ref(entry), &[], 1)
-        .lines()
-        .nth(1)
-        .unwrap_or_default()
-        .trim_start_matches("1. ")
-        .to_owned()
 }
 
 fn waiting(collab: &Collab, entries: &[Entry], answering: &[AgentId]) -> Vec<String> {

@@ -145,13 +145,11 @@ impl Task {
         self.end.lock().expect("task end lock").clone()
     }
 
+    /// Who asked, as the steps' prompts name them: the label agents use for a speaker
+    /// (display name cleaned, next to the user ID), so a display name cannot pass for
+    /// someone else or break a prompt's lines.
     pub fn asker(&self) -> String {
-        let name = self.request.sender_name.trim();
-        if name.is_empty() {
-            self.request.sender.to_string()
-        } else {
-            format!("{name} ({})", self.request.sender)
-        }
+        crate::agents::lines::label(&self.request.sender_name, &self.request.sender)
     }
 }
 
@@ -214,28 +212,28 @@ impl Collab {
 
     /// `!stop` by `by` in `room`: ends every task running there. Returns how many.
     pub fn stop_room(&self, room: &RoomId, by: &ruma::UserId) -> usize {
-        let running = self.running.lock().expect("running tasks lock");
-        let mut stopped = 0;
-        for task in running.values().filter(|t| t.room == room) {
-            task.end(End::Cancelled(by.to_owned()));
-            stopped += 1;
-        }
-        stopped
+        self.stop_where(by, |t| t.room == room)
     }
 
     /// A stop reaction by `by` on `event`: ends the task whose request or status it is.
     pub fn stop_event(&self, room: &RoomId, event: &ruma::EventId, by: &ruma::UserId) -> bool {
-        let running = self.running.lock().expect("running tasks lock");
-        let Some(task) = running.values().find(|t| {
+        self.stop_where(by, |t| {
             t.room == room
                 && (t.request.event_id == event
                     || t.root == event
                     || t.status.lock().expect("status lock").as_deref() == Some(event))
-        }) else {
-            return false;
-        };
-        task.end(End::Cancelled(by.to_owned()));
-        true
+        }) > 0
+    }
+
+    /// Ends, as cancelled by `by`, every running task `matches`; returns how many.
+    fn stop_where(&self, by: &ruma::UserId, matches: impl Fn(&Task) -> bool) -> usize {
+        let running = self.running.lock().expect("running tasks lock");
+        let mut stopped = 0;
+        for task in running.values().filter(|t| matches(t)) {
+            task.end(End::Cancelled(by.to_owned()));
+            stopped += 1;
+        }
+        stopped
     }
 
     async fn run(self: &Arc<Self>, team: TeamConfig, request: Turn, broadcast: bool) -> Delivery {
@@ -444,13 +442,7 @@ impl Collab {
             return (None, tokens);
         };
         // Only a mode the team can run.
-        let runnable = match mode {
-            TaskMode::Star => team.coordinator.is_some() && !team.workers.is_empty(),
-            TaskMode::Pipeline => !team.stages.is_empty(),
-            TaskMode::Broadcast => !team.workers.is_empty(),
-            TaskMode::Direct => team.coordinator.is_some(),
-        };
-        (runnable.then_some(mode), tokens)
+        (team.can_run(mode).then_some(mode), tokens)
     }
 
     /// `direct`: the coordinator answers alone, in the thread.

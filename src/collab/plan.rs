@@ -218,18 +218,24 @@ pub fn concat_summary(entries: &[Entry], waiting: &[String], max: usize) -> Stri
         entries.len() + waiting.len()
     );
     for (i, entry) in entries.iter().take(max).enumerate() {
-        text.push_str(&format!("\n{}. {}", i + 1, line_of(entry)));
+        text.push_str(&format!("\n{}. {}", i + 1, entry_line(entry)));
     }
     if entries.len() > max {
         text.push_str(&format!("\n… and {} more", entries.len() - max));
     }
     for name in waiting {
-        text.push_str(&format!("\n⏳ {name}: no answer yet (late)"));
+        text.push_str(&format!("\n{}", waiting_line(name)));
     }
     text
 }
 
-fn line_of(entry: &Entry) -> String {
+/// A summary's line for a worker that has not answered yet.
+pub fn waiting_line(name: &str) -> String {
+    format!("⏳ {name}: no answer yet (late)")
+}
+
+/// One answer's line in a summary: who, whether late, its opening and its link.
+pub fn entry_line(entry: &Entry) -> String {
     let late = if entry.late { " (late)" } else { "" };
     let link = entry
         .link
@@ -259,10 +265,10 @@ pub fn vote_summary(entries: &[Entry], waiting: &[String], max: usize) -> String
         None => format!("Vote: none of {total} answered yet"),
     };
     for (i, entry) in entries.iter().take(max).enumerate() {
-        text.push_str(&format!("\n{}. {}", i + 1, line_of(entry)));
+        text.push_str(&format!("\n{}. {}", i + 1, entry_line(entry)));
     }
     for name in waiting {
-        text.push_str(&format!("\n⏳ {name}: no answer yet (late)"));
+        text.push_str(&format!("\n{}", waiting_line(name)));
     }
     text
 }

@@ -68,6 +68,16 @@ impl TeamConfig {
         self.display_name.as_deref().unwrap_or(&self.id)
     }
 
+    /// Whether the team has the agents `mode` needs.
+    pub fn can_run(&self, mode: TaskMode) -> bool {
+        match mode {
+            TaskMode::Star => self.coordinator.is_some() && !self.workers.is_empty(),
+            TaskMode::Pipeline => !self.stages.is_empty(),
+            TaskMode::Broadcast => !self.workers.is_empty(),
+            TaskMode::Direct => self.coordinator.is_some(),
+        }
+    }
+
     /// Every agent of the team: the coordinator, the workers and the stages' agents, each
     /// once, in that order.
     pub fn members(&self) -> Vec<AgentId> {
@@ -449,22 +459,15 @@ pub(super) fn validate(
             }
         }
         let needs = |mode: TaskMode, problem: &mut dyn FnMut(String, String), why: &str| {
-            let what = match mode {
-                TaskMode::Star if team.coordinator.is_none() || team.workers.is_empty() => Some((
+            let what = (!team.can_run(mode)).then_some(match mode {
+                TaskMode::Star => (
                     "coordinator",
                     "star needs a coordinator and at least one worker",
-                )),
-                TaskMode::Direct if team.coordinator.is_none() => {
-                    Some(("coordinator", "direct needs a coordinator"))
-                }
-                TaskMode::Pipeline if team.stages.is_empty() => {
-                    Some(("stages", "pipeline needs at least one stage"))
-                }
-                TaskMode::Broadcast if team.workers.is_empty() => {
-                    Some(("workers", "broadcast needs at least one worker"))
-                }
-                _ => None,
-            };
+                ),
+                TaskMode::Direct => ("coordinator", "direct needs a coordinator"),
+                TaskMode::Pipeline => ("stages", "pipeline needs at least one stage"),
+                TaskMode::Broadcast => ("workers", "broadcast needs at least one worker"),
+            });
             if let Some((key, what)) = what {
                 problem(format!("{at}.{key}"), format!("{what}{why}"));
             }
