@@ -23,6 +23,8 @@ use crate::matrix::{MatrixClient, RetryPolicy};
 use crate::net::listener::{self, ListenerLimits};
 use crate::ops::api::{self, AdminState};
 use crate::ops::checks::{self, CheckFailure, EXIT_LOCAL_SETUP};
+use crate::ops::health::{ProviderCall, ProviderCalls, Readiness};
+use crate::ops::metrics::{self, Scrape};
 use crate::store::feed::{self, Backlog, FeedReceiver};
 use crate::store::{self, JournalStore, Stores};
 
@@ -42,6 +44,8 @@ pub struct Services {
     pub backlog: Arc<Backlog>,
     appservice: Arc<AppState>,
     admin: Arc<AdminState>,
+    readiness: Arc<Readiness>,
+    scrape: Arc<Scrape>,
     /// Taken by [`Services::start_workers`].
     feed: Option<FeedReceiver>,
     tracker: TaskTracker,
@@ -114,6 +118,34 @@ impl Services {
             store.clone(),
             inbox.clone(),
         );
+        let providers: ProviderCalls = {
+            let runtime = runtime.clone();
+            Arc::new(move || {
+                runtime
+                    .hub()
+                    .last_calls()
+                    .into_iter()
+                    .map(|(name, last)| ProviderCall {
+                        name,
+                        ok: last.as_ref().map(|l| l.ok),
+                        at_ms: last.as_ref().map(|l| l.at_ms),
+                        error: last.and_then(|l| l.error),
+                    })
+                    .collect()
+            })
+        };
+        let readiness = Readiness::new(
+            store.journal.clone(),
+            matrix.clone(),
+            appservice.contact.clone(),
+            config.appservice.id.clone(),
+            providers,
+        );
+        let scrape = Arc::new(Scrape {
+            backlog: backlog.clone(),
+            journal: store.journal.clone(),
+            runtime: runtime.clone(),
+        });
         Self {
             config,
             store,
@@ -124,6 +156,8 @@ impl Services {
             backlog,
             appservice,
             admin,
+            readiness,
+            scrape,
             feed: Some(receiver),
             tracker,
             stop,
@@ -140,9 +174,10 @@ impl Services {
     pub fn app(&self) -> axum::Router {
         appservice::router(self.appservice.clone())
             .merge(api::routes(self.admin.clone()))
-            .merge(api::metrics_routes(
-                self.backlog.clone(),
-                self.store.journal.clone(),
+            .merge(api::probe_routes(
+                self.readiness.clone(),
+                (self.config.metrics.enabled && self.config.metrics.listen.is_none())
+                    .then(|| self.scrape.clone()),
             ))
             .fallback(appservice::unrecognized)
             .layer(axum::middleware::map_response(crate::net::error_body))
@@ -218,6 +253,28 @@ pub async fn serve(
     let config = services.config.clone();
     let replay_up_to = services.journal_head().await?;
     let pending = services.store.journal.pending_count().await.unwrap_or(0);
+    if config.metrics.enabled {
+        metrics::install();
+        services.tracker.spawn(metrics::upkeep(shutdown.clone()));
+    }
+    let metrics_http = match (config.metrics.enabled, config.metrics.listen) {
+        (true, Some(addr)) => {
+            let metrics_listener = TcpListener::bind(addr).await.map_err(|e| {
+                CheckFailure::new(
+                    EXIT_LOCAL_SETUP,
+                    format!("✗ cannot listen on metrics.listen {addr}: {e}"),
+                )
+            })?;
+            tracing::info!(%addr, "metrics listening");
+            Some(tokio::spawn(listener::serve(
+                metrics_listener,
+                api::metrics_routes(services.scrape.clone()),
+                services.listener_limits(),
+                shutdown.clone(),
+            )))
+        }
+        _ => None,
+    };
     let http = tokio::spawn(listener::serve(
         listener,
         services.app(),
@@ -258,6 +315,11 @@ pub async fn serve(
     tracing::info!("shutting down");
     if let Err(e) = http.await {
         tracing::warn!(error = %e, "HTTP server ended with an error");
+    }
+    if let Some(metrics_http) = metrics_http
+        && let Err(e) = metrics_http.await
+    {
+        tracing::warn!(error = %e, "metrics HTTP server ended with an error");
     }
     if services.drain(SHUTDOWN_GRACE).await {
         tracing::info!("every answer in flight finished; stopped");

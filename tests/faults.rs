@@ -242,10 +242,15 @@ async fn a_homeserver_outage_loses_no_answer() {
         );
     }
     llm.wait_for_ended(3).await;
+    // Readiness says so while it lasts (its homeserver check is cached for a few seconds).
+    let (status, body) = ready_until(&bus, |status| status == 503).await;
+    assert_eq!(body["checks"]["homeserver"]["ok"], false, "{status} {body}");
+    assert_eq!(body["checks"]["store"]["ok"], true, "{body}");
     // The fault itself, not a wait for something: the homeserver stays down this long.
     tokio::time::sleep(OUTAGE).await;
     outage.bring_up().await;
     assert!(bus.is_running(), "agentbus exited during the outage");
+    ready_until(&bus, |status| status == 200).await;
 
     for (agent, dm) in &rooms {
         let sentinel = rosa.send(dm, "sentinel").await;
@@ -443,4 +448,22 @@ async fn a_full_disk_refuses_transactions_and_recovers_when_space_returns() {
         asked(&llm),
         ["while there is room", text, "and after the disk was freed"]
     );
+}
+
+/// `GET /ready` until its status satisfies `wanted`, within a minute.
+async fn ready_until(bus: &Agentbus, wanted: impl Fn(u16) -> bool) -> (u16, serde_json::Value) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let response = reqwest::get(format!("{}/ready", bus.url)).await.unwrap();
+        let status = response.status().as_u16();
+        let body: serde_json::Value = response.json().await.unwrap();
+        if wanted(status) {
+            return (status, body);
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "/ready stayed {status}: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 }

@@ -226,6 +226,8 @@ struct Said {
     text: String,
     events: Vec<OwnedEventId>,
     usage: Option<Usage>,
+    /// Time spent waiting on the model (its first delta, then each next one).
+    model_time: std::time::Duration,
 }
 
 impl Said {
@@ -309,6 +311,11 @@ pub struct AgentRuntime {
 }
 
 impl AgentRuntime {
+    /// The model providers this runtime calls (for their health).
+    pub fn hub(&self) -> &LlmHub {
+        &self.hub
+    }
+
     pub fn new(
         config: Arc<Config>,
         matrix: Arc<MatrixClient>,
@@ -359,12 +366,18 @@ impl AgentRuntime {
             .room()
             .map(|room| self.keep_typing(&agent_user, room));
         let mut said = Said::default();
+        let started = std::time::Instant::now();
         let result = self
             .converse(agent, &agent_user, job, cancel, &mut said)
             .await;
         if let Some(typing) = typing {
             typing.stop(&self.matrix).await;
         }
+        let took = started.elapsed();
+        metrics::histogram!("agentbus_answer_duration_seconds", "agent" => agent.id.to_string())
+            .record(took.as_secs_f64());
+        metrics::histogram!("agentbus_answer_overhead_seconds", "agent" => agent.id.to_string())
+            .record(took.saturating_sub(said.model_time).as_secs_f64());
         let mut outcome = Outcome {
             text: said.text,
             events: said.events,
@@ -743,6 +756,7 @@ impl AgentRuntime {
                 tools: offer,
                 max_tokens: 0,
             };
+            let waiting = std::time::Instant::now();
             let started = tokio::select! {
                 started = self.hub.stream(&chain, request) => started,
                 _ = self.stop.cancelled() => return Err(Halt::Undelivered(Undelivered::Stopped)),
@@ -751,6 +765,7 @@ impl AgentRuntime {
                     break 'rounds;
                 }
             };
+            said.model_time += waiting.elapsed();
             let (used, mut deltas) = match started {
                 Ok(started) => started,
                 Err(failure) => {
@@ -772,6 +787,7 @@ impl AgentRuntime {
             let mut collector = Collector::default();
             loop {
                 // Cancelling drops `deltas`, which closes the provider's connection.
+                let waiting = std::time::Instant::now();
                 let delta = tokio::select! {
                     delta = deltas.next() => delta,
                     _ = self.stop.cancelled() => {
@@ -782,6 +798,7 @@ impl AgentRuntime {
                         break 'rounds;
                     }
                 };
+                said.model_time += waiting.elapsed();
                 let Some(delta) = delta else { break };
                 match delta {
                     Ok(Delta::Text(text)) => {

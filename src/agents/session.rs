@@ -140,6 +140,17 @@ impl AgentRuntime {
         cancelled
     }
 
+    /// How many jobs wait in the sessions' queues for the run ahead of them.
+    pub fn queued(&self) -> usize {
+        self.lanes
+            .lock()
+            .expect("lanes lock")
+            .values()
+            .filter(|l| !l.is_closed())
+            .map(|l| l.max_capacity() - l.capacity())
+            .sum()
+    }
+
     /// How many sessions have a running lane.
     pub fn active_sessions(&self) -> usize {
         self.lanes

@@ -66,11 +66,13 @@ pub async fn put_transaction(
         .journal_transaction(&txn, events, crate::unix_ms())
         .await
         .map_err(|e| {
+            metrics::counter!("agentbus_transactions_total", "outcome" => "refused").increment(1);
             tracing::error!(txn_id = ?txn_id, error = %e, "could not journal transaction; the homeserver will retry");
             ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "M_UNKNOWN", e.to_string())
         })?;
     match outcome {
         JournalOutcome::Duplicate => {
+            metrics::counter!("agentbus_transactions_total", "outcome" => "duplicate").increment(1);
             tracing::debug!(txn_id = ?txn_id, "transaction already journaled; acknowledging again");
             // A refused attempt may have been written after all: make sure the inbox has
             // what is still waiting (it skips what it has).
@@ -87,6 +89,8 @@ pub async fn put_transaction(
             }
         }
         JournalOutcome::Journaled(journaled) => {
+            metrics::counter!("agentbus_transactions_total", "outcome" => "accepted").increment(1);
+            metrics::counter!("agentbus_events_received_total").increment(count as u64);
             tracing::debug!(txn_id = ?txn_id, events = count, "transaction journaled");
             state.feed.submit(journaled);
         }

@@ -74,6 +74,18 @@ pub enum End {
 }
 
 impl End {
+    /// The label of the task-outcome metric.
+    fn outcome(&self) -> &'static str {
+        match self {
+            End::Done => "done",
+            End::Failed(_) => "failed",
+            End::Cancelled(_) => "cancelled",
+            End::TimedOut(_) => "timed_out",
+            End::Limit(_) => "limit",
+            End::Interrupted => "interrupted",
+        }
+    }
+
     fn describe(&self) -> String {
         match self {
             End::Done => "✅ done".to_owned(),
@@ -330,6 +342,9 @@ impl Collab {
         tracing::info!(task = %task.id, end = ?end, "task ended");
         let summary = {
             let record = task.record.lock().await;
+            let mode = record.mode.map_or("unknown", TaskMode::as_str);
+            metrics::counter!("agentbus_team_tasks_total", "mode" => mode, "outcome" => end.outcome())
+                .increment(1);
             format!(
                 "{} ({} agent turns, {} tokens)",
                 end.describe(),

@@ -80,6 +80,35 @@ pub struct Config {
     /// The admin API.
     #[serde(default)]
     pub admin: AdminConfig,
+    /// Prometheus metrics (`GET /metrics`).
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+}
+
+/// `metrics:`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Serve `GET /metrics` at all.
+    #[serde(default = "metrics_enabled")]
+    pub enabled: bool,
+    /// A listener of its own, e.g. `127.0.0.1:9464`, so the metrics need not be reachable
+    /// where the homeserver reaches agentbus; unset: on the appservice listener.
+    #[serde(default)]
+    pub listen: Option<std::net::SocketAddr>,
+}
+
+fn metrics_enabled() -> bool {
+    true
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            listen: None,
+        }
+    }
 }
 
 /// `homeserver:`

@@ -35,6 +35,8 @@ impl Inbox {
         }
         let facts = self.gather_facts(message).await;
         let decision = self.decide(message.room_id, &facts, facts.message(message));
+        metrics::counter!("agentbus_routing_decisions_total", "strategy" => decision.strategy.as_str())
+            .increment(1);
         let line = self.record(message, &facts, &decision).await;
         Processed {
             answers: self.answer(message, &facts, decision, command).await,

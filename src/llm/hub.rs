@@ -14,10 +14,10 @@
 
 use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
 use futures::stream::{self, Stream, StreamExt};
@@ -71,6 +71,87 @@ struct ProviderState {
     limit: Option<Arc<Semaphore>>,
     /// `warmup: true` and no answer has started yet.
     warming_up: AtomicBool,
+    /// How its last model call ended; shared with the streams it is still reading.
+    last: Arc<Mutex<Option<LastCall>>>,
+}
+
+/// How a provider's last model call ended (what readiness reports).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LastCall {
+    pub ok: bool,
+    /// When it ended, in Unix milliseconds.
+    pub at_ms: u64,
+    /// The error, when it failed (provider words redacted of the key, as in the log).
+    pub error: Option<String>,
+}
+
+impl LastCall {
+    fn now(error: Option<&LlmError>) -> Self {
+        Self {
+            ok: error.is_none(),
+            at_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+            error: error.map(ToString::to_string),
+        }
+    }
+}
+
+/// A model call's labels and clock, for the metrics and the provider's last call.
+struct Meter {
+    provider: String,
+    model: String,
+    started: Instant,
+    last: Option<Arc<Mutex<Option<LastCall>>>>,
+    usage: Option<super::Usage>,
+    done: bool,
+}
+
+impl Meter {
+    fn start(model: &ModelRef, last: Option<Arc<Mutex<Option<LastCall>>>>) -> Self {
+        metrics::counter!("agentbus_llm_requests_total", "provider" => model.provider.clone(), "model" => model.model.clone())
+            .increment(1);
+        Self {
+            provider: model.provider.clone(),
+            model: model.model.clone(),
+            started: Instant::now(),
+            last,
+            usage: None,
+            done: false,
+        }
+    }
+
+    /// The call ended: with its answer complete (`None`) or with `error`.
+    fn end(&mut self, error: Option<&LlmError>) {
+        if std::mem::replace(&mut self.done, true) {
+            return;
+        }
+        let (provider, model) = (self.provider.clone(), self.model.clone());
+        metrics::histogram!("agentbus_llm_request_duration_seconds", "provider" => provider.clone(), "model" => model.clone())
+            .record(self.started.elapsed().as_secs_f64());
+        if let Some(error) = error {
+            metrics::counter!("agentbus_llm_errors_total", "provider" => provider.clone(), "model" => model.clone(), "kind" => error.kind())
+                .increment(1);
+        }
+        if let Some(usage) = self.usage.take() {
+            metrics::counter!("agentbus_llm_tokens_total", "provider" => provider.clone(), "model" => model.clone(), "direction" => "input")
+                .increment(usage.input_tokens);
+            metrics::counter!("agentbus_llm_tokens_total", "provider" => provider, "model" => model, "direction" => "output")
+                .increment(usage.output_tokens);
+        }
+        if let Some(last) = &self.last {
+            *last.lock().expect("last call lock") = Some(LastCall::now(error));
+        }
+    }
+}
+
+impl Drop for Meter {
+    /// A stream dropped before its end (a cancelled answer) still counts its time and
+    /// tokens, but says nothing about the provider's health.
+    fn drop(&mut self) {
+        self.last = None;
+        self.end(None);
+    }
 }
 
 /// Every provider, with the limits of `llm:`.
@@ -98,6 +179,7 @@ impl LlmHub {
                         .max_concurrency
                         .map(|n| Arc::new(Semaphore::new(permits(n)))),
                     warming_up: AtomicBool::new(provider.warmup),
+                    last: Arc::default(),
                 };
                 (name.clone(), state)
             })
@@ -142,6 +224,20 @@ impl LlmHub {
         self.state
             .get(provider)
             .is_some_and(|s| s.warming_up.load(Ordering::Relaxed))
+    }
+
+    /// Every configured provider with how its last model call ended (`None`: no call yet).
+    pub fn last_calls(&self) -> Vec<(String, Option<LastCall>)> {
+        let mut calls: Vec<_> = self
+            .state
+            .iter()
+            .map(|(name, state)| {
+                let last = state.last.lock().expect("last call lock").clone();
+                (name.clone(), last)
+            })
+            .collect();
+        calls.sort_by(|a, b| a.0.cmp(&b.0));
+        calls
     }
 
     /// Starts an answer from the first model of `chain` that gives one.
@@ -224,16 +320,27 @@ impl LlmHub {
         };
         let global_permit = acquire(self.global.clone()).await;
 
-        let mut stream = provider.stream(request).await?;
-        let first = match stream.next().await {
-            Some(Ok(delta)) => delta,
-            Some(Err(error)) => return Err(error),
-            None => {
-                return Err(LlmError::BadResponse(
+        let mut meter = Meter::start(model, state.map(|s| s.last.clone()));
+        let first = match provider.stream(request).await {
+            Ok(mut stream) => match stream.next().await {
+                Some(Ok(delta)) => Ok((stream, delta)),
+                Some(Err(error)) => Err(error),
+                None => Err(LlmError::BadResponse(
                     "the stream ended before the answer began".into(),
-                ));
+                )),
+            },
+            Err(error) => Err(error),
+        };
+        let (stream, first) = match first {
+            Ok(started) => started,
+            Err(error) => {
+                meter.end(Some(&error));
+                return Err(error);
             }
         };
+        if let Delta::Usage(usage) = &first {
+            meter.usage = Some(*usage);
+        }
         if let Some(state) = state
             && state.warming_up.swap(false, Ordering::Relaxed)
         {
@@ -244,6 +351,7 @@ impl LlmHub {
                 .chain(stream)
                 .boxed(),
             permits: Some((provider_permit, global_permit)),
+            meter,
         }))
     }
 }
@@ -270,6 +378,7 @@ async fn acquire(semaphore: Arc<Semaphore>) -> OwnedSemaphorePermit {
 struct WithPermits {
     inner: DeltaStream,
     permits: Option<(Option<OwnedSemaphorePermit>, OwnedSemaphorePermit)>,
+    meter: Meter,
 }
 
 impl Stream for WithPermits {
@@ -278,8 +387,18 @@ impl Stream for WithPermits {
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let item = self.inner.poll_next_unpin(cx);
         // A stream ends with `None` or an error; either way the provider is done with us.
-        if matches!(item, Poll::Ready(None | Some(Err(_)))) {
-            self.permits = None;
+        match &item {
+            Poll::Ready(Some(Ok(Delta::Usage(usage)))) => self.meter.usage = Some(*usage),
+            Poll::Ready(None) => {
+                self.permits = None;
+                self.meter.end(None);
+            }
+            Poll::Ready(Some(Err(error))) => {
+                self.permits = None;
+                let error = error.clone();
+                self.meter.end(Some(&error));
+            }
+            _ => {}
         }
         item
     }
@@ -435,6 +554,50 @@ agents: []
 
     fn waits(recorded: &Mutex<Vec<Duration>>) -> Vec<Duration> {
         recorded.lock().unwrap().clone()
+    }
+
+    #[tokio::test]
+    async fn each_provider_remembers_how_its_last_call_ended() {
+        let main = Scripted::new([
+            Outcome::Refuse(http(401, None)),
+            Outcome::Stream(vec![
+                Ok(Delta::Text("par".into())),
+                Err(LlmError::Stalled(secs(30))),
+            ]),
+        ]);
+        let (hub, _) = hub(&[("main", &main)]);
+        let state = |hub: &LlmHub, name: &str| {
+            hub.last_calls()
+                .into_iter()
+                .find(|(n, _)| n == name)
+                .and_then(|(_, last)| last)
+        };
+        assert_eq!(state(&hub, "main"), None, "no call yet");
+        failure_of(&hub, &[model("main/big")]).await;
+        let last = state(&hub, "main").expect("a refused call is remembered");
+        assert!(!last.ok);
+        assert!(last.error.unwrap().contains("HTTP 401"));
+
+        // Failing in the middle of the answer counts as a failed call too.
+        let (_, stream) = hub.stream(&[model("main/big")], request()).await.unwrap();
+        assert!(collect(stream).await.is_err());
+        assert!(
+            state(&hub, "main")
+                .unwrap()
+                .error
+                .unwrap()
+                .contains("stopped sending")
+        );
+
+        // A complete answer makes it healthy again; one dropped half-way says nothing.
+        let (_, stream) = hub.stream(&[model("main/big")], request()).await.unwrap();
+        assert_eq!(text_of(stream).await, "ok from big");
+        assert!(state(&hub, "main").unwrap().ok);
+        assert_eq!(
+            hub.last_calls().len(),
+            4,
+            "every configured provider is listed"
+        );
     }
 
     #[tokio::test]

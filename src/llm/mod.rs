@@ -195,6 +195,18 @@ pub enum LlmError {
 }
 
 impl LlmError {
+    /// A short label for the metrics: `timeout`, `stalled`, `http_429`, `network`, …
+    pub fn kind(&self) -> String {
+        match self {
+            LlmError::Timeout(_) => "timeout".into(),
+            LlmError::Stalled(_) => "stalled".into(),
+            LlmError::Http { status, .. } => format!("http_{status}"),
+            LlmError::Network(_) => "network".into(),
+            LlmError::BadResponse(_) => "bad_response".into(),
+            LlmError::WarmingUp => "warming_up".into(),
+        }
+    }
+
     /// Whether trying the same model again may help: 408, 409, 429, 5xx, network trouble,
     /// timeouts.
     pub fn is_retryable(&self) -> bool {

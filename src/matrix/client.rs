@@ -124,8 +124,36 @@ impl MatrixClient {
             .await
     }
 
-    /// One attempt, authenticated with `token`.
+    /// One attempt, authenticated with `token`, counted in the request metrics by kind
+    /// (the endpoint's name, e.g. `send_message_event`).
     async fn send_once_with<R>(
+        &self,
+        request: R,
+        user: Option<&UserId>,
+        token: SendAccessToken<'_>,
+    ) -> Result<R::IncomingResponse, MatrixError>
+    where
+        R: OutgoingRequest,
+        R::PathBuilder: PathInput,
+        for<'a> R::Authentication: AuthScheme<Input<'a> = SendAccessToken<'a>>,
+    {
+        let kind = request_kind(std::any::type_name::<R>());
+        metrics::counter!("agentbus_matrix_requests_total", "kind" => kind).increment(1);
+        let result = self.attempt(request, user, token).await;
+        if let Err(e) = &result {
+            let error = match e {
+                MatrixError::Network(_) => "network".to_owned(),
+                MatrixError::Transient { status, .. } | MatrixError::Permanent { status, .. } => e
+                    .errcode()
+                    .map_or_else(|| status.to_string(), str::to_owned),
+            };
+            metrics::counter!("agentbus_matrix_request_errors_total", "kind" => kind, "error" => error)
+                .increment(1);
+        }
+        result
+    }
+
+    async fn attempt<R>(
         &self,
         request: R,
         user: Option<&UserId>,
@@ -270,5 +298,40 @@ impl MatrixClient {
                 joined.remove(room_id);
             }
         }
+    }
+}
+
+/// The endpoint a ruma request type is for: `…::send_message_event::v3::Request` →
+/// `send_message_event`.
+fn request_kind(type_name: &'static str) -> &'static str {
+    let path = type_name.strip_suffix("::Request").unwrap_or(type_name);
+    path.rsplit("::")
+        .find(|segment| {
+            !(segment.len() >= 2
+                && segment.starts_with('v')
+                && segment[1..].bytes().all(|b| b.is_ascii_digit()))
+        })
+        .unwrap_or(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::request_kind;
+
+    #[test]
+    fn a_request_type_is_named_by_its_endpoint() {
+        assert_eq!(
+            request_kind(std::any::type_name::<
+                ruma::api::client::message::send_message_event::v3::Request,
+            >()),
+            "send_message_event"
+        );
+        assert_eq!(
+            request_kind(std::any::type_name::<
+                ruma::api::appservice::ping::send_ping::v1::Request,
+            >()),
+            "send_ping"
+        );
+        assert_eq!(request_kind("plain"), "plain");
     }
 }

@@ -18,12 +18,12 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 
+use super::health::{self, Readiness};
+use super::metrics::{self, Scrape};
 use crate::config::ChannelId;
 use crate::net::{ApiError, bearer_token, token_digest, token_matches};
 use crate::router::RouteDecision;
 use crate::router::explain::{Explain, ExplainError, RouteQuery};
-use crate::store::JournalStore;
-use crate::store::feed::Backlog;
 use crate::store::{PAIRING_TTL, PairedSender, PairingRequest, PairingStore, StoreError, Stores};
 
 /// What the admin routes share.
@@ -58,52 +58,26 @@ pub fn routes(state: Arc<AdminState>) -> Router {
         .with_state(state)
 }
 
-/// `GET /metrics`: Prometheus text; `GET /ready`: `200 {"store":"writable"}`, or `503
-/// {"store":"failing"}` while the store refuses writes (a full disk) — it recovers by
-/// itself. Unauthenticated, like most exporters: they say how busy agentbus is, nothing of
-/// what was said.
-pub fn metrics_routes(backlog: Arc<Backlog>, journal: Arc<dyn JournalStore>) -> Router {
-    Router::new()
-        .route("/metrics", get(metrics))
-        .with_state(backlog)
-        .merge(
-            Router::new()
-                .route("/ready", get(ready))
-                .with_state(journal),
-        )
-}
-
-async fn ready(
-    State(journal): State<Arc<dyn JournalStore>>,
-) -> (StatusCode, Json<serde_json::Value>) {
-    if journal.is_writable() {
-        (
-            StatusCode::OK,
-            Json(serde_json::json!({ "store": "writable" })),
-        )
-    } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(serde_json::json!({ "store": "failing" })),
-        )
+/// The probes: `GET /health`, `GET /ready` ([`super::health`]) and, unless metrics have
+/// a listener of their own, `GET /metrics` ([`super::metrics`]). Unauthenticated, like
+/// most exporters and every container probe: they say how busy agentbus is and whether
+/// it can work, nothing of what was said.
+pub fn probe_routes(readiness: Arc<Readiness>, scrape: Option<Arc<Scrape>>) -> Router {
+    let probes = Router::new()
+        .route("/health", get(health::health))
+        .route("/ready", get(health::ready))
+        .with_state(readiness);
+    match scrape {
+        Some(scrape) => probes.merge(metrics_routes(scrape)),
+        None => probes,
     }
 }
 
-async fn metrics(State(backlog): State<Arc<Backlog>>) -> String {
-    format!(
-        "# HELP agentbus_journal_pending Journaled events not finished yet.\n\
-         # TYPE agentbus_journal_pending gauge\n\
-         agentbus_journal_pending {}\n\
-         # HELP agentbus_events_journaled_total Events journaled from transactions since start.\n\
-         # TYPE agentbus_events_journaled_total counter\n\
-         agentbus_events_journaled_total {}\n\
-         # HELP agentbus_events_finished_total Events finished (answered or nothing to answer) since start.\n\
-         # TYPE agentbus_events_finished_total counter\n\
-         agentbus_events_finished_total {}\n",
-        backlog.pending(),
-        backlog.journaled_total(),
-        backlog.finished_total(),
-    )
+/// `GET /metrics` alone, for `metrics.listen`.
+pub fn metrics_routes(scrape: Arc<Scrape>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics::metrics))
+        .with_state(scrape)
 }
 
 async fn require_admin_token(
@@ -257,35 +231,5 @@ async fn pairing_revoke(
             "M_NOT_FOUND",
             format!("{} is not paired on {}", body.sender, body.channel),
         ))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use axum::body::Body;
-    use axum::http::Request;
-    use tower::ServiceExt;
-
-    use super::*;
-    use crate::store::FjallBackend;
-    use crate::store::embedded::Embedded;
-
-    async fn ready_status(app: &Router) -> StatusCode {
-        let request = Request::get("/ready").body(Body::empty()).unwrap();
-        app.clone().oneshot(request).await.unwrap().status()
-    }
-
-    #[tokio::test]
-    async fn readiness_is_503_while_the_store_refuses_writes_and_200_once_it_recovers() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().to_owned();
-        let store = Arc::new(Embedded::open(move || FjallBackend::open(&path)).unwrap());
-        let app = metrics_routes(Backlog::new(10), store.clone());
-        assert_eq!(ready_status(&app).await, StatusCode::OK);
-        store.fail_once();
-        assert_eq!(ready_status(&app).await, StatusCode::SERVICE_UNAVAILABLE);
-        // The next call reopens the store from disk; it writes again.
-        store.journal_head().await.unwrap();
-        assert_eq!(ready_status(&app).await, StatusCode::OK);
     }
 }

@@ -1,5 +1,7 @@
-//! Operations: the startup checks, the admin API and metrics (scheduler and monitors to
-//! come).
+//! Operations: the startup checks, the admin API, health/ready probes and metrics
+//! (scheduler and monitors to come).
 
 pub mod api;
 pub mod checks;
+pub mod health;
+pub mod metrics;

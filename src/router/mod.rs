@@ -196,6 +196,26 @@ pub enum Strategy {
     Nobody,
 }
 
+impl Strategy {
+    /// The name the JSON and the metrics use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Strategy::Mention => "mention",
+            Strategy::Reply => "reply",
+            Strategy::Thread => "thread",
+            Strategy::Broadcast => "broadcast",
+            Strategy::Keyword => "keyword",
+            Strategy::Context => "context",
+            Strategy::DirectMessage => "direct_message",
+            Strategy::AutoReply => "auto_reply",
+            Strategy::Team => "team",
+            Strategy::Pairing => "pairing",
+            Strategy::Refused => "refused",
+            Strategy::Nobody => "nobody",
+        }
+    }
+}
+
 /// Who answers and why.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RouteDecision {

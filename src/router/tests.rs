@@ -1110,3 +1110,27 @@ proptest! {
         prop_assert_eq!(case.route(&routers[v]), case.clone().route(&routers[v]));
     }
 }
+
+#[test]
+fn a_strategy_is_named_in_the_metrics_as_in_the_json() {
+    use super::Strategy::*;
+    for strategy in [
+        Mention,
+        Reply,
+        Thread,
+        Broadcast,
+        Keyword,
+        Context,
+        DirectMessage,
+        AutoReply,
+        Team,
+        Pairing,
+        Refused,
+        Nobody,
+    ] {
+        assert_eq!(
+            serde_json::to_value(strategy).unwrap(),
+            serde_json::Value::from(strategy.as_str())
+        );
+    }
+}

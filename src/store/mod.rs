@@ -392,6 +392,26 @@ pub trait JournalStore: Send + Sync {
     /// How many journaled events are not finished yet.
     async fn pending_count(&self) -> Result<usize, StoreError>;
 
+    /// The `origin_server_ts` of the oldest journaled event not finished yet, in any
+    /// partition (a read, not a claim): how far behind agentbus is, for metrics.
+    async fn oldest_pending_ts(&self) -> Result<Option<u64>, StoreError> {
+        let everything = Lease {
+            holder: String::new(),
+            partitions: Partition::all(),
+            expires_ms: u64::MAX,
+        };
+        let first = self.pending_events(&everything, None, 1).await?;
+        Ok(first.first().and_then(|event| {
+            #[derive(serde::Deserialize)]
+            struct Ts {
+                origin_server_ts: u64,
+            }
+            serde_json::from_str::<Ts>(event.json.get())
+                .ok()
+                .map(|t| t.origin_server_ts)
+        }))
+    }
+
     /// Whether `event_id` was ever journaled (its dedupe record is kept until pruned).
     async fn was_journaled(&self, event_id: &EventId) -> Result<bool, StoreError>;
 
@@ -641,6 +661,29 @@ macro_rules! journal_conformance_tests {
             assert_eq!(ids, ["$ev1", "$ev2", "$ev3"]);
             assert_eq!(pending[1].room_id.as_str(), "!b");
             assert_eq!(pending[2].json.get(), r#"{"n":3}"#);
+        }
+
+        #[tokio::test]
+        async fn the_oldest_pending_event_is_read_across_partitions() {
+            let (store, _guard) = $fresh;
+            let lease = all(&store).await;
+            assert_eq!(store.journal.oldest_pending_ts().await.unwrap(), None);
+            let stamped = |n: u32, room: &str, ts: u64| {
+                let mut e = event(n, room);
+                e.json = serde_json::value::to_raw_value(&serde_json::json!({"n": n, "origin_server_ts": ts})).unwrap();
+                e
+            };
+            let JournalOutcome::Journaled(first) = store
+                .journal
+                .journal_transaction(txn("t1"), vec![stamped(1, "!a", 1_000), stamped(2, "!zz", 2_000)], NOW)
+                .await
+                .unwrap()
+            else {
+                panic!("expected Journaled")
+            };
+            assert_eq!(store.journal.oldest_pending_ts().await.unwrap(), Some(1_000));
+            store.journal.finish_events(&lease, &[first[0].reference()], &[]).await.unwrap();
+            assert_eq!(store.journal.oldest_pending_ts().await.unwrap(), Some(2_000));
         }
 
         #[tokio::test]
