@@ -23,6 +23,7 @@ use crate::matrix::{MatrixClient, RetryPolicy};
 use crate::net::listener::{self, ListenerLimits};
 use crate::ops::api::{self, AdminState};
 use crate::ops::checks::{self, CheckFailure, EXIT_LOCAL_SETUP};
+use crate::ops::commands::Commands;
 use crate::ops::health::{ProviderCall, ProviderCalls, Readiness};
 use crate::ops::metrics::{self, Scrape};
 use crate::store::feed::{self, Backlog, FeedReceiver};
@@ -141,6 +142,17 @@ impl Services {
             config.appservice.id.clone(),
             providers,
         );
+        let commands = Commands::new(
+            config.clone(),
+            store.clone(),
+            runtime.clone(),
+            collab.clone(),
+            matrix.clone(),
+            readiness.clone(),
+        );
+        let explain: Arc<dyn crate::router::explain::Explain> = inbox.clone();
+        commands.set_explain(Arc::downgrade(&explain));
+        inbox.set_management(commands);
         let scrape = Arc::new(Scrape {
             backlog: backlog.clone(),
             journal: store.journal.clone(),

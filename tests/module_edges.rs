@@ -9,7 +9,8 @@ use std::path::Path;
 /// Differences from the table, on purpose: `config` is usable everywhere (it is the leaf
 /// every module reads); `appservice` uses `matrix` (a user query registers the agent on
 /// the spot) and `net` (error bodies, token digests); `ops` uses `router` (the explain
-/// seam of the admin API) and `net`.
+/// seam of the admin API), `net`, and `inbox` (the seam through which the inbox hands
+/// management commands to `ops`, which answers them; the inbox never names `ops`).
 const ALLOWED: &[(&str, &[&str])] = &[
     ("config", &[]),
     ("net", &[]),
@@ -34,7 +35,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
     (
         "ops",
         &[
-            "agents", "collab", "store", "matrix", "config", "router", "net",
+            "agents", "collab", "inbox", "store", "matrix", "config", "router", "net",
         ],
     ),
     (

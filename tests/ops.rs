@@ -5,8 +5,9 @@ mod support;
 
 use std::time::Duration;
 
+use matrix_sdk::ruma::OwnedRoomId;
 use serde_json::Value;
-use support::{ADMIN_TOKEN, Agentbus, Human, LlmMode, LlmStub, exclusive};
+use support::{ADMIN_TOKEN, Agentbus, Human, LlmMode, LlmStub, agent_id, exclusive};
 
 async fn get(url: &str) -> (u16, String) {
     let response = reqwest::get(url).await.unwrap();
@@ -188,4 +189,128 @@ async fn metrics_on_a_listener_of_their_own_are_not_on_the_appservice_port() {
     assert!(metrics.contains("agentbus_journal_pending "), "{metrics}");
     let (status, _) = get(&format!("{}/health", bus.url)).await;
     assert_eq!(status, 200, "the probes stay where the load balancer looks");
+}
+
+/// The bot's notice answering `command` (sent by `human` in the management room).
+async fn bot_answer(human: &Human, room: &OwnedRoomId, command: &str) -> String {
+    answer_as(human, room, command, "agentbus").await
+}
+
+/// The notice `answerer` posts answering `command` (sent by `human` in `room`).
+async fn answer_as(human: &Human, room: &OwnedRoomId, command: &str, answerer: &str) -> String {
+    let event = human.send(room, command).await;
+    let bot = agent_id(answerer);
+    human
+        .wait_for(&format!("the bot's answer to {command}"), |seen| {
+            seen.room_id == *room
+                && seen.sender == bot
+                && seen.in_reply_to() == Some(event.as_str())
+        })
+        .await
+        .body()
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admins_manage_agentbus_from_matrix_and_nobody_else_does() {
+    let _one_at_a_time = exclusive().await;
+    let llm = LlmStub::start(LlmMode::Answer).await;
+    let dir = Agentbus::write_config(&llm.url);
+    let path = dir.path().join("agentbus.yaml");
+    let config = std::fs::read_to_string(&path).unwrap();
+    let admin_key = format!("admin: {{ token: {ADMIN_TOKEN} }}");
+    assert!(config.contains(&admin_key), "{config}");
+    std::fs::write(
+        &path,
+        config.replace(
+            &admin_key,
+            &format!("admin: {{ token: {ADMIN_TOKEN}, users: [\"@opsadmin*:localhost\"] }}"),
+        ),
+    )
+    .unwrap();
+    let mut bus = Agentbus::configured(dir);
+    bus.spawn().await;
+    let bot = agent_id("agentbus");
+
+    // Someone else's invite is declined; an admin's makes a management room.
+    let mallory = Human::new("mallory").await;
+    let lure = mallory.create_room(&["agentbus"], true).await;
+    let declined = mallory.wait_membership(&lure, &bot, "leave").await;
+    assert!(
+        declined["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("admin.users"),
+        "{declined}"
+    );
+    let admin = Human::new("opsadmin").await;
+    let manage = admin.create_room(&["agentbus"], true).await;
+    admin.wait_joined(&manage, &bot).await;
+
+    let agents = bot_answer(&admin, &manage, "!agents").await;
+    assert!(
+        agents.contains("Damon (@damon:localhost) — stub/damon-model — idle"),
+        "{agents}"
+    );
+    assert!(agents.contains("Coder (@coder:localhost)"), "{agents}");
+    let status = bot_answer(&admin, &manage, "!status").await;
+    assert!(status.starts_with("✅ ready"), "{status}");
+    assert!(status.contains("✓ homeserver: reachable"), "{status}");
+    let unknown = bot_answer(&admin, &manage, "!frobnicate").await;
+    assert!(
+        unknown.starts_with("unknown command !frobnicate"),
+        "{unknown}"
+    );
+    assert!(unknown.contains("!agents —"), "help follows: {unknown}");
+    let pairing = bot_answer(&admin, &manage, "!pairing list").await;
+    assert!(pairing.starts_with("0 pending:"), "{pairing}");
+
+    // In a project room, with the prefix (answered by an agent there, since the bot is
+    // not): a dry run of the router, and a reset from the management room.
+    let project = admin.create_room(&["damon", "coder"], false).await;
+    admin.wait_joined(&project, &agent_id("damon")).await;
+    admin.wait_joined(&project, &agent_id("coder")).await;
+    let asked = llm.requests().len();
+    let route = answer_as(
+        &admin,
+        &project,
+        "!agentbus route please debug this",
+        "coder",
+    )
+    .await;
+    assert!(
+        route.starts_with("@coder would answer (keyword)"),
+        "{route}"
+    );
+    assert_eq!(llm.requests().len(), asked, "a command reaches no model");
+
+    let question = admin.send(&project, "@damon remember the number 7").await;
+    let reply = admin.wait_reply(&project, "damon", &question).await;
+    admin.wait_final(&reply).await;
+    let reset = bot_answer(&admin, &manage, &format!("!reset @damon {project}")).await;
+    assert!(
+        reset.starts_with("🧹 Damon forgot 2 line(s) of its conversation in"),
+        "{reset}"
+    );
+
+    // A non-admin gets a refusal, not an answer — and nothing is done.
+    admin.bring_in(&project, &mallory).await;
+    let refused = answer_as(&mallory, &project, "!agentbus stop", "coder").await;
+    assert_eq!(
+        refused,
+        "⛔ only the admins in admin.users may run agentbus commands"
+    );
+    let refused = answer_as(
+        &mallory,
+        &project,
+        "!agentbus pairing approve ABCDEFGH",
+        "coder",
+    )
+    .await;
+    assert!(refused.starts_with("⛔"), "{refused}");
+    assert_eq!(
+        llm.requests().len(),
+        asked + 1,
+        "only damon's one answer asked a model"
+    );
 }

@@ -140,6 +140,17 @@ impl AgentRuntime {
         cancelled
     }
 
+    /// `agent`'s sessions with work, and its jobs waiting behind their runs.
+    pub fn load_of(&self, agent: &crate::config::AgentId) -> (usize, usize) {
+        let lanes = self.lanes.lock().expect("lanes lock");
+        let busy = lanes
+            .iter()
+            .filter(|(session, lane)| &session.agent == agent && !lane.is_closed());
+        busy.fold((0, 0), |(sessions, queued), (_, lane)| {
+            (sessions + 1, queued + lane.max_capacity() - lane.capacity())
+        })
+    }
+
     /// How many jobs wait in the sessions' queues for the run ahead of them.
     pub fn queued(&self) -> usize {
         self.lanes

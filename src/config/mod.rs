@@ -407,6 +407,16 @@ impl Config {
                 "must be an http:// or https:// URL".into(),
             );
         }
+        for (i, glob) in self.admin.users.iter().enumerate() {
+            if !glob.starts_with('@') || !glob.contains(':') {
+                problem(
+                    format!("admin.users[{i}]"),
+                    format!(
+                        "{glob:?} is not a user ID glob like \"@alice:example.org\" or \"@*:example.org\""
+                    ),
+                );
+            }
+        }
         let appservice = &self.appservice;
         if appservice.id.is_empty() {
             problem("appservice.id".into(), "must not be empty".into());

@@ -343,6 +343,19 @@ pub struct AdminConfig {
     /// `AGENTBUS_ADMIN_TOKEN` overrides it.
     #[serde(default)]
     pub token: Option<String>,
+    /// Who may run management commands (`!agents`, `!pairing approve …`) in Matrix: user
+    /// ID globs such as `@alice:example.org` or `@*:ops.example.org`. Empty: nobody.
+    #[serde(default)]
+    pub users: Vec<String>,
+}
+
+impl AdminConfig {
+    /// Whether `user` matches one of [`AdminConfig::users`].
+    pub fn is_admin(&self, user: &str) -> bool {
+        self.users
+            .iter()
+            .any(|glob| wildmatch::WildMatch::new(glob).matches(user))
+    }
 }
 
 /// A regex error on one line: `invalid regex: unclosed group`.

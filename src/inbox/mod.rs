@@ -111,9 +111,42 @@ pub struct Inbox {
     pulled: Mutex<HashMap<OwnedUserId, std::collections::BTreeSet<OwnedRoomId>>>,
     /// Per-sender and per-room limits on model-backed answers (`routing.limits`).
     limits: limits::Limits,
+    /// Who answers management commands (`ops`), once wired.
+    management: std::sync::OnceLock<Arc<dyn Management>>,
+}
+
+/// A message that may be a management command, with what its handler needs to know.
+#[derive(Debug, Clone)]
+pub struct ManagementRequest {
+    pub room_id: OwnedRoomId,
+    pub event_id: ruma::OwnedEventId,
+    pub sender: OwnedUserId,
+    pub body: String,
+    /// Whether the room is a management room: the appservice's bot is in it.
+    pub management_room: bool,
+    /// Who answers: the bot where it is in the room, else the first of our users there
+    /// (by user ID).
+    pub reply_as: OwnedUserId,
+}
+
+/// Answers management commands; the inbox hands it every message of a person that
+/// starts with `!`, before routing.
+pub trait Management: Send + Sync {
+    /// Handles `request` if it is a management command (answering it); returns whether
+    /// it was one, so it is not routed to agents as well.
+    fn handle<'a>(&'a self, request: &'a ManagementRequest)
+    -> futures::future::BoxFuture<'a, bool>;
+
+    /// Whether `user` may manage agentbus (the bot joins a room on such a user's invite).
+    fn may_manage(&self, user: &ruma::UserId) -> bool;
 }
 
 impl Inbox {
+    /// Wires the management commands (once; later calls are ignored).
+    pub fn set_management(&self, management: Arc<dyn Management>) {
+        let _ = self.management.set(management);
+    }
+
     pub fn new(
         config: Arc<Config>,
         store: Stores,
@@ -146,6 +179,7 @@ impl Inbox {
             aliases: RwLock::new(HashMap::new()),
             pulled: Mutex::new(HashMap::new()),
             limits: limits::Limits::new(&config.routing.limits),
+            management: std::sync::OnceLock::new(),
             unresolved: Mutex::new(facts::config_aliases(&config)),
             config,
         })

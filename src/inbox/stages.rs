@@ -15,7 +15,7 @@ use super::commands::{self, Command};
 use super::decode::{Encrypted, HistoryVisibilityChange, Membership, Message, Reaction};
 use super::facts::Facts;
 use super::limits::Which;
-use super::{Answers, Inbox, Processed, answer, held};
+use super::{Answers, Inbox, ManagementRequest, Processed, answer, held};
 use crate::agents::{Delivery, Job, Quote, Submitted, Trigger, Turn, notices};
 use crate::config::{AgentId, ChannelId};
 use crate::router::{Admission, MessageFacts, RouteDecision, Strategy};
@@ -29,11 +29,47 @@ impl Inbox {
             return Processed::default();
         }
         let command = commands::parse(message.text());
-        if command == Some(Command::Stop) && !self.config.is_own_user(&message.sender) {
+        let own = self.config.is_own_user(&message.sender);
+        let mut gathered = None;
+        if !own
+            && message.text().trim_start().starts_with('!')
+            && let Some(management) = self.management.get()
+        {
+            let facts = self.gather_facts(message).await;
+            let bot = self.config.sender_user_id();
+            let management_room = facts.room.joined.contains(&bot);
+            let reply_as = if management_room {
+                bot
+            } else {
+                facts
+                    .room
+                    .joined
+                    .iter()
+                    .find(|user| self.config.is_own_user(user))
+                    .cloned()
+                    .unwrap_or(bot)
+            };
+            let request = ManagementRequest {
+                room_id: message.room_id.to_owned(),
+                event_id: message.event_id.to_owned(),
+                sender: message.sender.clone(),
+                body: message.text().to_owned(),
+                management_room,
+                reply_as,
+            };
+            if management.handle(&request).await {
+                return Processed::default();
+            }
+            gathered = Some(facts);
+        }
+        if command == Some(Command::Stop) && !own {
             self.stop_room(message);
             return Processed::default();
         }
-        let facts = self.gather_facts(message).await;
+        let facts = match gathered {
+            Some(facts) => facts,
+            None => self.gather_facts(message).await,
+        };
         let decision = self.decide(message.room_id, &facts, facts.message(message));
         metrics::counter!("agentbus_routing_decisions_total", "strategy" => decision.strategy.as_str())
             .increment(1);
@@ -324,6 +360,9 @@ impl Inbox {
             return;
         };
         let audiences = self.runtime.audiences();
+        if *target == self.config.sender_user_id() {
+            return self.on_bot_member(room_id, member).await;
+        }
         // Agents and teams join on invite alike.
         let Some(agent) = self.router.agent_of(target) else {
             if let Some(membership) = &member.membership {
@@ -366,6 +405,46 @@ impl Inbox {
             }
             Err(e) => {
                 tracing::error!(agent = %agent.id, room_id = %room_id, error = %e, "could not join on invite")
+            }
+        }
+    }
+
+    /// The appservice's bot joins a room on an admin's invite (it becomes a management
+    /// room) and declines anyone else's.
+    async fn on_bot_member(&self, room_id: &RoomId, member: &Membership) {
+        let bot = self.config.sender_user_id();
+        match member.membership {
+            Some(MembershipState::Invite) => {}
+            Some(MembershipState::Leave | MembershipState::Ban) => {
+                self.matrix.intent(&bot).forget_joined(room_id);
+                return;
+            }
+            _ => return,
+        }
+        let intent = self.matrix.intent(&bot);
+        let admin = self
+            .management
+            .get()
+            .is_some_and(|m| m.may_manage(&member.sender));
+        if admin {
+            match intent.join_room(room_id).await {
+                Ok(()) => {
+                    tracing::info!(room_id = %room_id, inviter = %member.sender, "the bot joined a management room")
+                }
+                Err(e) => {
+                    tracing::error!(room_id = %room_id, error = %e, "the bot could not join on an admin's invite")
+                }
+            }
+        } else {
+            tracing::info!(room_id = %room_id, inviter = %member.sender, "the bot declined an invite from a non-admin");
+            if let Err(e) = intent
+                .leave_room(
+                    room_id,
+                    "only the admins in admin.users may invite agentbus's bot",
+                )
+                .await
+            {
+                tracing::warn!(room_id = %room_id, error = %e, "could not decline the bot's invite");
             }
         }
     }

@@ -1,7 +1,8 @@
-//! Operations: the startup checks, the admin API, health/ready probes and metrics
-//! (scheduler and monitors to come).
+//! Operations: the startup checks, the admin API, health/ready probes, metrics and the
+//! management commands (scheduler and monitors to come).
 
 pub mod api;
 pub mod checks;
+pub mod commands;
 pub mod health;
 pub mod metrics;
