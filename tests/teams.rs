@@ -685,3 +685,58 @@ async fn a_star_task_killed_mid_work_reruns_only_the_interrupted_step() {
         .count();
     assert_eq!(handoffs, 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_star_task_stopped_gracefully_says_interrupted_then_resumed() {
+    let _one_at_a_time = exclusive().await;
+    let released = Arc::new(AtomicBool::new(false));
+    let gate = released.clone();
+    let llm = LlmStub::start(Script::mode(move |model, messages| {
+        let prompt = last(messages);
+        if model == "coder-model" && !gate.load(Ordering::SeqCst) {
+            return Scripted::Hang;
+        }
+        answer(model, &prompt)
+    }))
+    .await;
+    let mut bus = start(&llm, "").await;
+    let kay = Human::new("kay").await;
+    let room = team_room(&kay, "devteam").await;
+    let request = kay.send(&room, "@devteam tidy the config module").await;
+    kay.wait_for("the researcher's answer", |s| {
+        s.sender == support::agent_id("researcher")
+    })
+    .await;
+    // SIGTERM while the coder's model hangs: the grace period runs out, the task stays
+    // journaled, and its status says so before the process is gone.
+    bus.stop().await;
+    let interrupted = wait_status(&kay, "devteam", "⏸ interrupted by a restart; it resumes").await;
+    assert!(
+        in_thread(&kay, &request, "damon")
+            .iter()
+            .all(|s| s.body().contains("could you")),
+        "no synthesis before the restart"
+    );
+
+    released.store(true, Ordering::SeqCst);
+    bus.spawn().await;
+    let resumed = wait_status(&kay, "devteam", "resumed after a restart").await;
+    wait_status(&kay, "devteam", "✅ done").await;
+    let order: Vec<String> = kay
+        .seen(|s| s.room_id == room)
+        .iter()
+        .map(|s| s.event_id.to_string())
+        .collect();
+    let at = |e: &OwnedEventId| order.iter().position(|o| o == e.as_str()).unwrap();
+    assert!(
+        at(&interrupted.event_id) < at(&resumed.event_id),
+        "interrupted, then resumed"
+    );
+    assert_eq!(requests_of(&llm, "researcher-model").len(), 1);
+    assert_eq!(requests_of(&llm, "coder-model").len(), 2);
+    let synthesis: Vec<Seen> = in_thread(&kay, &request, "damon")
+        .into_iter()
+        .filter(|s| !s.body().contains("could you"))
+        .collect();
+    assert_eq!(synthesis.len(), 1, "one synthesis: {synthesis:?}");
+}

@@ -57,6 +57,9 @@ use crate::store::{SessionKey, Stores};
 
 use self::record::{StepRecord, TaskRecord};
 
+/// How long shutdown tries to say in a task's status that it was interrupted.
+const INTERRUPTED_STATUS_WAIT: Duration = Duration::from_secs(5);
+
 /// How a task ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum End {
@@ -128,6 +131,8 @@ pub(crate) struct Task {
     /// The status message, once posted: a stop reaction on it is looked up here, never
     /// waiting for the record (held while it is saved).
     status: Mutex<Option<OwnedEventId>>,
+    /// Which run of the task this process is ([`TaskRecord::runs`]).
+    generation: u32,
 }
 
 impl Task {
@@ -260,6 +265,8 @@ impl Collab {
         };
         record.mode = Some(mode);
         record.why = Some(why.clone());
+        record.runs += 1;
+        let generation = record.runs;
         let root = request
             .thread_root
             .clone()
@@ -273,6 +280,7 @@ impl Collab {
             cancel: CancellationToken::new(),
             end: Mutex::new(None),
             status: Mutex::new(record.status.clone()),
+            generation,
             record: tokio::sync::Mutex::new(record),
             team,
             request,
@@ -281,6 +289,11 @@ impl Collab {
             .lock()
             .expect("running tasks lock")
             .insert(id.clone(), task.clone());
+        {
+            // The run count is on disk before this run's first edit.
+            let record = task.record.lock().await;
+            self.save(&task, &record).await;
+        }
         tracing::info!(task = %id, mode = mode.as_str(), resumed, "task started");
         self.bring_in_members(&task).await;
         let mut opening = why;
@@ -319,6 +332,7 @@ impl Collab {
         self.running.lock().expect("running tasks lock").remove(&id);
         if end == End::Interrupted || self.stop.is_cancelled() {
             tracing::info!(task = %id, "task interrupted by shutdown; it resumes after the restart");
+            self.say_interrupted(&task).await;
             return Delivery::Interrupted;
         }
         self.finish(&task, &end).await
@@ -352,6 +366,22 @@ impl Collab {
         record.ended_ms = crate::unix_ms();
         self.save(task, &record).await;
         Delivery::Delivered
+    }
+
+    /// Shutdown interrupted the task: says so in its status, trying for at most
+    /// [`INTERRUPTED_STATUS_WAIT`] (shutdown's own token is cancelled by now, and a
+    /// homeserver that is down must not hold the process up). The restart edits it again.
+    async fn say_interrupted(&self, task: &Task) {
+        let line = End::Interrupted.describe();
+        // A token of its own: the timeout, not shutdown, bounds the tries.
+        let said = tokio::time::timeout(
+            INTERRUPTED_STATUS_WAIT,
+            self.set_status_until(task, &line, &CancellationToken::new()),
+        )
+        .await;
+        if said.is_err() {
+            tracing::warn!(task = %task.id, "could not say in the status that the task was interrupted");
+        }
     }
 
     /// The mode of a new task, and the line saying how it was chosen.
@@ -656,12 +686,17 @@ impl Collab {
 
     /// Edits the status message to `line` (posting it first if the task has none).
     pub(crate) async fn set_status(&self, task: &Task, line: &str) {
+        self.set_status_until(task, line, &self.stop).await;
+    }
+
+    /// [`Collab::set_status`], retrying until it is delivered or `stop` is cancelled.
+    async fn set_status_until(&self, task: &Task, line: &str, stop: &CancellationToken) {
         let text = format!("🧭 {} · {}", task.team.display_name(), line);
         let existing = task.record.lock().await.status.clone();
         let result = match existing {
             None => {
                 let sent = self
-                    .post(task, &task.team.id, "status", &text, &[], true)
+                    .post_until(task, &task.team.id, "status", &text, &[], true, stop)
                     .await;
                 if let Ok(event) = &sent {
                     *task.status.lock().expect("status lock") = Some(event.clone());
@@ -672,7 +707,8 @@ impl Collab {
                 sent.map(|_| ())
             }
             Some(status) => {
-                self.edit(task, &task.team.id, &status, &text).await;
+                self.edit_until(task, &task.team.id, &status, &text, stop)
+                    .await;
                 Ok(())
             }
         };
@@ -689,6 +725,20 @@ impl Collab {
         event: &ruma::EventId,
         text: &str,
     ) {
+        self.edit_until(task, from, event, text, &self.stop).await;
+    }
+
+    /// [`Collab::edit`], retrying until it is delivered or `stop` is cancelled. The
+    /// transaction ID names the text and the run, so the same words said again after a
+    /// restart are a new edit.
+    async fn edit_until(
+        &self,
+        task: &Task,
+        from: &AgentId,
+        event: &ruma::EventId,
+        text: &str,
+        stop: &CancellationToken,
+    ) {
         let content = json!({
             "msgtype": "m.notice",
             "body": format!("* {text}"),
@@ -701,12 +751,17 @@ impl Collab {
         let txn = derived_txn_id(
             &task.request.event_id,
             from,
-            &format!("{}:edit:{event}:{}", task.id, digest(text)),
+            &format!(
+                "{}:edit:{event}:{}:{}",
+                task.id,
+                task.generation,
+                digest(text)
+            ),
         );
         if let Err(e) = self
             .matrix
             .intent(&self.config.user_id(from))
-            .send_message_until_delivered(&task.room, &txn, &content, &self.stop)
+            .send_message_until_delivered(&task.room, &txn, &content, stop)
             .await
         {
             tracing::warn!(task = %task.id, error = %e, "could not edit the task's message");
@@ -723,6 +778,22 @@ impl Collab {
         text: &str,
         mention: &[OwnedUserId],
         notice: bool,
+    ) -> Result<OwnedEventId, Undelivered> {
+        self.post_until(task, from, purpose, text, mention, notice, &self.stop)
+            .await
+    }
+
+    /// [`Collab::post`], retrying until it is delivered or `stop` is cancelled.
+    #[allow(clippy::too_many_arguments)]
+    async fn post_until(
+        &self,
+        task: &Task,
+        from: &AgentId,
+        purpose: &str,
+        text: &str,
+        mention: &[OwnedUserId],
+        notice: bool,
+        stop: &CancellationToken,
     ) -> Result<OwnedEventId, Undelivered> {
         let msgtype = if notice { "m.notice" } else { "m.text" };
         let content = json!({
@@ -743,7 +814,7 @@ impl Collab {
         );
         self.matrix
             .intent(&self.config.user_id(from))
-            .send_message_until_delivered(&task.room, &txn, &content, &self.stop)
+            .send_message_until_delivered(&task.room, &txn, &content, stop)
             .await
     }
 

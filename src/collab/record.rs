@@ -23,6 +23,11 @@ pub(crate) struct TaskRecord {
     /// The status message, once posted.
     #[serde(default)]
     pub status: Option<OwnedEventId>,
+    /// How many processes have run the task (1 for the first, 2 after one restart, …):
+    /// part of its edits' transaction IDs, so a status said again after a restart ("resumed"
+    /// after "interrupted") is a new edit, not one the homeserver deduplicates away.
+    #[serde(default)]
+    pub runs: u32,
     /// Finished steps, by name.
     #[serde(default)]
     pub steps: BTreeMap<String, StepRecord>,
@@ -62,6 +67,7 @@ impl TaskRecord {
             mode: None,
             why: None,
             status: None,
+            runs: 0,
             steps: BTreeMap::new(),
             turns: 0,
             tokens: 0,
