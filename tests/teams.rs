@@ -85,8 +85,10 @@ fn part(prompt: &str) -> String {
 /// they did.
 fn answer(model: &str, prompt: &str) -> Scripted {
     if prompt.starts_with("Pick how a team of agents should handle") {
+        // Structured output, as the request's schema asks; or, for "hi", a model that
+        // ignored it and names no mode.
         let pick = if prompt.contains("which one") {
-            "Broadcast."
+            r#"{"mode": "broadcast", "reason": "Each worker's view helps the comparison."}"#
         } else {
             "no idea"
         };
@@ -421,14 +423,42 @@ async fn hybrid_rules_pick_each_mode_and_say_which() {
         "hybrid → broadcast (rules[1]: contains_keyword(['compare']))",
     )
     .await;
-    // No rule: the coordinator's model is asked, and its pick is said.
+    // No rule: the coordinator's model is asked for structured output, and its pick and
+    // reason are said.
     ed.send(&room, "@triage which one is faster?").await;
     wait_status(
         &ed,
         "triage",
-        "hybrid → broadcast (the coordinator's model chose it)",
+        "hybrid → broadcast (the coordinator's model chose it: Each worker's view helps the comparison.)",
     )
     .await;
+    let asked: Vec<Value> = llm
+        .requests()
+        .into_iter()
+        .filter(|r| last(r["messages"].as_array().unwrap()).contains("which one is faster"))
+        .filter(|r| r["model"] == "damon-model")
+        .collect();
+    assert_eq!(asked.len(), 1, "the classifier was asked once: {asked:?}");
+    let format = &asked[0]["response_format"];
+    assert_eq!(format["type"], "json_schema", "{format}");
+    assert_eq!(format["json_schema"]["strict"], true, "{format}");
+    assert_eq!(
+        format["json_schema"]["schema"]["properties"]["mode"]["enum"],
+        serde_json::json!(["star", "broadcast", "direct"]),
+        "only the modes the team can run: {format}"
+    );
+    assert_eq!(
+        format["json_schema"]["schema"]["required"],
+        serde_json::json!(["mode", "reason"])
+    );
+    assert!(asked[0].get("tools").is_none(), "no tools beside a schema");
+    // The broadcast's own requests are free text.
+    assert!(
+        llm.requests()
+            .iter()
+            .filter(|r| r["model"] != "damon-model")
+            .all(|r| r.get("response_format").is_none())
+    );
     // A classifier that names no mode leaves it to default_mode.
     let hi = ed.send(&room, "@triage hi").await;
     wait_status(

@@ -47,8 +47,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::agents::{
-    AgentRuntime, Assignment, Delivery, Destination, Ended, Job, Outcome, Reason, Submitted, Turn,
-    derived_txn_id,
+    AgentRuntime, AnswerSchema, Assignment, Delivery, Destination, Ended, Job, Outcome, Reason,
+    Submitted, Turn, derived_txn_id,
 };
 use crate::config::{AgentId, Config, TaskMode, TeamConfig, TeamMode};
 use crate::matrix::keys::{HOPS_KEY, TASK_KEY};
@@ -412,21 +412,19 @@ impl Collab {
                 let asked = match (&team.classifier, &team.coordinator) {
                     (true, Some(coordinator)) => {
                         // The classifier's call counts in the task's limits like any turn.
-                        let (mode, tokens) = self.ask_classifier(team, coordinator, request).await;
+                        let (asked, tokens) = self.ask_classifier(team, coordinator, request).await;
                         record.turns += 1;
                         record.tokens += tokens;
-                        mode
+                        asked
                     }
                     _ => None,
                 };
-                if let Some(mode) = asked {
-                    return (
-                        mode,
-                        format!(
-                            "hybrid → {} (the coordinator's model chose it)",
-                            mode.as_str()
-                        ),
-                    );
+                if let Some((mode, reason)) = asked {
+                    let why = match reason {
+                        Some(reason) => format!("the coordinator's model chose it: {reason}"),
+                        None => "the coordinator's model chose it".to_owned(),
+                    };
+                    return (mode, format!("hybrid → {} ({why})", mode.as_str()));
                 }
                 (
                     team.default_mode,
@@ -439,15 +437,26 @@ impl Collab {
         }
     }
 
-    /// Asks the coordinator's model to pick a mode (silently, outside any task's limits).
+    /// Asks the coordinator's model (silently) to pick one of the modes the team can run,
+    /// as structured output: the mode and its reason (`None` when the model ignored the
+    /// schema and only named a mode), and the tokens the call used.
     async fn ask_classifier(
         &self,
         team: &TeamConfig,
         coordinator: &AgentId,
         request: &Turn,
-    ) -> (Option<TaskMode>, u64) {
+    ) -> (Option<(TaskMode, Option<String>)>, u64) {
+        let modes: Vec<TaskMode> = [
+            TaskMode::Star,
+            TaskMode::Pipeline,
+            TaskMode::Broadcast,
+            TaskMode::Direct,
+        ]
+        .into_iter()
+        .filter(|m| team.can_run(*m))
+        .collect();
         let mut turn = request.clone();
-        turn.body = plan::classifier_prompt(&request.body);
+        turn.body = plan::classifier_prompt(&request.body, &modes);
         turn.group = false;
         turn.reply_to = None;
         let job = Job::Answer(Assignment {
@@ -457,6 +466,10 @@ impl Collab {
                 step: format!("{}:classify", team.id),
             },
             destination: Destination::Silent,
+            schema: Some(AnswerSchema {
+                name: "team_mode".into(),
+                schema: plan::classifier_schema(&modes),
+            }),
         });
         let Submitted::Queued { outcome, .. } = self.runtime.submit(job) else {
             return (None, 0);
@@ -467,12 +480,18 @@ impl Collab {
         let tokens = outcome
             .usage
             .map_or(0, |u| u.input_tokens + u.output_tokens);
-        let Some(mode) = plan::classifier_answer(&outcome.text) else {
-            tracing::info!(team = %team.id, answer = %outcome.text, "the classifier named no mode");
-            return (None, tokens);
+        let picked = match plan::classifier_answer(&outcome.text, &modes) {
+            plan::Classified::Chose { mode, reason } => Some((mode, Some(reason))),
+            plan::Classified::Named(mode) => {
+                tracing::info!(team = %team.id, mode = mode.as_str(), "the classifier answered without JSON; took the mode it named");
+                Some((mode, None))
+            }
+            plan::Classified::Nothing(why) => {
+                tracing::info!(team = %team.id, why = %why, "the classifier picked no mode");
+                None
+            }
         };
-        // Only a mode the team can run.
-        (team.can_run(mode).then_some(mode), tokens)
+        (picked, tokens)
     }
 
     /// `direct`: the coordinator answers alone, in the thread.
@@ -582,6 +601,7 @@ impl Collab {
                 step: format!("{}:{}", task.id, step.name),
             },
             destination,
+            schema: None,
         });
         let (outcome, handle) = match self.runtime.submit(job) {
             Submitted::Queued { outcome, handle } => (outcome, handle),
