@@ -770,3 +770,78 @@ async fn a_star_task_stopped_gracefully_says_interrupted_then_resumed() {
         .collect();
     assert_eq!(synthesis.len(), 1, "one synthesis: {synthesis:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broadcast_killed_with_one_answer_in_reruns_only_the_missing_one_and_keeps_one_summary() {
+    let _one_at_a_time = exclusive().await;
+    let released = Arc::new(AtomicBool::new(false));
+    let gate = released.clone();
+    let llm = LlmStub::start(Script::mode(move |model, messages| {
+        if model == "researcher-model" && !gate.load(Ordering::SeqCst) {
+            return Scripted::Hang;
+        }
+        Scripted::Say(format!("[{model}] {}", last(messages)))
+    }))
+    .await;
+    let mut bus = start(&llm, "").await;
+    let lu = Human::new("lu").await;
+    let room = team_room(&lu, "panel").await;
+    let request = lu.send(&room, "@panel which index should we add?").await;
+    // The coder answered, the summary is out, the researcher's model still hangs.
+    let summary = lu
+        .wait_for("the summary", |s| {
+            s.sender == support::agent_id("panel") && s.body().starts_with("Answers (")
+        })
+        .await;
+    assert!(
+        summary
+            .body()
+            .contains("⏳ Researcher: no answer yet (late)"),
+        "{}",
+        summary.body()
+    );
+    llm.wait_for_requests(2).await;
+    bus.kill().await;
+
+    released.store(true, Ordering::SeqCst);
+    bus.spawn().await;
+    wait_status(&lu, "panel", "✅ done").await;
+    assert_eq!(
+        requests_of(&llm, "coder-model").len(),
+        1,
+        "the finished answer is not asked for again"
+    );
+    assert_eq!(
+        requests_of(&llm, "researcher-model").len(),
+        2,
+        "the interrupted answer is asked for again"
+    );
+    let late = lu.wait_reply(&room, "researcher", &request).await;
+    assert_eq!(
+        late.body(),
+        "[researcher-model] @panel which index should we add?"
+    );
+    assert_eq!(
+        in_thread(&lu, &request, "coder").len(),
+        1,
+        "one coder answer"
+    );
+    let summaries = lu.seen(|s| {
+        s.sender == support::agent_id("panel")
+            && s.edits().is_none()
+            && s.body().starts_with("Answers (")
+    });
+    assert_eq!(summaries.len(), 1, "one summary: {summaries:?}");
+    // The one summary came to hold the late answer.
+    let edited = lu
+        .wait_for("the summary with the late answer", |s| {
+            s.edits() == Some(summary.event_id.as_str())
+                && s.content["m.new_content"]["body"]
+                    .as_str()
+                    .is_some_and(|b| b.contains("Researcher (late)"))
+        })
+        .await;
+    let body = edited.content["m.new_content"]["body"].as_str().unwrap();
+    assert!(!body.contains("no answer yet"), "{body}");
+    assert_eq!(body.matches("Coder:").count(), 1, "{body}");
+}

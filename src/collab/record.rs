@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use ruma::OwnedEventId;
 use serde::{Deserialize, Serialize};
 
-use crate::config::TaskMode;
+use crate::config::{AgentId, TaskMode};
 use crate::store::TaskStore;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -42,6 +42,10 @@ pub(crate) struct TaskRecord {
     /// twice.
     #[serde(default)]
     pub handed: std::collections::BTreeSet<String>,
+    /// A broadcast's summary, once posted: after a restart it is extended, not posted
+    /// again.
+    #[serde(default)]
+    pub summary: Option<SummaryRecord>,
     /// The task is over: a replayed request is not run again.
     #[serde(default)]
     pub ended: bool,
@@ -49,6 +53,16 @@ pub(crate) struct TaskRecord {
     /// redelivered (see [`Collab::prune_ended`](super::Collab::prune_ended)).
     #[serde(default)]
     pub ended_ms: u64,
+}
+
+/// A broadcast's summary as it stands.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct SummaryRecord {
+    pub event: OwnedEventId,
+    /// Its text, with the late answers added so far.
+    pub text: String,
+    /// The agents whose answers it holds.
+    pub listed: Vec<AgentId>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -73,6 +87,7 @@ impl TaskRecord {
             tokens: 0,
             pairs: BTreeMap::new(),
             handed: Default::default(),
+            summary: None,
             ended: false,
             ended_ms: 0,
         }
@@ -166,10 +181,19 @@ mod tests {
             },
         );
         record.turns = 1;
+        record.summary = Some(SummaryRecord {
+            event: ruma::owned_event_id!("$s"),
+            text: "Answers (1 of 2)".into(),
+            listed: vec![AgentId::parse("coder").unwrap()],
+        });
         let back = TaskRecord::decode(&record.encode()).unwrap();
+        assert_eq!(back.summary.unwrap().listed[0].as_str(), "coder");
         assert_eq!(back.mode, Some(TaskMode::Pipeline));
         assert_eq!(back.steps["stage:draft"].text, "v1");
         assert_eq!(back.turns, 1);
         assert!(TaskRecord::decode(b"{not json").is_none());
+        // A record written before a field existed still reads.
+        let old = TaskRecord::decode(br#"{"started_ms": 3}"#).unwrap();
+        assert!(old.summary.is_none() && old.runs == 0);
     }
 }
