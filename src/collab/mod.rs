@@ -13,7 +13,8 @@
 //! - **pipeline** ([`pipeline`]): stages in order, each given the last one's output.
 //! - **broadcast** ([`broadcast`]): every worker answers; a summary links each answer,
 //!   marking the ones that miss the timeout late (they still appear, and join it).
-//! - **hybrid**: rules (or the coordinator's model) pick one of those, or `direct`.
+//! - **hybrid**: rules (or the coordinator's model, answering with structured output: a
+//!   mode and its reason) pick one of those, or `direct`.
 //!
 //! **Limits** (`teams[].limits`) are enforced here, not by a prompt: agent turns, fan-out
 //! per plan, delegation depth, wall-clock time, tokens (the providers' usage, summed) and
@@ -27,8 +28,9 @@
 //! record ([`TaskStore`](crate::store::TaskStore)) holds every finished step. After a
 //! restart the task picks up where it was: a finished step is never run again, the
 //! interrupted one runs again (its sends derive their transaction IDs from the step, so
-//! it edits what it had posted), and the status says it resumed. A task that ended keeps
-//! its record, so a replayed request is not answered twice.
+//! it edits what it had posted), and the status says it resumed. A graceful shutdown
+//! says in the status that the task was interrupted before the process exits. A task
+//! that ended keeps its record, so a replayed request is not answered twice.
 
 mod broadcast;
 mod pipeline;
