@@ -845,3 +845,72 @@ async fn a_broadcast_killed_with_one_answer_in_reruns_only_the_missing_one_and_k
     assert!(!body.contains("no answer yet"), "{body}");
     assert_eq!(body.matches("Coder:").count(), 1, "{body}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broadcast_killed_before_its_summary_reruns_only_the_missing_answer() {
+    let _one_at_a_time = exclusive().await;
+    let released = Arc::new(AtomicBool::new(false));
+    let gate = released.clone();
+    let llm = LlmStub::start(Script::mode(move |model, messages| {
+        if model == "researcher-model" && !gate.load(Ordering::SeqCst) {
+            return Scripted::Hang;
+        }
+        Scripted::Say(format!("[{model}] {}", last(messages)))
+    }))
+    .await;
+    let mut bus = start(&llm, "").await;
+    let mo = Human::new("mo").await;
+    let room = team_room(&mo, "panel").await;
+    let request = mo.send(&room, "@panel which cache should we keep?").await;
+    // The coder's answer is in the task's record; the researcher's model hangs; the
+    // summary's timeout (12 s) has not passed.
+    bus.wait_log(&["step kept in the task's record", "answer:coder"])
+        .await;
+    llm.wait_for_requests(2).await;
+    bus.kill().await;
+    assert!(
+        mo.seen(|s| s.sender == support::agent_id("panel") && s.body().starts_with("Answers ("))
+            .is_empty(),
+        "killed before the summary"
+    );
+
+    released.store(true, Ordering::SeqCst);
+    bus.spawn().await;
+    wait_status(&mo, "panel", "✅ done").await;
+    assert_eq!(requests_of(&llm, "coder-model").len(), 1);
+    assert_eq!(requests_of(&llm, "researcher-model").len(), 2);
+    mo.wait_reply(&room, "researcher", &request).await;
+    let summaries = mo.seen(|s| {
+        s.sender == support::agent_id("panel")
+            && s.edits().is_none()
+            && s.body().starts_with("Answers (")
+    });
+    assert_eq!(summaries.len(), 1, "one summary: {summaries:?}");
+    // In time or late (the timeout counts from the task's start, so a slow restart may
+    // pass it), the summary ends up with both answers, each once.
+    let summary = summaries[0].event_id.clone();
+    let holds_both = |b: &str| b.contains("Researcher") && !b.contains("no answer yet");
+    let version = mo
+        .wait_for("the summary holding both answers", |s| {
+            let body = if s.event_id == summary {
+                s.body()
+            } else if s.edits() == Some(summary.as_str()) {
+                s.content["m.new_content"]["body"]
+                    .as_str()
+                    .unwrap_or_default()
+            } else {
+                return false;
+            };
+            holds_both(body)
+        })
+        .await;
+    let body = match version.edits() {
+        Some(_) => version.content["m.new_content"]["body"]
+            .as_str()
+            .unwrap()
+            .to_owned(),
+        None => version.body().to_owned(),
+    };
+    assert_eq!(body.matches("Coder").count(), 1, "{body}");
+    assert_eq!(body.matches("Researcher").count(), 1, "{body}");
+}

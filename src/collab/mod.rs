@@ -697,6 +697,7 @@ impl Collab {
             },
         );
         self.save(task, &record).await;
+        tracing::debug!(task = %task.id, step = name, "step kept in the task's record");
         done
     }
 
