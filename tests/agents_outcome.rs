@@ -173,6 +173,7 @@ async fn a_silent_job_posts_nothing_and_returns_the_text() {
             step: "draft".into(),
         },
         destination: Destination::Silent,
+        schema: None,
     }));
     let outcome = ended(outcome).await;
     assert_eq!(outcome.ended, Ended::Finished);

@@ -85,8 +85,10 @@ fn part(prompt: &str) -> String {
 /// they did.
 fn answer(model: &str, prompt: &str) -> Scripted {
     if prompt.starts_with("Pick how a team of agents should handle") {
+        // Structured output, as the request's schema asks; or, for "hi", a model that
+        // ignored it and names no mode.
         let pick = if prompt.contains("which one") {
-            "Broadcast."
+            r#"{"mode": "broadcast", "reason": "Each worker's view helps the comparison."}"#
         } else {
             "no idea"
         };
@@ -421,14 +423,42 @@ async fn hybrid_rules_pick_each_mode_and_say_which() {
         "hybrid → broadcast (rules[1]: contains_keyword(['compare']))",
     )
     .await;
-    // No rule: the coordinator's model is asked, and its pick is said.
+    // No rule: the coordinator's model is asked for structured output, and its pick and
+    // reason are said.
     ed.send(&room, "@triage which one is faster?").await;
     wait_status(
         &ed,
         "triage",
-        "hybrid → broadcast (the coordinator's model chose it)",
+        "hybrid → broadcast (the coordinator's model chose it: Each worker's view helps the comparison.)",
     )
     .await;
+    let asked: Vec<Value> = llm
+        .requests()
+        .into_iter()
+        .filter(|r| last(r["messages"].as_array().unwrap()).contains("which one is faster"))
+        .filter(|r| r["model"] == "damon-model")
+        .collect();
+    assert_eq!(asked.len(), 1, "the classifier was asked once: {asked:?}");
+    let format = &asked[0]["response_format"];
+    assert_eq!(format["type"], "json_schema", "{format}");
+    assert_eq!(format["json_schema"]["strict"], true, "{format}");
+    assert_eq!(
+        format["json_schema"]["schema"]["properties"]["mode"]["enum"],
+        serde_json::json!(["star", "broadcast", "direct"]),
+        "only the modes the team can run: {format}"
+    );
+    assert_eq!(
+        format["json_schema"]["schema"]["required"],
+        serde_json::json!(["mode", "reason"])
+    );
+    assert!(asked[0].get("tools").is_none(), "no tools beside a schema");
+    // The broadcast's own requests are free text.
+    assert!(
+        llm.requests()
+            .iter()
+            .filter(|r| r["model"] != "damon-model")
+            .all(|r| r.get("response_format").is_none())
+    );
     // A classifier that names no mode leaves it to default_mode.
     let hi = ed.send(&room, "@triage hi").await;
     wait_status(
@@ -684,4 +714,203 @@ async fn a_star_task_killed_mid_work_reruns_only_the_interrupted_step() {
         .filter(|s| s.body().contains("could you"))
         .count();
     assert_eq!(handoffs, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_star_task_stopped_gracefully_says_interrupted_then_resumed() {
+    let _one_at_a_time = exclusive().await;
+    let released = Arc::new(AtomicBool::new(false));
+    let gate = released.clone();
+    let llm = LlmStub::start(Script::mode(move |model, messages| {
+        let prompt = last(messages);
+        if model == "coder-model" && !gate.load(Ordering::SeqCst) {
+            return Scripted::Hang;
+        }
+        answer(model, &prompt)
+    }))
+    .await;
+    let mut bus = start(&llm, "").await;
+    let kay = Human::new("kay").await;
+    let room = team_room(&kay, "devteam").await;
+    let request = kay.send(&room, "@devteam tidy the config module").await;
+    kay.wait_for("the researcher's answer", |s| {
+        s.sender == support::agent_id("researcher")
+    })
+    .await;
+    // SIGTERM while the coder's model hangs: the grace period runs out, the task stays
+    // journaled, and its status says so before the process is gone.
+    bus.stop().await;
+    let interrupted = wait_status(&kay, "devteam", "⏸ interrupted by a restart; it resumes").await;
+    assert!(
+        in_thread(&kay, &request, "damon")
+            .iter()
+            .all(|s| s.body().contains("could you")),
+        "no synthesis before the restart"
+    );
+
+    released.store(true, Ordering::SeqCst);
+    bus.spawn().await;
+    let resumed = wait_status(&kay, "devteam", "resumed after a restart").await;
+    wait_status(&kay, "devteam", "✅ done").await;
+    let order: Vec<String> = kay
+        .seen(|s| s.room_id == room)
+        .iter()
+        .map(|s| s.event_id.to_string())
+        .collect();
+    let at = |e: &OwnedEventId| order.iter().position(|o| o == e.as_str()).unwrap();
+    assert!(
+        at(&interrupted.event_id) < at(&resumed.event_id),
+        "interrupted, then resumed"
+    );
+    assert_eq!(requests_of(&llm, "researcher-model").len(), 1);
+    assert_eq!(requests_of(&llm, "coder-model").len(), 2);
+    let synthesis: Vec<Seen> = in_thread(&kay, &request, "damon")
+        .into_iter()
+        .filter(|s| !s.body().contains("could you"))
+        .collect();
+    assert_eq!(synthesis.len(), 1, "one synthesis: {synthesis:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broadcast_killed_with_one_answer_in_reruns_only_the_missing_one_and_keeps_one_summary() {
+    let _one_at_a_time = exclusive().await;
+    let released = Arc::new(AtomicBool::new(false));
+    let gate = released.clone();
+    let llm = LlmStub::start(Script::mode(move |model, messages| {
+        if model == "researcher-model" && !gate.load(Ordering::SeqCst) {
+            return Scripted::Hang;
+        }
+        Scripted::Say(format!("[{model}] {}", last(messages)))
+    }))
+    .await;
+    let mut bus = start(&llm, "").await;
+    let lu = Human::new("lu").await;
+    let room = team_room(&lu, "panel").await;
+    let request = lu.send(&room, "@panel which index should we add?").await;
+    // The coder answered, the summary is out, the researcher's model still hangs.
+    let summary = lu
+        .wait_for("the summary", |s| {
+            s.sender == support::agent_id("panel") && s.body().starts_with("Answers (")
+        })
+        .await;
+    assert!(
+        summary
+            .body()
+            .contains("⏳ Researcher: no answer yet (late)"),
+        "{}",
+        summary.body()
+    );
+    llm.wait_for_requests(2).await;
+    bus.kill().await;
+
+    released.store(true, Ordering::SeqCst);
+    bus.spawn().await;
+    wait_status(&lu, "panel", "✅ done").await;
+    assert_eq!(
+        requests_of(&llm, "coder-model").len(),
+        1,
+        "the finished answer is not asked for again"
+    );
+    assert_eq!(
+        requests_of(&llm, "researcher-model").len(),
+        2,
+        "the interrupted answer is asked for again"
+    );
+    let late = lu.wait_reply(&room, "researcher", &request).await;
+    assert_eq!(
+        late.body(),
+        "[researcher-model] @panel which index should we add?"
+    );
+    assert_eq!(
+        in_thread(&lu, &request, "coder").len(),
+        1,
+        "one coder answer"
+    );
+    let summaries = lu.seen(|s| {
+        s.sender == support::agent_id("panel")
+            && s.edits().is_none()
+            && s.body().starts_with("Answers (")
+    });
+    assert_eq!(summaries.len(), 1, "one summary: {summaries:?}");
+    // The one summary came to hold the late answer.
+    let edited = lu
+        .wait_for("the summary with the late answer", |s| {
+            s.edits() == Some(summary.event_id.as_str())
+                && s.content["m.new_content"]["body"]
+                    .as_str()
+                    .is_some_and(|b| b.contains("Researcher (late)"))
+        })
+        .await;
+    let body = edited.content["m.new_content"]["body"].as_str().unwrap();
+    assert!(!body.contains("no answer yet"), "{body}");
+    assert_eq!(body.matches("Coder:").count(), 1, "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broadcast_killed_before_its_summary_reruns_only_the_missing_answer() {
+    let _one_at_a_time = exclusive().await;
+    let released = Arc::new(AtomicBool::new(false));
+    let gate = released.clone();
+    let llm = LlmStub::start(Script::mode(move |model, messages| {
+        if model == "researcher-model" && !gate.load(Ordering::SeqCst) {
+            return Scripted::Hang;
+        }
+        Scripted::Say(format!("[{model}] {}", last(messages)))
+    }))
+    .await;
+    let mut bus = start(&llm, "").await;
+    let mo = Human::new("mo").await;
+    let room = team_room(&mo, "panel").await;
+    let request = mo.send(&room, "@panel which cache should we keep?").await;
+    // The coder's answer is in the task's record; the researcher's model hangs; the
+    // summary's timeout (12 s) has not passed.
+    bus.wait_log(&["step kept in the task's record", "answer:coder"])
+        .await;
+    llm.wait_for_requests(2).await;
+    bus.kill().await;
+    assert!(
+        mo.seen(|s| s.sender == support::agent_id("panel") && s.body().starts_with("Answers ("))
+            .is_empty(),
+        "killed before the summary"
+    );
+
+    released.store(true, Ordering::SeqCst);
+    bus.spawn().await;
+    wait_status(&mo, "panel", "✅ done").await;
+    assert_eq!(requests_of(&llm, "coder-model").len(), 1);
+    assert_eq!(requests_of(&llm, "researcher-model").len(), 2);
+    mo.wait_reply(&room, "researcher", &request).await;
+    let summaries = mo.seen(|s| {
+        s.sender == support::agent_id("panel")
+            && s.edits().is_none()
+            && s.body().starts_with("Answers (")
+    });
+    assert_eq!(summaries.len(), 1, "one summary: {summaries:?}");
+    // In time or late (the timeout counts from the task's start, so a slow restart may
+    // pass it), the summary ends up with both answers, each once.
+    let summary = summaries[0].event_id.clone();
+    let holds_both = |b: &str| b.contains("Researcher") && !b.contains("no answer yet");
+    let version = mo
+        .wait_for("the summary holding both answers", |s| {
+            let body = if s.event_id == summary {
+                s.body()
+            } else if s.edits() == Some(summary.as_str()) {
+                s.content["m.new_content"]["body"]
+                    .as_str()
+                    .unwrap_or_default()
+            } else {
+                return false;
+            };
+            holds_both(body)
+        })
+        .await;
+    let body = match version.edits() {
+        Some(_) => version.content["m.new_content"]["body"]
+            .as_str()
+            .unwrap()
+            .to_owned(),
+        None => version.body().to_owned(),
+    };
+    assert_eq!(body.matches("Coder").count(), 1, "{body}");
+    assert_eq!(body.matches("Researcher").count(), 1, "{body}");
 }

@@ -7,7 +7,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::Turn;
 use crate::config::AgentId;
-use crate::llm::Usage;
+use crate::llm::{AnswerSchema, Usage};
 use crate::store::SessionKey;
 
 /// Work for a session.
@@ -32,6 +32,7 @@ impl Job {
             },
             reason: Reason::RoomEvent,
             inputs: vec![turn],
+            schema: None,
         })
     }
 
@@ -71,6 +72,9 @@ pub struct Assignment {
     pub inputs: Vec<Turn>,
     pub reason: Reason,
     pub destination: Destination,
+    /// The answer must be a JSON object of this schema (structured output): the model is
+    /// offered no tools and its text is the JSON. `None` for an ordinary answer.
+    pub schema: Option<AnswerSchema>,
 }
 
 impl Assignment {

@@ -50,6 +50,8 @@ use crate::store::{HistoryEntry, SessionEntry, SessionKey, SessionRole, Stores};
 
 pub use job::{Assignment, Delivery, Destination, Ended, Job, Outcome, Reason, RunHandle};
 pub use session::Submitted;
+// A team's steps ask for structured answers through the runtime, never the providers.
+pub use crate::llm::AnswerSchema;
 
 /// How long one typing notice lasts; it is refreshed well before it runs out.
 const TYPING_TIMEOUT: Duration = Duration::from_secs(30);
@@ -744,8 +746,9 @@ impl AgentRuntime {
         let mut cut_off: Option<LlmError> = None;
         let mut cancelled = false;
         'rounds: for round in 0..agent.tools.max_iterations {
-            // The last round offers no tools, so the model has to answer.
-            let offer = if round + 1 < agent.tools.max_iterations {
+            // The last round offers no tools, so the model has to answer; nor does a
+            // structured answer, whose text is the JSON.
+            let offer = if round + 1 < agent.tools.max_iterations && job.schema.is_none() {
                 specs.clone()
             } else {
                 Vec::new()
@@ -755,6 +758,7 @@ impl AgentRuntime {
                 messages: messages.clone(),
                 tools: offer,
                 max_tokens: 0,
+                schema: job.schema.clone(),
             };
             let waiting = std::time::Instant::now();
             let started = tokio::select! {

@@ -6,7 +6,10 @@
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 
+use std::time::Duration;
+
 use super::plan::{self, Entry};
+use super::record::SummaryRecord;
 use super::{Collab, Done, End, Step, Task};
 use crate::config::{AgentId, Merger};
 
@@ -44,10 +47,16 @@ pub(super) async fn run(collab: &Collab, task: &Task) -> End {
             async move { (agent, collab.step(task, step).await) }
         })
         .collect();
-    let deadline = tokio::time::sleep(team.broadcast.timeout);
+    // After a restart: the summary posted before it (extended from here, never posted
+    // again), and the timeout counted from the task's start, not the restart's.
+    let (mut summary, elapsed) = {
+        let record = task.record.lock().await;
+        let elapsed = crate::unix_ms().saturating_sub(record.started_ms);
+        (record.summary.clone(), Duration::from_millis(elapsed))
+    };
+    let deadline = tokio::time::sleep(team.broadcast.timeout.saturating_sub(elapsed));
     tokio::pin!(deadline);
     let mut entries: Vec<Entry> = Vec::new();
-    let mut summary: Option<(ruma::OwnedEventId, String)> = None;
     loop {
         let next = tokio::select! {
             next = runs.next() => next,
@@ -61,25 +70,36 @@ pub(super) async fn run(collab: &Collab, task: &Task) -> End {
             Ok(done) => done,
             Err(end) => return end,
         };
-        let late = summary.is_some();
+        let late = summary.as_ref().is_some_and(|s| !s.listed.contains(&agent));
         entries.push(entry(collab, task, &agent, &done, late));
-        if let Some((event, text)) = &mut summary {
-            // Late: added to the summary as it stands.
-            let waiting = waiting(collab, &entries, &answering);
-            let mut lines: Vec<&str> = text.lines().filter(|l| !l.starts_with("⏳ ")).collect();
-            let added = format!(
-                "+ {}",
-                plan::entry_line(entries.last().expect("just pushed"))
-            );
-            lines.push(&added);
-            let mut updated = lines.join("\n");
-            for name in &waiting {
-                updated.push('\n');
-                updated.push_str(&plan::waiting_line(name));
-            }
-            collab.edit(task, &task.team.id, event, &updated).await;
-            *text = updated;
+        let Some(posted) = summary.as_mut().filter(|_| late) else {
+            continue;
+        };
+        // Late: added to the summary as it stands.
+        let waiting = waiting(collab, &entries, &answering);
+        let mut lines: Vec<&str> = posted
+            .text
+            .lines()
+            .filter(|l| !l.starts_with("⏳ "))
+            .collect();
+        let added = format!(
+            "+ {}",
+            plan::entry_line(entries.last().expect("just pushed"))
+        );
+        lines.push(&added);
+        let mut updated = lines.join("\n");
+        for name in &waiting {
+            updated.push('\n');
+            updated.push_str(&plan::waiting_line(name));
         }
+        collab
+            .edit(task, &task.team.id, &posted.event, &updated)
+            .await;
+        posted.text = updated;
+        posted.listed.push(agent);
+        let mut record = task.record.lock().await;
+        record.summary = Some(posted.clone());
+        collab.save(task, &record).await;
     }
     if summary.is_none() {
         post_summary(collab, task, &entries, &answering).await;
@@ -111,13 +131,14 @@ fn waiting(collab: &Collab, entries: &[Entry], answering: &[AgentId]) -> Vec<Str
         .collect()
 }
 
-/// Posts the summary of what came so far; returns it (and its event) to be extended.
+/// Posts the summary of what came so far, and keeps it in the task's record to be
+/// extended (also after a restart).
 async fn post_summary(
     collab: &Collab,
     task: &Task,
     entries: &[Entry],
     answering: &[AgentId],
-) -> Option<(ruma::OwnedEventId, String)> {
+) -> Option<SummaryRecord> {
     let team = &task.team;
     let waiting = waiting(collab, entries, answering);
     let max = team.broadcast.max_results;
@@ -158,7 +179,17 @@ async fn post_summary(
         .post(task, &team.id, "summary", &text, &[], false)
         .await
     {
-        Ok(event) => Some((event, text)),
+        Ok(event) => {
+            let posted = SummaryRecord {
+                event,
+                text,
+                listed: entries.iter().map(|e| e.agent.clone()).collect(),
+            };
+            let mut record = task.record.lock().await;
+            record.summary = Some(posted.clone());
+            collab.save(task, &record).await;
+            Some(posted)
+        }
         Err(e) => {
             tracing::warn!(task = %task.id, error = %e, "could not post the summary");
             None

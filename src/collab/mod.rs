@@ -13,7 +13,8 @@
 //! - **pipeline** ([`pipeline`]): stages in order, each given the last one's output.
 //! - **broadcast** ([`broadcast`]): every worker answers; a summary links each answer,
 //!   marking the ones that miss the timeout late (they still appear, and join it).
-//! - **hybrid**: rules (or the coordinator's model) pick one of those, or `direct`.
+//! - **hybrid**: rules (or the coordinator's model, answering with structured output: a
+//!   mode and its reason) pick one of those, or `direct`.
 //!
 //! **Limits** (`teams[].limits`) are enforced here, not by a prompt: agent turns, fan-out
 //! per plan, delegation depth, wall-clock time, tokens (the providers' usage, summed) and
@@ -27,8 +28,9 @@
 //! record ([`TaskStore`](crate::store::TaskStore)) holds every finished step. After a
 //! restart the task picks up where it was: a finished step is never run again, the
 //! interrupted one runs again (its sends derive their transaction IDs from the step, so
-//! it edits what it had posted), and the status says it resumed. A task that ended keeps
-//! its record, so a replayed request is not answered twice.
+//! it edits what it had posted), and the status says it resumed. A graceful shutdown
+//! says in the status that the task was interrupted before the process exits. A task
+//! that ended keeps its record, so a replayed request is not answered twice.
 
 mod broadcast;
 mod pipeline;
@@ -47,8 +49,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::agents::{
-    AgentRuntime, Assignment, Delivery, Destination, Ended, Job, Outcome, Reason, Submitted, Turn,
-    derived_txn_id,
+    AgentRuntime, AnswerSchema, Assignment, Delivery, Destination, Ended, Job, Outcome, Reason,
+    Submitted, Turn, derived_txn_id,
 };
 use crate::config::{AgentId, Config, TaskMode, TeamConfig, TeamMode};
 use crate::matrix::keys::{HOPS_KEY, TASK_KEY};
@@ -56,6 +58,9 @@ use crate::matrix::{MatrixClient, Undelivered};
 use crate::store::{SessionKey, Stores};
 
 use self::record::{StepRecord, TaskRecord};
+
+/// How long shutdown tries to say in a task's status that it was interrupted.
+const INTERRUPTED_STATUS_WAIT: Duration = Duration::from_secs(5);
 
 /// How a task ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -140,6 +145,8 @@ pub(crate) struct Task {
     /// The status message, once posted: a stop reaction on it is looked up here, never
     /// waiting for the record (held while it is saved).
     status: Mutex<Option<OwnedEventId>>,
+    /// Which run of the task this process is ([`TaskRecord::runs`]).
+    generation: u32,
 }
 
 impl Task {
@@ -272,6 +279,8 @@ impl Collab {
         };
         record.mode = Some(mode);
         record.why = Some(why.clone());
+        record.runs += 1;
+        let generation = record.runs;
         let root = request
             .thread_root
             .clone()
@@ -285,6 +294,7 @@ impl Collab {
             cancel: CancellationToken::new(),
             end: Mutex::new(None),
             status: Mutex::new(record.status.clone()),
+            generation,
             record: tokio::sync::Mutex::new(record),
             team,
             request,
@@ -293,6 +303,11 @@ impl Collab {
             .lock()
             .expect("running tasks lock")
             .insert(id.clone(), task.clone());
+        {
+            // The run count is on disk before this run's first edit.
+            let record = task.record.lock().await;
+            self.save(&task, &record).await;
+        }
         tracing::info!(task = %id, mode = mode.as_str(), resumed, "task started");
         self.bring_in_members(&task).await;
         let mut opening = why;
@@ -331,6 +346,7 @@ impl Collab {
         self.running.lock().expect("running tasks lock").remove(&id);
         if end == End::Interrupted || self.stop.is_cancelled() {
             tracing::info!(task = %id, "task interrupted by shutdown; it resumes after the restart");
+            self.say_interrupted(&task).await;
             return Delivery::Interrupted;
         }
         self.finish(&task, &end).await
@@ -369,6 +385,22 @@ impl Collab {
         Delivery::Delivered
     }
 
+    /// Shutdown interrupted the task: says so in its status, trying for at most
+    /// [`INTERRUPTED_STATUS_WAIT`] (shutdown's own token is cancelled by now, and a
+    /// homeserver that is down must not hold the process up). The restart edits it again.
+    async fn say_interrupted(&self, task: &Task) {
+        let line = End::Interrupted.describe();
+        // A token of its own: the timeout, not shutdown, bounds the tries.
+        let said = tokio::time::timeout(
+            INTERRUPTED_STATUS_WAIT,
+            self.set_status_until(task, &line, &CancellationToken::new()),
+        )
+        .await;
+        if said.is_err() {
+            tracing::warn!(task = %task.id, "could not say in the status that the task was interrupted");
+        }
+    }
+
     /// The mode of a new task, and the line saying how it was chosen.
     async fn pick_mode(
         &self,
@@ -397,21 +429,19 @@ impl Collab {
                 let asked = match (&team.classifier, &team.coordinator) {
                     (true, Some(coordinator)) => {
                         // The classifier's call counts in the task's limits like any turn.
-                        let (mode, tokens) = self.ask_classifier(team, coordinator, request).await;
+                        let (asked, tokens) = self.ask_classifier(team, coordinator, request).await;
                         record.turns += 1;
                         record.tokens += tokens;
-                        mode
+                        asked
                     }
                     _ => None,
                 };
-                if let Some(mode) = asked {
-                    return (
-                        mode,
-                        format!(
-                            "hybrid → {} (the coordinator's model chose it)",
-                            mode.as_str()
-                        ),
-                    );
+                if let Some((mode, reason)) = asked {
+                    let why = match reason {
+                        Some(reason) => format!("the coordinator's model chose it: {reason}"),
+                        None => "the coordinator's model chose it".to_owned(),
+                    };
+                    return (mode, format!("hybrid → {} ({why})", mode.as_str()));
                 }
                 (
                     team.default_mode,
@@ -424,15 +454,26 @@ impl Collab {
         }
     }
 
-    /// Asks the coordinator's model to pick a mode (silently, outside any task's limits).
+    /// Asks the coordinator's model (silently) to pick one of the modes the team can run,
+    /// as structured output: the mode and its reason (`None` when the model ignored the
+    /// schema and only named a mode), and the tokens the call used.
     async fn ask_classifier(
         &self,
         team: &TeamConfig,
         coordinator: &AgentId,
         request: &Turn,
-    ) -> (Option<TaskMode>, u64) {
+    ) -> (Option<(TaskMode, Option<String>)>, u64) {
+        let modes: Vec<TaskMode> = [
+            TaskMode::Star,
+            TaskMode::Pipeline,
+            TaskMode::Broadcast,
+            TaskMode::Direct,
+        ]
+        .into_iter()
+        .filter(|m| team.can_run(*m))
+        .collect();
         let mut turn = request.clone();
-        turn.body = plan::classifier_prompt(&request.body);
+        turn.body = plan::classifier_prompt(&request.body, &modes);
         turn.group = false;
         turn.reply_to = None;
         let job = Job::Answer(Assignment {
@@ -442,6 +483,10 @@ impl Collab {
                 step: format!("{}:classify", team.id),
             },
             destination: Destination::Silent,
+            schema: Some(AnswerSchema {
+                name: "team_mode".into(),
+                schema: plan::classifier_schema(&modes),
+            }),
         });
         let Submitted::Queued { outcome, .. } = self.runtime.submit(job) else {
             return (None, 0);
@@ -452,12 +497,18 @@ impl Collab {
         let tokens = outcome
             .usage
             .map_or(0, |u| u.input_tokens + u.output_tokens);
-        let Some(mode) = plan::classifier_answer(&outcome.text) else {
-            tracing::info!(team = %team.id, answer = %outcome.text, "the classifier named no mode");
-            return (None, tokens);
+        let picked = match plan::classifier_answer(&outcome.text, &modes) {
+            plan::Classified::Chose { mode, reason } => Some((mode, Some(reason))),
+            plan::Classified::Named(mode) => {
+                tracing::info!(team = %team.id, mode = mode.as_str(), "the classifier answered without JSON; took the mode it named");
+                Some((mode, None))
+            }
+            plan::Classified::Nothing(why) => {
+                tracing::info!(team = %team.id, why = %why, "the classifier picked no mode");
+                None
+            }
         };
-        // Only a mode the team can run.
-        (team.can_run(mode).then_some(mode), tokens)
+        (picked, tokens)
     }
 
     /// `direct`: the coordinator answers alone, in the thread.
@@ -567,6 +618,7 @@ impl Collab {
                 step: format!("{}:{}", task.id, step.name),
             },
             destination,
+            schema: None,
         });
         let (outcome, handle) = match self.runtime.submit(job) {
             Submitted::Queued { outcome, handle } => (outcome, handle),
@@ -660,6 +712,7 @@ impl Collab {
             },
         );
         self.save(task, &record).await;
+        tracing::debug!(task = %task.id, step = name, "step kept in the task's record");
         done
     }
 
@@ -671,12 +724,17 @@ impl Collab {
 
     /// Edits the status message to `line` (posting it first if the task has none).
     pub(crate) async fn set_status(&self, task: &Task, line: &str) {
+        self.set_status_until(task, line, &self.stop).await;
+    }
+
+    /// [`Collab::set_status`], retrying until it is delivered or `stop` is cancelled.
+    async fn set_status_until(&self, task: &Task, line: &str, stop: &CancellationToken) {
         let text = format!("🧭 {} · {}", task.team.display_name(), line);
         let existing = task.record.lock().await.status.clone();
         let result = match existing {
             None => {
                 let sent = self
-                    .post(task, &task.team.id, "status", &text, &[], true)
+                    .post_until(task, &task.team.id, "status", &text, &[], true, stop)
                     .await;
                 if let Ok(event) = &sent {
                     *task.status.lock().expect("status lock") = Some(event.clone());
@@ -687,7 +745,8 @@ impl Collab {
                 sent.map(|_| ())
             }
             Some(status) => {
-                self.edit(task, &task.team.id, &status, &text).await;
+                self.edit_until(task, &task.team.id, &status, &text, stop)
+                    .await;
                 Ok(())
             }
         };
@@ -704,6 +763,20 @@ impl Collab {
         event: &ruma::EventId,
         text: &str,
     ) {
+        self.edit_until(task, from, event, text, &self.stop).await;
+    }
+
+    /// [`Collab::edit`], retrying until it is delivered or `stop` is cancelled. The
+    /// transaction ID names the text and the run, so the same words said again after a
+    /// restart are a new edit.
+    async fn edit_until(
+        &self,
+        task: &Task,
+        from: &AgentId,
+        event: &ruma::EventId,
+        text: &str,
+        stop: &CancellationToken,
+    ) {
         let content = json!({
             "msgtype": "m.notice",
             "body": format!("* {text}"),
@@ -716,12 +789,17 @@ impl Collab {
         let txn = derived_txn_id(
             &task.request.event_id,
             from,
-            &format!("{}:edit:{event}:{}", task.id, digest(text)),
+            &format!(
+                "{}:edit:{event}:{}:{}",
+                task.id,
+                task.generation,
+                digest(text)
+            ),
         );
         if let Err(e) = self
             .matrix
             .intent(&self.config.user_id(from))
-            .send_message_until_delivered(&task.room, &txn, &content, &self.stop)
+            .send_message_until_delivered(&task.room, &txn, &content, stop)
             .await
         {
             tracing::warn!(task = %task.id, error = %e, "could not edit the task's message");
@@ -738,6 +816,22 @@ impl Collab {
         text: &str,
         mention: &[OwnedUserId],
         notice: bool,
+    ) -> Result<OwnedEventId, Undelivered> {
+        self.post_until(task, from, purpose, text, mention, notice, &self.stop)
+            .await
+    }
+
+    /// [`Collab::post`], retrying until it is delivered or `stop` is cancelled.
+    #[allow(clippy::too_many_arguments)]
+    async fn post_until(
+        &self,
+        task: &Task,
+        from: &AgentId,
+        purpose: &str,
+        text: &str,
+        mention: &[OwnedUserId],
+        notice: bool,
+        stop: &CancellationToken,
     ) -> Result<OwnedEventId, Undelivered> {
         let msgtype = if notice { "m.notice" } else { "m.text" };
         let content = json!({
@@ -758,7 +852,7 @@ impl Collab {
         );
         self.matrix
             .intent(&self.config.user_id(from))
-            .send_message_until_delivered(&task.room, &txn, &content, &self.stop)
+            .send_message_until_delivered(&task.room, &txn, &content, stop)
             .await
     }
 

@@ -159,20 +159,91 @@ pub fn classify<'r>(rules: &'r [RuleConfig], text: &str) -> Option<(TaskMode, us
     })
 }
 
-/// What the coordinator's model is asked when no rule picked a mode.
-pub fn classifier_prompt(request: &str) -> String {
+/// What the coordinator's model is asked when no rule picked a mode: one of `modes` (the
+/// ones the team can run), as JSON of [`classifier_schema`].
+pub fn classifier_prompt(request: &str, modes: &[TaskMode]) -> String {
+    let mut offered = String::new();
+    for mode in modes {
+        let what = match mode {
+            TaskMode::Star => "you delegate parts to your workers and integrate their answers",
+            TaskMode::Broadcast => "every worker answers on its own",
+            TaskMode::Pipeline => "the stages run in order, each given the last one's output",
+            TaskMode::Direct => "you answer alone",
+        };
+        offered.push_str(&format!("\n- {}: {what}", mode.as_str()));
+    }
     format!(
-        "Pick how a team of agents should handle this request. Reply with one word: \
-         star (you delegate parts to your workers), broadcast (every worker answers on its own), \
-         pipeline (the stages run in order) or direct (you answer alone).\n\nThe request: {request}"
+        "Pick how a team of agents should handle this request. The modes:{offered}\n\n\
+         Answer with a JSON object: \"mode\", one of those, and \"reason\", one short sentence \
+         saying why.\n\nThe request: {request}"
     )
 }
 
-/// The mode a classifier's answer names: the first of the words it knows.
-pub fn classifier_answer(answer: &str) -> Option<TaskMode> {
-    answer
-        .split(|c: char| !c.is_alphanumeric())
-        .find_map(TaskMode::parse)
+/// The JSON Schema of the classifier's answer: `{"mode": one of modes, "reason": text}`.
+pub fn classifier_schema(modes: &[TaskMode]) -> serde_json::Value {
+    let names: Vec<&str> = modes.iter().map(|m| m.as_str()).collect();
+    serde_json::json!({
+        "type": "object",
+        "properties": {
+            "mode": {"type": "string", "enum": names},
+            "reason": {"type": "string", "description": "one short sentence: why this mode"},
+        },
+        "required": ["mode", "reason"],
+        "additionalProperties": false,
+    })
+}
+
+/// What a classifier's answer says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Classified {
+    /// JSON of the schema: the mode and the model's reason.
+    Chose { mode: TaskMode, reason: String },
+    /// Not JSON (a provider that ignored the schema): the first mode word in the text.
+    Named(TaskMode),
+    /// No mode it may pick, and why not (for the log).
+    Nothing(String),
+}
+
+/// Reads a classifier's answer: JSON of [`classifier_schema`] (alone, or in one code
+/// fence, as models told in words often write it), strictly — a JSON answer with another
+/// shape, or a mode not in `modes`, picks nothing. Only an answer that is not JSON at all
+/// is scanned for a mode's name.
+pub fn classifier_answer(answer: &str, modes: &[TaskMode]) -> Classified {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Answer {
+        mode: String,
+        reason: String,
+    }
+    let trimmed = answer.trim();
+    let json = trimmed
+        .strip_prefix("```json")
+        .or_else(|| trimmed.strip_prefix("```"))
+        .and_then(|rest| rest.strip_suffix("```"))
+        .map_or(trimmed, str::trim);
+    match serde_json::from_str::<serde_json::Value>(json) {
+        Ok(value) => {
+            let parsed: Answer = match serde_json::from_value(value) {
+                Ok(parsed) => parsed,
+                Err(e) => return Classified::Nothing(format!("JSON of another shape: {e}")),
+            };
+            match TaskMode::parse(&parsed.mode).filter(|m| modes.contains(m)) {
+                Some(mode) => Classified::Chose {
+                    mode,
+                    reason: opening(&parsed.reason, 200),
+                },
+                None => Classified::Nothing(format!("{:?} is not a mode offered", parsed.mode)),
+            }
+        }
+        Err(_) => match answer
+            .split(|c: char| !c.is_alphanumeric())
+            .find_map(TaskMode::parse)
+        {
+            Some(mode) if modes.contains(&mode) => Classified::Named(mode),
+            Some(mode) => Classified::Nothing(format!("{} is not a mode offered", mode.as_str())),
+            None => Classified::Nothing("not JSON, and it names no mode".into()),
+        },
+    }
 }
 
 /// One answer of a broadcast, as the summary shows it.
@@ -362,11 +433,83 @@ mod tests {
             Some((TaskMode::Direct, 2))
         );
         assert_eq!(classify(&rules, &"x".repeat(60)), None);
+    }
+
+    const OFFERED: [TaskMode; 3] = [TaskMode::Star, TaskMode::Broadcast, TaskMode::Direct];
+
+    #[test]
+    fn the_classifier_is_asked_for_json_of_the_modes_the_team_can_run() {
+        let schema = classifier_schema(&OFFERED);
         assert_eq!(
-            classifier_answer("**Broadcast** — because"),
-            Some(TaskMode::Broadcast)
+            schema,
+            serde_json::json!({
+                "type": "object",
+                "properties": {
+                    "mode": {"type": "string", "enum": ["star", "broadcast", "direct"]},
+                    "reason": {"type": "string", "description": "one short sentence: why this mode"},
+                },
+                "required": ["mode", "reason"],
+                "additionalProperties": false,
+            })
         );
-        assert_eq!(classifier_answer("no idea"), None);
+        let prompt = classifier_prompt("compare them", &OFFERED);
+        assert!(prompt.starts_with("Pick how a team of agents"), "{prompt}");
+        assert!(prompt.contains("\n- broadcast: every worker answers on its own"));
+        assert!(
+            !prompt.contains("pipeline"),
+            "a mode the team cannot run is not offered"
+        );
+        assert!(prompt.ends_with("The request: compare them"));
+    }
+
+    #[test]
+    fn a_classifier_answer_is_read_strictly_as_json() {
+        let chose = |mode, reason: &str| Classified::Chose {
+            mode,
+            reason: reason.into(),
+        };
+        assert_eq!(
+            classifier_answer(
+                r#"{"mode":"broadcast","reason":"Several views help."}"#,
+                &OFFERED
+            ),
+            chose(TaskMode::Broadcast, "Several views help.")
+        );
+        // In a code fence, as a model told in words may write it; the reason on one line.
+        assert_eq!(
+            classifier_answer(
+                "```json\n{\"mode\": \"Star\", \"reason\": \"big\\nwork\"}\n```",
+                &OFFERED
+            ),
+            chose(TaskMode::Star, "big work")
+        );
+        // JSON, but not of the schema, or a mode not offered: nothing, not a guess.
+        for answer in [
+            r#"{"mode":"star"}"#,
+            r#"{"mode":"star","reason":"x","extra":1}"#,
+            r#"{"mode":"pipeline","reason":"stages"}"#,
+            r#"{"mode":"ring","reason":"?"}"#,
+            r#""star""#,
+            "[]",
+        ] {
+            assert!(
+                matches!(classifier_answer(answer, &OFFERED), Classified::Nothing(_)),
+                "{answer}"
+            );
+        }
+        // Not JSON at all: the first mode word it names.
+        assert_eq!(
+            classifier_answer("**Broadcast** — because", &OFFERED),
+            Classified::Named(TaskMode::Broadcast)
+        );
+        assert!(matches!(
+            classifier_answer("no idea", &OFFERED),
+            Classified::Nothing(_)
+        ));
+        assert!(matches!(
+            classifier_answer("a pipeline", &OFFERED),
+            Classified::Nothing(_)
+        ));
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use ruma::OwnedEventId;
 use serde::{Deserialize, Serialize};
 
-use crate::config::TaskMode;
+use crate::config::{AgentId, TaskMode};
 use crate::store::TaskStore;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -23,6 +23,11 @@ pub(crate) struct TaskRecord {
     /// The status message, once posted.
     #[serde(default)]
     pub status: Option<OwnedEventId>,
+    /// How many processes have run the task (1 for the first, 2 after one restart, …):
+    /// part of its edits' transaction IDs, so a status said again after a restart ("resumed"
+    /// after "interrupted") is a new edit, not one the homeserver deduplicates away.
+    #[serde(default)]
+    pub runs: u32,
     /// Finished steps, by name.
     #[serde(default)]
     pub steps: BTreeMap<String, StepRecord>,
@@ -37,6 +42,10 @@ pub(crate) struct TaskRecord {
     /// twice.
     #[serde(default)]
     pub handed: std::collections::BTreeSet<String>,
+    /// A broadcast's summary, once posted: after a restart it is extended, not posted
+    /// again.
+    #[serde(default)]
+    pub summary: Option<SummaryRecord>,
     /// The task is over: a replayed request is not run again.
     #[serde(default)]
     pub ended: bool,
@@ -44,6 +53,16 @@ pub(crate) struct TaskRecord {
     /// redelivered (see [`Collab::prune_ended`](super::Collab::prune_ended)).
     #[serde(default)]
     pub ended_ms: u64,
+}
+
+/// A broadcast's summary as it stands.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct SummaryRecord {
+    pub event: OwnedEventId,
+    /// Its text, with the late answers added so far.
+    pub text: String,
+    /// The agents whose answers it holds.
+    pub listed: Vec<AgentId>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -62,11 +81,13 @@ impl TaskRecord {
             mode: None,
             why: None,
             status: None,
+            runs: 0,
             steps: BTreeMap::new(),
             turns: 0,
             tokens: 0,
             pairs: BTreeMap::new(),
             handed: Default::default(),
+            summary: None,
             ended: false,
             ended_ms: 0,
         }
@@ -160,10 +181,19 @@ mod tests {
             },
         );
         record.turns = 1;
+        record.summary = Some(SummaryRecord {
+            event: ruma::owned_event_id!("$s"),
+            text: "Answers (1 of 2)".into(),
+            listed: vec![AgentId::parse("coder").unwrap()],
+        });
         let back = TaskRecord::decode(&record.encode()).unwrap();
+        assert_eq!(back.summary.unwrap().listed[0].as_str(), "coder");
         assert_eq!(back.mode, Some(TaskMode::Pipeline));
         assert_eq!(back.steps["stage:draft"].text, "v1");
         assert_eq!(back.turns, 1);
         assert!(TaskRecord::decode(b"{not json").is_none());
+        // A record written before a field existed still reads.
+        let old = TaskRecord::decode(br#"{"started_ms": 3}"#).unwrap();
+        assert!(old.summary.is_none() && old.runs == 0);
     }
 }

@@ -48,8 +48,9 @@ pub struct TeamConfig {
     /// `hybrid`: the rules that pick a mode, tried in order.
     #[serde(default)]
     pub rules: Vec<RuleConfig>,
-    /// `hybrid`: when no rule matches, ask the coordinator's model to pick the mode
-    /// (else `default_mode` is used).
+    /// `hybrid`: when no rule matches, ask the coordinator's model to pick the mode, as
+    /// structured output (`{"mode", "reason"}`, a mode the team can run); else, or when it
+    /// picks none, `default_mode` is used.
     #[serde(default)]
     pub classifier: bool,
     /// `hybrid`: the mode when no rule matches (and the classifier is off or unsure).

@@ -68,12 +68,16 @@ fn request_body(request: &CompletionRequest) -> Value {
         "stream": true,
     });
     // Anthropic has no system role inside the conversation, only this top-level field.
-    let system: Vec<&str> = request
+    let mut system: Vec<String> = request
         .messages
         .iter()
         .filter(|m| m.role == Role::System && !m.content.is_empty())
-        .map(|m| m.content.as_str())
+        .map(|m| m.content.clone())
         .collect();
+    // The Messages API has no JSON mode: a structured answer is asked for in words.
+    if let Some(schema) = &request.schema {
+        system.push(schema.instruction());
+    }
     if !system.is_empty() {
         body["system"] = json!(system.join("\n\n"));
     }
@@ -503,6 +507,21 @@ mod tests {
         ]
     }
 
+    #[test]
+    fn a_structured_request_asks_for_the_json_in_the_system_prompt() {
+        let request = stub::ask_structured("ok?");
+        let body = request_body(&request);
+        let instruction = request.schema.as_ref().unwrap().instruction();
+        assert!(instruction.contains(&stub::verdict_schema().to_string()));
+        assert_eq!(body["system"], json!(format!("be brief\n\n{instruction}")));
+        // No field the Messages API would refuse.
+        for key in ["response_format", "format", "output_format"] {
+            assert!(body.get(key).is_none(), "{key}");
+        }
+        let plain = request_body(&stub::ask("hi"));
+        assert!(plain.get("system").is_none());
+    }
+
     #[tokio::test]
     async fn a_text_stream_with_pings_and_unknown_events_gives_text_usage_and_finish() {
         // The chunk with the CJK text goes out in two pieces, cut inside a character.
@@ -622,6 +641,7 @@ mod tests {
             ],
             tools: vec![stub::clock_tool()],
             max_tokens: 300,
+            schema: None,
         };
         let stream = provider(&stub, Duration::from_secs(5))
             .stream(request)

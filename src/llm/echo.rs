@@ -44,6 +44,7 @@ mod tests {
             ],
             tools: Vec::new(),
             max_tokens: 100,
+            schema: None,
         };
         let stream = EchoProvider.stream(request).await.unwrap();
         let completion = collect(stream).await.unwrap();

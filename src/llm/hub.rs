@@ -504,6 +504,7 @@ mod tests {
             messages: vec![crate::llm::ChatMessage::new(crate::llm::Role::User, "hi")],
             tools: Vec::new(),
             max_tokens: 0,
+            schema: None,
         }
     }
 

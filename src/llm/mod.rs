@@ -127,6 +127,30 @@ pub struct CompletionRequest {
     pub tools: Vec<ToolSpec>,
     /// Most tokens in the answer.
     pub max_tokens: u32,
+    /// The answer must be one JSON value of this schema (structured output); `None` for
+    /// free text.
+    pub schema: Option<AnswerSchema>,
+}
+
+/// The form a structured answer takes: a JSON object matching a JSON Schema. Written for
+/// the strictest provider (OpenAI's strict mode): every property required, no others.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AnswerSchema {
+    /// Names the schema for the provider (letters, digits, `_` and `-`).
+    pub name: String,
+    /// The JSON Schema of the answer.
+    pub schema: serde_json::Value,
+}
+
+impl AnswerSchema {
+    /// What a provider without a JSON mode is told instead, as a system instruction.
+    pub fn instruction(&self) -> String {
+        format!(
+            "Answer with one JSON object and nothing else (no prose, no code fence), \
+             matching this JSON Schema:\n{}",
+            self.schema
+        )
+    }
 }
 
 /// Why a model stopped.

@@ -53,6 +53,10 @@ fn request_body(request: &CompletionRequest) -> Value {
         "stream": true,
         "options": {"num_predict": request.max_tokens},
     });
+    if let Some(schema) = &request.schema {
+        // Ollama's structured outputs: the schema itself as `format`.
+        body["format"] = schema.schema.clone();
+    }
     if !request.tools.is_empty() {
         body["tools"] = request
             .tools
@@ -257,6 +261,14 @@ mod tests {
         collect(stream).await
     }
 
+    #[test]
+    fn a_structured_request_carries_its_schema_as_format() {
+        let body = request_body(&stub::ask_structured("ok?"));
+        assert_eq!(body["format"], stub::verdict_schema());
+        assert_eq!(body["messages"][0]["content"], "be brief");
+        assert!(request_body(&stub::ask("hi")).get("format").is_none());
+    }
+
     #[tokio::test]
     async fn a_text_stream_split_mid_character_gives_text_usage_and_finish() {
         let mut chunks = stub::split_mid_char(&text("你好"));
@@ -345,6 +357,7 @@ mod tests {
             ],
             tools: vec![stub::clock_tool()],
             max_tokens: 300,
+            schema: None,
         };
         let stream = provider(&stub, Duration::from_secs(5))
             .stream(request)

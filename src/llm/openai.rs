@@ -47,6 +47,12 @@ fn request_body(request: &CompletionRequest) -> Value {
         "stream_options": {"include_usage": true},
         "max_tokens": request.max_tokens,
     });
+    if let Some(schema) = &request.schema {
+        body["response_format"] = json!({
+            "type": "json_schema",
+            "json_schema": {"name": schema.name, "schema": schema.schema, "strict": true},
+        });
+    }
     if !request.tools.is_empty() {
         body["tools"] = request
             .tools
@@ -447,6 +453,7 @@ mod tests {
             ],
             tools: vec![stub::clock_tool()],
             max_tokens: 300,
+            schema: None,
         };
         let stream = provider(&stub, Duration::from_secs(5))
             .stream(request)
@@ -481,6 +488,27 @@ mod tests {
                     "parameters": {"type": "object", "properties": {"tz": {"type": "string"}}},
                 }}],
             })
+        );
+    }
+
+    #[test]
+    fn a_structured_request_carries_a_strict_json_schema_response_format() {
+        let body = request_body(&stub::ask_structured("ok?"));
+        assert_eq!(
+            body["response_format"],
+            json!({
+                "type": "json_schema",
+                "json_schema": {"name": "verdict", "schema": stub::verdict_schema(), "strict": true},
+            })
+        );
+        assert_eq!(
+            body["messages"][0],
+            json!({"role": "system", "content": "be brief"})
+        );
+        assert!(
+            request_body(&stub::ask("hi"))
+                .get("response_format")
+                .is_none()
         );
     }
 

@@ -456,7 +456,31 @@ pub(super) mod stub {
             messages: vec![ChatMessage::new(Role::User, text)],
             tools: Vec::new(),
             max_tokens: 256,
+            schema: None,
         }
+    }
+
+    /// A question whose answer must be JSON of a small schema, with a system prompt.
+    pub fn ask_structured(text: &str) -> CompletionRequest {
+        let mut request = ask(text);
+        request
+            .messages
+            .insert(0, ChatMessage::new(Role::System, "be brief"));
+        request.schema = Some(crate::llm::AnswerSchema {
+            name: "verdict".into(),
+            schema: verdict_schema(),
+        });
+        request
+    }
+
+    /// The schema of [`ask_structured`].
+    pub fn verdict_schema() -> serde_json::Value {
+        serde_json::json!({
+            "type": "object",
+            "properties": {"ok": {"type": "boolean"}},
+            "required": ["ok"],
+            "additionalProperties": false,
+        })
     }
 
     /// The `current_time` tool.

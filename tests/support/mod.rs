@@ -647,6 +647,34 @@ store: {{ path: {} }}
         self.kill_now();
     }
 
+    /// SIGTERM, as a service manager stops it: a graceful shutdown (intake stops, answers
+    /// in flight get the grace period, what is left stays journaled). Waits until the
+    /// process has exited, and asserts it exited cleanly.
+    pub async fn stop(&mut self) {
+        let mut child = self.child.take().expect("agentbus is running");
+        let pid = libc::pid_t::try_from(child.id()).expect("a pid fits pid_t");
+        // SAFETY: kill(2) on our own child's pid; no memory is shared.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0, "SIGTERM sent");
+        // The grace period plus time to stop what is left.
+        let deadline = tokio::time::Instant::now() + WAIT;
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("agentbus did not stop on SIGTERM:\n{}", self.log());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        assert!(
+            status.success(),
+            "agentbus exited with {status} on SIGTERM:\n{}",
+            self.log()
+        );
+    }
+
     fn kill_now(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
