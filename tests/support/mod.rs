@@ -59,7 +59,7 @@ fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -279,7 +279,7 @@ fn wait_until(timeout: Duration, mut ready: impl FnMut() -> bool) -> Option<()> 
 }
 
 /// Makes the child receive SIGKILL when the spawning thread's process dies.
-fn die_with_parent(command: &mut std::process::Command) {
+pub fn die_with_parent(command: &mut std::process::Command) {
     use std::os::unix::process::CommandExt;
     // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
     unsafe {
@@ -1062,13 +1062,15 @@ pub fn unique(prefix: &str) -> String {
 impl Human {
     /// A fresh user, logged in and syncing.
     pub async fn new(prefix: &str) -> Human {
+        Self::new_with(prefix, Client::builder().homeserver_url(&synapse().url)).await
+    }
+
+    /// A fresh user (registered on the test Synapse) whose client is `builder`'s: another
+    /// URL for the same homeserver, such as a reverse proxy in front of it.
+    pub async fn new_with(prefix: &str, builder: matrix_sdk::ClientBuilder) -> Human {
         let localpart = unique(prefix);
         let password = register_user(&localpart).await;
-        let client = Client::builder()
-            .homeserver_url(&synapse().url)
-            .build()
-            .await
-            .unwrap();
+        let client = builder.build().await.unwrap();
         let login = client
             .matrix_auth()
             .login_username(&localpart, &password)
