@@ -318,3 +318,101 @@ fn compose_nginx_mounts_the_files_the_config_includes_and_reaches_both_services(
         );
     }
 }
+
+// -------------------------------------------------------------------- systemd --
+
+/// `Key=value` lines of the unit (comments and sections left out).
+fn unit_settings(unit: &str) -> Vec<(&str, &str)> {
+    unit.lines()
+        .filter(|line| !line.starts_with('#') && !line.starts_with('['))
+        .filter_map(|line| line.split_once('='))
+        .collect()
+}
+
+#[test]
+fn the_systemd_unit_is_hardened_and_starts_agentbus_serve() {
+    let unit = read("deploy/agentbus.service");
+    let settings = unit_settings(&unit);
+    let value = |key: &str| {
+        settings
+            .iter()
+            .find(|(k, _)| *k == key)
+            .map(|(_, v)| *v)
+            .unwrap_or_else(|| panic!("deploy/agentbus.service has no {key}="))
+    };
+    for (key, wanted) in [
+        ("ProtectSystem", "strict"),
+        ("NoNewPrivileges", "yes"),
+        ("PrivateTmp", "yes"),
+        ("ProtectHome", "yes"),
+        ("CapabilityBoundingSet", ""),
+        ("RestrictAddressFamilies", "AF_INET AF_INET6 AF_UNIX"),
+        ("SystemCallFilter", "@system-service"),
+        ("MemoryDenyWriteExecute", "yes"),
+        ("Restart", "on-failure"),
+        ("User", "agentbus"),
+    ] {
+        assert_eq!(value(key), wanted, "deploy/agentbus.service {key}=");
+    }
+    // The one writable path is the data directory systemd creates for the service.
+    assert_eq!(
+        value("ReadWritePaths"),
+        format!("/var/lib/{}", value("StateDirectory"))
+    );
+
+    // ExecStart's arguments are ones the binary accepts.
+    let exec = value("ExecStart");
+    let mut args = exec.split_whitespace();
+    assert_eq!(args.next(), Some("/usr/local/bin/agentbus"));
+    let args: Vec<&str> = args.collect();
+    assert_eq!(args.last(), Some(&"serve"));
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_agentbus"))
+        .args(&args)
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "agentbus {} --help: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// systemd's own check of the unit: unknown keys, bad values, a missing binary. The unit
+/// names the installed path, so the check runs on a copy naming the binary just built.
+#[test]
+fn systemd_analyze_verify_accepts_the_unit() {
+    let Ok(analyze) = which("systemd-analyze") else {
+        eprintln!("skipped: systemd-analyze is not installed (Debian package systemd)");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let unit = dir.path().join("agentbus.service");
+    std::fs::write(
+        &unit,
+        read("deploy/agentbus.service")
+            .replace("/usr/local/bin/agentbus", env!("CARGO_BIN_EXE_agentbus")),
+    )
+    .unwrap();
+    let output = std::process::Command::new(analyze)
+        .arg("verify")
+        .arg(&unit)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success() && said.trim().is_empty(),
+        "systemd-analyze verify deploy/agentbus.service:\n{said}{}",
+        String::from_utf8_lossy(&output.stdout)
+    );
+}
+
+fn which(name: &str) -> Result<PathBuf, ()> {
+    std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .map(|dir| dir.join(name))
+        .find(|path| path.is_file())
+        .ok_or(())
+}
