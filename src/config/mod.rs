@@ -803,14 +803,26 @@ channels: {{ matrix: {{ groups: {{ "!r:hs": {{ team: ghost }} }} }} }}
         let [morning, brief, xmas] = &config.schedules[..] else {
             panic!("three schedules")
         };
-        assert_eq!((morning.catch_up, morning.max_failures, morning.enabled), (CatchUp::One, 3, true));
-        assert_eq!((brief.catch_up, brief.max_failures, brief.enabled), (CatchUp::None, 5, false));
+        assert_eq!(
+            (morning.catch_up, morning.max_failures, morning.enabled),
+            (CatchUp::One, 3, true)
+        );
+        assert_eq!(
+            (brief.catch_up, brief.max_failures, brief.enabled),
+            (CatchUp::None, 5, false)
+        );
         assert!(matches!(morning.timing(), Ok(Timing::Cron { .. })));
         assert!(matches!(brief.timing(), Ok(Timing::Every(d)) if d == Duration::from_secs(1800)));
         assert!(matches!(xmas.timing(), Ok(Timing::At(1_798_099_200_000))));
         let heartbeat = config.agents[1].heartbeat.as_ref().unwrap();
         assert_eq!(heartbeat.interval, Duration::from_secs(3600));
-        assert_eq!(heartbeat.active_hours(), Some(ActiveHours { start: 480, end: 1320 }));
+        assert_eq!(
+            heartbeat.active_hours(),
+            Some(ActiveHours {
+                start: 480,
+                end: 1320
+            })
+        );
     }
 
     #[test]
@@ -849,7 +861,9 @@ channels: {{ matrix: {{ groups: {{ "!r:hs": {{ team: ghost }} }} }} }}
         ] {
             assert!(err.contains(expected), "missing {expected:?} in:\n{err}");
         }
-        let err = error_of(&format!("{GOOD}schedules: [{{ name: a, every: soon, room: \"!r:hs\" }}]\n"));
+        let err = error_of(&format!(
+            "{GOOD}schedules: [{{ name: a, every: soon, room: \"!r:hs\" }}]\n"
+        ));
         assert!(err.starts_with("schedules[0].every: "), "{err}");
     }
 

@@ -158,7 +158,10 @@ impl ActiveHours {
             // 24:00 ends a day.
             ((h < 24 && m < 60) || (h == 24 && m == 0)).then_some(h * 60 + m)
         };
-        let (start, end) = (minutes(start).ok_or_else(bad)?, minutes(end).ok_or_else(bad)?);
+        let (start, end) = (
+            minutes(start).ok_or_else(bad)?,
+            minutes(end).ok_or_else(bad)?,
+        );
         if start == end {
             return Err(format!("{text:?} is empty: its start and end are the same"));
         }
@@ -316,10 +319,7 @@ pub(super) fn validate(
             problem(format!("{at}.{key}"), e);
         }
         if task.timezone.is_some() && task.cron.is_none() {
-            problem(
-                format!("{at}.timezone"),
-                "is read only with cron".into(),
-            );
+            problem(format!("{at}.timezone"), "is read only with cron".into());
         } else if let Err(e) = time_zone(task.timezone.as_deref()) {
             problem(format!("{at}.timezone"), e);
         }
