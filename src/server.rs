@@ -23,6 +23,7 @@ use crate::matrix::{MatrixClient, RetryPolicy};
 use crate::net::listener::{self, ListenerLimits};
 use crate::ops::api::{self, AdminState};
 use crate::ops::checks::{self, CheckFailure, EXIT_LOCAL_SETUP};
+use crate::ops::schedule::{self, Scheduler};
 use crate::store::feed::{self, Backlog, FeedReceiver};
 use crate::store::{self, JournalStore, Stores};
 
@@ -42,6 +43,7 @@ pub struct Services {
     pub backlog: Arc<Backlog>,
     appservice: Arc<AppState>,
     admin: Arc<AdminState>,
+    pub scheduler: Arc<Scheduler>,
     /// Taken by [`Services::start_workers`].
     feed: Option<FeedReceiver>,
     tracker: TaskTracker,
@@ -109,6 +111,14 @@ impl Services {
             sender,
             matrix.clone(),
         );
+        let scheduler = Scheduler::new(
+            config.clone(),
+            store.clone(),
+            matrix.clone(),
+            runtime.clone(),
+            collab.clone(),
+            stop.clone(),
+        );
         let admin = AdminState::new(
             config.admin.token.as_deref().unwrap_or_default(),
             store.clone(),
@@ -124,6 +134,7 @@ impl Services {
             backlog,
             appservice,
             admin,
+            scheduler,
             feed: Some(receiver),
             tracker,
             stop,
@@ -140,6 +151,9 @@ impl Services {
     pub fn app(&self) -> axum::Router {
         appservice::router(self.appservice.clone())
             .merge(api::routes(self.admin.clone()))
+            .merge(schedule::api::routes(self.scheduler.clone()).route_layer(
+                axum::middleware::from_fn_with_state(self.admin.clone(), api::require_admin_token),
+            ))
             .merge(api::metrics_routes(
                 self.backlog.clone(),
                 self.store.journal.clone(),
@@ -158,8 +172,8 @@ impl Services {
         }
     }
 
-    /// Starts the inbox — replaying the journal up to `replay_up_to` first — and the daily
-    /// pruning, on the tracker; returns at once. `shutdown` stops intake.
+    /// Starts the inbox — replaying the journal up to `replay_up_to` first — the
+    /// scheduler's tasks and the daily pruning, on the tracker; returns at once. `shutdown` stops intake.
     pub fn start_workers(&mut self, replay_up_to: Option<u64>, shutdown: &CancellationToken) {
         let Some(feed) = self.feed.take() else {
             tracing::warn!("the workers were started already");
@@ -171,6 +185,7 @@ impl Services {
             shutdown.clone(),
             self.tracker.clone(),
         ));
+        self.scheduler.start(&self.tracker, shutdown);
         self.tracker.spawn(prune_daily(
             self.store.journal.clone(),
             self.collab.clone(),

@@ -106,7 +106,7 @@ async fn metrics(State(backlog): State<Arc<Backlog>>) -> String {
     )
 }
 
-async fn require_admin_token(
+pub(crate) async fn require_admin_token(
     State(state): State<Arc<AdminState>>,
     request: Request,
     next: Next,
