@@ -398,3 +398,72 @@ async fn a_heartbeat_posts_only_when_its_agent_has_something_to_say() {
         "{list}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missed_run_is_made_up_once_and_a_run_cut_off_by_a_crash_is_done_again_not_twice() {
+    let _one_at_a_time = exclusive().await;
+    let llm = LlmStub::start(LlmMode::Hang).await;
+    let ann = Human::new("ann").await;
+    let (room, alias) = public_room(&ann).await;
+    // Both were due a minute before agentbus first started: missed while it was down.
+    let past = (chrono::Utc::now() - chrono::Duration::minutes(1))
+        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let dir = config(
+        &llm.url,
+        ["", ""],
+        &format!(
+            r#"
+schedules:
+  - {{ name: missed, at: "{past}", room: "{alias}", send_message: {{ as: damon, text: "made up for" }} }}
+  - {{ name: skipped, at: "{past}", catch_up: none, room: "{alias}", send_message: {{ as: damon, text: "never said" }} }}
+  - {{ name: cut-off, at: "{past}", room: "{alias}", ask_agent: {{ agent: coder, prompt: "Summarise the night" }} }}
+"#
+        ),
+    );
+    let mut bus = Agentbus::configured(dir);
+    bus.spawn().await;
+    ann.wait_for("the made-up run", |s| {
+        s.room_id == room && s.sender == agent_id("damon") && s.body() == "made up for"
+    })
+    .await;
+    // The coder's run is in flight (its model hangs) when the process is killed.
+    llm.wait_for_requests(1).await;
+    let list = wait_list(&bus, "missed has run", |list| {
+        task(list, "missed")["last_run"].is_string()
+    })
+    .await;
+    assert_eq!(task(&list, "cut-off")["running"], true, "{list}");
+    bus.kill().await;
+
+    llm.set_mode(LlmMode::Answer);
+    bus.spawn().await;
+    ann.wait_for("the cut-off run, done again", |s| {
+        s.room_id == room && s.sender == agent_id("coder")
+    })
+    .await;
+    let list = wait_list(&bus, "cut-off has ended", |list| {
+        task(list, "cut-off")["running"] == false
+    })
+    .await;
+    let cut_off = task(&list, "cut-off");
+    assert_eq!(cut_off["last_outcome"]["result"], "ok", "{list}");
+    assert_eq!(
+        cut_off["last_run"].as_str(),
+        Some(past.as_str()),
+        "done under the time it was scheduled for: {list}"
+    );
+    assert_eq!(task(&list, "skipped")["last_run"], Value::Null, "{list}");
+    assert_eq!(task(&list, "missed")["next_run"], Value::Null, "{list}");
+    barrier(&ann, &room).await;
+    let damon: Vec<String> = said_by(&ann, &room, "damon")
+        .iter()
+        .map(|s| s.body().to_owned())
+        .collect();
+    assert_eq!(
+        damon,
+        ["made up for"],
+        "once, across the restart; none skipped"
+    );
+    assert_eq!(said_by(&ann, &room, "coder").len(), 1);
+    assert_eq!(requests_of(&llm, "coder-model").len(), 2);
+}

@@ -410,6 +410,35 @@ pub(super) fn validate_heartbeat(
 mod tests {
     use super::*;
 
+    /// The commented `schedules:` and `heartbeat:` examples of `agentbus.example.yaml`,
+    /// uncommented, are a valid config.
+    #[test]
+    fn the_commented_examples_of_the_example_config_are_valid() {
+        let example = include_str!("../../agentbus.example.yaml");
+        let mut text = String::new();
+        let mut in_block = false;
+        for line in example.lines() {
+            if line == "# schedules:" {
+                in_block = true;
+            } else if in_block && !line.starts_with("#   ") {
+                in_block = false;
+            }
+            if in_block {
+                text.push_str(&line[2..]);
+                text.push('\n');
+            } else if let Some(heartbeat) = line.trim_start().strip_prefix("# heartbeat:") {
+                text.push_str(&format!("    heartbeat:{heartbeat}\n"));
+            } else {
+                text.push_str(line);
+                text.push('\n');
+            }
+        }
+        let config = crate::config::Config::parse(&text).unwrap();
+        config.validate().unwrap();
+        assert_eq!(config.schedules.len(), 4);
+        assert!(config.agents[0].heartbeat.is_some());
+    }
+
     #[test]
     fn active_hours_parse_and_may_span_midnight() {
         let day = ActiveHours::parse("08:00-22:00").unwrap();

@@ -1,5 +1,5 @@
-//! Operations: the startup checks, the admin API and metrics (scheduler and monitors to
-//! come).
+//! Operations: the startup checks, the admin API and metrics, the scheduler of tasks and
+//! heartbeats ([`schedule`]); monitors to come.
 
 pub mod api;
 pub mod checks;
