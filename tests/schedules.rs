@@ -467,3 +467,54 @@ schedules:
     assert_eq!(said_by(&ann, &room, "coder").len(), 1);
     assert_eq!(requests_of(&llm, "coder-model").len(), 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_team_gives_the_team_its_prompt_as_a_task_in_the_room() {
+    let _one_at_a_time = exclusive().await;
+    let llm = LlmStub::start(LlmMode::Answer).await;
+    let ann = Human::new("ann").await;
+    let (room, alias) = public_room(&ann).await;
+    let dir = config(
+        &llm.url,
+        ["", ""],
+        &format!(
+            r#"
+teams:
+  - {{ id: pipeteam, display_name: Pipe Team, mode: pipeline, stages: [{{ name: draft, agent: coder, prompt: "Draft: {{{{input}}}}" }}] }}
+schedules:
+  - {{ name: notes, every: 1h, room: "{alias}", run_team: {{ team: pipeteam, prompt: "Write the release notes for {{{{date}}}}" }} }}
+"#
+        ),
+    );
+    let mut bus = Agentbus::configured(dir);
+    bus.spawn().await;
+
+    let (status, view) = api(
+        &bus,
+        reqwest::Method::POST,
+        "/api/v1/tasks/notes/trigger",
+        Some(ADMIN_TOKEN),
+    )
+    .await;
+    assert_eq!(status, 200, "{view}");
+    assert_eq!(view["last_outcome"]["result"], "ok", "{view}");
+    let request = ann
+        .wait_for("the team's request", |s| {
+            s.room_id == room
+                && s.sender == agent_id("pipeteam")
+                && s.body().starts_with("Write the release notes for 20")
+        })
+        .await;
+    let draft = ann
+        .wait_for("the coder's stage in the request's thread", |s| {
+            s.room_id == room
+                && s.sender == agent_id("coder")
+                && s.content["m.relates_to"]["event_id"] == request.event_id.as_str()
+        })
+        .await;
+    let draft = ann.wait_final(&draft).await;
+    assert_eq!(
+        draft.body(),
+        format!("[coder-model] Draft: {}", request.body())
+    );
+}

@@ -533,6 +533,21 @@ impl AgentRuntime {
         .await;
         writer.push(text).await;
         let parts = writer.finish().await?;
+        // In the room's history like every answer, for context and history search.
+        let now = crate::unix_ms();
+        for part in &parts {
+            let entry = HistoryEntry {
+                event_id: part.event_id.clone(),
+                sender: agent_user.clone(),
+                body: part.text.clone(),
+                ts: now,
+                thread_root: None,
+                routed_to: Vec::new(),
+            };
+            if let Err(e) = self.store.history.append_history(room, &entry).await {
+                tracing::warn!(room_id = %room, error = %e, "could not record a scheduled message in history");
+            }
+        }
         Ok(parts.into_iter().map(|p| p.event_id).collect())
     }
 

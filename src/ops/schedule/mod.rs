@@ -665,6 +665,16 @@ impl Scheduler {
         prompt: String,
         scheduled: u64,
     ) -> Ran {
+        // The team invites its members who are not in the room; in a room they may join
+        // without an invite (a public one) they join first, in case it cannot invite.
+        if let Some(config) = self.config.team(team) {
+            for member in config.members() {
+                let user = self.config.user_id(&member);
+                if let Err(e) = self.matrix.intent(&user).ensure_joined(room).await {
+                    tracing::debug!(task = %entry.name, agent = %member, error = %e, "a team member could not join by itself; the team invites it");
+                }
+            }
+        }
         let events = match self
             .runtime
             .post_as(team, room, origin, reason, &prompt)
