@@ -254,6 +254,20 @@ schedules:
         err.contains("no scheduled task is named \"nosuch\""),
         "{err}"
     );
+
+    // With no agentbus running, the list comes from the store; a run needs the server.
+    bus.kill().await;
+    let (code, out, err) = cli_async(&["--config", config, "tasks", "list", "--json"]).await;
+    assert_eq!(code, Some(0), "{err}");
+    let stored: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        task(&stored, "brief")["last_outcome"]["result"],
+        "ok",
+        "{stored}"
+    );
+    let (code, _, err) = cli_async(&["--config", config, "tasks", "run", "brief"]).await;
+    assert_eq!(code, Some(1));
+    assert!(err.contains("no agentbus is running"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
