@@ -832,7 +832,7 @@ channels: {{ matrix: {{ groups: {{ "!r:hs": {{ team: ghost }} }} }} }}
   - {{ name: "bad name", cron: "0 25 * * *", room: "!r:hs", send_message: {{ as: ghost, text: "{{{{day}}}}" }} }}
   - {{ name: b, every: 1m, at: "2026-01-01T00:00:00Z", room: "lobby", ask_agent: {{ agent: damon, prompt: hi }}, run_team: {{ team: nope, prompt: hi }}, max_failures: 0 }}
   - {{ name: b, cron: "* * * * *", timezone: Mars/Olympus, room: "!r:hs" }}
-  - {{ name: d, at: tomorrow, timezone: UTC, room: "!r:hs", send_message: {{ as: damon, text: hi }} }}
+  - {{ name: d, at: tomorrow, timezone: Europe/Nowhere, room: "!r:hs", send_message: {{ as: damon, text: hi }} }}
 "#
         )
         .replace(
@@ -854,13 +854,14 @@ channels: {{ matrix: {{ groups: {{ "!r:hs": {{ team: ghost }} }} }} }}
             r#"schedules[2].timezone: "Mars/Olympus" is not an IANA time zone"#,
             "schedules[2].send_message: needs one action: send_message, ask_agent or run_team",
             r#"schedules[3].at: "tomorrow" is not an RFC 3339 time"#,
-            "schedules[3].timezone: is read only with cron",
+            r#"schedules[3].timezone: "Europe/Nowhere" is not an IANA time zone"#,
             "agents[1].heartbeat.interval: must be at least 1s",
             r#"agents[1].heartbeat.active_hours: "8-22" must be HH:MM-HH:MM"#,
             r#"agents[1].heartbeat.room: "lobby" is not a room ID"#,
         ] {
             assert!(err.contains(expected), "missing {expected:?} in:\n{err}");
         }
+        assert_eq!(err.matches("Mars/Olympus").count(), 1, "once:\n{err}");
         let err = error_of(&format!(
             "{GOOD}schedules: [{{ name: a, every: soon, room: \"!r:hs\" }}]\n"
         ));

@@ -27,7 +27,8 @@ pub struct ScheduleConfig {
     /// first). Exactly one of `cron`, `every` and `at`.
     #[serde(default)]
     pub cron: Option<String>,
-    /// The IANA time zone `cron` and the message templates are read in (default `UTC`).
+    /// The IANA time zone `cron` and the templates' `{{date}}`, `{{time}}` and
+    /// `{{weekday}}` are read in (default `UTC`).
     #[serde(default)]
     pub timezone: Option<String>,
     /// Runs this often (`30m`, `2h`, at least `1s`), the first time one interval after
@@ -318,9 +319,10 @@ pub(super) fn validate(
         if let Err((key, e)) = task.timing() {
             problem(format!("{at}.{key}"), e);
         }
-        if task.timezone.is_some() && task.cron.is_none() {
-            problem(format!("{at}.timezone"), "is read only with cron".into());
-        } else if let Err(e) = time_zone(task.timezone.as_deref()) {
+        if task.cron.is_none()
+            && let Err(e) = time_zone(task.timezone.as_deref())
+        {
+            // With cron, `timing()` has reported it already.
             problem(format!("{at}.timezone"), e);
         }
         if let Err(e) = check_room(&task.room) {
