@@ -317,7 +317,7 @@ impl Scheduler {
             .ok_or_else(|| TriggerError::Unknown(name.to_owned()))?;
         let scheduled = crate::unix_ms();
         tracing::info!(task = %entry.name, "task triggered by hand");
-        let state = self.fire(&entry, scheduled, true).await?;
+        let state = self.fire(&entry, scheduled, true, None).await?;
         Ok(view(&entry, Some(&state)))
     }
 
@@ -369,7 +369,7 @@ impl Scheduler {
         };
         if let Some(scheduled) = plan.run_now {
             tracing::info!(task = %entry.name, scheduled = %timing::rfc3339(scheduled), "running a task missed or interrupted while agentbus was down");
-            let _ = self.fire(&entry, scheduled, false).await;
+            let _ = self.fire(&entry, scheduled, false, None).await;
         }
         loop {
             let Some(due) = self.state(&entry.name).await.next_run_ms else {
@@ -389,38 +389,40 @@ impl Scheduler {
                     continue;
                 }
             }
-            // The clock may say a little less than the timer did.
-            let now = crate::unix_ms().max(due);
-            let paused = {
-                let _held = entry.lock.lock().await;
-                let mut state = self.state(&entry.name).await;
-                let (_, next) = timing::coalesce(&entry.timing, due, now);
-                state.next_run_ms = next;
-                let _ = self.save(&entry.name, &state).await;
-                state.paused
-            };
-            if paused {
-                tracing::debug!(task = %entry.name, "task paused after failures; not run");
-                continue;
-            }
             if shutdown.is_cancelled() {
                 return;
             }
-            let _ = self.fire(&entry, due, false).await;
+            // The clock may say a little less than the timer did. Due times that passed
+            // while the process could not run (a suspended machine) coalesce into one.
+            let now = crate::unix_ms().max(due);
+            let (latest, next) = timing::coalesce(&entry.timing, due, now);
+            let _ = self.fire(&entry, latest, false, Some(next)).await;
         }
     }
 
-    /// Does the run scheduled for `scheduled`: marks it in flight, runs it, records how it
-    /// went; pauses the task (with one notice) when it has failed `max_failures` times in
-    /// a row.
+    /// Does the run scheduled for `scheduled`: marks it in flight (moving the task's next
+    /// due time to `next` in the same write, so a crash cannot lose the run between the
+    /// two), runs it, records how it went; pauses the task (with one notice) when it has
+    /// failed `max_failures` times in a row. A paused task runs only when `manual`.
     async fn fire(
         &self,
         entry: &Entry,
         scheduled: u64,
         manual: bool,
+        next: Option<Option<u64>>,
     ) -> Result<ScheduleState, crate::store::StoreError> {
         let _held = entry.lock.lock().await;
         let mut state = self.state(&entry.name).await;
+        if let Some(next) = next {
+            state.next_run_ms = next;
+        }
+        if state.paused && !manual {
+            tracing::debug!(task = %entry.name, "task paused after failures; not run");
+            // A run by hand that a crash cut off is not redone for a paused task either.
+            state.in_flight_ms = None;
+            self.save(&entry.name, &state).await?;
+            return Ok(state);
+        }
         state.in_flight_ms = Some(scheduled);
         self.save(&entry.name, &state).await?;
         let ran = self.execute(entry, scheduled, manual).await;
