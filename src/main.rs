@@ -11,6 +11,7 @@ use agentbus::config::{ChannelId, Config};
 use agentbus::ops::checks::{self, CheckFailure, EXIT_CONFIG, EXIT_LOCAL_SETUP};
 use agentbus::router::explain::RouteQuery;
 use agentbus::server::{Services, serve};
+use agentbus::store::RunOutcome;
 use clap::{Parser, Subcommand, ValueEnum};
 use tokio_util::sync::CancellationToken;
 
@@ -118,6 +119,26 @@ enum Command {
         #[command(subcommand)]
         command: PairingCommand,
     },
+    /// Scheduled tasks and heartbeats: list them, run one now.
+    Tasks {
+        #[command(subcommand)]
+        command: TasksCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum TasksCommand {
+    /// Every task with its last and next run, outcome and failures.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run task NAME now (in the running agentbus) and say how it went.
+    Run {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -145,7 +166,10 @@ fn main() -> ExitCode {
     agentbus::store::private::restrict_umask();
     let cli = Cli::parse();
     let default_filter = match cli.command {
-        Command::Say { .. } | Command::Route { .. } | Command::Pairing { .. } => "warn",
+        Command::Say { .. }
+        | Command::Route { .. }
+        | Command::Pairing { .. }
+        | Command::Tasks { .. } => "warn",
         _ => "warn,agentbus=info",
     };
     init_tracing(cli.log_format, default_filter);
@@ -258,6 +282,7 @@ async fn run(cli: Cli) -> Result<(), CheckFailure> {
             Ok(())
         }
         Command::Pairing { command } => pairing(&cli.config, command).await,
+        Command::Tasks { command } => tasks(&cli.config, command).await,
         Command::Say {
             room,
             user,
@@ -346,6 +371,67 @@ async fn pairing(path: &Path, command: PairingCommand) -> Result<(), CheckFailur
         PairingCommand::Revoke { sender, channel } => {
             admin::pairing_revoke(&config, &channel, &sender).await?;
             println!("✓ revoked {sender} on {channel}");
+        }
+    }
+    Ok(())
+}
+
+async fn tasks(path: &Path, command: TasksCommand) -> Result<(), CheckFailure> {
+    let config = load_config(path)?;
+    let line = |task: &agentbus::ops::schedule::TaskView| {
+        let outcome = match &task.last_outcome {
+            None => "-".to_owned(),
+            Some(RunOutcome::Ok { posted: true }) => "ok".to_owned(),
+            Some(RunOutcome::Ok { posted: false }) => "ok (nothing posted)".to_owned(),
+            Some(RunOutcome::Failed { error }) => format!("failed: {error}"),
+        };
+        let state = if !task.enabled {
+            "disabled"
+        } else if task.paused {
+            "paused"
+        } else if task.running {
+            "running"
+        } else {
+            "active"
+        };
+        format!(
+            "{}  [{}] {} in {}  {state}  last: {} ({outcome})  next: {}  failures: {}",
+            task.name,
+            task.kind,
+            task.schedule,
+            task.room,
+            task.last_run.as_deref().unwrap_or("never"),
+            task.next_run.as_deref().unwrap_or("-"),
+            task.failures,
+        )
+    };
+    match command {
+        TasksCommand::List { json } => {
+            let tasks = admin::tasks_list(&config).await?;
+            if json {
+                print_json(&tasks);
+                return Ok(());
+            }
+            if tasks.is_empty() {
+                println!("no scheduled tasks or heartbeats are configured");
+            }
+            for task in &tasks {
+                println!("{}", line(task));
+            }
+        }
+        TasksCommand::Run { name, json } => {
+            let task = admin::tasks_run(&config, &name).await?;
+            if json {
+                print_json(&task);
+            } else {
+                println!("{}", line(&task));
+            }
+            if let Some(RunOutcome::Failed { error }) = &task.last_outcome {
+                return Err(CheckFailure::new(
+                    admin::EXIT_REFUSED,
+                    format!("✗ {name} failed: {error}"),
+                ));
+            }
         }
     }
     Ok(())

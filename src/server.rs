@@ -26,6 +26,7 @@ use crate::ops::checks::{self, CheckFailure, EXIT_LOCAL_SETUP};
 use crate::ops::commands::Commands;
 use crate::ops::health::{ProviderCall, ProviderCalls, Readiness};
 use crate::ops::metrics::{self, Scrape};
+use crate::ops::schedule::{self, Scheduler};
 use crate::store::feed::{self, Backlog, FeedReceiver};
 use crate::store::{self, JournalStore, Stores};
 
@@ -47,6 +48,7 @@ pub struct Services {
     admin: Arc<AdminState>,
     readiness: Arc<Readiness>,
     scrape: Arc<Scrape>,
+    pub scheduler: Arc<Scheduler>,
     /// Taken by [`Services::start_workers`].
     feed: Option<FeedReceiver>,
     tracker: TaskTracker,
@@ -114,6 +116,14 @@ impl Services {
             sender,
             matrix.clone(),
         );
+        let scheduler = Scheduler::new(
+            config.clone(),
+            store.clone(),
+            matrix.clone(),
+            runtime.clone(),
+            collab.clone(),
+            stop.clone(),
+        );
         let admin = AdminState::new(
             config.admin.token.as_deref().unwrap_or_default(),
             store.clone(),
@@ -149,6 +159,7 @@ impl Services {
             collab.clone(),
             matrix.clone(),
             readiness.clone(),
+            scheduler.clone(),
         );
         let explain: Arc<dyn crate::router::explain::Explain> = inbox.clone();
         commands.set_explain(Arc::downgrade(&explain));
@@ -170,6 +181,7 @@ impl Services {
             admin,
             readiness,
             scrape,
+            scheduler,
             feed: Some(receiver),
             tracker,
             stop,
@@ -186,6 +198,9 @@ impl Services {
     pub fn app(&self) -> axum::Router {
         appservice::router(self.appservice.clone())
             .merge(api::routes(self.admin.clone()))
+            .merge(schedule::api::routes(self.scheduler.clone()).route_layer(
+                axum::middleware::from_fn_with_state(self.admin.clone(), api::require_admin_token),
+            ))
             .merge(api::probe_routes(
                 self.readiness.clone(),
                 (self.config.metrics.enabled && self.config.metrics.listen.is_none())
@@ -205,8 +220,8 @@ impl Services {
         }
     }
 
-    /// Starts the inbox — replaying the journal up to `replay_up_to` first — and the daily
-    /// pruning, on the tracker; returns at once. `shutdown` stops intake.
+    /// Starts the inbox — replaying the journal up to `replay_up_to` first — the
+    /// scheduler's tasks and the daily pruning, on the tracker; returns at once. `shutdown` stops intake.
     pub fn start_workers(&mut self, replay_up_to: Option<u64>, shutdown: &CancellationToken) {
         let Some(feed) = self.feed.take() else {
             tracing::warn!("the workers were started already");
@@ -218,6 +233,7 @@ impl Services {
             shutdown.clone(),
             self.tracker.clone(),
         ));
+        self.scheduler.start(&self.tracker, shutdown);
         self.tracker.spawn(prune_daily(
             self.store.journal.clone(),
             self.collab.clone(),

@@ -220,14 +220,12 @@ async fn admins_manage_agentbus_from_matrix_and_nobody_else_does() {
     let config = std::fs::read_to_string(&path).unwrap();
     let admin_key = format!("admin: {{ token: {ADMIN_TOKEN} }}");
     assert!(config.contains(&admin_key), "{config}");
-    std::fs::write(
-        &path,
-        config.replace(
-            &admin_key,
-            &format!("admin: {{ token: {ADMIN_TOKEN}, users: [\"@opsadmin*:localhost\"] }}"),
-        ),
-    )
-    .unwrap();
+    let config = config.replace(
+        &admin_key,
+        &format!("admin: {{ token: {ADMIN_TOKEN}, users: [\"@opsadmin*:localhost\"] }}"),
+    );
+    let schedule = "schedules:\n  - { name: standup, cron: \"0 9 * * mon-fri\", timezone: Europe/Berlin, room: \"#nowhere:localhost\", send_message: { as: damon, text: hi } }\n";
+    std::fs::write(&path, format!("{config}\n{schedule}")).unwrap();
     let mut bus = Agentbus::configured(dir);
     bus.spawn().await;
     let bot = agent_id("agentbus");
@@ -264,6 +262,13 @@ async fn admins_manage_agentbus_from_matrix_and_nobody_else_does() {
     assert!(unknown.contains("!agents —"), "help follows: {unknown}");
     let pairing = bot_answer(&admin, &manage, "!pairing list").await;
     assert!(pairing.starts_with("0 pending:"), "{pairing}");
+    let tasks = bot_answer(&admin, &manage, "!tasks").await;
+    assert!(
+        tasks.starts_with("1 scheduled task(s):\n• standup — send_message cron 0 9 * * mon-fri Europe/Berlin in #nowhere:localhost — scheduled — never ran — next 20"),
+        "{tasks}"
+    );
+    let run = bot_answer(&admin, &manage, "!task run nosuch").await;
+    assert_eq!(run, "❌ no scheduled task is named \"nosuch\"");
 
     // In a project room, with the prefix (answered by an agent there, since the bot is
     // not): a dry run of the router, and a reset from the management room.

@@ -514,6 +514,58 @@ impl AgentRuntime {
         sent.map(Some)
     }
 
+    /// Posts `text` (Markdown) as a new top-level message of `agent` in `room`: what a
+    /// scheduled task says. Its transaction IDs derive from `origin` and `reason` (a
+    /// scheduled run names its origin after the task and its scheduled time), so the same
+    /// run posting again after a crash is deduplicated by the homeserver. Waits out a
+    /// homeserver outage until shutdown.
+    pub async fn post_as(
+        &self,
+        agent: &AgentId,
+        room: &RoomId,
+        origin: &EventId,
+        reason: &Reason,
+        text: &str,
+    ) -> Result<Vec<OwnedEventId>, Undelivered> {
+        let agent_user = self.config.user_id(agent);
+        let scope = reason.scope();
+        let target = stream::Target {
+            agent_id: agent.clone(),
+            agent_user: &agent_user,
+            room_id: room,
+            origin,
+            scope: &scope,
+            relation: stream::Relation::None,
+            mention: Vec::new(),
+            hops: 1,
+        };
+        let mut writer = stream::AnswerWriter::new(
+            &self.matrix,
+            Some(self.store.journal.as_ref()),
+            &self.stop,
+            target,
+        )
+        .await;
+        writer.push(text).await;
+        let parts = writer.finish().await?;
+        // In the room's history like every answer, for context and history search.
+        let now = crate::unix_ms();
+        for part in &parts {
+            let entry = HistoryEntry {
+                event_id: part.event_id.clone(),
+                sender: agent_user.clone(),
+                body: part.text.clone(),
+                ts: now,
+                thread_root: None,
+                routed_to: Vec::new(),
+            };
+            if let Err(e) = self.store.history.append_history(room, &entry).await {
+                tracing::warn!(room_id = %room, error = %e, "could not record a scheduled message in history");
+            }
+        }
+        Ok(parts.into_iter().map(|p| p.event_id).collect())
+    }
+
     /// Sends `text` as an `m.notice` reply from agent `agent_id`, waiting out a homeserver
     /// outage. The transaction ID comes from the trigger and `purpose`, so a replayed event
     /// does not notify twice.

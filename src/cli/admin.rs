@@ -1,4 +1,4 @@
-//! The admin side of the CLI (`agentbus route`, `agentbus pairing …`): it asks the running
+//! The admin side of the CLI (`agentbus route`, `agentbus pairing …`, `agentbus tasks …`): it asks the running
 //! agentbus through the admin API, and when none is running it does the same work itself
 //! against the store and the homeserver. Either way the answer is the same.
 
@@ -11,6 +11,7 @@ use serde::de::DeserializeOwned;
 use crate::config::{ChannelId, Config};
 use crate::ops::api::{self, ApproveRequest, PairingState, RevokeRequest};
 use crate::ops::checks::{CheckFailure, EXIT_LOCAL_SETUP};
+use crate::ops::schedule::{self, TaskView};
 use crate::router::RouteDecision;
 use crate::router::explain::{ExplainError, RouteQuery};
 use crate::server::Services;
@@ -187,5 +188,40 @@ pub async fn pairing_revoke(
             format!("✗ {sender} is not paired on {channel}"),
         )),
         Err(e) => Err(CheckFailure::new(EXIT_LOCAL_SETUP, format!("✗ {e}"))),
+    }
+}
+
+/// Every scheduled task and heartbeat with its last and next run: from the running
+/// agentbus, else as the store has them.
+pub async fn tasks_list(config: &Config) -> Result<Vec<TaskView>, CheckFailure> {
+    let client = AdminClient::for_config(config);
+    if let Call::Done(tasks) = client
+        .call(Method::GET, "/api/v1/tasks", None::<&()>)
+        .await?
+    {
+        return Ok(tasks);
+    }
+    schedule::list_stored(config, &open_store(config)?)
+        .await
+        .map_err(|e| CheckFailure::new(EXIT_LOCAL_SETUP, format!("✗ {e}")))
+}
+
+/// Runs task `name` now in the running agentbus (its agents and lanes are there) and
+/// returns how the task stands after the run.
+pub async fn tasks_run(config: &Config, name: &str) -> Result<TaskView, CheckFailure> {
+    let client = AdminClient::for_config(config);
+    let path = format!(
+        "/api/v1/tasks/{}/trigger",
+        percent_encoding::utf8_percent_encode(name, percent_encoding::NON_ALPHANUMERIC)
+    );
+    match client.call(Method::POST, &path, None::<&()>).await? {
+        Call::Done(view) => Ok(view),
+        Call::NotRunning => Err(CheckFailure::new(
+            EXIT_REFUSED,
+            format!(
+                "✗ no agentbus is running on {}: start it (agentbus serve) to run a task",
+                config.appservice.bind
+            ),
+        )),
     }
 }

@@ -19,6 +19,7 @@ use url::Url;
 mod ids;
 mod llm;
 mod routing;
+mod schedules;
 mod teams;
 
 pub use self::ids::{AgentId, ChannelId, InvalidAgentId, is_valid_localpart};
@@ -26,6 +27,11 @@ pub use self::ids::{AgentId, ChannelId, InvalidAgentId, is_valid_localpart};
 pub use self::llm::{
     BUILTIN_TOOLS, InputKind, LlmConfig, MemoryConfig, ModelConfig, ModelRef, ProviderApi,
     ProviderConfig, QueueMode, ToolsConfig,
+};
+
+pub use self::schedules::{
+    ActiveHours, AskAgentAction, CatchUp, HeartbeatConfig, RunTeamAction, ScheduleConfig,
+    SendMessageAction, TEMPLATE_FIELDS, Timing, time_zone,
 };
 
 pub use self::teams::{
@@ -68,6 +74,9 @@ pub struct Config {
     /// Teams of agents, each one virtual Matrix user too, that work on a request together.
     #[serde(default)]
     pub teams: Vec<TeamConfig>,
+    /// Tasks that run on their own: cron, every, at (see `schedules.rs`).
+    #[serde(default)]
+    pub schedules: Vec<ScheduleConfig>,
     /// Routing strategies: mention, keyword, context, broadcast, agent-to-agent.
     #[serde(default)]
     pub routing: RoutingConfig,
@@ -285,6 +294,9 @@ pub struct AgentConfig {
     /// Which built-in tools the agent may call.
     #[serde(default)]
     pub tools: ToolsConfig,
+    /// Go through `HEARTBEAT.md` every so often and post only what needs saying.
+    #[serde(default)]
+    pub heartbeat: Option<HeartbeatConfig>,
 }
 
 impl AgentConfig {
@@ -561,6 +573,9 @@ impl Config {
                     format!("{avatar:?} must be an mxc:// URI (upload the image first)"),
                 );
             }
+            if let Some(heartbeat) = &agent.heartbeat {
+                schedules::validate_heartbeat(&at, heartbeat, &mut problem);
+            }
             for (j, alias) in agent.aliases.iter().enumerate() {
                 if alias.trim().is_empty() {
                     problem(format!("{at}.aliases[{j}]"), "must not be empty".into());
@@ -599,6 +614,12 @@ impl Config {
         teams::validate(
             &self.teams,
             &|id| self.agents.iter().any(|a| a.id == *id),
+            &mut problem,
+        );
+        schedules::validate(
+            &self.schedules,
+            &|id| self.agents.iter().any(|a| a.id == *id),
+            &|id| self.team(id).is_some(),
             &mut problem,
         );
         let defaults: Vec<usize> = (0..self.agents.len())
@@ -801,6 +822,89 @@ channels: {{ matrix: {{ groups: {{ "!r:hs": {{ team: ghost }} }} }} }}
         ] {
             assert!(err.contains(expected), "missing {expected:?} in:\n{err}");
         }
+    }
+
+    #[test]
+    fn schedules_and_heartbeats_parse_with_their_defaults() {
+        let text = format!(
+            r##"{GOOD}schedules:
+  - {{ name: morning, cron: "0 8 * * mon-fri", timezone: Europe/Berlin, room: "!r:hs", send_message: {{ as: damon, text: "Today is {{{{weekday}}}} {{{{date}}}}" }} }}
+  - {{ name: brief, every: 30m, room: "#ops:hs", ask_agent: {{ agent: coder, prompt: "Brief us" }}, catch_up: none, max_failures: 5, enabled: false }}
+  - {{ name: xmas, at: "2026-12-24T09:00:00+01:00", room: "!r:hs", send_message: {{ as: damon, text: hi }} }}
+"##
+        )
+        .replace(
+            "provider: dashscope, model: qwen-max }",
+            "provider: dashscope, model: qwen-max, heartbeat: { interval: 1h, active_hours: \"08:00-22:00\", timezone: Asia/Shanghai, room: \"!r:hs\" } }",
+        );
+        let config = Config::parse(&text).unwrap();
+        config.validate().unwrap();
+        let [morning, brief, xmas] = &config.schedules[..] else {
+            panic!("three schedules")
+        };
+        assert_eq!(
+            (morning.catch_up, morning.max_failures, morning.enabled),
+            (CatchUp::One, 3, true)
+        );
+        assert_eq!(
+            (brief.catch_up, brief.max_failures, brief.enabled),
+            (CatchUp::None, 5, false)
+        );
+        assert!(matches!(morning.timing(), Ok(Timing::Cron { .. })));
+        assert!(matches!(brief.timing(), Ok(Timing::Every(d)) if d == Duration::from_secs(1800)));
+        assert!(matches!(xmas.timing(), Ok(Timing::At(1_798_099_200_000))));
+        let heartbeat = config.agents[1].heartbeat.as_ref().unwrap();
+        assert_eq!(heartbeat.interval, Duration::from_secs(3600));
+        assert_eq!(
+            heartbeat.active_hours(),
+            Some(ActiveHours {
+                start: 480,
+                end: 1320
+            })
+        );
+    }
+
+    #[test]
+    fn a_broken_schedule_is_named_key_by_key() {
+        let text = format!(
+            r#"{GOOD}schedules:
+  - {{ name: "bad name", cron: "0 25 * * *", room: "!r:hs", send_message: {{ as: ghost, text: "{{{{day}}}}" }} }}
+  - {{ name: b, every: 1m, at: "2026-01-01T00:00:00Z", room: "lobby", ask_agent: {{ agent: damon, prompt: hi }}, run_team: {{ team: nope, prompt: hi }}, max_failures: 0 }}
+  - {{ name: b, cron: "* * * * *", timezone: Mars/Olympus, room: "!r:hs" }}
+  - {{ name: d, at: tomorrow, timezone: Europe/Nowhere, room: "!r:hs", send_message: {{ as: damon, text: hi }} }}
+"#
+        )
+        .replace(
+            "provider: dashscope, model: qwen-max }",
+            "provider: dashscope, model: qwen-max, heartbeat: { interval: 0s, active_hours: \"8-22\", room: lobby } }",
+        );
+        let err = error_of(&text);
+        for expected in [
+            r#"schedules[0].name: "bad name" must be 1-64 letters, digits, `-`, `_` or `.`"#,
+            r#"schedules[0].cron: "0 25 * * *" is not a cron pattern"#,
+            r#"schedules[0].send_message.as: unknown agent "ghost""#,
+            "schedules[0].send_message.text: unknown placeholder {{day}}",
+            "schedules[1].cron: give only one of cron, every and at",
+            r#"schedules[1].room: "lobby" is not a room ID (!abc:server) or alias (#name:server)"#,
+            "schedules[1].send_message: give only one of send_message, ask_agent and run_team",
+            r#"schedules[1].run_team.team: unknown team "nope""#,
+            "schedules[1].max_failures: must be at least 1",
+            r#"schedules[2].name: duplicate task name "b""#,
+            r#"schedules[2].timezone: "Mars/Olympus" is not an IANA time zone"#,
+            "schedules[2].send_message: needs one action: send_message, ask_agent or run_team",
+            r#"schedules[3].at: "tomorrow" is not an RFC 3339 time"#,
+            r#"schedules[3].timezone: "Europe/Nowhere" is not an IANA time zone"#,
+            "agents[1].heartbeat.interval: must be at least 1s",
+            r#"agents[1].heartbeat.active_hours: "8-22" must be HH:MM-HH:MM"#,
+            r#"agents[1].heartbeat.room: "lobby" is not a room ID"#,
+        ] {
+            assert!(err.contains(expected), "missing {expected:?} in:\n{err}");
+        }
+        assert_eq!(err.matches("Mars/Olympus").count(), 1, "once:\n{err}");
+        let err = error_of(&format!(
+            "{GOOD}schedules: [{{ name: a, every: soon, room: \"!r:hs\" }}]\n"
+        ));
+        assert!(err.starts_with("schedules[0].every: "), "{err}");
     }
 
     #[test]

@@ -80,7 +80,7 @@ pub fn metrics_routes(scrape: Arc<Scrape>) -> Router {
         .with_state(scrape)
 }
 
-async fn require_admin_token(
+pub(crate) async fn require_admin_token(
     State(state): State<Arc<AdminState>>,
     request: Request,
     next: Next,

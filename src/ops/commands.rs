@@ -14,6 +14,7 @@
 //! | `!route <text>` | routes `<text>` as the admin's message in this room, without sending anything |
 //! | `!pairing list` / `approve CODE` / `revoke USER` | DM pairing |
 //! | `!status` | the readiness checks |
+//! | `!tasks` / `!task run NAME` | the scheduled tasks; run one now |
 //! | `!reset @agent [ROOM]` | the agent forgets its conversation in the room (default: this one) |
 //! | `!stop [ROOM]` | stops every team task and answer running in the room (default: this one) |
 //! | `!help` | the list |
@@ -28,6 +29,7 @@ use serde_json::json;
 
 use super::api::{approve, read_pairings};
 use super::health::Readiness;
+use super::schedule::{Scheduler, TaskView};
 use crate::agents::AgentRuntime;
 use crate::collab::Collab;
 use crate::config::{AgentId, ChannelId, Config};
@@ -55,6 +57,8 @@ pub enum Command {
     Stop {
         room: Option<String>,
     },
+    Tasks,
+    TaskRun(String),
     Help,
     /// A word we do not know (or a known one with the wrong arguments): the help, with why.
     Unknown(String),
@@ -81,6 +85,9 @@ pub fn parse(body: &str, management_room: bool) -> Option<Command> {
         ("pairing", ["revoke", user]) => Command::PairingRevoke((*user).to_owned()),
         ("pairing", _) => wrong("!pairing list | approve CODE | revoke USER"),
         ("status", []) => Command::Status,
+        ("tasks", []) => Command::Tasks,
+        ("task", ["run", name]) => Command::TaskRun((*name).to_owned()),
+        ("task", _) => wrong("!task run NAME"),
         ("reset", [agent]) => Command::Reset {
             agent: (*agent).to_owned(),
             room: None,
@@ -104,6 +111,8 @@ const HELP: &str = "agentbus commands (in the management room as is, elsewhere a
 !route <text> — who would answer <text> here, and why (nothing is sent)\n\
 !pairing list | approve CODE | revoke USER — DM pairing\n\
 !status — the readiness checks\n\
+!tasks — the scheduled tasks with their last and next runs\n\
+!task run NAME — run a scheduled task now\n\
 !reset @agent [ROOM] — the agent forgets its conversation in the room\n\
 !stop [ROOM] — stop every task and answer running in the room\n\
 !help — this list";
@@ -116,6 +125,7 @@ pub struct Commands {
     collab: Arc<Collab>,
     matrix: Arc<MatrixClient>,
     readiness: Arc<Readiness>,
+    scheduler: Arc<Scheduler>,
     /// The inbox, which holds these commands: weak, so neither keeps the other alive.
     explain: OnceLock<Weak<dyn Explain>>,
 }
@@ -128,6 +138,7 @@ impl Commands {
         collab: Arc<Collab>,
         matrix: Arc<MatrixClient>,
         readiness: Arc<Readiness>,
+        scheduler: Arc<Scheduler>,
     ) -> Arc<Self> {
         Arc::new(Self {
             config,
@@ -136,6 +147,7 @@ impl Commands {
             collab,
             matrix,
             readiness,
+            scheduler,
             explain: OnceLock::new(),
         })
     }
@@ -171,6 +183,14 @@ impl Commands {
                 }
             }
             Command::Status => self.status().await,
+            Command::Tasks => self.tasks().await,
+            Command::TaskRun(name) => match self.scheduler.trigger(&name).await {
+                Ok(task) => {
+                    tracing::info!(task = %name, by = %request.sender, "scheduled task run by a management command");
+                    format!("▶ ran {name}: {}", task_line(&task))
+                }
+                Err(e) => format!("❌ {e}"),
+            },
             Command::Reset { agent, room } => self.reset(request, &agent, room).await,
             Command::Stop { room } => {
                 let room = match self.room_arg(request, room).await {
@@ -248,6 +268,24 @@ impl Commands {
                 decision.reason
             ),
             Err(e) => format!("❌ {e}"),
+        }
+    }
+
+    async fn tasks(&self) -> String {
+        match self.scheduler.list().await {
+            Ok(tasks) if tasks.is_empty() => {
+                "no scheduled tasks (schedules: in the config)".to_owned()
+            }
+            Ok(tasks) => {
+                let mut lines = vec![format!("{} scheduled task(s):", tasks.len())];
+                lines.extend(
+                    tasks
+                        .iter()
+                        .map(|t| format!("• {} — {}", t.name, task_line(t))),
+                );
+                lines.join("\n")
+            }
+            Err(e) => format!("❌ could not read the tasks: {e}"),
         }
     }
 
@@ -408,6 +446,40 @@ impl Management for Commands {
     fn may_manage(&self, user: &UserId) -> bool {
         self.is_admin(user)
     }
+}
+
+/// A task's line in `!tasks`: kind, schedule, state, last and next run.
+fn task_line(task: &TaskView) -> String {
+    let state = if !task.enabled {
+        "disabled".to_owned()
+    } else if task.paused {
+        format!("paused after {} failures", task.failures)
+    } else if task.running {
+        "running".to_owned()
+    } else {
+        "scheduled".to_owned()
+    };
+    let last = match (&task.last_run, &task.last_outcome) {
+        (Some(at), Some(outcome)) => format!(
+            "last {at} ({})",
+            serde_json::to_value(outcome)
+                .map(|v| match v {
+                    serde_json::Value::String(s) => s,
+                    other => other.to_string(),
+                })
+                .unwrap_or_default()
+        ),
+        (Some(at), None) => format!("last {at}"),
+        _ => "never ran".to_owned(),
+    };
+    let next = task
+        .next_run
+        .as_deref()
+        .map_or_else(|| "not due again".to_owned(), |at| format!("next {at}"));
+    format!(
+        "{} {} in {} — {state} — {last} — {next}",
+        task.kind, task.schedule, task.room
+    )
 }
 
 #[cfg(test)]

@@ -20,8 +20,8 @@ use ruma::{EventId, OwnedEventId, OwnedRoomId, RoomId, TransactionId};
 use super::lease::LeaseTable;
 use super::{
     EventRef, HistoryEntry, HistoryStore, IncomingEvent, JournalOutcome, JournalStore,
-    JournaledEvent, Lease, PairedSender, PairingRequest, PairingStore, Partition, SessionEntry,
-    SessionKey, SessionStore, StoreError, TaskStore,
+    JournaledEvent, Lease, PairedSender, PairingRequest, PairingStore, Partition, ScheduleState,
+    ScheduleStore, SessionEntry, SessionKey, SessionStore, StoreError, TaskStore,
 };
 use crate::config::ChannelId;
 
@@ -97,6 +97,10 @@ pub trait Backend: Send + Sync + 'static {
     fn task(&self, id: &str) -> Result<Option<Vec<u8>>, StoreError>;
     fn remove_task(&self, id: &str) -> Result<bool, StoreError>;
     fn tasks(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
+    fn save_schedule(&self, name: &str, record: &[u8]) -> Result<(), StoreError>;
+    fn schedule(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError>;
+    fn remove_schedule(&self, name: &str) -> Result<bool, StoreError>;
+    fn schedules(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
 }
 
 /// How a backend is opened (again).
@@ -402,6 +406,45 @@ impl<B: Backend> TaskStore for Embedded<B> {
 
     async fn tasks(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
         self.with(|b| b.tasks())
+    }
+}
+
+fn decode_schedule(name: &str, bytes: &[u8]) -> Result<ScheduleState, StoreError> {
+    serde_json::from_slice(bytes)
+        .map_err(|e| StoreError::Corrupt(format!("the state of scheduled task {name}: {e}")))
+}
+
+#[async_trait]
+impl<B: Backend> ScheduleStore for Embedded<B> {
+    async fn schedule_state(&self, name: &str) -> Result<Option<ScheduleState>, StoreError> {
+        self.with(|b| b.schedule(name))?
+            .map(|bytes| decode_schedule(name, &bytes))
+            .transpose()
+    }
+
+    async fn save_schedule_state(
+        &self,
+        name: &str,
+        state: &ScheduleState,
+    ) -> Result<(), StoreError> {
+        let bytes = serde_json::to_vec(state).map_err(|e| {
+            StoreError::Unavailable(format!("cannot encode scheduled task {name}: {e}"))
+        })?;
+        self.with(|b| b.save_schedule(name, &bytes))
+    }
+
+    async fn schedule_states(&self) -> Result<Vec<(String, ScheduleState)>, StoreError> {
+        self.with(|b| b.schedules())?
+            .into_iter()
+            .map(|(name, bytes)| {
+                let state = decode_schedule(&name, &bytes)?;
+                Ok((name, state))
+            })
+            .collect()
+    }
+
+    async fn remove_schedule_state(&self, name: &str) -> Result<bool, StoreError> {
+        self.with(|b| b.remove_schedule(name))
     }
 }
 

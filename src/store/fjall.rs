@@ -60,6 +60,7 @@ pub struct FjallBackend {
     sessions: PartitionHandle,
     sent: PartitionHandle,
     tasks: PartitionHandle,
+    schedules: PartitionHandle,
     meta: PartitionHandle,
     /// Next sequence number, and the end of the block reserved on disk.
     next_seq: AtomicU64,
@@ -184,6 +185,7 @@ impl FjallBackend {
             sessions: partition("sessions")?,
             sent: partition("sent")?,
             tasks: partition("tasks")?,
+            schedules: partition("schedules")?,
             meta,
             keyspace,
             next_seq: AtomicU64::new(next),
@@ -610,6 +612,45 @@ impl Backend for FjallBackend {
                 let id = String::from_utf8(key.to_vec())
                     .map_err(|_| StoreError::Corrupt("a task ID is not UTF-8".into()))?;
                 Ok((id, value.to_vec()))
+            })
+            .collect()
+    }
+
+    fn save_schedule(&self, name: &str, record: &[u8]) -> Result<(), StoreError> {
+        self.schedules
+            .insert(name, record)
+            .map_err(unavailable(&format!("cannot save scheduled task {name}")))
+    }
+
+    fn schedule(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.schedules
+            .get(name)
+            .map(|v| v.map(|v| v.to_vec()))
+            .map_err(unavailable(&format!("cannot read scheduled task {name}")))
+    }
+
+    fn remove_schedule(&self, name: &str) -> Result<bool, StoreError> {
+        let was = self
+            .schedules
+            .contains_key(name)
+            .map_err(unavailable("cannot read scheduled tasks"))?;
+        if was {
+            self.schedules
+                .remove(name)
+                .map_err(unavailable(&format!("cannot remove scheduled task {name}")))?;
+        }
+        Ok(was)
+    }
+
+    fn schedules(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        self.schedules
+            .iter()
+            .map(|item| {
+                let (key, value) = item.map_err(unavailable("cannot read scheduled tasks"))?;
+                let name = String::from_utf8(key.to_vec()).map_err(|_| {
+                    StoreError::Corrupt("a scheduled task's name is not UTF-8".into())
+                })?;
+                Ok((name, value.to_vec()))
             })
             .collect()
     }

@@ -1,7 +1,7 @@
 //! Durable state, one async trait per concern: [`JournalStore`] (the transaction journal,
 //! dedupe records, partition leases, sent-message records), [`HistoryStore`] (room history),
 //! [`SessionStore`] (agents' conversation memory), [`PairingStore`] (DM pairing) and
-//! [`TaskStore`] (teams' tasks in progress).
+//! [`TaskStore`] (teams' tasks in progress) and [`ScheduleStore`] (scheduled tasks' runs).
 //!
 //! [`open`] builds the backend `store.backend` names and hands out [`Stores`], one handle
 //! per concern. The embedded engines (fjall, the default, and sled) implement a small
@@ -42,6 +42,7 @@ pub struct Stores {
     pub sessions: Arc<dyn SessionStore>,
     pub pairing: Arc<dyn PairingStore>,
     pub tasks: Arc<dyn TaskStore>,
+    pub schedules: Arc<dyn ScheduleStore>,
 }
 
 impl Stores {
@@ -56,14 +57,21 @@ impl Stores {
     /// One backend serving every concern.
     pub fn of<S>(store: Arc<S>) -> Self
     where
-        S: JournalStore + HistoryStore + SessionStore + PairingStore + TaskStore + 'static,
+        S: JournalStore
+            + HistoryStore
+            + SessionStore
+            + PairingStore
+            + TaskStore
+            + ScheduleStore
+            + 'static,
     {
         Self {
             journal: store.clone(),
             history: store.clone(),
             sessions: store.clone(),
             pairing: store.clone(),
-            tasks: store,
+            tasks: store.clone(),
+            schedules: store,
         }
     }
 }
@@ -528,6 +536,72 @@ pub trait TaskStore: Send + Sync {
 
     /// Every task with a record, by ID.
     async fn tasks(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
+}
+
+/// What is known of one scheduled task's runs (by task name). Times are unix ms; a run
+/// is named by the time it was scheduled for, which is what its sends derive their
+/// transaction IDs from.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScheduleState {
+    /// The scheduled time of the last run that ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_run_ms: Option<u64>,
+    /// When that run ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_ended_ms: Option<u64>,
+    /// How it ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_outcome: Option<RunOutcome>,
+    /// The next time the task is due; `None` when it will not run again (a past `at`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_run_ms: Option<u64>,
+    /// What the next run was computed from (the task's timing as written), so a changed
+    /// schedule is planned afresh.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub timing: String,
+    /// Failed runs in a row.
+    #[serde(default)]
+    pub failures: u32,
+    /// Paused after too many failures: runs only when triggered.
+    #[serde(default)]
+    pub paused: bool,
+    /// The scheduled time of a run that started and has not ended: after a crash, that
+    /// run is done again under the same time (so its sends are deduplicated), not anew.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub in_flight_ms: Option<u64>,
+}
+
+/// How a scheduled run ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "lowercase")]
+pub enum RunOutcome {
+    /// Done; `posted` says whether anything was posted (a heartbeat may have nothing to say).
+    Ok {
+        posted: bool,
+    },
+    Failed {
+        error: String,
+    },
+}
+
+/// Scheduled tasks' state, one record per task name; a write is on disk when it returns.
+#[async_trait]
+pub trait ScheduleStore: Send + Sync {
+    /// Task `name`'s state, if it has any.
+    async fn schedule_state(&self, name: &str) -> Result<Option<ScheduleState>, StoreError>;
+
+    /// Stores `state` as task `name`'s, replacing what was there.
+    async fn save_schedule_state(
+        &self,
+        name: &str,
+        state: &ScheduleState,
+    ) -> Result<(), StoreError>;
+
+    /// Every task with a state, by name.
+    async fn schedule_states(&self) -> Result<Vec<(String, ScheduleState)>, StoreError>;
+
+    /// Forgets task `name`'s state; returns whether it had one.
+    async fn remove_schedule_state(&self, name: &str) -> Result<bool, StoreError>;
 }
 
 /// What the conformance macros share: fixed times, builders and a lease on everything.
@@ -1711,6 +1785,93 @@ macro_rules! store_conformance_tests {
         mod tasks {
             use super::*;
             $crate::task_conformance_tests!($fresh, $reopen);
+        }
+        mod schedules {
+            use super::*;
+            $crate::schedule_conformance_tests!($fresh, $reopen);
+        }
+    };
+}
+
+/// [`ScheduleStore`] conformance: states replace, survive a reopen, list by name and are
+/// forgotten.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! schedule_conformance_tests {
+    ($fresh:expr, $reopen:expr) => {
+        #[tokio::test]
+        async fn schedule_states_replace_survive_a_reopen_and_are_forgotten() {
+            use $crate::store::conformance::NOW;
+            use $crate::store::{RunOutcome, ScheduleState};
+            let (store, guard) = $fresh;
+            assert_eq!(
+                store.schedules.schedule_state("morning").await.unwrap(),
+                None
+            );
+            let planned = ScheduleState {
+                next_run_ms: Some(NOW),
+                timing: "every 30m".into(),
+                ..Default::default()
+            };
+            store
+                .schedules
+                .save_schedule_state("morning", &planned)
+                .await
+                .unwrap();
+            let running = ScheduleState {
+                in_flight_ms: Some(NOW),
+                ..planned.clone()
+            };
+            store
+                .schedules
+                .save_schedule_state("morning", &running)
+                .await
+                .unwrap();
+            let failed = ScheduleState {
+                last_run_ms: Some(NOW - 1),
+                last_ended_ms: Some(NOW),
+                last_outcome: Some(RunOutcome::Failed {
+                    error: "no model".into(),
+                }),
+                failures: 3,
+                paused: true,
+                ..Default::default()
+            };
+            store
+                .schedules
+                .save_schedule_state("brief", &failed)
+                .await
+                .unwrap();
+            let store = $reopen(store, &guard);
+            assert_eq!(
+                store.schedules.schedule_state("morning").await.unwrap(),
+                Some(running.clone()),
+                "the in-flight marker survives a restart"
+            );
+            assert_eq!(
+                store.schedules.schedule_states().await.unwrap(),
+                vec![
+                    ("brief".to_owned(), failed),
+                    ("morning".to_owned(), running)
+                ]
+            );
+            assert!(
+                store
+                    .schedules
+                    .remove_schedule_state("brief")
+                    .await
+                    .unwrap()
+            );
+            assert!(
+                !store
+                    .schedules
+                    .remove_schedule_state("brief")
+                    .await
+                    .unwrap()
+            );
+            let store = $reopen(store, &guard);
+            assert_eq!(store.schedules.schedule_state("brief").await.unwrap(), None);
+            assert_eq!(store.schedules.schedule_states().await.unwrap().len(), 1);
         }
     };
 }

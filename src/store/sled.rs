@@ -41,6 +41,7 @@ pub struct SledBackend {
     sessions: Tree,
     sent: Tree,
     tasks: Tree,
+    schedules: Tree,
 }
 
 /// How many times opening waits 20 ms for sled's file lock (five seconds in all: under load its
@@ -100,6 +101,7 @@ impl SledBackend {
             sessions: tree("sessions")?,
             sent: tree("sent")?,
             tasks: tree("tasks")?,
+            schedules: tree("schedules")?,
             db,
         })
     }
@@ -716,6 +718,47 @@ impl Backend for SledBackend {
                 let id = String::from_utf8(key.to_vec())
                     .map_err(|_| StoreError::Corrupt("a task ID is not UTF-8".into()))?;
                 Ok((id, value.to_vec()))
+            })
+            .collect()
+    }
+
+    fn save_schedule(&self, name: &str, record: &[u8]) -> Result<(), StoreError> {
+        self.schedules
+            .insert(name.as_bytes(), record)
+            .map_err(|e| {
+                StoreError::Unavailable(format!("cannot save scheduled task {name}: {e}"))
+            })?;
+        self.flush()
+    }
+
+    fn schedule(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.schedules
+            .get(name.as_bytes())
+            .map(|v| v.map(|v| v.to_vec()))
+            .map_err(|e| StoreError::Unavailable(format!("cannot read scheduled task {name}: {e}")))
+    }
+
+    fn remove_schedule(&self, name: &str) -> Result<bool, StoreError> {
+        let removed = self.schedules.remove(name.as_bytes()).map_err(|e| {
+            StoreError::Unavailable(format!("cannot remove scheduled task {name}: {e}"))
+        })?;
+        if removed.is_some() {
+            self.flush()?;
+        }
+        Ok(removed.is_some())
+    }
+
+    fn schedules(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        self.schedules
+            .iter()
+            .map(|item| {
+                let (key, value) = item.map_err(|e| {
+                    StoreError::Unavailable(format!("cannot read scheduled tasks: {e}"))
+                })?;
+                let name = String::from_utf8(key.to_vec()).map_err(|_| {
+                    StoreError::Corrupt("a scheduled task's name is not UTF-8".into())
+                })?;
+                Ok((name, value.to_vec()))
             })
             .collect()
     }
