@@ -7,7 +7,13 @@ use std::time::Duration;
 
 use matrix_sdk::ruma::OwnedRoomId;
 use serde_json::Value;
-use support::{ADMIN_TOKEN, Agentbus, Human, LlmMode, LlmStub, agent_id, exclusive};
+use support::{
+    ADMIN_TOKEN, AS_TOKEN, Agentbus, HS_TOKEN, Human, LlmMode, LlmStub, OPEN_DMS, agent_id,
+    exclusive,
+};
+
+/// The model provider's API key in the probes test.
+const MODEL_KEY: &str = "sk-e2e-model-key-3141592653";
 
 async fn get(url: &str) -> (u16, String) {
     let response = reqwest::get(url).await.unwrap();
@@ -48,7 +54,13 @@ fn sample(metrics: &str, series: &str) -> Option<f64> {
 async fn probes_and_metrics_show_an_answer_from_intake_to_model() {
     let _one_at_a_time = exclusive().await;
     let llm = LlmStub::start(LlmMode::Answer).await;
-    let bus = Agentbus::start(&llm.url).await;
+    let mut bus = Agentbus::configured(Agentbus::write_config_full(
+        &llm.url,
+        OPEN_DMS,
+        "api_key_env: E2E_STUB_KEY",
+    ));
+    bus.set_env("E2E_STUB_KEY", MODEL_KEY);
+    bus.spawn().await;
 
     let (status, body) = get(&format!("{}/health", bus.url)).await;
     assert_eq!((status, body.as_str()), (200, r#"{"status":"ok"}"#));
@@ -128,6 +140,31 @@ async fn probes_and_metrics_show_an_answer_from_intake_to_model() {
         .await
         .unwrap();
     assert_eq!(authorised.status(), 200);
+
+    // The key reached the model; no secret reached the log, whatever its level.
+    let bearer = format!("Bearer {MODEL_KEY}");
+    assert!(
+        !llm.authorizations().is_empty()
+            && llm
+                .authorizations()
+                .iter()
+                .all(|a| a.as_deref() == Some(bearer.as_str())),
+        "every model request carried the key: {:?}",
+        llm.authorizations()
+    );
+    let log = bus.log();
+    assert!(
+        log.contains("transaction journaled"),
+        "debug lines are in the log"
+    );
+    for (name, secret) in [
+        ("as_token", AS_TOKEN),
+        ("hs_token", HS_TOKEN),
+        ("admin token", ADMIN_TOKEN),
+        ("model key", MODEL_KEY),
+    ] {
+        assert!(!log.contains(secret), "the {name} is in agentbus's log");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

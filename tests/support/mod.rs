@@ -36,8 +36,8 @@ use tokio::sync::Notify;
 pub const SERVER_NAME: &str = "localhost";
 pub const AGENTS: [&str; 3] = ["damon", "coder", "researcher"];
 const APPSERVICE_ID: &str = "agentbus-e2e";
-const AS_TOKEN: &str = "e2e-as-token-0123456789abcdef";
-const HS_TOKEN: &str = "e2e-hs-token-fedcba9876543210";
+pub const AS_TOKEN: &str = "e2e-as-token-0123456789abcdef";
+pub const HS_TOKEN: &str = "e2e-hs-token-fedcba9876543210";
 /// Bearer token of the admin API in the test config.
 pub const ADMIN_TOKEN: &str = "e2e-admin-token-5a5a5a5a5a";
 /// The test config's `channels:` unless a test says otherwise: DMs open to the test server.
@@ -775,6 +775,8 @@ pub struct LlmStub {
     mode: Arc<Mutex<LlmMode>>,
     changed: Arc<Notify>,
     requests: Arc<Mutex<Vec<Value>>>,
+    /// Each request's `Authorization` header, in order (`None` when absent).
+    authorizations: Arc<Mutex<Vec<Option<String>>>>,
     /// Responses whose body has been written out or abandoned (the client went away).
     ended: Arc<std::sync::atomic::AtomicUsize>,
 }
@@ -858,28 +860,38 @@ impl LlmStub {
             mode: Arc::new(Mutex::new(mode)),
             changed: Arc::new(Notify::new()),
             requests: Arc::default(),
+            authorizations: Arc::default(),
             ended: Arc::default(),
         };
         let state = stub.clone();
         let app = axum::Router::new().route(
             "/v1/chat/completions",
-            post(move |Json(request): Json<Value>| {
-                let state = state.clone();
-                async move {
-                    // A request dropped while it hangs (the client went away) ended too.
-                    let hanging = EndedGuard(state.ended.clone());
-                    let response = state.respond(request).await;
-                    std::mem::forget(hanging);
-                    let ended = EndedGuard(state.ended.clone());
-                    // The guard lives in the body stream, and counts when hyper drops it.
-                    response.map(|body| {
-                        axum::body::Body::from_stream(body.into_data_stream().map(move |chunk| {
-                            let _ended = &ended;
-                            chunk
-                        }))
-                    })
-                }
-            }),
+            post(
+                move |headers: axum::http::HeaderMap, Json(request): Json<Value>| {
+                    let state = state.clone();
+                    let authorization = headers
+                        .get(axum::http::header::AUTHORIZATION)
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_owned);
+                    state.authorizations.lock().unwrap().push(authorization);
+                    async move {
+                        // A request dropped while it hangs (the client went away) ended too.
+                        let hanging = EndedGuard(state.ended.clone());
+                        let response = state.respond(request).await;
+                        std::mem::forget(hanging);
+                        let ended = EndedGuard(state.ended.clone());
+                        // The guard lives in the body stream, and counts when hyper drops it.
+                        response.map(|body| {
+                            axum::body::Body::from_stream(body.into_data_stream().map(
+                                move |chunk| {
+                                    let _ended = &ended;
+                                    chunk
+                                },
+                            ))
+                        })
+                    }
+                },
+            ),
         );
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
         stub
@@ -951,6 +963,11 @@ impl LlmStub {
     }
 
     /// Every request body received so far.
+    /// Each request's `Authorization` header, in order.
+    pub fn authorizations(&self) -> Vec<Option<String>> {
+        self.authorizations.lock().unwrap().clone()
+    }
+
     pub fn requests(&self) -> Vec<Value> {
         self.requests.lock().unwrap().clone()
     }
