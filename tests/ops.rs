@@ -157,6 +157,15 @@ async fn probes_and_metrics_show_an_answer_from_intake_to_model() {
         log.contains("transaction journaled"),
         "debug lines are in the log"
     );
+    // Lines about a message carry its room and event; lines about a run, its agent too.
+    let run = format!("run{{agent=damon room_id={dm} event_id={question}}}");
+    assert!(
+        log.lines()
+            .any(|l| l.contains(&run) && l.contains("run finished")),
+        "no line carries {run}:\n{log}"
+    );
+    let event = format!("event{{room_id={dm} event_id={question}}}");
+    assert!(log.contains(&event), "no line carries {event}");
     for (name, secret) in [
         ("as_token", AS_TOKEN),
         ("hs_token", HS_TOKEN),

@@ -378,8 +378,15 @@ impl AgentRuntime {
         let took = started.elapsed();
         metrics::histogram!("agentbus_answer_duration_seconds", "agent" => agent.id.to_string())
             .record(took.as_secs_f64());
+        let overhead = took.saturating_sub(said.model_time);
         metrics::histogram!("agentbus_answer_overhead_seconds", "agent" => agent.id.to_string())
-            .record(took.saturating_sub(said.model_time).as_secs_f64());
+            .record(overhead.as_secs_f64());
+        tracing::debug!(
+            ms = took.as_millis(),
+            overhead_ms = overhead.as_millis(),
+            events = said.events.len(),
+            "run finished"
+        );
         let mut outcome = Outcome {
             text: said.text,
             events: said.events,

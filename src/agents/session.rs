@@ -12,6 +12,7 @@ use std::time::Duration;
 use futures::future::{FutureExt, select_all};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 use super::{AgentRuntime, Assignment, Ended, Job, Outcome, RunHandle};
 use crate::config::QueueMode;
@@ -263,7 +264,16 @@ impl AgentRuntime {
                 Job::Reset { turn, .. } => self.reset(agent, &key, turn).await,
                 Job::Answer(_) => {
                     let assignment = collected(&together);
-                    self.run_assignment(agent, &assignment, &cancel).await
+                    // Every line about the run names its agent, room and event.
+                    let span = tracing::info_span!(
+                        "run",
+                        agent = %agent.id,
+                        room_id = %key.room,
+                        event_id = %assignment.origin(),
+                    );
+                    self.run_assignment(agent, &assignment, &cancel)
+                        .instrument(span)
+                        .await
                 }
             };
             for queued in together {

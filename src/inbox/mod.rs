@@ -22,6 +22,7 @@ use ruma::{OwnedRoomId, OwnedUserId, RoomId};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument as _;
 
 use self::decode::{Inbound, decode};
 use self::facts::Facts;
@@ -551,7 +552,10 @@ impl Inbox {
     /// once every answer is delivered (or known undeliverable), so a crash or shutdown in
     /// between answers it again after the restart. The room worker does not wait.
     async fn process(&self, event: &JournaledEvent, done: &mut Finished, tracker: &TaskTracker) {
-        let Processed { answers, line } = self.process_new(event).await;
+        // Every line about the event names its room and event.
+        let span =
+            tracing::info_span!("event", room_id = %event.room_id, event_id = %event.event_id);
+        let Processed { answers, line } = self.process_new(event).instrument(span).await;
         if answers.is_empty() {
             done.events.push(event.reference());
             done.lines.extend(line);
