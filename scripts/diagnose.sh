@@ -35,8 +35,8 @@ DIAG_ROOM=""
 DIAG_AGENT=""
 
 usage() {
-    sed -n '4,11p' "$0" | sed 's/^# \{0,1\}//' >&2
-    exit 2
+    sed -n '5,14p' "$0" | sed 's/^# \{0,1\}//' >&2
+    exit "${1:-2}"
 }
 
 while [ $# -gt 0 ]; do
@@ -46,7 +46,7 @@ while [ $# -gt 0 ]; do
         --user) [ $# -ge 2 ] || usage; DIAG_USER="$2"; shift 2 ;;
         --room) [ $# -ge 2 ] || usage; DIAG_ROOM="$2"; shift 2 ;;
         --agent) [ $# -ge 2 ] || usage; DIAG_AGENT="$2"; shift 2 ;;
-        -h | --help) usage ;;
+        -h | --help) usage 0 ;;
         *) printf '%s: unknown argument %s\n' "$PROG" "$1" >&2; usage ;;
     esac
 done
@@ -207,6 +207,10 @@ def cmd_ping(hs_url, as_id, expected_file, as_url):
     elif status == 0:
         out("FAIL", f"ping: cannot ask the homeserver at {hs_url} to ping agentbus ({body}) — fix: "
             "start the homeserver first")
+    elif as_dict(body).get("errcode") == "M_BAD_STATUS":
+        out("FAIL", f"ping: agentbus at {as_url} answered the homeserver's ping with HTTP "
+            f"{body.get('status', '?')} — fix: the homeserver's registration has another hs_token "
+            "than agentbus: regenerate it (agentbus registration) and restart the homeserver")
     elif status in (401, 403):
         out("FAIL", f"ping: the homeserver refused our as_token ({error_text(body)}) — fix: load the "
             "registration file in the homeserver (app_service_config_files) and restart it")
@@ -380,7 +384,10 @@ except ImportError:
     out("FAIL", "python3 has no YAML module — fix: install it (apt-get install python3-yaml, or "
         "pip install pyyaml) and run this again")
     sys.exit(3)
-globals()[f"cmd_{cmd}"](*args)
+try:
+    globals()[f"cmd_{cmd}"](*args)
+except Exception as e:  # a check that breaks is a failed check, not a silent one
+    out("FAIL", f"{cmd}: the check itself failed ({type(e).__name__}: {e}) — fix: report it with this line")
 PY
 
 py() { python3 -c "$PY" "$@"; }

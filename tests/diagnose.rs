@@ -281,11 +281,19 @@ async fn an_appservice_that_is_not_running_fails_health_ready_and_ping_naming_it
     // Configured, never started.
     let bus = Agentbus::configured(config(&llm.url));
     let registration = write_registration(&bus).await;
+    let user = unique("diag");
+    let password = register_user(&user).await;
 
-    let run = diagnose(&bus.config_path(), Some(&registration), None).await;
+    let run = diagnose(
+        &bus.config_path(),
+        Some(&registration),
+        Some((&user, &password)),
+    )
+    .await;
 
     assert_eq!(run.code, Some(1), "{}", run.output);
     let url = &bus.url;
+    run.line("FAIL", "round trip: skipped, the appservice is down");
     run.line("FAIL", &format!("health: {url}/health answers nothing"));
     run.line("FAIL", &format!("ready: nothing answers at {url}/ready"));
     run.line(
