@@ -207,10 +207,13 @@ def cmd_ping(hs_url, as_id, expected_file, as_url):
     elif status == 0:
         out("FAIL", f"ping: cannot ask the homeserver at {hs_url} to ping agentbus ({body}) — fix: "
             "start the homeserver first")
+    elif as_dict(body).get("errcode") == "M_BAD_STATUS" and body.get("status") in (401, 403):
+        out("FAIL", f"ping: agentbus at {as_url} refused the homeserver's ping (HTTP "
+            f"{body['status']}): the homeserver's registration has another hs_token than agentbus "
+            "— fix: regenerate it (agentbus registration) and restart the homeserver")
     elif as_dict(body).get("errcode") == "M_BAD_STATUS":
         out("FAIL", f"ping: agentbus at {as_url} answered the homeserver's ping with HTTP "
-            f"{body.get('status', '?')} — fix: the homeserver's registration has another hs_token "
-            "than agentbus: regenerate it (agentbus registration) and restart the homeserver")
+            f"{body.get('status', '?')} — fix: is it agentbus that listens there? See its log")
     elif status in (401, 403):
         out("FAIL", f"ping: the homeserver refused our as_token ({error_text(body)}) — fix: load the "
             "registration file in the homeserver (app_service_config_files) and restart it")

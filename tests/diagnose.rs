@@ -78,6 +78,16 @@ impl Run {
 /// Runs `scripts/diagnose.sh --config CONFIG [--registration FILE]` with the test's agentbus
 /// binary, the provider key, and as `user` (with its password) for the round trip.
 async fn diagnose(config: &Path, registration: Option<&Path>, user: Option<(&str, &str)>) -> Run {
+    diagnose_with_env(config, registration, user, &[]).await
+}
+
+/// [`diagnose`] with more environment variables for the script (and the agentbus it runs).
+async fn diagnose_with_env(
+    config: &Path,
+    registration: Option<&Path>,
+    user: Option<(&str, &str)>,
+    env: &[(&str, &str)],
+) -> Run {
     let mut command = std::process::Command::new(
         Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/diagnose.sh"),
     );
@@ -89,6 +99,7 @@ async fn diagnose(config: &Path, registration: Option<&Path>, user: Option<(&str
         .env_remove("AGENTBUS_PASSWORD")
         .env_remove("AGENTBUS_DIAGNOSE_USER")
         .env_remove("AGENTBUS_REGISTRATION");
+    command.envs(env.iter().copied());
     if let Some(registration) = registration {
         command.arg("--registration").arg(registration);
     }
@@ -326,4 +337,31 @@ async fn a_provider_that_refuses_the_key_fails_naming_the_provider_and_its_varia
     );
     assert!(line.contains(&format!("${KEY_ENV}")), "{line}");
     run.line("OK", "provider echo:");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_hs_token_the_homeserver_does_not_know_fails_naming_hs_token() {
+    let _one_at_a_time = exclusive().await;
+    let llm = LlmStub::start(LlmMode::Answer).await;
+    let bus = Agentbus::configured(config(&llm.url));
+    // The file the homeserver really loads, against a config whose hs_token was changed
+    // (through its environment override) without regenerating it.
+    let registration = synapse().dir.join("registration.yaml");
+    let env = [("AGENTBUS_HS_TOKEN", "a-new-hs-token-1111")];
+
+    let run = diagnose_with_env(&bus.config_path(), Some(&registration), None, &env).await;
+
+    assert_eq!(run.code, Some(1), "{}", run.output);
+    run.line("FAIL", "registration hs_token:");
+    assert!(
+        run.line("FAIL", "agentbus check: homeserver cannot reach agentbus")
+            .contains("different hs_token"),
+        "{}",
+        run.output
+    );
+    assert!(
+        !run.output.contains("a-new-hs-token-1111"),
+        "{}",
+        run.output
+    );
 }
