@@ -306,8 +306,16 @@ def cmd_providers(config_path):
             continue
         status, answer = request(method, url, body, headers, timeout=30)
         what = f"{method} {url}" + (f" (model {model}, 1 token)" if method == "POST" else "")
-        if 200 <= status < 300:
-            out("OK", f"provider {name}: {what} answered {status}")
+        # Ollama lists what it has pulled: a model it lacks fails every answer.
+        listed = api == "ollama" and "models" in as_dict(answer)
+        pulled = [str(as_dict(m).get("name")) for m in as_dict(answer).get("models") or []]
+        has_model = model in pulled or f"{model}:latest" in pulled
+        if 200 <= status < 300 and listed and model and not has_model:
+            out("FAIL", f"provider {name}: {what} answered, but the model {model} is not pulled "
+                f"(it has: {', '.join(pulled) or 'none'}) — fix: ollama pull {model}")
+        elif 200 <= status < 300:
+            note = f" (model {model} is pulled)" if listed and model else ""
+            out("OK", f"provider {name}: {what} answered {status}{note}")
         elif status == 0:
             out("FAIL", f"provider {name}: {what} got no answer ({answer}) — fix: check base_url "
                 "and that this machine can reach it")
