@@ -37,6 +37,15 @@ if ! command -v nginx >/dev/null 2>&1 && [[ ! -x /usr/sbin/nginx ]]; then
 fi
 "$(command -v nginx || echo /usr/sbin/nginx)" -v
 
+step "what scripts/diagnose.sh needs for tests/diagnose.rs (curl, openssl, python3 with PyYAML)"
+if ! python3 -c 'import yaml' 2>/dev/null; then
+    log "installing PyYAML with pip"
+    python3 -m pip install --quiet pyyaml
+fi
+for tool in curl openssl; do
+    command -v "$tool" >/dev/null 2>&1 || die "$tool is missing; install it: apt-get install $tool"
+done
+
 step "cargo fmt --check"
 cargo fmt --all -- --check
 
