@@ -394,6 +394,28 @@ agents:
         assert_eq!(monitors.commands["disk"].max_output, 512);
     }
 
+    /// The commented `monitors:` example of `agentbus.example.yaml`, uncommented, is a
+    /// valid config.
+    #[test]
+    fn the_commented_example_of_the_example_config_is_valid() {
+        let example = include_str!("../../agentbus.example.yaml");
+        let mut text = String::new();
+        let mut in_block = false;
+        for line in example.lines() {
+            if line == "# monitors:" {
+                in_block = true;
+            } else if in_block && !line.starts_with("#   ") {
+                in_block = false;
+            }
+            text.push_str(if in_block { &line[2..] } else { line });
+            text.push('\n');
+        }
+        let config = Config::parse(&text).unwrap();
+        config.validate().unwrap();
+        assert_eq!(config.monitors.checks.len(), 3);
+        assert_eq!(config.monitors.checks[0].failures_before_alert, 2);
+    }
+
     #[test]
     fn no_monitors_is_fine() {
         let config = Config::parse(BASE).unwrap();
