@@ -15,7 +15,7 @@ use matrix_sdk::ruma::api::client::room::create_room::v3::{
 };
 use matrix_sdk::ruma::{OwnedRoomId, OwnedUserId};
 use serde_json::Value;
-use support::{Agentbus, Human, Seen, agent_id, cli_async, exclusive, free_port, unique};
+use support::{Agentbus, Human, OPEN_DMS, Seen, agent_id, cli_async, exclusive, free_port, unique};
 
 /// A service whose status the test sets; it counts the probes it answers.
 struct Service {
@@ -88,6 +88,7 @@ providers:
 agents:
   - {{ id: damon, provider: echo }}
 {monitors}
+{OPEN_DMS}
 "#
     ))
 }
@@ -338,5 +339,59 @@ monitors:
             r#"monitors.checks[0].command.run: "rm" is not listed in monitors.commands; a check runs only the commands listed there (listed: disk)"#
         ),
         "{stderr}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_a_private_room_the_bot_says_at_start_up_it_cannot_post_and_a_named_agent_posts_instead()
+{
+    let _one_at_a_time = exclusive().await;
+    let ops = Human::new("ops").await;
+    // Private: damon is invited, the appservice's bot is not.
+    let room = ops.create_room(&["damon"], false).await;
+    let closed = free_port();
+    let monitors = |poster: &str| {
+        format!(
+            r#"
+monitors:
+  alerts: {{ room: "{room}", mention: ["{ops}"]{poster} }}
+  checks:
+    - {{ name: closed, service: Closed port, interval: 1s, tcp: {{ host: 127.0.0.1, port: {closed} }} }}
+"#,
+            ops = ops.user_id,
+        )
+    };
+
+    let mut bus = Agentbus::configured(config(&monitors("")));
+    bus.spawn().await;
+    bus.wait_log(&[
+        "alerts cannot be posted: the poster cannot join the alert room",
+        "set monitors.alerts.as to an agent that is in the room",
+        "user=@agentbus:localhost",
+    ])
+    .await;
+    bus.stop().await;
+
+    let mut bus = Agentbus::configured(config(&monitors(", as: damon")));
+    bus.spawn().await;
+    let alert = ops
+        .wait_for("damon's alert", |s| {
+            s.room_id == room
+                && s.sender == agent_id("damon")
+                && s.body()
+                    .starts_with("🚨 Critical alert\nService: Closed port\n")
+        })
+        .await;
+    assert!(
+        alert
+            .body()
+            .ends_with(&format!("\n@{} please act now!", ops.user_id.localpart())),
+        "{:?}",
+        alert.body()
+    );
+    assert!(
+        ops.seen(|s| s.room_id == room && s.sender == agent_id("agentbus"))
+            .is_empty(),
+        "the bot was never in the room"
     );
 }

@@ -617,7 +617,7 @@ pub struct MonitorState {
     /// Down: the alert of the outage has been decided (and posted once `notified` catches up).
     #[serde(default)]
     pub down: bool,
-    /// Failed checks in a row.
+    /// Failed checks in a row while up (counting towards `failures_before_alert`).
     #[serde(default)]
     pub failures: u32,
     /// Transitions so far (up → down, down → up): the number of the latest one.

@@ -90,6 +90,53 @@ impl Monitor {
         }
         if !self.checks.is_empty() {
             tracing::info!(checks = self.checks.len(), "monitors started");
+            tracker.spawn({
+                let monitor = self.clone();
+                let shutdown = shutdown.clone();
+                async move {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => {}
+                        _ = monitor.join_alert_room() => {}
+                    }
+                }
+            });
+        }
+    }
+
+    /// Who posts the alerts: `monitors.alerts.as`, else the appservice's bot.
+    fn poster(&self) -> OwnedUserId {
+        match self
+            .config
+            .monitors
+            .alerts
+            .as_ref()
+            .and_then(|a| a.agent.as_ref())
+        {
+            Some(agent) => self.config.user_id(agent),
+            None => self.config.sender_user_id(),
+        }
+    }
+
+    /// Joins the poster to the alert room at start-up, so an operator learns now, not
+    /// at the first outage, that alerts cannot be posted — and what to change.
+    async fn join_alert_room(&self) -> Result<OwnedRoomId, ()> {
+        let Some(alerts) = &self.config.monitors.alerts else {
+            return Err(());
+        };
+        let poster = self.poster();
+        let room = self.resolve_room(&alerts.room).await.map_err(|e| {
+            tracing::error!(room = %alerts.room, error = %e, "alerts cannot be posted: the alert room (monitors.alerts.room) cannot be found");
+        })?;
+        match self.matrix.intent(&poster).ensure_joined(&room).await {
+            Ok(()) => {
+                tracing::info!(room_id = %room, user = %poster, "alerts go to the alert room");
+                Ok(room)
+            }
+            Err(e) => {
+                tracing::error!(room_id = %room, user = %poster, error = %e,
+                    "alerts cannot be posted: the poster cannot join the alert room; invite it, or set monitors.alerts.as to an agent that is in the room");
+                Err(())
+            }
         }
     }
 
@@ -164,23 +211,10 @@ impl Monitor {
         let Some(notice) = notice_of(state) else {
             return;
         };
-        let poster = match &alerts.agent {
-            Some(agent) => self.config.user_id(agent),
-            None => self.config.sender_user_id(),
-        };
-        let room = match self.resolve_room(&alerts.room).await {
-            Ok(room) => room,
-            Err(e) => {
-                tracing::error!(check = %check.name, room = %alerts.room, error = %e, "cannot post the check's alert: the alert room cannot be found");
-                return;
-            }
-        };
-        let intent = self.matrix.intent(&poster);
-        if let Err(e) = intent.ensure_joined(&room).await {
-            tracing::error!(check = %check.name, room_id = %room, user = %poster, error = %e,
-                "cannot post the check's alert: the poster cannot join the alert room; invite it, or set monitors.alerts.as to an agent that is in the room");
+        let Ok(room) = self.join_alert_room().await else {
             return;
-        }
+        };
+        let intent = self.matrix.intent(&self.poster());
         let message = render(&check.service, &notice, alerts.zone(), &alerts.mentioned());
         let content = message.content();
         let txn = transaction_id(&check.name, state.seq);
@@ -243,11 +277,12 @@ pub fn observe(
             }
         }
         Err(error) => {
-            state.failures = state.failures.saturating_add(1);
             if state.down {
-                // Down already: the alert said so, and it keeps its error.
+                // Down already: the alert said so, and keeps its error. Nothing changes,
+                // so a long outage writes nothing to the store.
                 return;
             }
+            state.failures = state.failures.saturating_add(1);
             if state.failures == 1 {
                 state.down_since_ms = Some(now_ms);
             }

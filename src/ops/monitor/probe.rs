@@ -121,7 +121,7 @@ async fn get(
         format!(
             "cannot reach {}: {}",
             without_credentials(url),
-            crate::net::error_chain(&e)
+            crate::net::error_chain(&e.without_url())
         )
     })?;
     let status = response.status();
@@ -143,7 +143,7 @@ async fn get(
             Err(e) => {
                 return Err(format!(
                     "HTTP {status}, but the body broke off: {}",
-                    crate::net::error_chain(&e)
+                    crate::net::error_chain(&e.without_url())
                 ));
             }
         }
@@ -324,6 +324,60 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(err, "`t` did not finish within 200ms");
+    }
+
+    #[tokio::test]
+    async fn http_checks_the_status_the_body_and_keep_credentials_out_of_the_error() {
+        let app = axum::Router::new()
+            .route("/ok", axum::routing::get(|| async { "hello" }))
+            .route(
+                "/moved",
+                axum::routing::get(|| async { axum::response::Redirect::temporary("/ok") }),
+            );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        let http = http_client();
+        let probe = |path: &str, expected_status: u16, body: Option<&str>| Probe::Http {
+            url: url::Url::parse(&format!("{base}{path}")).unwrap(),
+            expected_status,
+            body_contains: body.map(str::to_owned),
+        };
+        let timeout = Duration::from_secs(5);
+        assert_eq!(
+            probe("/ok", 200, Some("ell")).run(&http, timeout).await,
+            Ok(())
+        );
+        assert_eq!(
+            probe("/ok", 200, Some("bye")).run(&http, timeout).await,
+            Err("HTTP 200 OK, but the body does not contain \"bye\"".into())
+        );
+        assert_eq!(
+            probe("/nope", 200, None).run(&http, timeout).await,
+            Err("HTTP 404 Not Found".into())
+        );
+        // Redirects are not followed: the URL's own answer counts.
+        assert_eq!(
+            probe("/moved", 200, None).run(&http, timeout).await,
+            Err("HTTP 307 Temporary Redirect".into())
+        );
+        assert_eq!(probe("/moved", 307, None).run(&http, timeout).await, Ok(()));
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = closed.local_addr().unwrap().port();
+        drop(closed);
+        let err = Probe::Http {
+            url: url::Url::parse(&format!("http://probe:s3cret@127.0.0.1:{port}/")).unwrap(),
+            expected_status: 200,
+            body_contains: None,
+        }
+        .run(&http, timeout)
+        .await
+        .unwrap_err();
+        assert!(
+            err.starts_with(&format!("cannot reach http://127.0.0.1:{port}/: ")),
+            "{err}"
+        );
+        assert!(!err.contains("s3cret"), "{err}");
     }
 
     #[tokio::test]
