@@ -167,7 +167,7 @@ monitors:
     fails: {{ argv: ["false"] }}
     passes: {{ argv: ["true"] }}
   checks:
-    - {{ name: web, service: Web, interval: 1s, timeout: 1s, http: {{ url: "{url}", body_contains: "good" }} }}
+    - {{ name: web, service: Web, interval: 1s, http: {{ url: "{url}", body_contains: "good" }} }}
     - {{ name: closed, service: Closed port, interval: 1s, tcp: {{ host: 127.0.0.1, port: {closed} }} }}
     - {{ name: fails, service: Failing command, interval: 1s, command: {{ run: fails }} }}
     - {{ name: passes, service: Passing command, interval: 1s, command: {{ run: passes }} }}
