@@ -26,6 +26,7 @@ use crate::ops::checks::{self, CheckFailure, EXIT_LOCAL_SETUP};
 use crate::ops::commands::Commands;
 use crate::ops::health::{ProviderCall, ProviderCalls, Readiness};
 use crate::ops::metrics::{self, Scrape};
+use crate::ops::monitor::Monitor;
 use crate::ops::schedule::{self, Scheduler};
 use crate::store::feed::{self, Backlog, FeedReceiver};
 use crate::store::{self, JournalStore, Stores};
@@ -49,6 +50,7 @@ pub struct Services {
     readiness: Arc<Readiness>,
     scrape: Arc<Scrape>,
     pub scheduler: Arc<Scheduler>,
+    monitor: Arc<Monitor>,
     /// Taken by [`Services::start_workers`].
     feed: Option<FeedReceiver>,
     tracker: TaskTracker,
@@ -124,6 +126,7 @@ impl Services {
             collab.clone(),
             stop.clone(),
         );
+        let monitor = Monitor::new(config.clone(), store.clone(), matrix.clone());
         let admin = AdminState::new(
             config.admin.token.as_deref().unwrap_or_default(),
             store.clone(),
@@ -182,6 +185,7 @@ impl Services {
             readiness,
             scrape,
             scheduler,
+            monitor,
             feed: Some(receiver),
             tracker,
             stop,
@@ -221,7 +225,8 @@ impl Services {
     }
 
     /// Starts the inbox — replaying the journal up to `replay_up_to` first — the
-    /// scheduler's tasks and the daily pruning, on the tracker; returns at once. `shutdown` stops intake.
+    /// scheduler's tasks, the health monitors and the daily pruning, on the tracker;
+    /// returns at once. `shutdown` stops intake.
     pub fn start_workers(&mut self, replay_up_to: Option<u64>, shutdown: &CancellationToken) {
         let Some(feed) = self.feed.take() else {
             tracing::warn!("the workers were started already");
@@ -234,6 +239,7 @@ impl Services {
             self.tracker.clone(),
         ));
         self.scheduler.start(&self.tracker, shutdown);
+        self.monitor.start(&self.tracker, shutdown);
         self.tracker.spawn(prune_daily(
             self.store.journal.clone(),
             self.collab.clone(),

@@ -18,6 +18,7 @@ use url::Url;
 
 mod ids;
 mod llm;
+mod monitors;
 mod routing;
 mod schedules;
 mod teams;
@@ -27,6 +28,10 @@ pub use self::ids::{AgentId, ChannelId, InvalidAgentId, is_valid_localpart};
 pub use self::llm::{
     BUILTIN_TOOLS, InputKind, LlmConfig, MemoryConfig, ModelConfig, ModelRef, ProviderApi,
     ProviderConfig, QueueMode, ToolsConfig,
+};
+
+pub use self::monitors::{
+    AlertsConfig, CheckConfig, CommandCheck, HttpCheck, MonitorCommand, MonitorsConfig, TcpCheck,
 };
 
 pub use self::schedules::{
@@ -77,6 +82,9 @@ pub struct Config {
     /// Tasks that run on their own: cron, every, at (see `schedules.rs`).
     #[serde(default)]
     pub schedules: Vec<ScheduleConfig>,
+    /// Health checks that alert a room (see `monitors.rs`).
+    #[serde(default)]
+    pub monitors: MonitorsConfig,
     /// Routing strategies: mention, keyword, context, broadcast, agent-to-agent.
     #[serde(default)]
     pub routing: RoutingConfig,
@@ -620,6 +628,11 @@ impl Config {
             &self.schedules,
             &|id| self.agents.iter().any(|a| a.id == *id),
             &|id| self.team(id).is_some(),
+            &mut problem,
+        );
+        monitors::validate(
+            &self.monitors,
+            &|id| self.agents.iter().any(|a| a.id == *id),
             &mut problem,
         );
         let defaults: Vec<usize> = (0..self.agents.len())

@@ -269,7 +269,7 @@ impl HeartbeatConfig {
 }
 
 /// Whether `name` is a usable task name.
-fn valid_name(name: &str) -> bool {
+pub(super) fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 64
         && name
@@ -278,7 +278,7 @@ fn valid_name(name: &str) -> bool {
 }
 
 /// Whether `room` is a room ID or alias.
-fn check_room(room: &str) -> Result<(), String> {
+pub(super) fn check_room(room: &str) -> Result<(), String> {
     let ok = if room.starts_with('#') {
         ruma::RoomAliasId::parse(room).is_ok()
     } else {

@@ -24,6 +24,9 @@
 //! | `agentbus_matrix_requests_total` | counter | `kind` = the endpoint, e.g. `send_message_event` | matrix |
 //! | `agentbus_matrix_request_errors_total` | counter | `kind`, `error` = errcode, status or `network` | matrix |
 //! | `agentbus_team_tasks_total` | counter | `mode`, `outcome` | collab |
+//! | `agentbus_monitor_up` | gauge | `check` | ops::monitor: 1 when its last probe passed, else 0 |
+//! | `agentbus_monitor_checks_total` | counter | `check`, `result` = up, down | ops::monitor |
+//! | `agentbus_monitor_alerts_total` | counter | `check` | ops::monitor: alerts posted |
 
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -89,7 +92,7 @@ pub async fn upkeep(shutdown: CancellationToken) {
 }
 
 fn describe() {
-    use metrics::{Unit, describe_counter, describe_histogram};
+    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
     describe_counter!(
         "agentbus_transactions_total",
         "Appservice transactions from the homeserver, by outcome."
@@ -140,6 +143,18 @@ fn describe() {
     describe_counter!(
         "agentbus_team_tasks_total",
         "Team tasks that ended, by mode and outcome."
+    );
+    describe_gauge!(
+        "agentbus_monitor_up",
+        "1 when the health check's last probe passed, 0 when it failed, by check."
+    );
+    describe_counter!(
+        "agentbus_monitor_checks_total",
+        "Health check probes, by check and result."
+    );
+    describe_counter!(
+        "agentbus_monitor_alerts_total",
+        "Alerts posted to the alert room, by check."
     );
 }
 

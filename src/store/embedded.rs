@@ -20,8 +20,9 @@ use ruma::{EventId, OwnedEventId, OwnedRoomId, RoomId, TransactionId};
 use super::lease::LeaseTable;
 use super::{
     EventRef, HistoryEntry, HistoryStore, IncomingEvent, JournalOutcome, JournalStore,
-    JournaledEvent, Lease, PairedSender, PairingRequest, PairingStore, Partition, ScheduleState,
-    ScheduleStore, SessionEntry, SessionKey, SessionStore, StoreError, TaskStore,
+    JournaledEvent, Lease, MonitorState, MonitorStore, PairedSender, PairingRequest, PairingStore,
+    Partition, ScheduleState, ScheduleStore, SessionEntry, SessionKey, SessionStore, StoreError,
+    TaskStore,
 };
 use crate::config::ChannelId;
 
@@ -101,6 +102,9 @@ pub trait Backend: Send + Sync + 'static {
     fn schedule(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError>;
     fn remove_schedule(&self, name: &str) -> Result<bool, StoreError>;
     fn schedules(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
+    fn save_monitor(&self, name: &str, record: &[u8]) -> Result<(), StoreError>;
+    fn monitor(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError>;
+    fn monitors(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
 }
 
 /// How a backend is opened (again).
@@ -406,6 +410,37 @@ impl<B: Backend> TaskStore for Embedded<B> {
 
     async fn tasks(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
         self.with(|b| b.tasks())
+    }
+}
+
+fn decode_monitor(name: &str, bytes: &[u8]) -> Result<MonitorState, StoreError> {
+    serde_json::from_slice(bytes)
+        .map_err(|e| StoreError::Corrupt(format!("the state of health check {name}: {e}")))
+}
+
+#[async_trait]
+impl<B: Backend> MonitorStore for Embedded<B> {
+    async fn monitor_state(&self, name: &str) -> Result<Option<MonitorState>, StoreError> {
+        self.with(|b| b.monitor(name))?
+            .map(|bytes| decode_monitor(name, &bytes))
+            .transpose()
+    }
+
+    async fn save_monitor_state(&self, name: &str, state: &MonitorState) -> Result<(), StoreError> {
+        let bytes = serde_json::to_vec(state).map_err(|e| {
+            StoreError::Unavailable(format!("cannot encode health check {name}: {e}"))
+        })?;
+        self.with(|b| b.save_monitor(name, &bytes))
+    }
+
+    async fn monitor_states(&self) -> Result<Vec<(String, MonitorState)>, StoreError> {
+        self.with(|b| b.monitors())?
+            .into_iter()
+            .map(|(name, bytes)| {
+                let state = decode_monitor(&name, &bytes)?;
+                Ok((name, state))
+            })
+            .collect()
     }
 }
 

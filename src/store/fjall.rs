@@ -61,6 +61,7 @@ pub struct FjallBackend {
     sent: PartitionHandle,
     tasks: PartitionHandle,
     schedules: PartitionHandle,
+    monitors: PartitionHandle,
     meta: PartitionHandle,
     /// Next sequence number, and the end of the block reserved on disk.
     next_seq: AtomicU64,
@@ -186,6 +187,7 @@ impl FjallBackend {
             sent: partition("sent")?,
             tasks: partition("tasks")?,
             schedules: partition("schedules")?,
+            monitors: partition("monitors")?,
             meta,
             keyspace,
             next_seq: AtomicU64::new(next),
@@ -649,6 +651,32 @@ impl Backend for FjallBackend {
                 let (key, value) = item.map_err(unavailable("cannot read scheduled tasks"))?;
                 let name = String::from_utf8(key.to_vec()).map_err(|_| {
                     StoreError::Corrupt("a scheduled task's name is not UTF-8".into())
+                })?;
+                Ok((name, value.to_vec()))
+            })
+            .collect()
+    }
+
+    fn save_monitor(&self, name: &str, record: &[u8]) -> Result<(), StoreError> {
+        self.monitors
+            .insert(name, record)
+            .map_err(unavailable(&format!("cannot save health check {name}")))
+    }
+
+    fn monitor(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.monitors
+            .get(name)
+            .map(|v| v.map(|v| v.to_vec()))
+            .map_err(unavailable(&format!("cannot read health check {name}")))
+    }
+
+    fn monitors(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        self.monitors
+            .iter()
+            .map(|item| {
+                let (key, value) = item.map_err(unavailable("cannot read health checks"))?;
+                let name = String::from_utf8(key.to_vec()).map_err(|_| {
+                    StoreError::Corrupt("a health check's name is not UTF-8".into())
                 })?;
                 Ok((name, value.to_vec()))
             })

@@ -1,7 +1,8 @@
 //! Durable state, one async trait per concern: [`JournalStore`] (the transaction journal,
 //! dedupe records, partition leases, sent-message records), [`HistoryStore`] (room history),
 //! [`SessionStore`] (agents' conversation memory), [`PairingStore`] (DM pairing) and
-//! [`TaskStore`] (teams' tasks in progress) and [`ScheduleStore`] (scheduled tasks' runs).
+//! [`TaskStore`] (teams' tasks in progress), [`ScheduleStore`] (scheduled tasks' runs) and
+//! [`MonitorStore`] (health checks' up/down state and the alerts they posted).
 //!
 //! [`open`] builds the backend `store.backend` names and hands out [`Stores`], one handle
 //! per concern. The embedded engines (fjall, the default, and sled) implement a small
@@ -43,6 +44,7 @@ pub struct Stores {
     pub pairing: Arc<dyn PairingStore>,
     pub tasks: Arc<dyn TaskStore>,
     pub schedules: Arc<dyn ScheduleStore>,
+    pub monitors: Arc<dyn MonitorStore>,
 }
 
 impl Stores {
@@ -63,6 +65,7 @@ impl Stores {
             + PairingStore
             + TaskStore
             + ScheduleStore
+            + MonitorStore
             + 'static,
     {
         Self {
@@ -71,7 +74,8 @@ impl Stores {
             sessions: store.clone(),
             pairing: store.clone(),
             tasks: store.clone(),
-            schedules: store,
+            schedules: store.clone(),
+            monitors: store,
         }
     }
 }
@@ -602,6 +606,48 @@ pub trait ScheduleStore: Send + Sync {
 
     /// Forgets task `name`'s state; returns whether it had one.
     async fn remove_schedule_state(&self, name: &str) -> Result<bool, StoreError>;
+}
+
+/// What is known of one health check (by check name): whether it is down, and the
+/// transitions between up and down it went through, each numbered. A transition's
+/// message derives its transaction ID from its number, so it is posted once whatever
+/// restarts happen between the transition and its delivery. Times are unix ms.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MonitorState {
+    /// Down: the alert of the outage has been decided (and posted once `notified` catches up).
+    #[serde(default)]
+    pub down: bool,
+    /// Failed checks in a row while up (counting towards `failures_before_alert`).
+    #[serde(default)]
+    pub failures: u32,
+    /// Transitions so far (up → down, down → up): the number of the latest one.
+    #[serde(default)]
+    pub seq: u64,
+    /// The number of the latest transition whose message was delivered.
+    #[serde(default)]
+    pub notified: u64,
+    /// When the latest transition happened.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub changed_ms: Option<u64>,
+    /// When the current (or the latest) outage began: its first failed check.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub down_since_ms: Option<u64>,
+    /// What the latest failed check said.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// Health checks' state, one record per check name; a write is on disk when it returns.
+#[async_trait]
+pub trait MonitorStore: Send + Sync {
+    /// Check `name`'s state, if it has any.
+    async fn monitor_state(&self, name: &str) -> Result<Option<MonitorState>, StoreError>;
+
+    /// Stores `state` as check `name`'s, replacing what was there.
+    async fn save_monitor_state(&self, name: &str, state: &MonitorState) -> Result<(), StoreError>;
+
+    /// Every check with a state, by name.
+    async fn monitor_states(&self) -> Result<Vec<(String, MonitorState)>, StoreError>;
 }
 
 /// What the conformance macros share: fixed times, builders and a lease on everything.
@@ -1789,6 +1835,61 @@ macro_rules! store_conformance_tests {
         mod schedules {
             use super::*;
             $crate::schedule_conformance_tests!($fresh, $reopen);
+        }
+        mod monitors {
+            use super::*;
+            $crate::monitor_conformance_tests!($fresh, $reopen);
+        }
+    };
+}
+
+/// [`MonitorStore`] conformance: states replace, survive a reopen and list by name.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! monitor_conformance_tests {
+    ($fresh:expr, $reopen:expr) => {
+        #[tokio::test]
+        async fn monitor_states_replace_survive_a_reopen_and_list_by_name() {
+            use $crate::store::MonitorState;
+            use $crate::store::conformance::NOW;
+            let (store, guard) = $fresh;
+            assert_eq!(store.monitors.monitor_state("conduit").await.unwrap(), None);
+            let failing = MonitorState {
+                failures: 1,
+                down_since_ms: Some(NOW),
+                error: Some("HTTP 503 Service Unavailable".into()),
+                ..Default::default()
+            };
+            store
+                .monitors
+                .save_monitor_state("conduit", &failing)
+                .await
+                .unwrap();
+            let alerted = MonitorState {
+                down: true,
+                failures: 2,
+                seq: 1,
+                notified: 1,
+                changed_ms: Some(NOW + 1),
+                ..failing.clone()
+            };
+            store
+                .monitors
+                .save_monitor_state("conduit", &alerted)
+                .await
+                .unwrap();
+            let up = MonitorState::default();
+            store.monitors.save_monitor_state("pg", &up).await.unwrap();
+            let store = $reopen(store, &guard);
+            assert_eq!(
+                store.monitors.monitor_state("conduit").await.unwrap(),
+                Some(alerted.clone()),
+                "the alerted outage survives a restart"
+            );
+            assert_eq!(
+                store.monitors.monitor_states().await.unwrap(),
+                vec![("conduit".to_owned(), alerted), ("pg".to_owned(), up)]
+            );
         }
     };
 }

@@ -42,6 +42,7 @@ pub struct SledBackend {
     sent: Tree,
     tasks: Tree,
     schedules: Tree,
+    monitors: Tree,
 }
 
 /// How many times opening waits 20 ms for sled's file lock (five seconds in all: under load its
@@ -102,6 +103,7 @@ impl SledBackend {
             sent: tree("sent")?,
             tasks: tree("tasks")?,
             schedules: tree("schedules")?,
+            monitors: tree("monitors")?,
             db,
         })
     }
@@ -757,6 +759,35 @@ impl Backend for SledBackend {
                 })?;
                 let name = String::from_utf8(key.to_vec()).map_err(|_| {
                     StoreError::Corrupt("a scheduled task's name is not UTF-8".into())
+                })?;
+                Ok((name, value.to_vec()))
+            })
+            .collect()
+    }
+
+    fn save_monitor(&self, name: &str, record: &[u8]) -> Result<(), StoreError> {
+        self.monitors.insert(name.as_bytes(), record).map_err(|e| {
+            StoreError::Unavailable(format!("cannot save health check {name}: {e}"))
+        })?;
+        self.flush()
+    }
+
+    fn monitor(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.monitors
+            .get(name.as_bytes())
+            .map(|v| v.map(|v| v.to_vec()))
+            .map_err(|e| StoreError::Unavailable(format!("cannot read health check {name}: {e}")))
+    }
+
+    fn monitors(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        self.monitors
+            .iter()
+            .map(|item| {
+                let (key, value) = item.map_err(|e| {
+                    StoreError::Unavailable(format!("cannot read health checks: {e}"))
+                })?;
+                let name = String::from_utf8(key.to_vec()).map_err(|_| {
+                    StoreError::Corrupt("a health check's name is not UTF-8".into())
                 })?;
                 Ok((name, value.to_vec()))
             })
