@@ -38,7 +38,8 @@
 //!   open-file limit raised); the address guard that keeps model-steered requests on the
 //!   public internet, and HTML as text.
 //! - [`config`] — `agentbus.yaml`, its defaults, env overrides and validation.
-//! - [`ops`] — startup checks, the admin API, metrics.
+//! - [`ops`] — startup checks, the admin API, `/health` `/ready` `/metrics`, management
+//!   commands, the scheduler (tasks, heartbeats) and the health monitors that alert a room.
 //! - [`server`] — the composition root: builds every service once, serves HTTP, runs the
 //!   workers on one task tracker, drains on shutdown.
 //! - [`cli`] — the command-line clients: `say` (a matrix-sdk human), `route`, `pairing`,
