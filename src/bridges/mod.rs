@@ -171,6 +171,9 @@ struct InboundJob {
     message: InboundMessage,
 }
 
+/// One account's outbound messages, with their record keys, for its worker.
+type OutboundQueue = mpsc::Receiver<(String, OutboundJob)>;
+
 /// A message for a platform, as recorded.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct OutboundJob {
@@ -210,7 +213,7 @@ pub struct Bridges {
     inbound: mpsc::Sender<(String, InboundJob)>,
     inbound_rx: Mutex<Option<mpsc::Receiver<(String, InboundJob)>>>,
     outbound: BTreeMap<(ChannelId, String), mpsc::Sender<(String, OutboundJob)>>,
-    outbound_rx: Mutex<Vec<(Arc<dyn Channel>, mpsc::Receiver<(String, OutboundJob)>)>>,
+    outbound_rx: Mutex<Vec<(Arc<dyn Channel>, OutboundQueue)>>,
 }
 
 /// The record key of an inbound message.
@@ -696,7 +699,7 @@ impl Bridges {
     async fn send_outbound(
         self: Arc<Self>,
         channel: Arc<dyn Channel>,
-        mut rx: mpsc::Receiver<(String, OutboundJob)>,
+        mut rx: OutboundQueue,
         shutdown: CancellationToken,
     ) {
         loop {
