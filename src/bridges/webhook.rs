@@ -252,7 +252,8 @@ struct Routes {
     accounts: Arc<BTreeMap<String, Arc<WebhookChannel>>>,
 }
 
-/// `POST /bridges/webhook/{account}` for `channels`.
+/// `POST /bridges/webhook/{account}` for `channels`; anything else is a 404 with a JSON
+/// error body, like every other error of agentbus's listeners.
 pub fn routes(channels: &[Arc<WebhookChannel>]) -> Router {
     let accounts = channels
         .iter()
@@ -260,9 +261,11 @@ pub fn routes(channels: &[Arc<WebhookChannel>]) -> Router {
         .collect();
     Router::new()
         .route("/bridges/webhook/{account}", post(receive))
+        .fallback(|| async { StatusCode::NOT_FOUND })
         .with_state(Routes {
             accounts: Arc::new(accounts),
         })
+        .layer(axum::middleware::map_response(crate::net::error_body))
 }
 
 fn refuse(status: StatusCode, reason: impl Into<String>) -> Response {
