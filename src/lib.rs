@@ -29,6 +29,11 @@
 //!   event IDs, usage, how it ended); its `agents::RunHandle` cancels it.
 //! - [`llm`] — streaming model providers behind one trait and the hub above them; the API
 //!   key redacted from every error ([`llm::redact`]).
+//! - [`bridges`] — other platforms in the same rooms: each remote chat a portal room,
+//!   each remote user a puppet; what arrives is recorded, then posted by its puppet (and
+//!   flows through the appservice like any event); agents' final answers and Matrix
+//!   people's messages in a portal go out through the inbox's relay seam. The generic
+//!   signed webhook ([`bridges::webhook`]) on a listener of its own.
 //! - [`matrix`] — the outbound client-server API as any of our users (an
 //!   [`matrix::Intent`] each), with retries, and our protocol keys ([`matrix::keys`]).
 //! - [`render`] — Markdown → Matrix HTML, and answers split to fit events.
@@ -49,6 +54,7 @@
 
 pub mod agents;
 pub mod appservice;
+pub mod bridges;
 pub mod cli;
 pub mod collab;
 pub mod config;

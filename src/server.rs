@@ -15,6 +15,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::agents::AgentRuntime;
 use crate::appservice::{self, AppState};
+use crate::bridges::{self, Bridges, Channel, webhook};
 use crate::collab::Collab;
 use crate::config::Config;
 use crate::inbox::Inbox;
@@ -51,6 +52,9 @@ pub struct Services {
     scrape: Arc<Scrape>,
     pub scheduler: Arc<Scheduler>,
     monitor: Arc<Monitor>,
+    pub bridges: Arc<Bridges>,
+    /// The webhook accounts, whose routes the bridges' listener serves.
+    webhooks: Vec<Arc<webhook::WebhookChannel>>,
     /// Taken by [`Services::start_workers`].
     feed: Option<FeedReceiver>,
     tracker: TaskTracker,
@@ -62,6 +66,10 @@ impl Services {
     /// Opens the store the config names and builds the services. `config` must have its
     /// tokens resolved ([`crate::appservice::registration::ensure_tokens`]).
     pub fn build(config: Config) -> Result<Self, CheckFailure> {
+        for (id, account) in &config.bridges.webhook.accounts {
+            webhook::secret(id, &account.secret_env)
+                .map_err(|e| CheckFailure::new(EXIT_LOCAL_SETUP, format!("✗ {e}")))?;
+        }
         let store = store::open(&config.store).map_err(|e| {
             CheckFailure::new(
                 EXIT_LOCAL_SETUP,
@@ -164,6 +172,17 @@ impl Services {
             readiness.clone(),
             scheduler.clone(),
         );
+        let webhooks = webhook::channels(&config);
+        let bridges = Bridges::new(
+            config.clone(),
+            matrix.clone(),
+            store.portals.clone(),
+            webhooks
+                .iter()
+                .map(|c| c.clone() as Arc<dyn Channel>)
+                .collect(),
+        );
+        inbox.set_bridges(bridges.clone());
         let explain: Arc<dyn crate::router::explain::Explain> = inbox.clone();
         commands.set_explain(Arc::downgrade(&explain));
         inbox.set_management(commands);
@@ -186,6 +205,8 @@ impl Services {
             scrape,
             scheduler,
             monitor,
+            bridges,
+            webhooks,
             feed: Some(receiver),
             tracker,
             stop,
@@ -251,6 +272,7 @@ impl Services {
     /// then stops the rest and waits for them to notice. Returns whether everything
     /// finished within the grace period.
     pub async fn drain(self, grace: Duration) -> bool {
+        self.bridges.stop().await;
         self.runtime.close();
         self.tracker.close();
         if tokio::time::timeout(grace, self.tracker.wait())
@@ -343,12 +365,41 @@ pub async fn serve(
         );
     }
     services.start_workers(replay_up_to, &shutdown);
+    let bridges_http = if config.bridges.any() {
+        services.bridges.start(&services.tracker, &shutdown).await;
+        let addr = config.bridges.listen;
+        let bridges_listener = match TcpListener::bind(addr).await {
+            Ok(listener) => listener,
+            Err(e) => {
+                shutdown.cancel();
+                let _ = http.await;
+                return Err(CheckFailure::new(
+                    EXIT_LOCAL_SETUP,
+                    format!("✗ cannot listen on bridges.listen {addr}: {e}"),
+                ));
+            }
+        };
+        tracing::info!(%addr, "bridges listening");
+        Some(tokio::spawn(listener::serve(
+            bridges_listener,
+            bridges::webhook::routes(&services.webhooks),
+            services.listener_limits(),
+            shutdown.clone(),
+        )))
+    } else {
+        None
+    };
     tracing::info!(agents = config.agents.len(), "agentbus is running");
 
     shutdown.cancelled().await;
     tracing::info!("shutting down");
     if let Err(e) = http.await {
         tracing::warn!(error = %e, "HTTP server ended with an error");
+    }
+    if let Some(bridges_http) = bridges_http
+        && let Err(e) = bridges_http.await
+    {
+        tracing::warn!(error = %e, "bridges HTTP server ended with an error");
     }
     if let Some(metrics_http) = metrics_http
         && let Err(e) = metrics_http.await

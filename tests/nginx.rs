@@ -137,7 +137,7 @@ struct Rendered {
 
 impl Rendered {
     /// Renders `nginx/` for a homeserver and an agentbus on these loopback ports.
-    fn new(homeserver_port: u16, agentbus_port: u16) -> Rendered {
+    fn new(homeserver_port: u16, agentbus_port: u16, bridges_port: u16) -> Rendered {
         let dir = tempfile::tempdir().unwrap();
         // Run as root, nginx's workers are `nobody`: they must reach the temp paths.
         {
@@ -198,6 +198,10 @@ impl Rendered {
                 (
                     "server 127.0.0.1:9000;",
                     format!("server 127.0.0.1:{agentbus_port};"),
+                ),
+                (
+                    "server 127.0.0.1:9010;",
+                    format!("server 127.0.0.1:{bridges_port};"),
                 ),
             ],
         );
@@ -348,21 +352,32 @@ channels: { matrix: { dm_policy: allowlist, allow_from: ["@*:localhost"] } }
 /// agentbus on the test Synapse, and nginx in front of both.
 async fn stack() -> (Agentbus, Nginx) {
     let synapse = support::synapse();
-    let mut bus = Agentbus::configured(Agentbus::write_config_text(ECHO_AGENT));
+    let bridges_port = support::free_port();
+    let mut bus = Agentbus::configured(Agentbus::write_config_text(&format!(
+        "{ECHO_AGENT}bridges:\n  listen: \"127.0.0.1:{bridges_port}\"\n  webhook: {{ accounts: {{ \
+         default: {{ secret_env: AGENTBUS_NGINX_WEBHOOK_SECRET, outbound_url: \"http://127.0.0.1:9/\" }} }} }}\n"
+    )));
+    bus.set_env("AGENTBUS_NGINX_WEBHOOK_SECRET", "nginx-test-secret");
     bus.spawn().await;
+    bus.wait_log(&["bridges listening"]).await;
     let homeserver_port = synapse
         .url
         .rsplit(':')
         .next()
         .and_then(|p| p.parse().ok())
         .expect("the test Synapse's URL ends in its port");
-    let nginx = Nginx::start(Rendered::new(homeserver_port, synapse.appservice_port)).await;
+    let nginx = Nginx::start(Rendered::new(
+        homeserver_port,
+        synapse.appservice_port,
+        bridges_port,
+    ))
+    .await;
     (bus, nginx)
 }
 
 #[test]
 fn nginx_t_accepts_the_shipped_config() {
-    let said = Rendered::new(8008, 9000).test();
+    let said = Rendered::new(8008, 9000, 9010).test();
     assert!(
         said.contains("test is successful"),
         "nginx -t said:\n{said}"
@@ -485,8 +500,9 @@ async fn nginx_serves_discovery_passes_webhooks_and_keeps_the_admin_api_private(
         redirect.headers()["location"]
     );
 
-    // Webhooks reach agentbus (its own JSON 404: no bridge is configured), a body over
-    // the limit is refused by nginx, and a burst past the rate limit gets 429.
+    // Webhooks reach agentbus's bridges listener (its own JSON 404: no Telegram bridge is
+    // configured), a body over the limit is refused by nginx, and a burst past the rate
+    // limit gets 429.
     let (status, body) = nginx.get("/bridges/telegram/default").await;
     assert_eq!(status, 404);
     assert!(

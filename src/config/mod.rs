@@ -16,6 +16,7 @@ use ruma::{OwnedServerName, OwnedUserId, ServerName, UserId};
 use serde::Deserialize;
 use url::Url;
 
+mod bridges;
 mod ids;
 mod llm;
 mod monitors;
@@ -23,6 +24,7 @@ mod routing;
 mod schedules;
 mod teams;
 
+pub use self::bridges::{BridgesConfig, WebhookAccountConfig, WebhookBridgeConfig};
 pub use self::ids::{AgentId, ChannelId, InvalidAgentId, is_valid_localpart};
 
 pub use self::llm::{
@@ -100,6 +102,17 @@ pub struct Config {
     /// Prometheus metrics (`GET /metrics`).
     #[serde(default)]
     pub metrics: MetricsConfig,
+    /// Other platforms bridged into Matrix rooms.
+    #[serde(default)]
+    pub bridges: BridgesConfig,
+}
+
+/// Whether `id` may name a bridge account: lowercase letters, digits, `-` and `_`.
+fn is_bridge_id(id: &str) -> bool {
+    !id.is_empty()
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
 }
 
 /// `metrics:`
@@ -667,6 +680,32 @@ impl Config {
                 }
             }
         }
+        for (id, account) in &self.bridges.webhook.accounts {
+            let at = format!("bridges.webhook.accounts.{id}");
+            if !is_bridge_id(id) {
+                problem(
+                    at.clone(),
+                    "an account ID uses a-z, 0-9, - and _ only (it is a URL path segment)".into(),
+                );
+            }
+            if let Some(agent) = &account.agent
+                && !self.agents.iter().any(|a| a.id == *agent)
+            {
+                problem(format!("{at}.agent"), format!("unknown agent {agent:?}"));
+            }
+            if account.secret_env.trim().is_empty() {
+                problem(
+                    format!("{at}.secret_env"),
+                    "names the environment variable holding the shared secret".into(),
+                );
+            }
+            if !matches!(account.outbound_url.scheme(), "http" | "https") {
+                problem(
+                    format!("{at}.outbound_url"),
+                    "must be an http:// or https:// URL".into(),
+                );
+            }
+        }
 
         if problems.is_empty() {
             Ok(())
@@ -705,6 +744,18 @@ impl Config {
             || local.starts_with(&self.appservice.puppet_prefix)
             || self.agents.iter().any(|a| a.id == local)
             || self.teams.iter().any(|t| t.id == local)
+    }
+
+    /// Whether `user` is one of ours that speaks for agentbus (an agent, a team, the bot),
+    /// not a bridged person's puppet: puppets stand for people, and are treated as people.
+    pub fn is_own_agent_or_bot(&self, user: &UserId) -> bool {
+        self.is_own_user(user) && !self.is_puppet(user)
+    }
+
+    /// Whether `user` is the puppet of a bridged platform's user.
+    pub fn is_puppet(&self, user: &UserId) -> bool {
+        user.server_name() == self.homeserver.server_name
+            && user.localpart().starts_with(&self.appservice.puppet_prefix)
     }
 
     /// The team `id`, if it is one.

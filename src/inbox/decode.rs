@@ -86,7 +86,8 @@ pub struct Message<'a> {
     pub mentions: Option<Mentions>,
     /// Agent-to-agent hop counter (`io.agentbus.hops`); 0 from people.
     pub hops: u32,
-    /// Our agent's answer is still streaming (`io.agentbus.streaming`).
+    /// Our agent's answer is still streaming (`io.agentbus.streaming`; for an edit, in
+    /// its `m.new_content`, where the edit says whether the text is final).
     pub streaming: bool,
     /// A team posted it for one of its tasks (`io.agentbus.task`).
     pub in_task: bool,
@@ -393,6 +394,13 @@ struct RelatesTo {
 struct NewContent<'a> {
     #[serde(default, borrow, deserialize_with = "lenient")]
     body: Option<Text<'a>>,
+    /// An edit of a streaming answer says in its new content whether the text is final.
+    #[serde(
+        rename = "io.agentbus.streaming",
+        default,
+        deserialize_with = "lenient"
+    )]
+    streaming: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -443,13 +451,18 @@ impl<'a> MessageContent<'a> {
             _ => None,
         };
         let (mut reply_to, mut thread_root, mut edit) = (None, None, None);
+        let mut streaming = self.streaming.unwrap_or(false);
         if let Some(relation) = self.relates_to {
             match relation.rel_type {
                 Some(RelationType::Thread) => thread_root = relation.event_id,
                 Some(RelationType::Replacement) => {
+                    let (new_body, new_streaming) = self
+                        .new_content
+                        .map_or((None, None), |c| (c.body, c.streaming));
+                    streaming |= new_streaming == Some(true);
                     edit = Some(Edit {
                         target: relation.event_id,
-                        new_body: self.new_content.and_then(|c| c.body).map(|b| b.0),
+                        new_body: new_body.map(|b| b.0),
                     })
                 }
                 _ => {}
@@ -474,7 +487,7 @@ impl<'a> MessageContent<'a> {
             hops: self
                 .hops
                 .map_or(0, |h| u32::try_from(h).unwrap_or(u32::MAX)),
-            streaming: self.streaming.unwrap_or(false),
+            streaming,
             in_task: self.task.is_some(),
         }
     }
@@ -655,6 +668,30 @@ mod tests {
         );
         let m = message(&event);
         assert!(m.edit.as_ref().is_some_and(|e| e.target.is_none()));
+    }
+
+    #[test]
+    fn an_edit_of_a_streaming_answer_says_in_its_new_content_whether_it_is_final() {
+        let edit = |new_content: &str| {
+            journaled(&format!(
+                r#"{{"type":"m.room.message","room_id":"!r:hs","event_id":"$e","sender":"@damon:hs",
+                    "content":{{"msgtype":"m.text","body":"* partial",
+                               "m.new_content":{new_content},
+                               "m.relates_to":{{"rel_type":"m.replace","event_id":"$answer"}}}}}}"#
+            ))
+        };
+        let still = edit(r#"{"msgtype":"m.text","body":"partial","io.agentbus.streaming":true}"#);
+        assert!(
+            message(&still).streaming,
+            "an intermediate edit is still streaming"
+        );
+        let last = edit(r#"{"msgtype":"m.text","body":"partial and final"}"#);
+        let m = message(&last);
+        assert!(!m.streaming, "the final edit drops the mark");
+        assert_eq!(
+            m.edit.unwrap().new_body.as_deref(),
+            Some("partial and final")
+        );
     }
 
     #[test]

@@ -195,7 +195,7 @@ impl Inbox {
         for user in room
             .joined
             .iter()
-            .filter(|u| *u != sender && !self.config.is_own_user(u))
+            .filter(|u| *u != sender && !self.config.is_own_agent_or_bot(u))
         {
             if self.sender_paired(user).await {
                 return true;

@@ -114,6 +114,8 @@ pub struct Inbox {
     limits: limits::Limits,
     /// Who answers management commands (`ops`), once wired.
     management: std::sync::OnceLock<Arc<dyn Management>>,
+    /// The bridge core, for the relay seam and portals' agents; unset without bridges.
+    bridges: std::sync::OnceLock<Arc<crate::bridges::Bridges>>,
 }
 
 /// A message that may be a management command, with what its handler needs to know.
@@ -146,6 +148,11 @@ impl Inbox {
     /// Wires the management commands (once; later calls are ignored).
     pub fn set_management(&self, management: Arc<dyn Management>) {
         let _ = self.management.set(management);
+    }
+
+    /// Hands the inbox the bridge core (portals' relay and agents).
+    pub fn set_bridges(&self, bridges: Arc<crate::bridges::Bridges>) {
+        let _ = self.bridges.set(bridges);
     }
 
     pub fn new(
@@ -181,6 +188,7 @@ impl Inbox {
             pulled: Mutex::new(HashMap::new()),
             limits: limits::Limits::new(&config.routing.limits),
             management: std::sync::OnceLock::new(),
+            bridges: std::sync::OnceLock::new(),
             unresolved: Mutex::new(facts::config_aliases(&config)),
             config,
         })

@@ -17,6 +17,7 @@ use super::facts::Facts;
 use super::limits::Which;
 use super::{Answers, Inbox, ManagementRequest, Processed, answer, held};
 use crate::agents::{Delivery, Job, Quote, Submitted, Trigger, Turn, notices};
+use crate::bridges::Relayable;
 use crate::config::{AgentId, ChannelId};
 use crate::router::{Admission, MessageFacts, RouteDecision, Strategy};
 use crate::store::{HistoryEntry, PAIRING_TTL};
@@ -24,12 +25,12 @@ use crate::store::{HistoryEntry, PAIRING_TTL};
 impl Inbox {
     /// A message, through every stage; returns the answers the event waits for.
     pub(super) async fn on_message(&self, message: &Message<'_>) -> Processed {
-        self.relay(message);
+        self.relay(message).await;
         if !self.is_for_agents(message) {
             return Processed::default();
         }
         let command = commands::parse(message.text());
-        let own = self.config.is_own_user(&message.sender);
+        let own = self.config.is_own_agent_or_bot(&message.sender);
         let mut gathered = None;
         if !own
             && message.text().trim_start().starts_with('!')
@@ -45,7 +46,7 @@ impl Inbox {
                     .room
                     .joined
                     .iter()
-                    .find(|user| self.config.is_own_user(user))
+                    .find(|user| self.config.is_own_agent_or_bot(user))
                     .cloned()
                     .unwrap_or(bot)
             };
@@ -71,6 +72,7 @@ impl Inbox {
             None => self.gather_facts(message).await,
         };
         let decision = self.decide(message.room_id, &facts, facts.message(message));
+        let decision = self.portal_agent(message, &facts, decision);
         metrics::counter!("agentbus_routing_decisions_total", "strategy" => decision.strategy.as_str())
             .increment(1);
         let line = self.record(message, &facts, &decision).await;
@@ -89,7 +91,9 @@ impl Inbox {
 
     /// A 🛑 or ❌ reaction from a person on a task's request or status stops the task.
     pub(super) fn on_reaction(&self, room_id: &RoomId, reaction: &Reaction) {
-        if !commands::is_stop_reaction(&reaction.key) || self.config.is_own_user(&reaction.sender) {
+        if !commands::is_stop_reaction(&reaction.key)
+            || self.config.is_own_agent_or_bot(&reaction.sender)
+        {
             return;
         }
         if self
@@ -100,16 +104,76 @@ impl Inbox {
         }
     }
 
-    /// The bridges' seam: where a message in a portal room will be relayed out to its
-    /// platform (our agents' answers included, so it runs before anything filters them).
-    /// No bridge exists yet, so nothing is relayed.
-    fn relay(&self, _message: &Message<'_>) {}
+    /// The bridges' seam: a message in a portal room is relayed out to its platform (our
+    /// agents' answers included, so it runs before anything filters them). It returns once
+    /// the relay is recorded, so the event leaves the journal only after that.
+    async fn relay(&self, message: &Message<'_>) {
+        let Some(bridges) = self.bridges.get() else {
+            return;
+        };
+        let (text, edit_of) = match &message.edit {
+            Some(edit) => (
+                edit.new_body.as_deref().unwrap_or(message.text()),
+                edit.target.as_deref(),
+            ),
+            None => (message.text(), None),
+        };
+        bridges
+            .relay(Relayable {
+                room_id: message.room_id,
+                event_id: message.event_id,
+                sender: &message.sender,
+                text,
+                edit_of,
+                streaming: message.streaming,
+                notice: message.is_notice(),
+            })
+            .await;
+    }
+
+    /// In a portal of an account bound to an agent (`bridges.<platform>.accounts.<id>.agent`),
+    /// a bridged person's message that names nobody goes to that agent: the account is the
+    /// conversation's binding, and the platform has authenticated the sender already (a
+    /// signature, a bot token), so neither a mention nor admission applies. A message
+    /// that addresses an agent routes as usual.
+    fn portal_agent(
+        &self,
+        message: &Message<'_>,
+        facts: &Facts,
+        decision: RouteDecision,
+    ) -> RouteDecision {
+        if !decision.targets.is_empty() || !self.config.is_puppet(&message.sender) {
+            return decision;
+        }
+        let Some(agent) = self
+            .bridges
+            .get()
+            .and_then(|b| b.portal_agent(message.room_id))
+        else {
+            return decision;
+        };
+        if !facts
+            .room
+            .joined
+            .contains(&self.config.user_id(agent.as_str()))
+        {
+            return decision;
+        }
+        RouteDecision {
+            reason: format!("the portal's account is bound to {agent}"),
+            targets: vec![agent],
+            strategy: Strategy::AutoReply,
+            pairing_agent: None,
+        }
+    }
 
     /// Whether agents look at `message` at all: our own users' messages only when agents
     /// may talk to each other; edits are not new questions, and by convention bots never
     /// answer notices.
     fn is_for_agents(&self, message: &Message<'_>) -> bool {
-        if self.config.is_own_user(&message.sender) && !self.config.routing.agent_to_agent.enabled {
+        if self.config.is_own_agent_or_bot(&message.sender)
+            && !self.config.routing.agent_to_agent.enabled
+        {
             return false;
         }
         // A team's own posts for a task (hand-offs, status) are the task's, not requests.
@@ -153,7 +217,7 @@ impl Inbox {
                 targets = ?decision.targets, strategy = ?decision.strategy, reason = %decision.reason, "routed"
             );
         }
-        if !self.config.is_own_user(sender) {
+        if !self.config.is_own_agent_or_bot(sender) {
             let entry = HistoryEntry {
                 event_id: event_id.to_owned(),
                 sender: sender.clone(),
@@ -215,7 +279,7 @@ impl Inbox {
             return Vec::new();
         }
         if command.is_none()
-            && !self.config.is_own_user(&message.sender)
+            && !self.config.is_own_agent_or_bot(&message.sender)
             && let Err(limited) = self.limits.take(
                 &message.sender,
                 message.room_id,
@@ -315,7 +379,7 @@ impl Inbox {
                 .room
                 .joined
                 .iter()
-                .filter(|u| !self.config.is_own_user(u))
+                .filter(|u| !self.config.is_own_agent_or_bot(u))
                 .count()
                 > 1,
         }

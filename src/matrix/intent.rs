@@ -384,6 +384,50 @@ impl Intent {
         .await
     }
 
+    /// Creates a private room named `name` with `initial_state` (each `{type, state_key,
+    /// content}`) and `invite`d users; returns its ID. Not idempotent: the caller records
+    /// the room before creating another for the same purpose.
+    pub async fn create_room(
+        &self,
+        name: &str,
+        initial_state: &[serde_json::Value],
+        invite: &[OwnedUserId],
+    ) -> Result<ruma::OwnedRoomId, MatrixError> {
+        use room::create_room::v3::{Request, RoomPreset};
+        let mut request = Request::new();
+        request.name = Some(name.to_owned());
+        request.preset = Some(RoomPreset::PrivateChat);
+        request.invite = invite.to_vec();
+        request.initial_state = initial_state
+            .iter()
+            .map(|event| {
+                Raw::from_json(
+                    serde_json::value::to_raw_value(event).expect("a JSON value serialises"),
+                )
+            })
+            .collect();
+        let response = self.client.send(request, Some(&self.user)).await?;
+        self.client.remember_joined(&self.user, &response.room_id);
+        Ok(response.room_id)
+    }
+
+    /// Sets the name of `room_id`.
+    pub async fn set_room_name(&self, room_id: &RoomId, name: &str) -> Result<(), MatrixError> {
+        use ruma::events::room::name::RoomNameEventContent;
+        let request = ruma::api::client::state::send_state_event::v3::Request::new(
+            room_id.to_owned(),
+            &ruma::events::EmptyStateKey,
+            &RoomNameEventContent::new(name.to_owned()),
+        )
+        .map_err(|e| MatrixError::Permanent {
+            status: 0,
+            errcode: "M_BAD_JSON".to_owned(),
+            message: format!("a room name does not serialise: {e}"),
+        })?;
+        let response = self.client.send(request, Some(&self.user)).await;
+        self.noting(room_id, response).map(|_| ())
+    }
+
     /// Shows or hides the user's typing notice in `room_id`.
     pub async fn set_typing(
         &self,

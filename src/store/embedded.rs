@@ -19,10 +19,10 @@ use ruma::{EventId, OwnedEventId, OwnedRoomId, RoomId, TransactionId};
 
 use super::lease::LeaseTable;
 use super::{
-    EventRef, HistoryEntry, HistoryStore, IncomingEvent, JournalOutcome, JournalStore,
-    JournaledEvent, Lease, MonitorState, MonitorStore, PairedSender, PairingRequest, PairingStore,
-    Partition, ScheduleState, ScheduleStore, SessionEntry, SessionKey, SessionStore, StoreError,
-    TaskStore,
+    BridgedState, EventRef, HistoryEntry, HistoryStore, IncomingEvent, JournalOutcome,
+    JournalStore, JournaledEvent, Lease, MonitorState, MonitorStore, PairedSender, PairingRequest,
+    PairingStore, Partition, Portal, PortalStore, ScheduleState, ScheduleStore, SessionEntry,
+    SessionKey, SessionStore, StoreError, TaskStore,
 };
 use crate::config::ChannelId;
 
@@ -105,6 +105,11 @@ pub trait Backend: Send + Sync + 'static {
     fn save_monitor(&self, name: &str, record: &[u8]) -> Result<(), StoreError>;
     fn monitor(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError>;
     fn monitors(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
+    /// The bridges' records (portals, bridged messages) by key.
+    fn bridge_record(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
+    fn save_bridge_record(&self, key: &str, record: &[u8]) -> Result<(), StoreError>;
+    /// Every bridge record whose key starts with `prefix`, in key order.
+    fn bridge_records(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
 }
 
 /// How a backend is opened (again).
@@ -117,6 +122,8 @@ pub struct Embedded<B: Backend> {
     open: Opener<B>,
     leases: LeaseTable,
     recent: Mutex<RecentHistory>,
+    /// Serialises the bridges' record-unless-recorded.
+    bridged: Mutex<()>,
 }
 
 impl<B: Backend> Embedded<B> {
@@ -131,6 +138,7 @@ impl<B: Backend> Embedded<B> {
             open: Box::new(open),
             leases: LeaseTable::default(),
             recent: Mutex::new(RecentHistory::default()),
+            bridged: Mutex::new(()),
         })
     }
 
@@ -441,6 +449,90 @@ impl<B: Backend> MonitorStore for Embedded<B> {
                 Ok((name, state))
             })
             .collect()
+    }
+}
+
+/// The key of a portal's record: platform, account and chat, joined by U+001F.
+fn portal_key(platform: &ChannelId, account: &str, chat: &str) -> String {
+    format!("portal\u{1f}{platform}\u{1f}{account}\u{1f}{chat}")
+}
+
+/// A bridged message's record: a state byte (`p` pending, `d` delivered), then the payload.
+fn bridged_key(key: &str) -> String {
+    format!("msg\u{1f}{key}")
+}
+
+const PENDING: u8 = b'p';
+const DELIVERED: u8 = b'd';
+
+#[async_trait]
+impl<B: Backend> PortalStore for Embedded<B> {
+    async fn portal(
+        &self,
+        platform: &ChannelId,
+        account: &str,
+        chat: &str,
+    ) -> Result<Option<Portal>, StoreError> {
+        self.with(|b| b.bridge_record(&portal_key(platform, account, chat)))?
+            .map(|bytes| {
+                serde_json::from_slice(&bytes).map_err(|e| {
+                    StoreError::Corrupt(format!("the portal of {platform} chat {chat}: {e}"))
+                })
+            })
+            .transpose()
+    }
+
+    async fn save_portal(&self, portal: &Portal) -> Result<(), StoreError> {
+        let bytes = serde_json::to_vec(portal)
+            .map_err(|e| StoreError::Unavailable(format!("cannot encode a portal: {e}")))?;
+        let key = portal_key(&portal.platform, &portal.account, &portal.chat);
+        self.with(|b| b.save_bridge_record(&key, &bytes))
+    }
+
+    async fn portals(&self) -> Result<Vec<Portal>, StoreError> {
+        self.with(|b| b.bridge_records("portal\u{1f}"))?
+            .into_iter()
+            .map(|(key, bytes)| {
+                serde_json::from_slice(&bytes)
+                    .map_err(|e| StoreError::Corrupt(format!("the portal {key:?}: {e}")))
+            })
+            .collect()
+    }
+
+    async fn record_bridged(
+        &self,
+        key: &str,
+        payload: &[u8],
+    ) -> Result<Option<BridgedState>, StoreError> {
+        let stored = bridged_key(key);
+        let _one_at_a_time = self.bridged.lock().expect("bridged lock");
+        match self.with(|b| b.bridge_record(&stored))? {
+            Some(record) if record.first() == Some(&DELIVERED) => Ok(Some(BridgedState::Delivered)),
+            Some(_) => Ok(Some(BridgedState::Pending)),
+            None => {
+                let mut record = Vec::with_capacity(payload.len() + 1);
+                record.push(PENDING);
+                record.extend_from_slice(payload);
+                self.with(|b| b.save_bridge_record(&stored, &record))?;
+                Ok(None)
+            }
+        }
+    }
+
+    async fn finish_bridged(&self, key: &str) -> Result<(), StoreError> {
+        self.with(|b| b.save_bridge_record(&bridged_key(key), &[DELIVERED]))
+    }
+
+    async fn pending_bridged(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let records = self.with(|b| b.bridge_records(&bridged_key(prefix)))?;
+        Ok(records
+            .into_iter()
+            .filter(|(_, record)| record.first() == Some(&PENDING))
+            .map(|(key, record)| {
+                let key = key.strip_prefix("msg\u{1f}").unwrap_or(&key).to_owned();
+                (key, record[1..].to_vec())
+            })
+            .collect())
     }
 }
 

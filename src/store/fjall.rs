@@ -62,6 +62,7 @@ pub struct FjallBackend {
     tasks: PartitionHandle,
     schedules: PartitionHandle,
     monitors: PartitionHandle,
+    bridges: PartitionHandle,
     meta: PartitionHandle,
     /// Next sequence number, and the end of the block reserved on disk.
     next_seq: AtomicU64,
@@ -188,6 +189,7 @@ impl FjallBackend {
             tasks: partition("tasks")?,
             schedules: partition("schedules")?,
             monitors: partition("monitors")?,
+            bridges: partition("bridges")?,
             meta,
             keyspace,
             next_seq: AtomicU64::new(next),
@@ -679,6 +681,32 @@ impl Backend for FjallBackend {
                     StoreError::Corrupt("a health check's name is not UTF-8".into())
                 })?;
                 Ok((name, value.to_vec()))
+            })
+            .collect()
+    }
+
+    fn bridge_record(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.bridges
+            .get(key)
+            .map(|v| v.map(|v| v.to_vec()))
+            .map_err(unavailable("cannot read the bridges' records"))
+    }
+
+    fn save_bridge_record(&self, key: &str, record: &[u8]) -> Result<(), StoreError> {
+        self.bridges
+            .insert(key, record)
+            .map_err(unavailable("cannot save a bridge record"))
+    }
+
+    fn bridge_records(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        self.bridges
+            .prefix(prefix)
+            .map(|item| {
+                let (key, value) = item.map_err(unavailable("cannot read the bridges' records"))?;
+                let key = String::from_utf8(key.to_vec()).map_err(|_| {
+                    StoreError::Corrupt("a bridge record's key is not UTF-8".into())
+                })?;
+                Ok((key, value.to_vec()))
             })
             .collect()
     }

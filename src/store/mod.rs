@@ -1,8 +1,9 @@
 //! Durable state, one async trait per concern: [`JournalStore`] (the transaction journal,
 //! dedupe records, partition leases, sent-message records), [`HistoryStore`] (room history),
 //! [`SessionStore`] (agents' conversation memory), [`PairingStore`] (DM pairing) and
-//! [`TaskStore`] (teams' tasks in progress), [`ScheduleStore`] (scheduled tasks' runs) and
-//! [`MonitorStore`] (health checks' up/down state and the alerts they posted).
+//! [`TaskStore`] (teams' tasks in progress), [`ScheduleStore`] (scheduled tasks' runs),
+//! [`MonitorStore`] (health checks' up/down state and the alerts they posted) and
+//! [`PortalStore`] (bridged chats' rooms and the bridges' message records).
 //!
 //! [`open`] builds the backend `store.backend` names and hands out [`Stores`], one handle
 //! per concern. The embedded engines (fjall, the default, and sled) implement a small
@@ -45,6 +46,7 @@ pub struct Stores {
     pub tasks: Arc<dyn TaskStore>,
     pub schedules: Arc<dyn ScheduleStore>,
     pub monitors: Arc<dyn MonitorStore>,
+    pub portals: Arc<dyn PortalStore>,
 }
 
 impl Stores {
@@ -66,6 +68,7 @@ impl Stores {
             + TaskStore
             + ScheduleStore
             + MonitorStore
+            + PortalStore
             + 'static,
     {
         Self {
@@ -75,7 +78,8 @@ impl Stores {
             pairing: store.clone(),
             tasks: store.clone(),
             schedules: store.clone(),
-            monitors: store,
+            monitors: store.clone(),
+            portals: store,
         }
     }
 }
@@ -648,6 +652,65 @@ pub trait MonitorStore: Send + Sync {
 
     /// Every check with a state, by name.
     async fn monitor_states(&self) -> Result<Vec<(String, MonitorState)>, StoreError>;
+}
+
+/// A remote chat and the Matrix room that is its portal.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Portal {
+    /// The platform (`webhook`, `telegram`, …).
+    pub platform: ChannelId,
+    /// The account on that platform the chat was reached through.
+    pub account: String,
+    /// The chat's ID on the platform.
+    pub chat: String,
+    pub room_id: OwnedRoomId,
+    /// The room's name, as it was last set from the remote chat's.
+    pub name: String,
+}
+
+/// Where a bridged message stands: recorded (and acknowledged to whoever sent it) but not
+/// yet delivered, or delivered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BridgedState {
+    Pending,
+    Delivered,
+}
+
+/// The bridges' durable state: which Matrix room is each remote chat's portal, and a record
+/// per bridged message in either direction (keyed by the caller, from the platform's
+/// message ID or the Matrix event ID), written before the message is acknowledged so a
+/// redelivery is recognised and a crash leaves it pending, not lost. A write is on disk
+/// when it returns.
+#[async_trait]
+pub trait PortalStore: Send + Sync {
+    /// The portal of chat `chat` of `account` on `platform`, if it has one.
+    async fn portal(
+        &self,
+        platform: &ChannelId,
+        account: &str,
+        chat: &str,
+    ) -> Result<Option<Portal>, StoreError>;
+
+    /// Stores `portal`, replacing the chat's earlier one.
+    async fn save_portal(&self, portal: &Portal) -> Result<(), StoreError>;
+
+    /// Every portal, by platform, account and chat.
+    async fn portals(&self) -> Result<Vec<Portal>, StoreError>;
+
+    /// Records message `key` with `payload` (the caller's) as pending, unless it has a
+    /// record already; returns the state it had (`None`: it is new).
+    async fn record_bridged(
+        &self,
+        key: &str,
+        payload: &[u8],
+    ) -> Result<Option<BridgedState>, StoreError>;
+
+    /// Marks message `key` delivered (its payload is dropped; the record stays, so a
+    /// redelivery is still recognised).
+    async fn finish_bridged(&self, key: &str) -> Result<(), StoreError>;
+
+    /// Every pending message whose key starts with `prefix`, by key, with its payload.
+    async fn pending_bridged(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
 }
 
 /// What the conformance macros share: fixed times, builders and a lease on everything.
@@ -1840,6 +1903,10 @@ macro_rules! store_conformance_tests {
             use super::*;
             $crate::monitor_conformance_tests!($fresh, $reopen);
         }
+        mod portals {
+            use super::*;
+            $crate::portal_conformance_tests!($fresh, $reopen);
+        }
     };
 }
 
@@ -1890,6 +1957,116 @@ macro_rules! monitor_conformance_tests {
                 store.monitors.monitor_states().await.unwrap(),
                 vec![("conduit".to_owned(), alerted), ("pg".to_owned(), up)]
             );
+        }
+    };
+}
+
+/// [`PortalStore`] conformance: portals replace and survive a reopen; a bridged message is
+/// recorded once, stays pending across a reopen, and is remembered once delivered.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! portal_conformance_tests {
+    ($fresh:expr, $reopen:expr) => {
+        #[tokio::test]
+        async fn portals_replace_and_survive_a_reopen() {
+            use $crate::config::ChannelId;
+            use $crate::store::Portal;
+            let (store, guard) = $fresh;
+            let webhook = ChannelId::new("webhook");
+            assert_eq!(
+                store.portals.portal(&webhook, "shop", "c1").await.unwrap(),
+                None
+            );
+            let first = Portal {
+                platform: webhook.clone(),
+                account: "shop".into(),
+                chat: "c1".into(),
+                room_id: ruma::owned_room_id!("!a:x"),
+                name: "Orders".into(),
+            };
+            store.portals.save_portal(&first).await.unwrap();
+            let renamed = Portal {
+                name: "Orders (EU)".into(),
+                ..first.clone()
+            };
+            store.portals.save_portal(&renamed).await.unwrap();
+            let other = Portal {
+                account: "support".into(),
+                room_id: ruma::owned_room_id!("!b:x"),
+                ..first.clone()
+            };
+            store.portals.save_portal(&other).await.unwrap();
+            let store = $reopen(store, &guard);
+            assert_eq!(
+                store.portals.portal(&webhook, "shop", "c1").await.unwrap(),
+                Some(renamed.clone())
+            );
+            assert_eq!(
+                store
+                    .portals
+                    .portal(&ChannelId::new("telegram"), "shop", "c1")
+                    .await
+                    .unwrap(),
+                None,
+                "the same chat ID on another platform is another chat"
+            );
+            assert_eq!(store.portals.portals().await.unwrap(), vec![renamed, other]);
+        }
+
+        #[tokio::test]
+        async fn a_bridged_message_is_recorded_once_and_stays_pending_until_delivered() {
+            use $crate::store::BridgedState;
+            let (store, guard) = $fresh;
+            assert_eq!(
+                store
+                    .portals
+                    .record_bridged("in/a/1", b"one")
+                    .await
+                    .unwrap(),
+                None
+            );
+            assert_eq!(
+                store
+                    .portals
+                    .record_bridged("in/a/1", b"again")
+                    .await
+                    .unwrap(),
+                Some(BridgedState::Pending)
+            );
+            assert_eq!(
+                store
+                    .portals
+                    .record_bridged("out/$e", b"two")
+                    .await
+                    .unwrap(),
+                None
+            );
+            let store = $reopen(store, &guard);
+            assert_eq!(
+                store.portals.pending_bridged("in/").await.unwrap(),
+                vec![("in/a/1".to_owned(), b"one".to_vec())],
+                "the first payload is kept, and only the prefix's"
+            );
+            store.portals.finish_bridged("in/a/1").await.unwrap();
+            let store = $reopen(store, &guard);
+            assert!(
+                store
+                    .portals
+                    .pending_bridged("in/")
+                    .await
+                    .unwrap()
+                    .is_empty()
+            );
+            assert_eq!(
+                store
+                    .portals
+                    .record_bridged("in/a/1", b"late")
+                    .await
+                    .unwrap(),
+                Some(BridgedState::Delivered),
+                "a redelivery after delivery is still recognised"
+            );
+            assert_eq!(store.portals.pending_bridged("").await.unwrap().len(), 1);
         }
     };
 }

@@ -43,6 +43,7 @@ pub struct SledBackend {
     tasks: Tree,
     schedules: Tree,
     monitors: Tree,
+    bridges: Tree,
 }
 
 /// How many times opening waits 20 ms for sled's file lock (five seconds in all: under load its
@@ -104,6 +105,7 @@ impl SledBackend {
             tasks: tree("tasks")?,
             schedules: tree("schedules")?,
             monitors: tree("monitors")?,
+            bridges: tree("bridges")?,
             db,
         })
     }
@@ -790,6 +792,35 @@ impl Backend for SledBackend {
                     StoreError::Corrupt("a health check's name is not UTF-8".into())
                 })?;
                 Ok((name, value.to_vec()))
+            })
+            .collect()
+    }
+
+    fn bridge_record(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.bridges
+            .get(key.as_bytes())
+            .map(|v| v.map(|v| v.to_vec()))
+            .map_err(|e| StoreError::Unavailable(format!("cannot read the bridges' records: {e}")))
+    }
+
+    fn save_bridge_record(&self, key: &str, record: &[u8]) -> Result<(), StoreError> {
+        self.bridges
+            .insert(key.as_bytes(), record)
+            .map_err(|e| StoreError::Unavailable(format!("cannot save a bridge record: {e}")))?;
+        self.flush()
+    }
+
+    fn bridge_records(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        self.bridges
+            .scan_prefix(prefix.as_bytes())
+            .map(|item| {
+                let (key, value) = item.map_err(|e| {
+                    StoreError::Unavailable(format!("cannot read the bridges' records: {e}"))
+                })?;
+                let key = String::from_utf8(key.to_vec()).map_err(|_| {
+                    StoreError::Corrupt("a bridge record's key is not UTF-8".into())
+                })?;
+                Ok((key, value.to_vec()))
             })
             .collect()
     }

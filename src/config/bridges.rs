@@ -1,0 +1,121 @@
+//! `bridges:` — the platforms bridged into Matrix rooms, and where their webhooks listen.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+
+use ruma::OwnedUserId;
+use serde::Deserialize;
+use url::Url;
+
+use super::AgentId;
+
+/// `bridges:`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BridgesConfig {
+    /// The listener of the platforms' webhook routes (`/bridges/...`), apart from the
+    /// appservice and admin APIs so a proxy can expose it alone; default `127.0.0.1:9010`.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// The generic signed webhook.
+    #[serde(default)]
+    pub webhook: WebhookBridgeConfig,
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9010))
+}
+
+impl Default for BridgesConfig {
+    fn default() -> Self {
+        Self {
+            listen: default_listen(),
+            webhook: WebhookBridgeConfig::default(),
+        }
+    }
+}
+
+impl BridgesConfig {
+    /// Whether any platform account is configured (else no listener opens).
+    pub fn any(&self) -> bool {
+        !self.webhook.accounts.is_empty()
+    }
+}
+
+/// `bridges.webhook:`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookBridgeConfig {
+    /// The accounts by ID: each is `POST /bridges/webhook/<id>`.
+    #[serde(default)]
+    pub accounts: BTreeMap<String, WebhookAccountConfig>,
+}
+
+/// `bridges.webhook.accounts.<id>:`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookAccountConfig {
+    /// The environment variable holding the shared secret both directions are signed with.
+    pub secret_env: String,
+    /// Where messages from Matrix (agents' answers, relayed people) are POSTed.
+    pub outbound_url: Url,
+    /// The agent that answers in this account's portals without being mentioned.
+    #[serde(default)]
+    pub agent: Option<AgentId>,
+    /// Matrix users invited to each new portal of this account, to follow and join in.
+    #[serde(default)]
+    pub invite: Vec<OwnedUserId>,
+}
+
+#[cfg(test)]
+mod tests {
+    /// The commented `bridges:` example of `agentbus.example.yaml`, uncommented, is a valid
+    /// config.
+    #[test]
+    fn the_commented_bridges_example_is_valid() {
+        let example = include_str!("../../agentbus.example.yaml");
+        let mut text = String::new();
+        let mut in_block = false;
+        for line in example.lines() {
+            if line == "# bridges:" {
+                in_block = true;
+            } else if in_block && !line.starts_with("#   ") {
+                in_block = false;
+            }
+            if in_block {
+                text.push_str(&line[2..]);
+            } else {
+                text.push_str(line);
+            }
+            text.push('\n');
+        }
+        let config = crate::config::Config::parse(&text).unwrap();
+        config.validate().unwrap();
+        let shop = &config.bridges.webhook.accounts["shop"];
+        assert_eq!(shop.secret_env, "AGENTBUS_WEBHOOK_SHOP_SECRET");
+        assert_eq!(shop.agent.as_ref().map(|a| a.as_str()), Some("damon"));
+        assert_eq!(config.bridges.listen.port(), 9010);
+    }
+
+    #[test]
+    fn a_webhook_account_is_checked() {
+        let base = include_str!("../../agentbus.example.yaml");
+        let text = format!(
+            "{base}\nbridges:\n  webhook:\n    accounts:\n      \"Shop/1\": {{ secret_env: \" \", \
+             outbound_url: \"ftp://x\", agent: ghost }}\n"
+        );
+        let err = crate::config::Config::parse(&text)
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        for wanted in [
+            "bridges.webhook.accounts.Shop/1: an account ID uses a-z, 0-9, - and _ only",
+            "bridges.webhook.accounts.Shop/1.agent: unknown agent \"ghost\"",
+            "bridges.webhook.accounts.Shop/1.secret_env: names the environment variable",
+            "bridges.webhook.accounts.Shop/1.outbound_url: must be an http:// or https:// URL",
+        ] {
+            assert!(err.contains(wanted), "missing {wanted:?} in:\n{err}");
+        }
+    }
+}
