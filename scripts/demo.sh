@@ -15,6 +15,10 @@
 #     downloads two prebuilt wheels (seconds on a good link) in the background while
 #     everything else starts; the agents answer "model warming up" until it is ready.
 #   AGENTBUS_DEMO_PROVIDER=echo: the built-in echo provider (no model, nothing to build).
+#
+# A bridge to try with nothing to sign up for: AGENTBUS_DEMO_IRC=1 also starts Debian's ngircd
+# on 127.0.0.1:$IRC_PORT (default 6667; installed with apt-get on first use) and bridges its
+# #agentbus channel, where Damon answers.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -22,6 +26,7 @@ STATE="${AGENTBUS_DEMO_DIR:-$ROOT/.dev/demo}"
 HS_PORT="${HS_PORT:-8008}"
 AS_PORT="${AS_PORT:-9000}"
 LLM_PORT="${LLM_PORT:-8081}"
+IRC_PORT="${IRC_PORT:-6667}"
 HS_URL="http://127.0.0.1:$HS_PORT"
 SERVER_NAME=localhost
 BIN="${CARGO_TARGET_DIR:-$ROOT/target}/debug/agentbus"
@@ -41,7 +46,49 @@ stop_all() {
         rm -f "$STATE/agentbus.pid"
     fi
     stop_local_model
+    if [ -f "$STATE/ngircd.pid" ]; then
+        kill "$(cat "$STATE/ngircd.pid" 2>/dev/null)" 2>/dev/null || true
+        rm -f "$STATE/ngircd.pid"
+    fi
     "$HS" stop --dir "$STATE/synapse" >/dev/null 2>&1 || true
+}
+
+ngircd_binary() { command -v ngircd 2>/dev/null || { [ -x /usr/sbin/ngircd ] && echo /usr/sbin/ngircd; }; }
+
+# AGENTBUS_DEMO_IRC=1: a local IRC server (Debian's ngircd) for the IRC bridge.
+start_ngircd() {
+    if [ -z "$(ngircd_binary)" ]; then
+        step "installing ngircd with apt-get (first use only)"
+        local as_root=()
+        if ((EUID != 0)); then
+            command -v sudo >/dev/null 2>&1 || die "ngircd is missing; install it as root: apt-get install ngircd"
+            as_root=(sudo)
+        fi
+        "${as_root[@]}" apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive "${as_root[@]}" apt-get install -y -qq --no-install-recommends ngircd >/dev/null
+    fi
+    mkdir -p "$STATE/ngircd"
+    chmod 755 "$STATE/ngircd"
+    cat > "$STATE/ngircd/ngircd.conf" <<CONF
+[Global]
+	Name = irc.agentbus.demo
+	Info = agentbus demo
+	Listen = 127.0.0.1
+	Ports = $IRC_PORT
+	MotdPhrase = "agentbus demo: /join #agentbus and say hello"
+[Limits]
+	MaxNickLength = 30
+[Options]
+	DNS = no
+	Ident = no
+	PAM = no
+CONF
+    chmod 644 "$STATE/ngircd/ngircd.conf"
+    step "starting ngircd on 127.0.0.1:$IRC_PORT (log: $STATE/ngircd.log)"
+    "$(ngircd_binary)" --nodaemon --config "$STATE/ngircd/ngircd.conf" >"$STATE/ngircd.log" 2>&1 &
+    echo $! > "$STATE/ngircd.pid"
+    wait_for_line "$(cat "$STATE/ngircd.pid")" "$STATE/ngircd.log" "ready" 20 \
+        || die "ngircd did not start (log: $STATE/ngircd.log)"
 }
 
 # The background job that installs and starts the local model runs in its own session
@@ -174,6 +221,20 @@ channels:
 YAML
 fi
 CONFIG="$STATE/agentbus.yaml"
+if [ "${AGENTBUS_DEMO_IRC:-}" = 1 ] && ! grep -q '^bridges:' "$CONFIG"; then
+    cat >> "$CONFIG" <<YAML
+bridges:
+  irc:
+    accounts:
+      demo:                       # AGENTBUS_DEMO_IRC=1: scripts/demo.sh runs this server
+        server: 127.0.0.1
+        port: $IRC_PORT
+        nick: agentbus
+        channels: ["#agentbus"]
+        agent: damon
+        invite: ["@demo:$SERVER_NAME"]
+YAML
+fi
 # Validates the config too: a mistake stops the demo here with the key that is wrong.
 "$BIN" --config "$CONFIG" registration --output "$STATE/registration.yaml" 2>"$STATE/registration.err" \
     || { cat "$STATE/registration.err" >&2; exit 2; }
@@ -183,6 +244,10 @@ LOCAL_PORT="$(local_model_port "$CONFIG")"
 if [ -n "$LOCAL_PORT" ]; then
     step "starting the local model on 127.0.0.1:$LOCAL_PORT in the background (log: $STATE/local-model.log)"
     start_local_model "$LOCAL_PORT"
+fi
+
+if [ "${AGENTBUS_DEMO_IRC:-}" = 1 ]; then
+    start_ngircd
 fi
 
 step "starting Synapse on $HS_URL"
@@ -259,6 +324,16 @@ else
     MODEL_NOTE="The agents use the model at ${BASE_URL:-?} (provider 'model' in $CONFIG)."
 fi
 
+IRC_NOTE=""
+if [ "${AGENTBUS_DEMO_IRC:-}" = 1 ]; then
+    IRC_NOTE="IRC: a local server runs on 127.0.0.1:$IRC_PORT and its #agentbus channel is bridged
+(a portal room the demo user is invited to once someone speaks there). Connect any IRC
+client, e.g.  irssi -c 127.0.0.1 -p $IRC_PORT -n you   then  /join #agentbus  and say hello:
+Damon answers in the channel, and what you write in the portal room appears there too.
+
+"
+fi
+
 cat <<EOF
 
 agentbus demo is running.
@@ -288,7 +363,7 @@ Ask who would answer, and why, without sending anything:
 
   $BIN --config $CONFIG route --room '#project:$SERVER_NAME' --sender @demo:$SERVER_NAME "帮我看看这段代码"
 
-$MODEL_NOTE
+$IRC_NOTE$MODEL_NOTE
 
 agentbus log: $STATE/agentbus.log    Stop: Ctrl-C here (or scripts/demo.sh stop).
 EOF

@@ -22,20 +22,24 @@ step "local model for tests/local_model.rs (cached; the first run downloads two 
 scripts/local-model.sh install
 scripts/local-model.sh status
 
-step "nginx for tests/nginx.rs (Debian's nginx-light, installed once)"
-# The test runs nginx itself, in a private prefix on loopback ports: only the binary is
-# needed. It fails, saying so, if this step was skipped.
-if ! command -v nginx >/dev/null 2>&1 && [[ ! -x /usr/sbin/nginx ]]; then
+step "nginx and ngircd for tests/nginx.rs and tests/irc.rs (Debian's packages, installed once)"
+# The tests run nginx and the IRC server themselves, each with a config of its own on
+# loopback ports: only the binaries are needed. They fail, saying so, if this step was skipped.
+missing=()
+command -v nginx >/dev/null 2>&1 || [[ -x /usr/sbin/nginx ]] || missing+=(nginx-light)
+command -v ngircd >/dev/null 2>&1 || [[ -x /usr/sbin/ngircd ]] || missing+=(ngircd)
+if ((${#missing[@]})); then
     as_root=()
     if ((EUID != 0)); then
-        command -v sudo >/dev/null 2>&1 || die "nginx is missing; install it as root: apt-get install nginx-light"
+        command -v sudo >/dev/null 2>&1 || die "${missing[*]} missing; install as root: apt-get install ${missing[*]}"
         as_root=(sudo)
     fi
-    log "installing nginx-light with apt-get"
+    log "installing ${missing[*]} with apt-get"
     "${as_root[@]}" apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive "${as_root[@]}" apt-get install -y -qq --no-install-recommends nginx-light >/dev/null
+    DEBIAN_FRONTEND=noninteractive "${as_root[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 "$(command -v nginx || echo /usr/sbin/nginx)" -v
+"$(command -v ngircd || echo /usr/sbin/ngircd)" --version | head -n 1
 
 step "what scripts/diagnose.sh needs for tests/diagnose.rs (curl, openssl, python3 with PyYAML)"
 if ! python3 -c 'import yaml' 2>/dev/null; then

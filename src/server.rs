@@ -15,7 +15,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::agents::AgentRuntime;
 use crate::appservice::{self, AppState};
-use crate::bridges::{self, Bridges, Channel, webhook};
+use crate::bridges::{self, Bridges, Channel, irc, webhook};
 use crate::collab::Collab;
 use crate::config::Config;
 use crate::inbox::Inbox;
@@ -69,6 +69,29 @@ impl Services {
         for (id, account) in &config.bridges.webhook.accounts {
             webhook::secret(id, &account.secret_env)
                 .map_err(|e| CheckFailure::new(EXIT_LOCAL_SETUP, format!("✗ {e}")))?;
+        }
+        for (id, account) in &config.bridges.irc.accounts {
+            let variables = account
+                .password_env
+                .iter()
+                .map(|v| ("password_env", v))
+                .chain(
+                    account
+                        .sasl
+                        .iter()
+                        .map(|s| ("sasl.password_env", &s.password_env)),
+                );
+            for (key, variable) in variables {
+                if std::env::var(variable).map_or(true, |v| v.is_empty()) {
+                    return Err(CheckFailure::new(
+                        EXIT_LOCAL_SETUP,
+                        format!(
+                            "✗ bridges.irc.accounts.{id}.{key} names {variable}, which is not set: \
+                             set it to the password"
+                        ),
+                    ));
+                }
+            }
         }
         let store = store::open(&config.store).map_err(|e| {
             CheckFailure::new(
@@ -173,16 +196,39 @@ impl Services {
             scheduler.clone(),
         );
         let webhooks = webhook::channels(&config);
+        let mut channels: Vec<Arc<dyn Channel>> = webhooks
+            .iter()
+            .map(|c| c.clone() as Arc<dyn Channel>)
+            .collect();
+        channels.extend(
+            irc::channels(&config)
+                .into_iter()
+                .map(|c| c as Arc<dyn Channel>),
+        );
         let bridges = Bridges::new(
             config.clone(),
             matrix.clone(),
             store.portals.clone(),
-            webhooks
-                .iter()
-                .map(|c| c.clone() as Arc<dyn Channel>)
-                .collect(),
+            channels,
         );
         inbox.set_bridges(bridges.clone());
+        let states = Arc::downgrade(&bridges);
+        readiness.set_bridges(Arc::new(move || {
+            states
+                .upgrade()
+                .map(|b| b.states())
+                .unwrap_or_default()
+                .into_iter()
+                .map(|s| crate::ops::health::BridgeAccount {
+                    platform: s.platform.to_string(),
+                    account: s.account,
+                    state: s.state.as_str(),
+                    healthy: s.state.is_healthy(),
+                    detail: s.detail,
+                    since_ms: s.since_ms,
+                })
+                .collect()
+        }));
         let explain: Arc<dyn crate::router::explain::Explain> = inbox.clone();
         commands.set_explain(Arc::downgrade(&explain));
         inbox.set_management(commands);
@@ -365,8 +411,10 @@ pub async fn serve(
         );
     }
     services.start_workers(replay_up_to, &shutdown);
-    let bridges_http = if config.bridges.any() {
+    if config.bridges.any() {
         services.bridges.start(&services.tracker, &shutdown).await;
+    }
+    let bridges_http = if config.bridges.listens() {
         let addr = config.bridges.listen;
         let bridges_listener = match TcpListener::bind(addr).await {
             Ok(listener) => listener,

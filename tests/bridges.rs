@@ -156,15 +156,11 @@ fn message(id: &str, text: &str) -> Vec<u8> {
     .unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_webhook_chat_is_a_portal_where_the_bound_agent_answers_and_both_sides_go_out_once() {
-    let _one_at_a_time = exclusive().await;
-    // Slow: the answer streams as a message and its edits; only the final text goes out.
-    let llm = LlmStub::start(LlmMode::Slow).await;
-    let (receiver, outbound_url) = Receiver::start().await;
-    let alice = Human::new("alice").await;
+/// agentbus with the webhook account `shop` (bound to damon, inviting `follower`) on a
+/// listener of its own; returns it running, and that listener's port.
+async fn shop_bridge(llm_url: &str, outbound_url: &str, follower: &Human) -> (Agentbus, u16) {
     let port = support::free_port();
-    let dir = Agentbus::write_config(&llm.url);
+    let dir = Agentbus::write_config(llm_url);
     let path = dir.path().join("agentbus.yaml");
     let config = std::fs::read_to_string(&path).unwrap();
     std::fs::write(
@@ -173,7 +169,7 @@ async fn a_webhook_chat_is_a_portal_where_the_bound_agent_answers_and_both_sides
             "{config}\nbridges:\n  listen: \"127.0.0.1:{port}\"\n  webhook:\n    accounts:\n      \
              shop: {{ secret_env: AGENTBUS_E2E_WEBHOOK_SECRET, outbound_url: \"{outbound_url}\", \
              agent: damon, invite: [\"{}\"] }}\n",
-            alice.user_id
+            follower.user_id
         ),
     )
     .unwrap();
@@ -181,6 +177,35 @@ async fn a_webhook_chat_is_a_portal_where_the_bound_agent_answers_and_both_sides
     bus.set_env("AGENTBUS_E2E_WEBHOOK_SECRET", SECRET);
     bus.spawn().await;
     bus.wait_log(&["bridges listening"]).await;
+    (bus, port)
+}
+
+/// Waits for `human`'s first invitation to a room and joins it: a new portal.
+async fn join_first_invite(human: &Human) -> matrix_sdk::ruma::OwnedRoomId {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let portal = loop {
+        if let Some(room) = human.client.invited_rooms().first() {
+            break room.room_id().to_owned();
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} was never invited to a portal",
+            human.localpart
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    human.client.join_room_by_id(&portal).await.unwrap();
+    portal
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhook_chat_is_a_portal_where_the_bound_agent_answers_and_both_sides_go_out_once() {
+    let _one_at_a_time = exclusive().await;
+    // Slow: the answer streams as a message and its edits; only the final text goes out.
+    let llm = LlmStub::start(LlmMode::Slow).await;
+    let (receiver, outbound_url) = Receiver::start().await;
+    let alice = Human::new("alice").await;
+    let (_bus, port) = shop_bridge(&llm.url, &outbound_url, &alice).await;
 
     // Bad input first: none of it may reach Matrix.
     let (status, answer) = post(port, "nobody", &message("x-1", "lost"), None).await;
@@ -205,18 +230,7 @@ async fn a_webhook_chat_is_a_portal_where_the_bound_agent_answers_and_both_sides
     assert_eq!((status, &answer["status"]), (200, &json!("duplicate")));
 
     // The portal invites the account's follower; it carries the m.bridge state.
-    let deadline = tokio::time::Instant::now() + WAIT;
-    let portal = loop {
-        if let Some(room) = alice.client.invited_rooms().first() {
-            break room.room_id().to_owned();
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "alice was never invited to a portal"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    alice.client.join_room_by_id(&portal).await.unwrap();
+    let portal = join_first_invite(&alice).await;
     let state_key = "io.agentbus://webhook/shop/c-1";
     let url = format!(
         "{}/_matrix/client/v3/rooms/{portal}/state/m.bridge/{}",
@@ -356,5 +370,70 @@ async fn a_webhook_chat_is_a_portal_where_the_bound_agent_answers_and_both_sides
                 .as_str()
                 .is_some_and(|t| t.contains("from the shop"))),
         "{posts:?}"
+    );
+}
+
+/// A message the platform was told is accepted, and then agentbus dies (SIGKILL) before
+/// it reached Matrix — the homeserver is down, so it cannot have: after the restart it is
+/// posted, once, and answered; the platform's redelivery of it posts nothing more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_acknowledged_before_a_crash_is_posted_once_after_the_restart() {
+    let _one_at_a_time = exclusive().await;
+    let llm = LlmStub::start(LlmMode::Answer).await;
+    let (receiver, outbound_url) = Receiver::start().await;
+    let alice = Human::new("alice").await;
+    let (mut bus, port) = shop_bridge(&llm.url, &outbound_url, &alice).await;
+
+    let down = support::synapse().take_down().await;
+    let said = message("crash-1", "said just before the crash");
+    let (status, answer) = post(port, "shop", &said, None).await;
+    assert_eq!((status, &answer["status"]), (200, &json!("accepted")));
+    bus.kill().await;
+    down.bring_up().await;
+    bus.spawn().await;
+    bus.wait_log(&["bridges listening"]).await;
+
+    let (status, answer) = post(port, "shop", &said, None).await;
+    assert_eq!(
+        (status, &answer["status"]),
+        (200, &json!("duplicate")),
+        "the record survived the crash"
+    );
+    let portal = join_first_invite(&alice).await;
+    alice
+        .wait_for("the message from before the crash", |s| {
+            s.room_id == portal && s.body() == "said just before the crash"
+        })
+        .await;
+    let (out, _) = receiver
+        .wait_for("damon's answer to it", |b| {
+            b["sender"]["id"] == "damon"
+                && b["text"]
+                    .as_str()
+                    .is_some_and(|t| t.contains("said just before the crash"))
+        })
+        .await;
+    assert_eq!(out["chat"]["id"], "c-1");
+
+    // A later message as a sentinel: the first is in the portal once.
+    let (status, _) = post(port, "shop", &message("crash-2", "after the restart"), None).await;
+    assert_eq!(status, 200);
+    alice
+        .wait_for("the sentinel", |s| {
+            s.room_id == portal && s.body() == "after the restart"
+        })
+        .await;
+    let bodies: Vec<String> = alice
+        .seen(|s| s.room_id == portal)
+        .iter()
+        .map(|s| s.body().to_owned())
+        .collect();
+    assert_eq!(
+        bodies
+            .iter()
+            .filter(|b| *b == "said just before the crash")
+            .count(),
+        1,
+        "{bodies:?}"
     );
 }

@@ -49,6 +49,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "ops",
             "server",
             "appservice",
+            "bridges",
         ],
     ),
     (

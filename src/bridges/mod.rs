@@ -25,6 +25,7 @@
 //! sent), and a Matrix person's message as `Name: text` (relay mode). Puppets' own
 //! messages never go back out, and nor does the bot's.
 
+pub mod irc;
 pub mod names;
 pub mod webhook;
 
@@ -91,6 +92,10 @@ pub struct OutboundMessage {
     pub sender: RemoteUser,
     /// The text as the platform should show it (relayed people: `Name: text`).
     pub text: String,
+    /// Relay mode: `text` names its sender already (a Matrix person's message); else it
+    /// is an agent's answer, as the agent wrote it.
+    #[serde(default)]
+    pub relayed: bool,
 }
 
 /// How a platform shows text.
@@ -140,6 +145,53 @@ pub trait Channel: Send + Sync {
     async fn send(&self, message: &OutboundMessage) -> Result<(), SendError>;
 }
 
+/// An account's connection to its platform, in the words of mautrix's bridge states.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BridgeState {
+    /// Configured, not yet started.
+    Starting,
+    Connecting,
+    /// Connected (or, for a platform that calls us, ready to be called).
+    Connected,
+    /// Lost; reconnecting by itself.
+    TransientDisconnect,
+    /// The platform refused the credentials: someone must fix the config.
+    BadCredentials,
+    /// Could not start for another reason.
+    UnknownError,
+}
+
+impl BridgeState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Starting => "starting",
+            Self::Connecting => "connecting",
+            Self::Connected => "connected",
+            Self::TransientDisconnect => "transient_disconnect",
+            Self::BadCredentials => "bad_credentials",
+            Self::UnknownError => "unknown_error",
+        }
+    }
+
+    /// Whether the account works, or will by itself.
+    pub fn is_healthy(self) -> bool {
+        matches!(self, Self::Starting | Self::Connecting | Self::Connected)
+    }
+}
+
+/// One account's state, for `/ready`, the log and the management rooms.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AccountState {
+    pub platform: ChannelId,
+    pub account: String,
+    pub state: BridgeState,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+    /// When it entered this state (unix ms).
+    pub since_ms: u64,
+}
+
 /// What [`Inbound::receive`] made of a message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Received {
@@ -154,9 +206,17 @@ pub enum Received {
 pub struct Inbound {
     core: Arc<Bridges>,
     platform: ChannelId,
+    account: String,
 }
 
 impl Inbound {
+    /// Reports the account's connection state: logged, shown by `/ready`, and posted to
+    /// the management rooms when it changed.
+    pub fn report(&self, state: BridgeState, detail: Option<String>) {
+        self.core
+            .report(&self.platform, &self.account, state, detail);
+    }
+
     /// Records `message` (durably: return only then acknowledge it to the platform) and
     /// queues it for its portal; a message seen before is not queued again.
     pub async fn receive(&self, message: InboundMessage) -> Result<Received, StoreError> {
@@ -214,6 +274,16 @@ pub struct Bridges {
     inbound_rx: Mutex<Option<mpsc::Receiver<(String, InboundJob)>>>,
     outbound: BTreeMap<(ChannelId, String), mpsc::Sender<(String, OutboundJob)>>,
     outbound_rx: Mutex<Vec<(Arc<dyn Channel>, OutboundQueue)>>,
+    /// Each account's connection state.
+    states: Mutex<BTreeMap<(ChannelId, String), AccountState>>,
+    /// Numbers the state notices, so each has a transaction ID of its own.
+    notices: std::sync::atomic::AtomicU64,
+    /// Where the state notices are posted from (the tasks are tracked by the runtime's
+    /// tracker once started).
+    tracker: Mutex<Option<TaskTracker>>,
+    /// When this process built the core: part of the state notices' transaction IDs, so
+    /// a restart's notices are new ones.
+    started_ms: u64,
 }
 
 /// The record key of an inbound message.
@@ -245,8 +315,20 @@ impl Bridges {
         let mut outbound = BTreeMap::new();
         let mut outbound_rx = Vec::new();
         let mut by_key = BTreeMap::new();
+        let mut states = BTreeMap::new();
+        let now = crate::unix_ms();
         for channel in channels {
             let key = (channel.platform(), channel.account().to_owned());
+            states.insert(
+                key.clone(),
+                AccountState {
+                    platform: key.0.clone(),
+                    account: key.1.clone(),
+                    state: BridgeState::Starting,
+                    detail: None,
+                    since_ms: now,
+                },
+            );
             let (tx, rx) = mpsc::channel(QUEUE);
             outbound.insert(key.clone(), tx);
             outbound_rx.push((channel.clone(), rx));
@@ -264,7 +346,108 @@ impl Bridges {
             inbound_rx: Mutex::new(Some(inbound_rx)),
             outbound,
             outbound_rx: Mutex::new(outbound_rx),
+            states: Mutex::new(states),
+            notices: std::sync::atomic::AtomicU64::new(0),
+            tracker: Mutex::new(None),
+            started_ms: now,
         })
+    }
+
+    /// Every account's connection state, by platform and account.
+    pub fn states(&self) -> Vec<AccountState> {
+        self.states
+            .lock()
+            .expect("states lock")
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// Records `account`'s state; a change is logged and posted as a notice in every room
+    /// the bot is in that is not a portal — the management rooms, which it joins only on
+    /// an admin's invite.
+    fn report(
+        self: &Arc<Self>,
+        platform: &ChannelId,
+        account: &str,
+        state: BridgeState,
+        detail: Option<String>,
+    ) {
+        let key = (platform.clone(), account.to_owned());
+        let changed = {
+            let mut states = self.states.lock().expect("states lock");
+            let entry = states.entry(key).or_insert_with(|| AccountState {
+                platform: platform.clone(),
+                account: account.to_owned(),
+                state: BridgeState::Starting,
+                detail: None,
+                since_ms: crate::unix_ms(),
+            });
+            let changed = entry.state != state;
+            if changed {
+                entry.since_ms = crate::unix_ms();
+            }
+            entry.state = state;
+            entry.detail = detail.clone();
+            changed
+        };
+        metrics::gauge!("agentbus_bridge_connected", "platform" => platform.to_string(), "account" => account.to_owned())
+            .set(if state == BridgeState::Connected { 1.0 } else { 0.0 });
+        let detail_text = detail.as_deref().unwrap_or("");
+        if state.is_healthy() {
+            tracing::info!(platform = %platform, account, state = state.as_str(), detail = detail_text, "bridge state");
+        } else {
+            tracing::warn!(platform = %platform, account, state = state.as_str(), detail = detail_text, "bridge state");
+        }
+        // Starting and connecting are steps on the way, not news.
+        if !changed || matches!(state, BridgeState::Starting | BridgeState::Connecting) {
+            return;
+        }
+        let Some(tracker) = self.tracker.lock().expect("tracker lock").clone() else {
+            return;
+        };
+        let icon = if state == BridgeState::Connected {
+            "✅"
+        } else {
+            "⚠️"
+        };
+        let mut body = format!("{icon} Bridge {platform} ({account}): {}", state.as_str());
+        if let Some(detail) = detail {
+            body.push_str(&format!(" — {detail}"));
+        }
+        let seq = self
+            .notices
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let txn = txn_for(&format!(
+            "state/{}/{seq}/{platform}/{account}",
+            self.started_ms
+        ));
+        let core = self.clone();
+        tracker.spawn(async move { core.post_state_notice(&body, &txn).await });
+    }
+
+    async fn post_state_notice(&self, body: &str, txn: &OwnedTransactionId) {
+        let bot = self.matrix.intent(&self.config.sender_user_id());
+        let rooms = match bot.joined_rooms().await {
+            Ok(rooms) => rooms,
+            Err(e) => {
+                tracing::debug!(error = %e, "no management rooms for a bridge state notice");
+                return;
+            }
+        };
+        let portals: std::collections::HashSet<OwnedRoomId> = self
+            .rooms
+            .read()
+            .expect("portals lock")
+            .keys()
+            .cloned()
+            .collect();
+        let content = json!({ "msgtype": "m.notice", "body": body });
+        for room in rooms.into_iter().filter(|r| !portals.contains(r)) {
+            if let Err(e) = bot.send_message(&room, txn, &content).await {
+                tracing::debug!(room_id = %room, error = %e, "a bridge state notice was not posted");
+            }
+        }
     }
 
     /// The accounts of `platform`, by account ID.
@@ -278,6 +461,7 @@ impl Bridges {
     /// Loads the portals, starts every account and the queues' workers, and queues again
     /// what a previous run recorded and did not deliver. Call once the homeserver is up.
     pub async fn start(self: &Arc<Self>, tracker: &TaskTracker, shutdown: &CancellationToken) {
+        *self.tracker.lock().expect("tracker lock") = Some(tracker.clone());
         match self.store.portals().await {
             Ok(portals) => {
                 let mut rooms = self.rooms.write().expect("portals lock");
@@ -297,14 +481,11 @@ impl Bridges {
             let inbound = Inbound {
                 core: self.clone(),
                 platform: channel.platform(),
+                account: channel.account().to_owned(),
             };
-            match channel.start(inbound).await {
-                Ok(()) => {
-                    tracing::info!(platform = %channel.platform(), account = channel.account(), "bridge connected")
-                }
-                Err(e) => {
-                    tracing::error!(platform = %channel.platform(), account = channel.account(), error = %e, "bridge could not start")
-                }
+            if let Err(e) = channel.start(inbound.clone()).await {
+                tracing::error!(platform = %channel.platform(), account = channel.account(), error = %e, "bridge could not start");
+                inbound.report(BridgeState::UnknownError, Some(e));
             }
         }
         self.requeue().await;
@@ -367,7 +548,15 @@ impl Bridges {
             message,
         };
         let payload = serde_json::to_vec(&job).expect("an inbound message serialises");
-        match self.store.record_bridged(&key, &payload).await? {
+        let recorded = self.store.record_bridged(&key, &payload).await?;
+        let outcome = if recorded.is_none() {
+            "accepted"
+        } else {
+            "duplicate"
+        };
+        metrics::counter!("agentbus_bridge_messages_total", "platform" => platform.to_string(), "direction" => "in", "outcome" => outcome)
+            .increment(1);
+        match recorded {
             None => {
                 // A full queue waits here, so the platform's acknowledgement waits too.
                 let _ = self.inbound.send((key, job)).await;
@@ -551,31 +740,19 @@ impl Bridges {
 
     /// The agent `bridges.<platform>.accounts.<account>.agent` names.
     fn bound_agent(&self, platform: &ChannelId, account: &str) -> Option<AgentId> {
-        match platform.as_str() {
-            "webhook" => self
-                .config
-                .bridges
-                .webhook
-                .accounts
-                .get(account)
-                .and_then(|a| a.agent.clone()),
-            _ => None,
-        }
+        self.config
+            .bridges
+            .binding(platform.as_str(), account)
+            .and_then(|b| b.agent.cloned())
     }
 
     /// The Matrix users invited to the account's new portals.
     fn followers(&self, platform: &ChannelId, account: &str) -> Vec<OwnedUserId> {
-        match platform.as_str() {
-            "webhook" => self
-                .config
-                .bridges
-                .webhook
-                .accounts
-                .get(account)
-                .map(|a| a.invite.clone())
-                .unwrap_or_default(),
-            _ => Vec::new(),
-        }
+        self.config
+            .bridges
+            .binding(platform.as_str(), account)
+            .map(|b| b.invite.to_vec())
+            .unwrap_or_default()
     }
 
     /// The agent that answers unaddressed messages in `room_id`, when it is a portal of an
@@ -603,7 +780,8 @@ impl Bridges {
         if config.is_puppet(message.sender) || *message.sender == config.sender_user_id() {
             return;
         }
-        let (relayed_event, sender, text) = if config.is_own_user(message.sender) {
+        let relayed = !config.is_own_user(message.sender);
+        let (relayed_event, sender, text) = if !relayed {
             // Ours: an agent's (or team's) answer, once it is final.
             if message.streaming {
                 return;
@@ -653,6 +831,7 @@ impl Bridges {
                 },
                 sender,
                 text,
+                relayed,
             },
         };
         let payload = serde_json::to_vec(&job).expect("an outbound message serialises");
@@ -711,6 +890,8 @@ impl Bridges {
             loop {
                 match channel.send(&job.message).await {
                     Ok(()) => {
+                        metrics::counter!("agentbus_bridge_messages_total", "platform" => job.platform.to_string(), "direction" => "out", "outcome" => "sent")
+                            .increment(1);
                         tracing::info!(platform = %job.platform, account = job.account, room_id = %job.room_id, event_id = job.message.id, "relayed to the platform");
                         break;
                     }
@@ -727,6 +908,8 @@ impl Bridges {
                         backoff = (backoff * 2).min(MAX_BACKOFF);
                     }
                     Err(SendError::Permanent(reason)) => {
+                        metrics::counter!("agentbus_bridge_messages_total", "platform" => job.platform.to_string(), "direction" => "out", "outcome" => "refused")
+                            .increment(1);
                         tracing::error!(platform = %job.platform, account = job.account, event_id = job.message.id, reason, "the platform refused a message");
                         self.notify_undelivered(&key, &job, &reason).await;
                         break;
@@ -751,6 +934,36 @@ impl Bridges {
             tracing::warn!(room_id = %job.room_id, error = %e, "could not post the undelivered notice");
         }
     }
+}
+
+/// `agentbus check`'s lines for the bridges: each account, and whether its platform can
+/// be reached from here (a warning, not a failure: the platform may be down for a while,
+/// and the account reconnects by itself).
+pub async fn preflight(config: &Config) -> Vec<String> {
+    let mut lines = Vec::new();
+    for id in config.bridges.webhook.accounts.keys() {
+        lines.push(format!(
+            "✓ bridge webhook/{id}: POST /bridges/webhook/{id} on {}",
+            config.bridges.listen
+        ));
+    }
+    for (id, account) in &config.bridges.irc.accounts {
+        let target = format!("{}:{}", account.server, account.port());
+        let reached = tokio::time::timeout(
+            Duration::from_secs(5),
+            tokio::net::TcpStream::connect(&target),
+        )
+        .await;
+        lines.push(match reached {
+            Ok(Ok(_)) => format!(
+                "✓ bridge irc/{id}: {target} accepts connections (channels: {})",
+                account.channels.join(", ")
+            ),
+            Ok(Err(e)) => format!("⚠ bridge irc/{id}: cannot reach {target}: {e}"),
+            Err(_) => format!("⚠ bridge irc/{id}: {target} did not answer within 5 s"),
+        });
+    }
+    lines
 }
 
 #[cfg(test)]

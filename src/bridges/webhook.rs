@@ -32,8 +32,8 @@ use tokio::sync::OnceCell;
 use url::Url;
 
 use super::{
-    Capabilities, Channel, Inbound, InboundMessage, OutboundMessage, Received, RemoteChat,
-    RemoteUser, SendError, TextFormat,
+    BridgeState, Capabilities, Channel, Inbound, InboundMessage, OutboundMessage, Received,
+    RemoteChat, RemoteUser, SendError, TextFormat,
 };
 use crate::config::{ChannelId, Config};
 
@@ -185,6 +185,10 @@ impl Channel for WebhookChannel {
 
     async fn start(&self, inbound: Inbound) -> Result<(), String> {
         // The other side calls us: taking requests is all there is to connecting.
+        inbound.report(
+            BridgeState::Connected,
+            Some("taking signed requests on bridges.listen".into()),
+        );
         self.inbound
             .set(inbound)
             .map_err(|_| "the webhook account was started twice".to_owned())

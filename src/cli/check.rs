@@ -63,5 +63,8 @@ pub async fn check(config: Config) -> Result<(), CheckFailure> {
     for line in result? {
         println!("{line}");
     }
+    for line in crate::bridges::preflight(&config).await {
+        println!("{line}");
+    }
     Ok(())
 }

@@ -20,6 +20,9 @@ pub struct BridgesConfig {
     /// The generic signed webhook.
     #[serde(default)]
     pub webhook: WebhookBridgeConfig,
+    /// IRC networks.
+    #[serde(default)]
+    pub irc: IrcBridgeConfig,
 }
 
 fn default_listen() -> SocketAddr {
@@ -31,15 +34,117 @@ impl Default for BridgesConfig {
         Self {
             listen: default_listen(),
             webhook: WebhookBridgeConfig::default(),
+            irc: IrcBridgeConfig::default(),
         }
     }
 }
 
 impl BridgesConfig {
-    /// Whether any platform account is configured (else no listener opens).
+    /// Whether any platform account is configured (else the bridges do not start).
     pub fn any(&self) -> bool {
+        self.listens() || !self.irc.accounts.is_empty()
+    }
+
+    /// Whether a platform that calls us is configured (else no listener opens).
+    pub fn listens(&self) -> bool {
         !self.webhook.accounts.is_empty()
     }
+
+    /// The agent and followers of `platform`'s `account`, whatever the platform.
+    pub fn binding(&self, platform: &str, account: &str) -> Option<AccountBinding<'_>> {
+        match platform {
+            "webhook" => self.webhook.accounts.get(account).map(|a| AccountBinding {
+                agent: a.agent.as_ref(),
+                invite: &a.invite,
+            }),
+            "irc" => self.irc.accounts.get(account).map(|a| AccountBinding {
+                agent: a.agent.as_ref(),
+                invite: &a.invite,
+            }),
+            _ => None,
+        }
+    }
+}
+
+/// What every platform's account says about Matrix: the agent bound to it and who is
+/// invited to its portals.
+#[derive(Debug, Clone, Copy)]
+pub struct AccountBinding<'a> {
+    pub agent: Option<&'a AgentId>,
+    pub invite: &'a [OwnedUserId],
+}
+
+/// `bridges.irc:`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IrcBridgeConfig {
+    /// The connections by ID, one per network (and nick).
+    #[serde(default)]
+    pub accounts: BTreeMap<String, IrcAccountConfig>,
+}
+
+/// `bridges.irc.accounts.<id>:` — one connection to one IRC network.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IrcAccountConfig {
+    /// The server's host name.
+    pub server: String,
+    /// Default 6697 with TLS, 6667 without.
+    #[serde(default)]
+    pub port: Option<u16>,
+    #[serde(default)]
+    pub tls: bool,
+    /// The bot's nick; when taken, `nick_`, `nick__`, … are tried.
+    pub nick: String,
+    /// The channels joined, one portal each (`#agentbus`). Private messages to the nick
+    /// are portals too, one per sender.
+    #[serde(default)]
+    pub channels: Vec<String>,
+    /// The environment variable holding the server password (`PASS`), if the server has one.
+    #[serde(default)]
+    pub password_env: Option<String>,
+    /// SASL PLAIN: the account name, and the environment variable holding its password.
+    #[serde(default)]
+    pub sasl: Option<IrcSaslConfig>,
+    /// The agent that answers in this account's portals without being mentioned.
+    #[serde(default)]
+    pub agent: Option<AgentId>,
+    /// Matrix users invited to each new portal of this account.
+    #[serde(default)]
+    pub invite: Vec<OwnedUserId>,
+}
+
+impl IrcAccountConfig {
+    pub fn port(&self) -> u16 {
+        self.port.unwrap_or(if self.tls { 6697 } else { 6667 })
+    }
+}
+
+/// Whether `nick` is a nick (RFC 2812 §2.3.1: a letter or special first, then letters,
+/// digits, specials or `-`; at most 30, what most networks allow).
+pub fn is_irc_nick(nick: &str) -> bool {
+    let special = |c: char| "[]\\`_^{|}".contains(c);
+    let mut chars = nick.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || special(c))
+        && chars.all(|c| c.is_ascii_alphanumeric() || special(c) || c == '-')
+        && nick.len() <= 30
+}
+
+/// Whether `name` is a channel name (RFC 2812 §1.3: `#` or `&`, then no space, comma or
+/// BEL, at most 50 characters).
+pub fn is_irc_channel(name: &str) -> bool {
+    (name.starts_with('#') || name.starts_with('&'))
+        && name.len() > 1
+        && name.len() <= 50
+        && !name.contains([' ', ',', '\x07', ':'])
+}
+
+/// `bridges.irc.accounts.<id>.sasl:`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IrcSaslConfig {
+    pub username: String,
+    pub password_env: String,
 }
 
 /// `bridges.webhook:`
@@ -95,6 +200,11 @@ mod tests {
         assert_eq!(shop.secret_env, "AGENTBUS_WEBHOOK_SHOP_SECRET");
         assert_eq!(shop.agent.as_ref().map(|a| a.as_str()), Some("damon"));
         assert_eq!(config.bridges.listen.port(), 9010);
+        let local = &config.bridges.irc.accounts["local"];
+        assert_eq!((local.nick.as_str(), local.port()), ("agentbus", 6667));
+        assert_eq!(local.channels, ["#agentbus"]);
+        let binding = config.bridges.binding("irc", "local").unwrap();
+        assert_eq!(binding.agent.map(|a| a.as_str()), Some("damon"));
     }
 
     #[test]
@@ -102,7 +212,9 @@ mod tests {
         let base = include_str!("../../agentbus.example.yaml");
         let text = format!(
             "{base}\nbridges:\n  webhook:\n    accounts:\n      \"Shop/1\": {{ secret_env: \" \", \
-             outbound_url: \"ftp://x\", agent: ghost }}\n"
+             outbound_url: \"ftp://x\", agent: ghost }}\n  irc:\n    accounts:\n      \
+             net: {{ server: \"\", nick: \"1bad\", channels: [\"nochan\"], \
+             sasl: {{ username: u, password_env: \"\" }} }}\n"
         );
         let err = crate::config::Config::parse(&text)
             .unwrap()
@@ -114,6 +226,10 @@ mod tests {
             "bridges.webhook.accounts.Shop/1.agent: unknown agent \"ghost\"",
             "bridges.webhook.accounts.Shop/1.secret_env: names the environment variable",
             "bridges.webhook.accounts.Shop/1.outbound_url: must be an http:// or https:// URL",
+            "bridges.irc.accounts.net.server: names the IRC server's host",
+            "bridges.irc.accounts.net.nick: \"1bad\" is not an IRC nick",
+            "bridges.irc.accounts.net.channels: \"nochan\" is not a channel name",
+            "bridges.irc.accounts.net.sasl: needs username and password_env",
         ] {
             assert!(err.contains(wanted), "missing {wanted:?} in:\n{err}");
         }

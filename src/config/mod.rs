@@ -24,7 +24,10 @@ mod routing;
 mod schedules;
 mod teams;
 
-pub use self::bridges::{BridgesConfig, WebhookAccountConfig, WebhookBridgeConfig};
+pub use self::bridges::{
+    AccountBinding, BridgesConfig, IrcAccountConfig, IrcBridgeConfig, IrcSaslConfig,
+    WebhookAccountConfig, WebhookBridgeConfig, is_irc_channel, is_irc_nick,
+};
 pub use self::ids::{AgentId, ChannelId, InvalidAgentId, is_valid_localpart};
 
 pub use self::llm::{
@@ -703,6 +706,48 @@ impl Config {
                 problem(
                     format!("{at}.outbound_url"),
                     "must be an http:// or https:// URL".into(),
+                );
+            }
+        }
+        for (id, account) in &self.bridges.irc.accounts {
+            let at = format!("bridges.irc.accounts.{id}");
+            if !is_bridge_id(id) {
+                problem(
+                    at.clone(),
+                    "an account ID uses a-z, 0-9, - and _ only".into(),
+                );
+            }
+            if let Some(agent) = &account.agent
+                && !self.agents.iter().any(|a| a.id == *agent)
+            {
+                problem(format!("{at}.agent"), format!("unknown agent {agent:?}"));
+            }
+            if account.server.trim().is_empty() || account.server.contains(char::is_whitespace) {
+                problem(format!("{at}.server"), "names the IRC server's host".into());
+            }
+            if !is_irc_nick(&account.nick) {
+                problem(
+                    format!("{at}.nick"),
+                    format!(
+                        "{:?} is not an IRC nick (a letter or one of []\\`_^{{|}} first, then those, digits or -)",
+                        account.nick
+                    ),
+                );
+            }
+            for channel in &account.channels {
+                if !is_irc_channel(channel) {
+                    problem(
+                        format!("{at}.channels"),
+                        format!("{channel:?} is not a channel name (#name, no spaces or commas)"),
+                    );
+                }
+            }
+            if let Some(sasl) = &account.sasl
+                && (sasl.username.trim().is_empty() || sasl.password_env.trim().is_empty())
+            {
+                problem(
+                    format!("{at}.sasl"),
+                    "needs username and password_env (the variable holding the password)".into(),
                 );
             }
         }

@@ -187,6 +187,13 @@ impl Intent {
             .collect())
     }
 
+    /// The rooms the user is joined to (`GET /joined_rooms`).
+    pub async fn joined_rooms(&self) -> Result<Vec<ruma::OwnedRoomId>, MatrixError> {
+        let request = membership::joined_rooms::v3::Request::new();
+        let response = self.client.send(request, Some(&self.user)).await?;
+        Ok(response.joined_rooms)
+    }
+
     /// The room's `m.room.history_visibility` state (`GET /rooms/{roomId}/state/
     /// m.room.history_visibility/?format=event`): the setting and, when the homeserver
     /// returns the whole event, when it was set (`origin_server_ts`). `None` when the room

@@ -338,6 +338,21 @@ impl Commands {
                 lines.push(format!("{mark} provider {name}: {state}{error}"));
             }
         }
+        if let Some(accounts) = report["checks"]["bridges"]["accounts"].as_object() {
+            for (name, entry) in accounts {
+                let state = entry["state"].as_str().unwrap_or_default();
+                let mark = if matches!(state, "connected" | "connecting" | "starting") {
+                    "✓"
+                } else {
+                    "✗"
+                };
+                let detail = entry["detail"]
+                    .as_str()
+                    .map(|d| format!(" — {d}"))
+                    .unwrap_or_default();
+                lines.push(format!("{mark} bridge {name}: {state}{detail}"));
+            }
+        }
         lines.join("\n")
     }
 

@@ -50,6 +50,21 @@ pub struct ProviderCall {
 /// The providers' last calls, read at each `/ready`.
 pub type ProviderCalls = Arc<dyn Fn() -> Vec<ProviderCall> + Send + Sync>;
 
+/// A bridged platform account's connection state, as `/ready` reports it.
+#[derive(Debug, Clone)]
+pub struct BridgeAccount {
+    pub platform: String,
+    pub account: String,
+    pub state: &'static str,
+    /// Connected, or on its way there by itself.
+    pub healthy: bool,
+    pub detail: Option<String>,
+    pub since_ms: u64,
+}
+
+/// The bridge accounts' states, read at each `/ready`.
+pub type BridgeAccounts = Arc<dyn Fn() -> Vec<BridgeAccount> + Send + Sync>;
+
 /// What `/ready` checks.
 pub struct Readiness {
     journal: Arc<dyn JournalStore>,
@@ -57,6 +72,7 @@ pub struct Readiness {
     contact: Arc<Contact>,
     appservice_id: String,
     providers: ProviderCalls,
+    bridges: std::sync::OnceLock<BridgeAccounts>,
     cached: tokio::sync::Mutex<Option<(Instant, Check, Check)>>,
 }
 
@@ -87,8 +103,15 @@ impl Readiness {
             contact,
             appservice_id,
             providers,
+            bridges: std::sync::OnceLock::new(),
             cached: tokio::sync::Mutex::new(None),
         })
+    }
+
+    /// Reports the bridge accounts too (not critical: one platform's outage is no reason
+    /// to take agentbus out of rotation).
+    pub fn set_bridges(&self, accounts: BridgeAccounts) {
+        let _ = self.bridges.set(accounts);
     }
 
     /// Every check; whether all the critical ones passed.
@@ -126,7 +149,7 @@ impl Readiness {
             .collect();
         let providers_ok = providers.iter().all(|p| p.ok != Some(false));
         let ready = store.ok && homeserver.ok && ping.ok;
-        let body = json!({
+        let mut body = json!({
             "status": if ready { "ready" } else { "not_ready" },
             "checks": {
                 "store": store.json(),
@@ -135,6 +158,22 @@ impl Readiness {
                 "providers": { "ok": providers_ok, "critical": false, "providers": providers_json },
             }
         });
+        let accounts = self.bridges.get().map(|f| f()).unwrap_or_default();
+        if !accounts.is_empty() {
+            let ok = accounts.iter().all(|a| a.healthy);
+            let accounts: serde_json::Map<String, Value> = accounts
+                .into_iter()
+                .map(|a| {
+                    let mut entry = json!({ "state": a.state, "since_ms": a.since_ms });
+                    if let Some(detail) = a.detail {
+                        entry["detail"] = detail.into();
+                    }
+                    (format!("{}/{}", a.platform, a.account), entry)
+                })
+                .collect();
+            body["checks"]["bridges"] =
+                json!({ "ok": ok, "critical": false, "accounts": accounts });
+        }
         (ready, body)
     }
 
