@@ -20,6 +20,9 @@ pub struct BridgesConfig {
     /// The generic signed webhook.
     #[serde(default)]
     pub webhook: WebhookBridgeConfig,
+    /// Slack workspaces, over the Events API and the Web API.
+    #[serde(default)]
+    pub slack: SlackBridgeConfig,
 }
 
 fn default_listen() -> SocketAddr {
@@ -31,6 +34,7 @@ impl Default for BridgesConfig {
         Self {
             listen: default_listen(),
             webhook: WebhookBridgeConfig::default(),
+            slack: SlackBridgeConfig::default(),
         }
     }
 }
@@ -38,7 +42,7 @@ impl Default for BridgesConfig {
 impl BridgesConfig {
     /// Whether any platform account is configured (else no listener opens).
     pub fn any(&self) -> bool {
-        !self.webhook.accounts.is_empty()
+        !self.webhook.accounts.is_empty() || !self.slack.accounts.is_empty()
     }
 }
 
@@ -65,6 +69,39 @@ pub struct WebhookAccountConfig {
     /// Matrix users invited to each new portal of this account, to follow and join in.
     #[serde(default)]
     pub invite: Vec<OwnedUserId>,
+}
+
+/// `bridges.slack:`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SlackBridgeConfig {
+    /// The Slack apps by ID: each is `POST /bridges/slack/<id>`, its Events API request URL.
+    #[serde(default)]
+    pub accounts: BTreeMap<String, SlackAccountConfig>,
+}
+
+/// `bridges.slack.accounts.<id>:` — one Slack app installed in one workspace.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SlackAccountConfig {
+    /// The environment variable holding the app's bot token (`xoxb-…`, "OAuth & Permissions").
+    pub bot_token_env: String,
+    /// The environment variable holding the app's signing secret ("Basic Information").
+    pub signing_secret_env: String,
+    /// The Web API's base URL; default `https://slack.com/api`.
+    #[serde(default = "default_slack_api_url")]
+    pub api_url: Url,
+    /// The agent that answers in this account's portals (and is the one an `@app` mention
+    /// addresses).
+    #[serde(default)]
+    pub agent: Option<AgentId>,
+    /// Matrix users invited to each new portal of this account, to follow and join in.
+    #[serde(default)]
+    pub invite: Vec<OwnedUserId>,
+}
+
+fn default_slack_api_url() -> Url {
+    Url::parse("https://slack.com/api").expect("a valid URL")
 }
 
 #[cfg(test)]
@@ -95,6 +132,14 @@ mod tests {
         assert_eq!(shop.secret_env, "AGENTBUS_WEBHOOK_SHOP_SECRET");
         assert_eq!(shop.agent.as_ref().map(|a| a.as_str()), Some("damon"));
         assert_eq!(config.bridges.listen.port(), 9010);
+        let team = &config.bridges.slack.accounts["team"];
+        assert_eq!(team.bot_token_env, "AGENTBUS_SLACK_TEAM_BOT_TOKEN");
+        assert_eq!(
+            team.signing_secret_env,
+            "AGENTBUS_SLACK_TEAM_SIGNING_SECRET"
+        );
+        assert_eq!(team.api_url.as_str(), "https://slack.com/api");
+        assert_eq!(team.agent.as_ref().map(|a| a.as_str()), Some("damon"));
     }
 
     #[test]
@@ -114,6 +159,29 @@ mod tests {
             "bridges.webhook.accounts.Shop/1.agent: unknown agent \"ghost\"",
             "bridges.webhook.accounts.Shop/1.secret_env: names the environment variable",
             "bridges.webhook.accounts.Shop/1.outbound_url: must be an http:// or https:// URL",
+        ] {
+            assert!(err.contains(wanted), "missing {wanted:?} in:\n{err}");
+        }
+    }
+
+    #[test]
+    fn a_slack_account_is_checked() {
+        let base = include_str!("../../agentbus.example.yaml");
+        let text = format!(
+            "{base}\nbridges:\n  slack:\n    accounts:\n      \"Team 1\": {{ bot_token_env: \"\", \
+             signing_secret_env: \" \", api_url: \"ftp://x\", agent: ghost }}\n"
+        );
+        let err = crate::config::Config::parse(&text)
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        for wanted in [
+            "bridges.slack.accounts.Team 1: an account ID uses a-z, 0-9, - and _ only",
+            "bridges.slack.accounts.Team 1.agent: unknown agent \"ghost\"",
+            "bridges.slack.accounts.Team 1.bot_token_env: names the environment variable",
+            "bridges.slack.accounts.Team 1.signing_secret_env: names the environment variable",
+            "bridges.slack.accounts.Team 1.api_url: must be an http:// or https:// URL",
         ] {
             assert!(err.contains(wanted), "missing {wanted:?} in:\n{err}");
         }
