@@ -425,7 +425,7 @@ async fn a_slack_mention_reaches_the_bound_agent_whose_answer_is_posted_once_as_
     // damon answers that one too (the account is bound to it): a second post, which
     // also tells the first is not sent again.
     slack
-        .wait_for("chat.postMessage of the second answer", 200, |c| {
+        .wait_for("chat.postMessage", 200, |c| {
             c.args["text"]
                 .as_str()
                 .is_some_and(|t| t.contains("second from slack"))

@@ -121,7 +121,7 @@ pub enum Envelope {
     /// An event of the workspace.
     EventCallback {
         event_id: String,
-        event: SlackEvent,
+        event: Box<SlackEvent>,
         /// Who the app is in the workspace: its bot user's ID, when `auth.test` has not
         /// said.
         #[serde(default)]

@@ -70,11 +70,8 @@ impl Writer {
 
     fn start(&mut self, tag: Tag<'_>) {
         match tag {
-            Tag::Paragraph => {
-                if !self.fresh_item {
-                    self.block(2);
-                }
-            }
+            // A list item's first paragraph stays on the marker's line.
+            Tag::Paragraph if !self.fresh_item => self.block(2),
             Tag::Heading { .. } => {
                 self.block(2);
                 self.open_bold();
@@ -154,11 +151,7 @@ impl Writer {
                 self.in_table_head = false;
                 self.block(1);
             }
-            TagEnd::TableCell => {
-                if self.in_table_head {
-                    self.close_bold();
-                }
-            }
+            TagEnd::TableCell if self.in_table_head => self.close_bold(),
             TagEnd::Emphasis => self.raw("_"),
             TagEnd::Strong => self.close_bold(),
             TagEnd::Strikethrough => self.raw("~"),
