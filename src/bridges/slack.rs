@@ -541,6 +541,22 @@ impl Channel for SlackChannel {
         self.inbound
             .set(inbound)
             .map_err(|_| "the Slack account was started twice".to_owned())?;
+        self.check_credentials().await
+    }
+
+    async fn stop(&self) {
+        // Slack calls us: requests in flight finish with the listener.
+    }
+
+    async fn send(&self, message: &OutboundMessage) -> Result<(), SendError> {
+        self.post_message(message).await
+    }
+}
+
+impl SlackChannel {
+    /// `auth.test`: whether the token is good, and who the app's bot user is; the
+    /// account's state is logged (`connected`, `bad_credentials`, `unreachable`).
+    async fn check_credentials(&self) -> Result<(), String> {
         match self
             .call("auth.test", Some(&json!({})), &[], SEND_TIMEOUT)
             .await
@@ -580,11 +596,8 @@ impl Channel for SlackChannel {
         }
     }
 
-    async fn stop(&self) {
-        // Slack calls us: requests in flight finish with the listener.
-    }
-
-    async fn send(&self, message: &OutboundMessage) -> Result<(), SendError> {
+    /// `chat.postMessage` of `message`, its Markdown as mrkdwn.
+    async fn post_message(&self, message: &OutboundMessage) -> Result<(), SendError> {
         let body = json!({
             "channel": message.chat.id,
             "text": mrkdwn::markdown_to_mrkdwn(&message.text),
@@ -1060,6 +1073,34 @@ mod tests {
             },
             text: "**hi**".into(),
         }
+    }
+
+    #[tokio::test]
+    async fn auth_test_tells_connected_from_bad_credentials() {
+        let good = channel(
+            &api(
+                200,
+                &[],
+                json!({"ok": true, "team": "Acme", "user_id": "U0BOT", "bot_id": "B1"}),
+            )
+            .await,
+        );
+        assert_eq!(good.check_credentials().await, Ok(()));
+        assert_eq!(good.bot_user.get().map(String::as_str), Some("U0BOT"));
+        let revoked = channel(&api(200, &[], json!({"ok": false, "error": "invalid_auth"})).await);
+        let err = revoked.check_credentials().await.unwrap_err();
+        assert!(
+            err.starts_with("bad credentials: auth.test answered invalid_auth"),
+            "{err}"
+        );
+        assert!(
+            err.contains("bridges.slack.accounts.team.bot_token_env"),
+            "{err}"
+        );
+        assert_eq!(revoked.bot_user.get(), None);
+        let gone = channel("http://127.0.0.1:9/api");
+        let err = gone.check_credentials().await.unwrap_err();
+        assert!(err.starts_with("auth.test failed"), "{err}");
     }
 
     #[tokio::test]
