@@ -3,7 +3,8 @@
 //! the puppet's message, mentioning the account's agent; the agent's answer goes out by
 //! `chat.postMessage` as mrkdwn with the bot token, once, after a 429 is waited out;
 //! redeliveries and the `message` twin of the mention post nothing again; a wrong
-//! signature is refused; `url_verification` answers its challenge.
+//! signature is refused; `url_verification` answers its challenge; a channel the app has
+//! left refuses the answer for good, and its portal gets a notice.
 
 mod support;
 
@@ -57,7 +58,7 @@ struct Call {
 /// `users.info` (https://api.slack.com/methods/users.info) and `conversations.info`
 /// (https://api.slack.com/methods/conversations.info) name a user and a channel;
 /// `chat.postMessage` (https://api.slack.com/methods/chat.postMessage) takes a JSON body
-/// `{channel, text}` and answers `channel_not_found` for a channel it does not know. Its
+/// `{channel, text}` and answers `not_in_channel` for any channel but one. Its
 /// first `chat.postMessage` is rate limited as "Rate limits" (https://api.slack.com/apis/rate-limits)
 /// says: HTTP 429 with `Retry-After` in seconds.
 #[derive(Clone, Default)]
@@ -142,7 +143,8 @@ impl FakeSlack {
                     json!({"ok": true, "channel": "C0GENERAL", "ts": "1700000100.000200",
                         "message": {"type": "message", "text": args["text"], "bot_id": "B0BOT0001"}}),
                 ),
-                "chat.postMessage" => (200, json!({"ok": false, "error": "channel_not_found"})),
+                // The app was removed from every other channel.
+                "chat.postMessage" => (200, json!({"ok": false, "error": "not_in_channel"})),
                 _ => (200, json!({"ok": false, "error": "unknown_method"})),
             }
         };
@@ -444,4 +446,72 @@ async fn a_slack_mention_reaches_the_bound_agent_whose_answer_is_posted_once_as_
         .filter(|c| c.status == 200 && c.args["text"].as_str().is_some_and(|t| t.contains("quick")))
         .collect();
     assert_eq!(delivered.len(), 1, "{delivered:?}");
+
+    // Another channel, which conversations.info does not name and the app has left since:
+    // its portal is named by the channel's ID, and damon's answer is refused for good,
+    // which the portal is told.
+    let elsewhere = callback(
+        "Ev0ELSEWHERE",
+        json!({"type": "message", "user": "U42", "text": "anyone here?",
+            "ts": "1700000060.000100", "channel": "C0LEFT", "channel_type": "channel"}),
+    );
+    let (status, answer) = post(port, "acme", &elsewhere, None, None).await;
+    assert_eq!((status, &answer["status"]), (200, &json!("accepted")));
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let left = loop {
+        if let Some(room) = alice
+            .client
+            .invited_rooms()
+            .into_iter()
+            .find(|r| r.room_id() != portal)
+        {
+            break room.room_id().to_owned();
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "alice was never invited to the second portal"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    alice.client.join_room_by_id(&left).await.unwrap();
+    let notice = alice
+        .wait_for("the undelivered notice", |s| {
+            s.room_id == left && s.content["msgtype"] == "m.notice"
+        })
+        .await;
+    assert_eq!(
+        notice.body(),
+        "⚠️ Not delivered to slack (acme): chat.postMessage: not_in_channel"
+    );
+    let refused = slack
+        .wait_for("chat.postMessage", 200, |c| c.args["channel"] == "C0LEFT")
+        .await;
+    assert!(
+        refused.args["text"]
+            .as_str()
+            .is_some_and(|t| t.contains("anyone here?")),
+        "{refused:?}"
+    );
+    assert_eq!(
+        slack
+            .calls("chat.postMessage")
+            .iter()
+            .filter(|c| c.args["channel"] == "C0LEFT")
+            .count(),
+        1,
+        "a refusal is not retried"
+    );
+    let name: Value = reqwest::Client::new()
+        .get(format!(
+            "{}/_matrix/client/v3/rooms/{left}/state/m.room.name/",
+            support::synapse().url
+        ))
+        .bearer_auth(&alice.access_token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(name["name"], "C0LEFT", "unnamed by conversations.info");
 }
