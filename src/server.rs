@@ -15,7 +15,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::agents::AgentRuntime;
 use crate::appservice::{self, AppState};
-use crate::bridges::{self, Bridges, Channel, irc, webhook};
+use crate::bridges::{self, Bridges, Channel, irc, slack, webhook};
 use crate::collab::Collab;
 use crate::config::Config;
 use crate::inbox::Inbox;
@@ -55,6 +55,8 @@ pub struct Services {
     pub bridges: Arc<Bridges>,
     /// The webhook accounts, whose routes the bridges' listener serves.
     webhooks: Vec<Arc<webhook::WebhookChannel>>,
+    /// The Slack accounts, whose Events API routes the bridges' listener serves.
+    slack: Vec<Arc<slack::SlackChannel>>,
     /// Taken by [`Services::start_workers`].
     feed: Option<FeedReceiver>,
     tracker: TaskTracker,
@@ -92,6 +94,10 @@ impl Services {
                     ));
                 }
             }
+        }
+        for (id, account) in &config.bridges.slack.accounts {
+            slack::credentials(id, account)
+                .map_err(|e| CheckFailure::new(EXIT_LOCAL_SETUP, format!("✗ {e}")))?;
         }
         let store = store::open(&config.store).map_err(|e| {
             CheckFailure::new(
@@ -196,9 +202,11 @@ impl Services {
             scheduler.clone(),
         );
         let webhooks = webhook::channels(&config);
+        let slack = slack::channels(&config);
         let mut channels: Vec<Arc<dyn Channel>> = webhooks
             .iter()
             .map(|c| c.clone() as Arc<dyn Channel>)
+            .chain(slack.iter().map(|c| c.clone() as Arc<dyn Channel>))
             .collect();
         channels.extend(
             irc::channels(&config)
@@ -253,6 +261,7 @@ impl Services {
             monitor,
             bridges,
             webhooks,
+            slack,
             feed: Some(receiver),
             tracker,
             stop,
@@ -430,7 +439,8 @@ pub async fn serve(
         tracing::info!(%addr, "bridges listening");
         Some(tokio::spawn(listener::serve(
             bridges_listener,
-            bridges::webhook::routes(&services.webhooks),
+            bridges::webhook::routes(&services.webhooks)
+                .merge(bridges::slack::routes(&services.slack)),
             services.listener_limits(),
             shutdown.clone(),
         )))

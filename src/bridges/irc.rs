@@ -397,6 +397,8 @@ impl IrcChannel {
                             name: Some(from.to_owned()),
                         }
                     };
+                    let private = !is_channel(target);
+                    let (addressed, text) = addressing(client.current_nickname(), &text);
                     let received = inbound
                         .receive(InboundMessage {
                             account: self.account.clone(),
@@ -407,6 +409,7 @@ impl IrcChannel {
                             },
                             text,
                             remote_id,
+                            addressed: addressed || private,
                         })
                         .await;
                     if let Err(e) = received {
@@ -417,6 +420,19 @@ impl IrcChannel {
             }
         }
     }
+}
+
+/// Whether a channel line addresses the bot, IRC style (`agentbus: hi`, `agentbus, hi`),
+/// and the line without that prefix.
+fn addressing(nick: &str, text: &str) -> (bool, String) {
+    let prefix = text.get(..nick.len());
+    if prefix.is_some_and(|p| p.eq_ignore_ascii_case(nick)) {
+        let rest = &text[nick.len()..];
+        if let Some(rest) = rest.strip_prefix([':', ',']) {
+            return (true, rest.trim_start().to_owned());
+        }
+    }
+    (false, text.to_owned())
 }
 
 /// What a `PRIVMSG` says, without IRC formatting: a `/me` (CTCP ACTION) as `* text`;
@@ -573,6 +589,26 @@ mod tests {
             Some("bold and red")
         );
         assert_eq!(inbound_text("  \x02\x02 "), None);
+    }
+
+    #[test]
+    fn a_line_starting_with_the_nick_addresses_the_bot() {
+        assert_eq!(
+            addressing("agentbus_", "AgentBus_: help me"),
+            (true, "help me".to_owned())
+        );
+        assert_eq!(
+            addressing("agentbus", "agentbus, hi"),
+            (true, "hi".to_owned())
+        );
+        assert_eq!(
+            addressing("agentbus", "agentbusy: hi"),
+            (false, "agentbusy: hi".to_owned())
+        );
+        assert_eq!(
+            addressing("agentbus", "hi all"),
+            (false, "hi all".to_owned())
+        );
     }
 
     #[test]

@@ -27,6 +27,7 @@
 
 pub mod irc;
 pub mod names;
+pub mod slack;
 pub mod webhook;
 
 use std::collections::{BTreeMap, HashMap};
@@ -80,6 +81,10 @@ pub struct InboundMessage {
     pub text: String,
     /// The platform's ID of the message: what redeliveries are recognised by.
     pub remote_id: String,
+    /// Whether the sender addressed the account itself (a mention of the bot, a DM): the
+    /// account's agent is then mentioned in the posted message.
+    #[serde(default)]
+    pub addressed: bool,
 }
 
 /// What the core asks a platform to send into a remote chat.
@@ -103,6 +108,8 @@ pub struct OutboundMessage {
 pub enum TextFormat {
     /// Plain text; Markdown is sent as written.
     Plain,
+    /// Slack's `mrkdwn`: Markdown is rendered to it.
+    SlackMrkdwn,
 }
 
 /// What a platform declares it can do.
@@ -605,7 +612,12 @@ impl Bridges {
         let puppet = self
             .ensure_puppet(&job.platform, &message.sender, &portal.room_id)
             .await?;
-        let content = json!({ "msgtype": "m.text", "body": message.text });
+        let mut content = json!({ "msgtype": "m.text", "body": message.text });
+        if message.addressed
+            && let Some(agent) = self.bound_agent(&job.platform, &message.account)
+        {
+            content["m.mentions"] = json!({ "user_ids": [self.config.user_id(agent.as_str())] });
+        }
         let event_id = puppet
             .send_message_until_delivered(&portal.room_id, &txn_for(key), &content, shutdown)
             .await

@@ -329,6 +329,7 @@ async fn receive(
             sender: message.sender,
             text: message.text,
             remote_id: message.id,
+            addressed: false,
         })
         .await;
     match received {

@@ -23,6 +23,9 @@ pub struct BridgesConfig {
     /// IRC networks.
     #[serde(default)]
     pub irc: IrcBridgeConfig,
+    /// Slack workspaces, over the Events API and the Web API.
+    #[serde(default)]
+    pub slack: SlackBridgeConfig,
 }
 
 fn default_listen() -> SocketAddr {
@@ -35,6 +38,7 @@ impl Default for BridgesConfig {
             listen: default_listen(),
             webhook: WebhookBridgeConfig::default(),
             irc: IrcBridgeConfig::default(),
+            slack: SlackBridgeConfig::default(),
         }
     }
 }
@@ -47,7 +51,7 @@ impl BridgesConfig {
 
     /// Whether a platform that calls us is configured (else no listener opens).
     pub fn listens(&self) -> bool {
-        !self.webhook.accounts.is_empty()
+        !self.webhook.accounts.is_empty() || !self.slack.accounts.is_empty()
     }
 
     /// The agent and followers of `platform`'s `account`, whatever the platform.
@@ -58,6 +62,10 @@ impl BridgesConfig {
                 invite: &a.invite,
             }),
             "irc" => self.irc.accounts.get(account).map(|a| AccountBinding {
+                agent: a.agent.as_ref(),
+                invite: &a.invite,
+            }),
+            "slack" => self.slack.accounts.get(account).map(|a| AccountBinding {
                 agent: a.agent.as_ref(),
                 invite: &a.invite,
             }),
@@ -172,6 +180,39 @@ pub struct WebhookAccountConfig {
     pub invite: Vec<OwnedUserId>,
 }
 
+/// `bridges.slack:`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SlackBridgeConfig {
+    /// The Slack apps by ID: each is `POST /bridges/slack/<id>`, its Events API request URL.
+    #[serde(default)]
+    pub accounts: BTreeMap<String, SlackAccountConfig>,
+}
+
+/// `bridges.slack.accounts.<id>:` — one Slack app installed in one workspace.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SlackAccountConfig {
+    /// The environment variable holding the app's bot token (`xoxb-…`, "OAuth & Permissions").
+    pub bot_token_env: String,
+    /// The environment variable holding the app's signing secret ("Basic Information").
+    pub signing_secret_env: String,
+    /// The Web API's base URL; default `https://slack.com/api`.
+    #[serde(default = "default_slack_api_url")]
+    pub api_url: Url,
+    /// The agent that answers in this account's portals (and is the one an `@app` mention
+    /// addresses).
+    #[serde(default)]
+    pub agent: Option<AgentId>,
+    /// Matrix users invited to each new portal of this account, to follow and join in.
+    #[serde(default)]
+    pub invite: Vec<OwnedUserId>,
+}
+
+fn default_slack_api_url() -> Url {
+    Url::parse("https://slack.com/api").expect("a valid URL")
+}
+
 #[cfg(test)]
 mod tests {
     /// The commented `bridges:` example of `agentbus.example.yaml`, uncommented, is a valid
@@ -205,6 +246,14 @@ mod tests {
         assert_eq!(local.channels, ["#agentbus"]);
         let binding = config.bridges.binding("irc", "local").unwrap();
         assert_eq!(binding.agent.map(|a| a.as_str()), Some("damon"));
+        let team = &config.bridges.slack.accounts["team"];
+        assert_eq!(team.bot_token_env, "AGENTBUS_SLACK_TEAM_BOT_TOKEN");
+        assert_eq!(
+            team.signing_secret_env,
+            "AGENTBUS_SLACK_TEAM_SIGNING_SECRET"
+        );
+        assert_eq!(team.api_url.as_str(), "https://slack.com/api");
+        assert_eq!(team.agent.as_ref().map(|a| a.as_str()), Some("damon"));
     }
 
     #[test]
@@ -230,6 +279,29 @@ mod tests {
             "bridges.irc.accounts.net.nick: \"1bad\" is not an IRC nick",
             "bridges.irc.accounts.net.channels: \"nochan\" is not a channel name",
             "bridges.irc.accounts.net.sasl: needs username and password_env",
+        ] {
+            assert!(err.contains(wanted), "missing {wanted:?} in:\n{err}");
+        }
+    }
+
+    #[test]
+    fn a_slack_account_is_checked() {
+        let base = include_str!("../../agentbus.example.yaml");
+        let text = format!(
+            "{base}\nbridges:\n  slack:\n    accounts:\n      \"Team 1\": {{ bot_token_env: \"\", \
+             signing_secret_env: \" \", api_url: \"ftp://x\", agent: ghost }}\n"
+        );
+        let err = crate::config::Config::parse(&text)
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        for wanted in [
+            "bridges.slack.accounts.Team 1: an account ID uses a-z, 0-9, - and _ only",
+            "bridges.slack.accounts.Team 1.agent: unknown agent \"ghost\"",
+            "bridges.slack.accounts.Team 1.bot_token_env: names the environment variable",
+            "bridges.slack.accounts.Team 1.signing_secret_env: names the environment variable",
+            "bridges.slack.accounts.Team 1.api_url: must be an http:// or https:// URL",
         ] {
             assert!(err.contains(wanted), "missing {wanted:?} in:\n{err}");
         }

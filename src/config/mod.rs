@@ -26,7 +26,8 @@ mod teams;
 
 pub use self::bridges::{
     AccountBinding, BridgesConfig, IrcAccountConfig, IrcBridgeConfig, IrcSaslConfig,
-    WebhookAccountConfig, WebhookBridgeConfig, is_irc_channel, is_irc_nick,
+    SlackAccountConfig, SlackBridgeConfig, WebhookAccountConfig, WebhookBridgeConfig,
+    is_irc_channel, is_irc_nick,
 };
 pub use self::ids::{AgentId, ChannelId, InvalidAgentId, is_valid_localpart};
 
@@ -748,6 +749,42 @@ impl Config {
                 problem(
                     format!("{at}.sasl"),
                     "needs username and password_env (the variable holding the password)".into(),
+                );
+            }
+        }
+
+        for (id, account) in &self.bridges.slack.accounts {
+            let at = format!("bridges.slack.accounts.{id}");
+            if !is_bridge_id(id) {
+                problem(
+                    at.clone(),
+                    "an account ID uses a-z, 0-9, - and _ only (it is a URL path segment)".into(),
+                );
+            }
+            if let Some(agent) = &account.agent
+                && !self.agents.iter().any(|a| a.id == *agent)
+            {
+                problem(format!("{at}.agent"), format!("unknown agent {agent:?}"));
+            }
+            for (key, env, what) in [
+                ("bot_token_env", &account.bot_token_env, "the bot token"),
+                (
+                    "signing_secret_env",
+                    &account.signing_secret_env,
+                    "the signing secret",
+                ),
+            ] {
+                if env.trim().is_empty() {
+                    problem(
+                        format!("{at}.{key}"),
+                        format!("names the environment variable holding {what}"),
+                    );
+                }
+            }
+            if !matches!(account.api_url.scheme(), "http" | "https") {
+                problem(
+                    format!("{at}.api_url"),
+                    "must be an http:// or https:// URL".into(),
                 );
             }
         }
