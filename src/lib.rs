@@ -33,10 +33,12 @@
 //!   each remote user a puppet; what arrives is recorded, then posted by its puppet (and
 //!   flows through the appservice like any event); agents' final answers and Matrix
 //!   people's messages in a portal go out through the inbox's relay seam. The generic
-//!   signed webhook ([`bridges::webhook`]) on a listener of its own.
+//!   signed webhook ([`bridges::webhook`]) and Telegram bots ([`bridges::telegram`], by
+//!   webhook or long polling) on a listener of their own.
 //! - [`matrix`] — the outbound client-server API as any of our users (an
 //!   [`matrix::Intent`] each), with retries, and our protocol keys ([`matrix::keys`]).
-//! - [`render`] — Markdown → Matrix HTML, and answers split to fit events.
+//! - [`render`] — Markdown → Matrix HTML (and Telegram's HTML, [`render::telegram`]), and
+//!   answers split to fit events.
 //! - [`net`] — HTTP plumbing: error chains, Matrix error bodies for every error answer,
 //!   bearer tokens and their digests, throttled log lines; the listener
 //!   ([`net::listener`]: hyper with header-read and idle timeouts, a connection cap, the

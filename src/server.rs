@@ -15,7 +15,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::agents::AgentRuntime;
 use crate::appservice::{self, AppState};
-use crate::bridges::{self, Bridges, Channel, webhook};
+use crate::bridges::{self, Bridges, Channel, telegram, webhook};
 use crate::collab::Collab;
 use crate::config::Config;
 use crate::inbox::Inbox;
@@ -55,6 +55,8 @@ pub struct Services {
     pub bridges: Arc<Bridges>,
     /// The webhook accounts, whose routes the bridges' listener serves.
     webhooks: Vec<Arc<webhook::WebhookChannel>>,
+    /// The Telegram bots; those in webhook mode have routes on the bridges' listener.
+    telegrams: Vec<Arc<telegram::TelegramChannel>>,
     /// Taken by [`Services::start_workers`].
     feed: Option<FeedReceiver>,
     tracker: TaskTracker,
@@ -68,6 +70,10 @@ impl Services {
     pub fn build(config: Config) -> Result<Self, CheckFailure> {
         for (id, account) in &config.bridges.webhook.accounts {
             webhook::secret(id, &account.secret_env)
+                .map_err(|e| CheckFailure::new(EXIT_LOCAL_SETUP, format!("✗ {e}")))?;
+        }
+        for (id, account) in &config.bridges.telegram.accounts {
+            telegram::credentials(id, account)
                 .map_err(|e| CheckFailure::new(EXIT_LOCAL_SETUP, format!("✗ {e}")))?;
         }
         let store = store::open(&config.store).map_err(|e| {
@@ -173,6 +179,7 @@ impl Services {
             scheduler.clone(),
         );
         let webhooks = webhook::channels(&config);
+        let telegrams = telegram::channels(&config);
         let bridges = Bridges::new(
             config.clone(),
             matrix.clone(),
@@ -180,6 +187,7 @@ impl Services {
             webhooks
                 .iter()
                 .map(|c| c.clone() as Arc<dyn Channel>)
+                .chain(telegrams.iter().map(|c| c.clone() as Arc<dyn Channel>))
                 .collect(),
         );
         inbox.set_bridges(bridges.clone());
@@ -207,6 +215,7 @@ impl Services {
             monitor,
             bridges,
             webhooks,
+            telegrams,
             feed: Some(receiver),
             tracker,
             stop,
@@ -382,7 +391,7 @@ pub async fn serve(
         tracing::info!(%addr, "bridges listening");
         Some(tokio::spawn(listener::serve(
             bridges_listener,
-            bridges::webhook::routes(&services.webhooks),
+            bridges::routes(&services.webhooks, &services.telegrams),
             services.listener_limits(),
             shutdown.clone(),
         )))

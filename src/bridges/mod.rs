@@ -7,7 +7,9 @@
 //! the agents through the ordinary appservice → inbox pipeline, like anyone's.
 //!
 //! A platform implements one small trait, [`Channel`]: start, stop, send, and what it can
-//! do ([`Capabilities`]); it hands what arrives to the core through [`Inbound`]. Abilities
+//! do ([`Capabilities`]: text format, length limit, and whether its accounts' agents
+//! answer every message or only those the platform marks addressed, see [`Addressing`]);
+//! it hands what arrives to the core through [`Inbound`]. Abilities
 //! beyond plain text (edits, reactions, typing, media, threads) will be traits of their own
 //! the core discovers, added with the first platform that has them — never stub methods.
 //!
@@ -26,9 +28,10 @@
 //! messages never go back out, and nor does the bot's.
 
 pub mod names;
+pub mod telegram;
 pub mod webhook;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -79,6 +82,11 @@ pub struct InboundMessage {
     pub text: String,
     /// The platform's ID of the message: what redeliveries are recognised by.
     pub remote_id: String,
+    /// The message addresses the account (on a platform whose agent answers only when
+    /// addressed, see [`Addressing`]): a DM, a mention of the bot, a reply to it, a
+    /// command. Posted with the account's agent in `m.mentions`, so it is for that agent.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub addressed: bool,
 }
 
 /// What the core asks a platform to send into a remote chat.
@@ -98,6 +106,18 @@ pub struct OutboundMessage {
 pub enum TextFormat {
     /// Plain text; Markdown is sent as written.
     Plain,
+    /// The platform's own HTML subset, which the channel renders the Markdown to.
+    Html,
+}
+
+/// Which messages in an account's portals its bound agent answers unaddressed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Addressing {
+    /// Every message: the account is the conversation (a webhook endpoint).
+    Every,
+    /// Only those the platform marks [`InboundMessage::addressed`] (group chats where
+    /// people talk among themselves too).
+    Addressed,
 }
 
 /// What a platform declares it can do.
@@ -106,6 +126,7 @@ pub struct Capabilities {
     pub text: TextFormat,
     /// The longest text one message may carry, if the platform has a limit.
     pub max_text_len: Option<usize>,
+    pub addressing: Addressing,
 }
 
 /// Why a send failed, and whether to try again.
@@ -214,6 +235,19 @@ pub struct Bridges {
     inbound_rx: Mutex<Option<mpsc::Receiver<(String, InboundJob)>>>,
     outbound: BTreeMap<(ChannelId, String), mpsc::Sender<(String, OutboundJob)>>,
     outbound_rx: Mutex<Vec<(Arc<dyn Channel>, OutboundQueue)>>,
+}
+
+/// Every platform's routes on the bridges' listener; anything else is a 404 with a JSON
+/// error body, like every other error of agentbus's listeners.
+pub fn routes(
+    webhooks: &[Arc<webhook::WebhookChannel>],
+    telegrams: &[Arc<telegram::TelegramChannel>],
+) -> axum::Router {
+    axum::Router::new()
+        .merge(webhook::routes(webhooks))
+        .merge(telegram::routes(telegrams))
+        .fallback(|| async { axum::http::StatusCode::NOT_FOUND })
+        .layer(axum::middleware::map_response(crate::net::error_body))
 }
 
 /// The record key of an inbound message.
@@ -416,7 +450,12 @@ impl Bridges {
         let puppet = self
             .ensure_puppet(&job.platform, &message.sender, &portal.room_id)
             .await?;
-        let content = json!({ "msgtype": "m.text", "body": message.text });
+        let mut content = json!({ "msgtype": "m.text", "body": message.text });
+        if message.addressed
+            && let Some(agent) = self.bound_agent(&job.platform, &message.account)
+        {
+            content["m.mentions"] = json!({ "user_ids": [self.config.user_id(agent.as_str())] });
+        }
         let event_id = puppet
             .send_message_until_delivered(&portal.room_id, &txn_for(key), &content, shutdown)
             .await
@@ -551,39 +590,45 @@ impl Bridges {
 
     /// The agent `bridges.<platform>.accounts.<account>.agent` names.
     fn bound_agent(&self, platform: &ChannelId, account: &str) -> Option<AgentId> {
-        match platform.as_str() {
-            "webhook" => self
-                .config
-                .bridges
-                .webhook
-                .accounts
-                .get(account)
-                .and_then(|a| a.agent.clone()),
-            _ => None,
-        }
+        self.config
+            .bridges
+            .binding(platform.as_str(), account)
+            .and_then(|(agent, _)| agent.cloned())
     }
 
     /// The Matrix users invited to the account's new portals.
     fn followers(&self, platform: &ChannelId, account: &str) -> Vec<OwnedUserId> {
-        match platform.as_str() {
-            "webhook" => self
-                .config
-                .bridges
-                .webhook
-                .accounts
-                .get(account)
-                .map(|a| a.invite.clone())
-                .unwrap_or_default(),
-            _ => Vec::new(),
-        }
+        self.config
+            .bridges
+            .binding(platform.as_str(), account)
+            .map(|(_, invite)| invite.to_vec())
+            .unwrap_or_default()
     }
 
-    /// The agent that answers unaddressed messages in `room_id`, when it is a portal of an
-    /// account bound to one.
-    pub fn portal_agent(&self, room_id: &RoomId) -> Option<AgentId> {
-        let rooms = self.rooms.read().expect("portals lock");
-        let portal = rooms.get(room_id)?;
-        self.bound_agent(&portal.platform, &portal.account)
+    /// The agent a bridged message in `room_id` is for, when it is a portal of an account
+    /// bound to one: every message on a platform of [`Addressing::Every`], else those
+    /// whose `m.mentions` (`mentions`) name the agent, as an addressed one's do.
+    pub fn portal_agent(
+        &self,
+        room_id: &RoomId,
+        mentions: &BTreeSet<OwnedUserId>,
+    ) -> Option<AgentId> {
+        let (platform, account) = {
+            let rooms = self.rooms.read().expect("portals lock");
+            let portal = rooms.get(room_id)?;
+            (portal.platform.clone(), portal.account.clone())
+        };
+        let agent = self.bound_agent(&platform, &account)?;
+        let addressing = self
+            .channels
+            .get(&(platform, account))
+            .map_or(Addressing::Every, |c| c.capabilities().addressing);
+        match addressing {
+            Addressing::Every => Some(agent),
+            Addressing::Addressed => mentions
+                .contains(&self.config.user_id(agent.as_str()))
+                .then_some(agent),
+        }
     }
 
     /// The inbox's relay seam: sends `message` out to the platform of the portal it was

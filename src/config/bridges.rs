@@ -20,6 +20,9 @@ pub struct BridgesConfig {
     /// The generic signed webhook.
     #[serde(default)]
     pub webhook: WebhookBridgeConfig,
+    /// Telegram bots (the Bot API).
+    #[serde(default)]
+    pub telegram: TelegramBridgeConfig,
 }
 
 fn default_listen() -> SocketAddr {
@@ -31,6 +34,7 @@ impl Default for BridgesConfig {
         Self {
             listen: default_listen(),
             webhook: WebhookBridgeConfig::default(),
+            telegram: TelegramBridgeConfig::default(),
         }
     }
 }
@@ -38,7 +42,29 @@ impl Default for BridgesConfig {
 impl BridgesConfig {
     /// Whether any platform account is configured (else no listener opens).
     pub fn any(&self) -> bool {
-        !self.webhook.accounts.is_empty()
+        !self.webhook.accounts.is_empty() || !self.telegram.accounts.is_empty()
+    }
+
+    /// The agent account `account` of `platform` is bound to, and the Matrix users
+    /// invited to its new portals; `None` for an account not configured.
+    pub fn binding(
+        &self,
+        platform: &str,
+        account: &str,
+    ) -> Option<(Option<&AgentId>, &[OwnedUserId])> {
+        match platform {
+            "webhook" => self
+                .webhook
+                .accounts
+                .get(account)
+                .map(|a| (a.agent.as_ref(), a.invite.as_slice())),
+            "telegram" => self
+                .telegram
+                .accounts
+                .get(account)
+                .map(|a| (a.agent.as_ref(), a.invite.as_slice())),
+            _ => None,
+        }
     }
 }
 
@@ -65,6 +91,54 @@ pub struct WebhookAccountConfig {
     /// Matrix users invited to each new portal of this account, to follow and join in.
     #[serde(default)]
     pub invite: Vec<OwnedUserId>,
+}
+
+/// `bridges.telegram:`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelegramBridgeConfig {
+    /// The bots by ID: a webhook-mode bot is `POST /bridges/telegram/<id>`.
+    #[serde(default)]
+    pub accounts: BTreeMap<String, TelegramAccountConfig>,
+}
+
+/// How a Telegram bot gets its updates.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TelegramMode {
+    /// Telegram POSTs them to `/bridges/telegram/<id>` (the operator calls `setWebhook`).
+    #[default]
+    Webhook,
+    /// agentbus asks for them with `getUpdates` (no public URL needed).
+    Polling,
+}
+
+/// `bridges.telegram.accounts.<id>:`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelegramAccountConfig {
+    /// The environment variable holding the bot token @BotFather gave.
+    pub token_env: String,
+    /// The environment variable holding the `secret_token` given to `setWebhook`, which
+    /// Telegram sends back in `X-Telegram-Bot-Api-Secret-Token`; required in webhook mode.
+    #[serde(default)]
+    pub secret_token_env: Option<String>,
+    #[serde(default)]
+    pub mode: TelegramMode,
+    /// The Bot API server; default `https://api.telegram.org`.
+    #[serde(default = "default_telegram_api")]
+    pub api_url: Url,
+    /// The agent that answers in this bot's private chats, and in its groups when the
+    /// bot is addressed (`@botname`, a reply to the bot, a `/command`).
+    #[serde(default)]
+    pub agent: Option<AgentId>,
+    /// Matrix users invited to each new portal of this bot, to follow and join in.
+    #[serde(default)]
+    pub invite: Vec<OwnedUserId>,
+}
+
+fn default_telegram_api() -> Url {
+    Url::parse("https://api.telegram.org").expect("a valid URL")
 }
 
 #[cfg(test)]
@@ -95,6 +169,48 @@ mod tests {
         assert_eq!(shop.secret_env, "AGENTBUS_WEBHOOK_SHOP_SECRET");
         assert_eq!(shop.agent.as_ref().map(|a| a.as_str()), Some("damon"));
         assert_eq!(config.bridges.listen.port(), 9010);
+        let bot = &config.bridges.telegram.accounts["support"];
+        assert_eq!(bot.token_env, "AGENTBUS_TELEGRAM_SUPPORT_TOKEN");
+        assert_eq!(
+            bot.secret_token_env.as_deref(),
+            Some("AGENTBUS_TELEGRAM_SUPPORT_SECRET")
+        );
+        assert_eq!(bot.mode, super::TelegramMode::Webhook);
+        assert_eq!(bot.api_url.as_str(), "https://api.telegram.org/");
+        assert_eq!(bot.agent.as_ref().map(|a| a.as_str()), Some("damon"));
+    }
+
+    #[test]
+    fn a_telegram_account_is_checked() {
+        let base = include_str!("../../agentbus.example.yaml");
+        let text = format!(
+            "{base}\nbridges:\n  telegram:\n    accounts:\n      \"Bot 1\": {{ token_env: \" \", \
+             api_url: \"ftp://x\", agent: ghost }}\n      poller: {{ token_env: T, mode: polling }}\n"
+        );
+        let err = crate::config::Config::parse(&text)
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        for wanted in [
+            "bridges.telegram.accounts.Bot 1: an account ID uses a-z, 0-9, - and _ only",
+            "bridges.telegram.accounts.Bot 1.agent: unknown agent \"ghost\"",
+            "bridges.telegram.accounts.Bot 1.token_env: names the environment variable",
+            "bridges.telegram.accounts.Bot 1.secret_token_env: is required in webhook mode",
+            "bridges.telegram.accounts.Bot 1.api_url: must be an http:// or https:// URL",
+        ] {
+            assert!(err.contains(wanted), "missing {wanted:?} in:\n{err}");
+        }
+        assert!(
+            !err.contains("poller"),
+            "a polling bot needs no secret token:\n{err}"
+        );
+        let polling = "bridges: { telegram: { accounts: { p: { token_env: T, mode: polling } } } }";
+        let config = crate::config::Config::parse(&format!("{base}\n{polling}\n")).unwrap();
+        assert_eq!(
+            config.bridges.telegram.accounts["p"].mode,
+            super::TelegramMode::Polling
+        );
     }
 
     #[test]

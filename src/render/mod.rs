@@ -4,6 +4,8 @@
 //! See the spec's [rich text section](https://spec.matrix.org/latest/client-server-api/#mroommessage-msgtypes)
 //! for the HTML subset clients render.
 
+pub mod telegram;
+
 use std::ops::Range;
 
 use pulldown_cmark::{Event, Options, Parser, Tag, TagEnd};
