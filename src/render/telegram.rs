@@ -21,6 +21,13 @@ pub fn escape(text: &str) -> String {
     out
 }
 
+/// Ends the line, unless it just ended.
+fn line_end(out: &mut String) {
+    if !out.ends_with('\n') {
+        out.push('\n');
+    }
+}
+
 /// Whether Telegram opens a link of this target: web, mail and `tg:` links.
 fn is_safe_href(url: &str) -> bool {
     let Some((scheme, _)) = url.split_once(':') else {
@@ -160,18 +167,13 @@ pub fn markdown_to_html(markdown: &str) -> String {
                         block_end(&mut out);
                     }
                 }
-                TagEnd::Item => {
-                    if !out.ends_with('\n') {
-                        out.push('\n');
-                    }
-                }
+                TagEnd::Item => line_end(&mut out),
                 TagEnd::Emphasis => out.push_str("</i>"),
                 TagEnd::Strong => out.push_str("</b>"),
                 TagEnd::Strikethrough => out.push_str("</s>"),
                 TagEnd::Link | TagEnd::Image => {
-                    if links.pop().unwrap_or(false) {
-                        out.push_str("</a>");
-                    }
+                    let opened = links.pop().unwrap_or(false);
+                    out.push_str(if opened { "</a>" } else { "" });
                 }
                 TagEnd::TableHead | TagEnd::TableRow => out.push('\n'),
                 TagEnd::Table => block_end(&mut out),
