@@ -3,7 +3,8 @@
 //! updates by webhook, `ops` by long polling. A private chat's message makes a portal
 //! where the bot's agent answers, and the answer goes out by `sendMessage` as Telegram
 //! HTML, again after a 429; a redelivered update is posted once; a forged one not at
-//! all; in a group, only a message addressing the bot is answered.
+//! all; in a group, only a message addressing the bot is answered; a bot whose token
+//! `getMe` refuses says so in the log and does not poll.
 
 mod support;
 
@@ -24,6 +25,8 @@ use tokio::sync::Notify;
 const SUPPORT_TOKEN: &str = "111111:support-token";
 const OPS_TOKEN: &str = "222222:ops-token";
 const SECRET_TOKEN: &str = "webhook-secret_token-1";
+/// A token the fake does not know, as one revoked with @BotFather.
+const REVOKED_TOKEN: &str = "333333:revoked";
 
 /// One Bot API call the fake took: the token from the path, the method, the JSON body.
 #[derive(Debug, Clone)]
@@ -303,7 +306,8 @@ async fn telegram_bots_bridge_by_webhook_and_polling_and_answer_when_addressed()
              support: {{ token_env: AGENTBUS_E2E_TG_SUPPORT, secret_token_env: \
              AGENTBUS_E2E_TG_SECRET, api_url: \"{api_url}\", agent: damon, invite: [\"{}\"] }}\n      \
              ops: {{ token_env: AGENTBUS_E2E_TG_OPS, mode: polling, api_url: \"{api_url}\", \
-             agent: coder }}\n",
+             agent: coder }}\n      \
+             broken: {{ token_env: AGENTBUS_E2E_TG_BROKEN, mode: polling, api_url: \"{api_url}\" }}\n",
             alice.user_id
         ),
     )
@@ -312,8 +316,14 @@ async fn telegram_bots_bridge_by_webhook_and_polling_and_answer_when_addressed()
     bus.set_env("AGENTBUS_E2E_TG_SUPPORT", SUPPORT_TOKEN);
     bus.set_env("AGENTBUS_E2E_TG_OPS", OPS_TOKEN);
     bus.set_env("AGENTBUS_E2E_TG_SECRET", SECRET_TOKEN);
+    bus.set_env("AGENTBUS_E2E_TG_BROKEN", REVOKED_TOKEN);
     bus.spawn().await;
     bus.wait_log(&["bridges listening"]).await;
+    bus.wait_log(&["telegram bot connected", "support_bot"])
+        .await;
+    bus.wait_log(&["telegram bot has bad credentials", "broken"])
+        .await;
+    assert_eq!(fake.calls(REVOKED_TOKEN, "getMe").len(), 1);
     assert_eq!(
         fake.calls(SUPPORT_TOKEN, "getMe").len(),
         1,
@@ -466,6 +476,11 @@ async fn telegram_bots_bridge_by_webhook_and_polling_and_answer_when_addressed()
     assert!(
         offsets.contains(&5002),
         "the next getUpdates confirms the update handed over: {offsets:?}"
+    );
+
+    assert!(
+        fake.calls(REVOKED_TOKEN, "getUpdates").is_empty(),
+        "a bot with bad credentials does not poll"
     );
 
     // Nothing refused was posted, and the redelivered update was posted once.
