@@ -126,6 +126,7 @@ pub struct Capabilities {
     pub text: TextFormat,
     /// The longest text one message may carry, if the platform has a limit.
     pub max_text_len: Option<usize>,
+    /// Which messages the account's bound agent answers unaddressed.
     pub addressing: Addressing,
 }
 
