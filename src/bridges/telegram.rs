@@ -746,13 +746,16 @@ struct Routes {
 }
 
 /// `POST /bridges/telegram/{account}` for the webhook-mode accounts of `channels` (merged
-/// into [`super::routes`]).
+/// into [`super::routes`]); without any, no route (the listener's 404 answers).
 pub fn routes(channels: &[Arc<TelegramChannel>]) -> Router {
-    let accounts = channels
+    let accounts: BTreeMap<_, _> = channels
         .iter()
         .filter(|c| c.mode == TelegramMode::Webhook)
         .map(|c| (c.bot.account.clone(), c.clone()))
         .collect();
+    if accounts.is_empty() {
+        return Router::new();
+    }
     Router::new()
         .route("/bridges/telegram/{account}", post(receive))
         .with_state(Routes {
@@ -1113,6 +1116,16 @@ mod tests {
         let (status, body) = call("/bridges/elsewhere", None, None, "").await;
         assert_eq!(status, StatusCode::NOT_FOUND);
         assert!(body["error"].is_string(), "a JSON error body: {body}");
+        // Without a webhook-mode bot there is no Telegram route at all.
+        let none = super::super::routes(&[], &[])
+            .oneshot(
+                axum::http::Request::get("/bridges/telegram/default")
+                    .body(Body::empty())
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(none.status(), StatusCode::NOT_FOUND);
     }
 
     #[tokio::test]
