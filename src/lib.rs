@@ -33,12 +33,13 @@
 //!   each remote user a puppet; what arrives is recorded, then posted by its puppet (and
 //!   flows through the appservice like any event); agents' final answers and Matrix
 //!   people's messages in a portal go out through the inbox's relay seam. The generic
-//!   signed webhook ([`bridges::webhook`]) and Slack's Events API ([`bridges::slack`]) on
-//!   a listener of their own.
+//!   signed webhook ([`bridges::webhook`]), Slack's Events API ([`bridges::slack`]) and
+//!   Telegram bots ([`bridges::telegram`], by webhook or long polling) on a listener of
+//!   their own; IRC networks ([`bridges::irc`]) over a connection each.
 //! - [`matrix`] — the outbound client-server API as any of our users (an
 //!   [`matrix::Intent`] each), with retries, and our protocol keys ([`matrix::keys`]).
 //! - [`render`] — Markdown → Matrix HTML, and answers split to fit events; Markdown →
-//!   Slack's mrkdwn ([`render::mrkdwn`]).
+//!   Slack's mrkdwn ([`render::mrkdwn`]) and Telegram's HTML ([`render::telegram`]).
 //! - [`net`] — HTTP plumbing: error chains, Matrix error bodies for every error answer,
 //!   bearer tokens and their digests, throttled log lines; the listener
 //!   ([`net::listener`]: hyper with header-read and idle timeouts, a connection cap, the

@@ -15,7 +15,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::agents::AgentRuntime;
 use crate::appservice::{self, AppState};
-use crate::bridges::{self, Bridges, Channel, irc, slack, webhook};
+use crate::bridges::{self, Bridges, Channel, irc, slack, telegram, webhook};
 use crate::collab::Collab;
 use crate::config::Config;
 use crate::inbox::Inbox;
@@ -57,6 +57,8 @@ pub struct Services {
     webhooks: Vec<Arc<webhook::WebhookChannel>>,
     /// The Slack accounts, whose Events API routes the bridges' listener serves.
     slack: Vec<Arc<slack::SlackChannel>>,
+    /// The Telegram bots; those in webhook mode have routes on the bridges' listener.
+    telegrams: Vec<Arc<telegram::TelegramChannel>>,
     /// Taken by [`Services::start_workers`].
     feed: Option<FeedReceiver>,
     tracker: TaskTracker,
@@ -97,6 +99,10 @@ impl Services {
         }
         for (id, account) in &config.bridges.slack.accounts {
             slack::credentials(id, account)
+                .map_err(|e| CheckFailure::new(EXIT_LOCAL_SETUP, format!("✗ {e}")))?;
+        }
+        for (id, account) in &config.bridges.telegram.accounts {
+            telegram::credentials(id, account)
                 .map_err(|e| CheckFailure::new(EXIT_LOCAL_SETUP, format!("✗ {e}")))?;
         }
         let store = store::open(&config.store).map_err(|e| {
@@ -203,10 +209,12 @@ impl Services {
         );
         let webhooks = webhook::channels(&config);
         let slack = slack::channels(&config);
+        let telegrams = telegram::channels(&config);
         let mut channels: Vec<Arc<dyn Channel>> = webhooks
             .iter()
             .map(|c| c.clone() as Arc<dyn Channel>)
             .chain(slack.iter().map(|c| c.clone() as Arc<dyn Channel>))
+            .chain(telegrams.iter().map(|c| c.clone() as Arc<dyn Channel>))
             .collect();
         channels.extend(
             irc::channels(&config)
@@ -262,6 +270,7 @@ impl Services {
             bridges,
             webhooks,
             slack,
+            telegrams,
             feed: Some(receiver),
             tracker,
             stop,
@@ -439,8 +448,7 @@ pub async fn serve(
         tracing::info!(%addr, "bridges listening");
         Some(tokio::spawn(listener::serve(
             bridges_listener,
-            bridges::webhook::routes(&services.webhooks)
-                .merge(bridges::slack::routes(&services.slack)),
+            bridges::routes(&services.webhooks, &services.slack, &services.telegrams),
             services.listener_limits(),
             shutdown.clone(),
         )))

@@ -23,8 +23,8 @@ use pulldown_cmark::{Event, Options, Parser, Tag, TagEnd};
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    BridgeState, Capabilities, Channel, Inbound, InboundMessage, OutboundMessage, RemoteChat,
-    RemoteUser, SendError, TextFormat,
+    Addressing, BridgeState, Capabilities, Channel, Inbound, InboundMessage, OutboundMessage,
+    RemoteChat, RemoteUser, SendError, TextFormat,
 };
 use crate::config::{ChannelId, Config, IrcAccountConfig};
 
@@ -463,6 +463,8 @@ impl Channel for IrcChannel {
         Capabilities {
             text: TextFormat::Plain,
             max_text_len: None,
+            // A channel bound to an agent is that agent's conversation.
+            addressing: Addressing::Every,
         }
     }
 

@@ -7,7 +7,9 @@
 //! the agents through the ordinary appservice → inbox pipeline, like anyone's.
 //!
 //! A platform implements one small trait, [`Channel`]: start, stop, send, and what it can
-//! do ([`Capabilities`]); it hands what arrives to the core through [`Inbound`]. Abilities
+//! do ([`Capabilities`]: text format, length limit, and whether its accounts' agents
+//! answer every message or only those the platform marks addressed, see [`Addressing`]);
+//! it hands what arrives to the core through [`Inbound`]. Abilities
 //! beyond plain text (edits, reactions, typing, media, threads) will be traits of their own
 //! the core discovers, added with the first platform that has them — never stub methods.
 //!
@@ -28,9 +30,10 @@
 pub mod irc;
 pub mod names;
 pub mod slack;
+pub mod telegram;
 pub mod webhook;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -81,9 +84,11 @@ pub struct InboundMessage {
     pub text: String,
     /// The platform's ID of the message: what redeliveries are recognised by.
     pub remote_id: String,
-    /// Whether the sender addressed the account itself (a mention of the bot, a DM): the
-    /// account's agent is then mentioned in the posted message.
-    #[serde(default)]
+    /// The message addresses the account: a DM, a mention of the bot, a reply to it, a
+    /// command. Posted with the account's agent in `m.mentions`, so it is for that agent
+    /// (on a platform whose agent answers only when addressed, see [`Addressing`], the
+    /// only way to reach it).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub addressed: bool,
 }
 
@@ -110,6 +115,18 @@ pub enum TextFormat {
     Plain,
     /// Slack's `mrkdwn`: Markdown is rendered to it.
     SlackMrkdwn,
+    /// The platform's own HTML subset, which the channel renders the Markdown to.
+    Html,
+}
+
+/// Which messages in an account's portals its bound agent answers unaddressed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Addressing {
+    /// Every message: the account is the conversation (a webhook endpoint).
+    Every,
+    /// Only those the platform marks [`InboundMessage::addressed`] (group chats where
+    /// people talk among themselves too).
+    Addressed,
 }
 
 /// What a platform declares it can do.
@@ -118,6 +135,8 @@ pub struct Capabilities {
     pub text: TextFormat,
     /// The longest text one message may carry, if the platform has a limit.
     pub max_text_len: Option<usize>,
+    /// Which messages the account's bound agent answers unaddressed.
+    pub addressing: Addressing,
 }
 
 /// Why a send failed, and whether to try again.
@@ -291,6 +310,21 @@ pub struct Bridges {
     /// When this process built the core: part of the state notices' transaction IDs, so
     /// a restart's notices are new ones.
     started_ms: u64,
+}
+
+/// Every platform's routes on the bridges' listener; anything else is a 404 with a JSON
+/// error body, like every other error of agentbus's listeners.
+pub fn routes(
+    webhooks: &[Arc<webhook::WebhookChannel>],
+    slacks: &[Arc<slack::SlackChannel>],
+    telegrams: &[Arc<telegram::TelegramChannel>],
+) -> axum::Router {
+    axum::Router::new()
+        .merge(webhook::routes(webhooks))
+        .merge(slack::routes(slacks))
+        .merge(telegram::routes(telegrams))
+        .fallback(|| async { axum::http::StatusCode::NOT_FOUND })
+        .layer(axum::middleware::map_response(crate::net::error_body))
 }
 
 /// The record key of an inbound message.
@@ -767,12 +801,30 @@ impl Bridges {
             .unwrap_or_default()
     }
 
-    /// The agent that answers unaddressed messages in `room_id`, when it is a portal of an
-    /// account bound to one.
-    pub fn portal_agent(&self, room_id: &RoomId) -> Option<AgentId> {
-        let rooms = self.rooms.read().expect("portals lock");
-        let portal = rooms.get(room_id)?;
-        self.bound_agent(&portal.platform, &portal.account)
+    /// The agent a bridged message in `room_id` is for, when it is a portal of an account
+    /// bound to one: every message on a platform of [`Addressing::Every`], else those
+    /// whose `m.mentions` (`mentions`) name the agent, as an addressed one's do.
+    pub fn portal_agent(
+        &self,
+        room_id: &RoomId,
+        mentions: &BTreeSet<OwnedUserId>,
+    ) -> Option<AgentId> {
+        let (platform, account) = {
+            let rooms = self.rooms.read().expect("portals lock");
+            let portal = rooms.get(room_id)?;
+            (portal.platform.clone(), portal.account.clone())
+        };
+        let agent = self.bound_agent(&platform, &account)?;
+        let addressing = self
+            .channels
+            .get(&(platform, account))
+            .map_or(Addressing::Every, |c| c.capabilities().addressing);
+        match addressing {
+            Addressing::Every => Some(agent),
+            Addressing::Addressed => mentions
+                .contains(&self.config.user_id(agent.as_str()))
+                .then_some(agent),
+        }
     }
 
     /// The inbox's relay seam: sends `message` out to the platform of the portal it was

@@ -48,8 +48,8 @@ use tokio::sync::OnceCell;
 use url::Url;
 
 use super::{
-    BridgeState, Capabilities, Channel, Inbound, InboundMessage, OutboundMessage, Received,
-    RemoteChat, RemoteUser, SendError, TextFormat,
+    Addressing, BridgeState, Capabilities, Channel, Inbound, InboundMessage, OutboundMessage,
+    Received, RemoteChat, RemoteUser, SendError, TextFormat,
 };
 use crate::config::{ChannelId, Config, SlackAccountConfig};
 use crate::render::mrkdwn;
@@ -533,6 +533,8 @@ impl Channel for SlackChannel {
         Capabilities {
             text: TextFormat::SlackMrkdwn,
             max_text_len: Some(MAX_TEXT),
+            // A channel bound to an agent is that agent's conversation.
+            addressing: Addressing::Every,
         }
     }
 

@@ -32,8 +32,8 @@ use tokio::sync::OnceCell;
 use url::Url;
 
 use super::{
-    BridgeState, Capabilities, Channel, Inbound, InboundMessage, OutboundMessage, Received,
-    RemoteChat, RemoteUser, SendError, TextFormat,
+    Addressing, BridgeState, Capabilities, Channel, Inbound, InboundMessage, OutboundMessage,
+    Received, RemoteChat, RemoteUser, SendError, TextFormat,
 };
 use crate::config::{ChannelId, Config};
 
@@ -180,6 +180,7 @@ impl Channel for WebhookChannel {
         Capabilities {
             text: TextFormat::Plain,
             max_text_len: None,
+            addressing: Addressing::Every,
         }
     }
 
@@ -256,8 +257,7 @@ struct Routes {
     accounts: Arc<BTreeMap<String, Arc<WebhookChannel>>>,
 }
 
-/// `POST /bridges/webhook/{account}` for `channels`; anything else is a 404 with a JSON
-/// error body, like every other error of agentbus's listeners.
+/// `POST /bridges/webhook/{account}` for `channels` (merged into [`super::routes`]).
 pub fn routes(channels: &[Arc<WebhookChannel>]) -> Router {
     let accounts = channels
         .iter()
@@ -265,11 +265,9 @@ pub fn routes(channels: &[Arc<WebhookChannel>]) -> Router {
         .collect();
     Router::new()
         .route("/bridges/webhook/{account}", post(receive))
-        .fallback(|| async { StatusCode::NOT_FOUND })
         .with_state(Routes {
             accounts: Arc::new(accounts),
         })
-        .layer(axum::middleware::map_response(crate::net::error_body))
 }
 
 fn refuse(status: StatusCode, reason: impl Into<String>) -> Response {

@@ -26,6 +26,9 @@ pub struct BridgesConfig {
     /// Slack workspaces, over the Events API and the Web API.
     #[serde(default)]
     pub slack: SlackBridgeConfig,
+    /// Telegram bots (the Bot API).
+    #[serde(default)]
+    pub telegram: TelegramBridgeConfig,
 }
 
 fn default_listen() -> SocketAddr {
@@ -39,6 +42,7 @@ impl Default for BridgesConfig {
             webhook: WebhookBridgeConfig::default(),
             irc: IrcBridgeConfig::default(),
             slack: SlackBridgeConfig::default(),
+            telegram: TelegramBridgeConfig::default(),
         }
     }
 }
@@ -51,7 +55,9 @@ impl BridgesConfig {
 
     /// Whether a platform that calls us is configured (else no listener opens).
     pub fn listens(&self) -> bool {
-        !self.webhook.accounts.is_empty() || !self.slack.accounts.is_empty()
+        !self.webhook.accounts.is_empty()
+            || !self.slack.accounts.is_empty()
+            || !self.telegram.accounts.is_empty()
     }
 
     /// The agent and followers of `platform`'s `account`, whatever the platform.
@@ -66,6 +72,10 @@ impl BridgesConfig {
                 invite: &a.invite,
             }),
             "slack" => self.slack.accounts.get(account).map(|a| AccountBinding {
+                agent: a.agent.as_ref(),
+                invite: &a.invite,
+            }),
+            "telegram" => self.telegram.accounts.get(account).map(|a| AccountBinding {
                 agent: a.agent.as_ref(),
                 invite: &a.invite,
             }),
@@ -153,6 +163,54 @@ pub fn is_irc_channel(name: &str) -> bool {
 pub struct IrcSaslConfig {
     pub username: String,
     pub password_env: String,
+}
+
+/// `bridges.telegram:`
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelegramBridgeConfig {
+    /// The bots by ID: a webhook-mode bot is `POST /bridges/telegram/<id>`.
+    #[serde(default)]
+    pub accounts: BTreeMap<String, TelegramAccountConfig>,
+}
+
+/// How a Telegram bot gets its updates.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TelegramMode {
+    /// Telegram POSTs them to `/bridges/telegram/<id>` (the operator calls `setWebhook`).
+    #[default]
+    Webhook,
+    /// agentbus asks for them with `getUpdates` (no public URL needed).
+    Polling,
+}
+
+/// `bridges.telegram.accounts.<id>:`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelegramAccountConfig {
+    /// The environment variable holding the bot token @BotFather gave.
+    pub token_env: String,
+    /// The environment variable holding the `secret_token` given to `setWebhook`, which
+    /// Telegram sends back in `X-Telegram-Bot-Api-Secret-Token`; required in webhook mode.
+    #[serde(default)]
+    pub secret_token_env: Option<String>,
+    #[serde(default)]
+    pub mode: TelegramMode,
+    /// The Bot API server; default `https://api.telegram.org`.
+    #[serde(default = "default_telegram_api")]
+    pub api_url: Url,
+    /// The agent that answers in this bot's private chats, and in its groups when the
+    /// bot is addressed (`@botname`, a reply to the bot, a `/command`).
+    #[serde(default)]
+    pub agent: Option<AgentId>,
+    /// Matrix users invited to each new portal of this bot, to follow and join in.
+    #[serde(default)]
+    pub invite: Vec<OwnedUserId>,
+}
+
+fn default_telegram_api() -> Url {
+    Url::parse("https://api.telegram.org").expect("a valid URL")
 }
 
 /// `bridges.webhook:`
@@ -254,6 +312,48 @@ mod tests {
         );
         assert_eq!(team.api_url.as_str(), "https://slack.com/api");
         assert_eq!(team.agent.as_ref().map(|a| a.as_str()), Some("damon"));
+        let bot = &config.bridges.telegram.accounts["support"];
+        assert_eq!(bot.token_env, "AGENTBUS_TELEGRAM_SUPPORT_TOKEN");
+        assert_eq!(
+            bot.secret_token_env.as_deref(),
+            Some("AGENTBUS_TELEGRAM_SUPPORT_SECRET")
+        );
+        assert_eq!(bot.mode, super::TelegramMode::Webhook);
+        assert_eq!(bot.api_url.as_str(), "https://api.telegram.org/");
+        assert_eq!(bot.agent.as_ref().map(|a| a.as_str()), Some("damon"));
+    }
+
+    #[test]
+    fn a_telegram_account_is_checked() {
+        let base = include_str!("../../agentbus.example.yaml");
+        let text = format!(
+            "{base}\nbridges:\n  telegram:\n    accounts:\n      \"Bot 1\": {{ token_env: \" \", \
+             api_url: \"ftp://x\", agent: ghost }}\n      poller: {{ token_env: T, mode: polling }}\n"
+        );
+        let err = crate::config::Config::parse(&text)
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        for wanted in [
+            "bridges.telegram.accounts.Bot 1: an account ID uses a-z, 0-9, - and _ only",
+            "bridges.telegram.accounts.Bot 1.agent: unknown agent \"ghost\"",
+            "bridges.telegram.accounts.Bot 1.token_env: names the environment variable",
+            "bridges.telegram.accounts.Bot 1.secret_token_env: is required in webhook mode",
+            "bridges.telegram.accounts.Bot 1.api_url: must be an http:// or https:// URL",
+        ] {
+            assert!(err.contains(wanted), "missing {wanted:?} in:\n{err}");
+        }
+        assert!(
+            !err.contains("poller"),
+            "a polling bot needs no secret token:\n{err}"
+        );
+        let polling = "bridges: { telegram: { accounts: { p: { token_env: T, mode: polling } } } }";
+        let config = crate::config::Config::parse(&format!("{base}\n{polling}\n")).unwrap();
+        assert_eq!(
+            config.bridges.telegram.accounts["p"].mode,
+            super::TelegramMode::Polling
+        );
     }
 
     #[test]

@@ -26,8 +26,8 @@ mod teams;
 
 pub use self::bridges::{
     AccountBinding, BridgesConfig, IrcAccountConfig, IrcBridgeConfig, IrcSaslConfig,
-    SlackAccountConfig, SlackBridgeConfig, WebhookAccountConfig, WebhookBridgeConfig,
-    is_irc_channel, is_irc_nick,
+    SlackAccountConfig, SlackBridgeConfig, TelegramAccountConfig, TelegramBridgeConfig,
+    TelegramMode, WebhookAccountConfig, WebhookBridgeConfig, is_irc_channel, is_irc_nick,
 };
 pub use self::ids::{AgentId, ChannelId, InvalidAgentId, is_valid_localpart};
 
@@ -780,6 +780,46 @@ impl Config {
                         format!("names the environment variable holding {what}"),
                     );
                 }
+            }
+            if !matches!(account.api_url.scheme(), "http" | "https") {
+                problem(
+                    format!("{at}.api_url"),
+                    "must be an http:// or https:// URL".into(),
+                );
+            }
+        }
+
+        for (id, account) in &self.bridges.telegram.accounts {
+            let at = format!("bridges.telegram.accounts.{id}");
+            if !is_bridge_id(id) {
+                problem(
+                    at.clone(),
+                    "an account ID uses a-z, 0-9, - and _ only (it is a URL path segment)".into(),
+                );
+            }
+            if let Some(agent) = &account.agent
+                && !self.agents.iter().any(|a| a.id == *agent)
+            {
+                problem(format!("{at}.agent"), format!("unknown agent {agent:?}"));
+            }
+            if account.token_env.trim().is_empty() {
+                problem(
+                    format!("{at}.token_env"),
+                    "names the environment variable holding the bot token".into(),
+                );
+            }
+            match &account.secret_token_env {
+                Some(env) if env.trim().is_empty() => problem(
+                    format!("{at}.secret_token_env"),
+                    "names the environment variable holding the webhook's secret token".into(),
+                ),
+                None if account.mode == TelegramMode::Webhook => problem(
+                    format!("{at}.secret_token_env"),
+                    "is required in webhook mode: Telegram's requests are told from others \
+                     by the secret token given to setWebhook"
+                        .into(),
+                ),
+                _ => {}
             }
             if !matches!(account.api_url.scheme(), "http" | "https") {
                 problem(

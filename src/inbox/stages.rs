@@ -134,8 +134,10 @@ impl Inbox {
     /// In a portal of an account bound to an agent (`bridges.<platform>.accounts.<id>.agent`),
     /// a bridged person's message that names nobody goes to that agent: the account is the
     /// conversation's binding, and the platform has authenticated the sender already (a
-    /// signature, a bot token), so neither a mention nor admission applies. A message
-    /// that addresses an agent routes as usual.
+    /// signature, a bot token), so neither a mention nor admission applies. Where the
+    /// platform's people talk among themselves too (Telegram groups), only a message the
+    /// bridge marked addressed, with the agent in `m.mentions`, goes to it. A message that
+    /// addresses another agent routes as usual.
     fn portal_agent(
         &self,
         message: &Message<'_>,
@@ -145,11 +147,11 @@ impl Inbox {
         if !decision.targets.is_empty() || !self.config.is_puppet(&message.sender) {
             return decision;
         }
-        let Some(agent) = self
-            .bridges
-            .get()
-            .and_then(|b| b.portal_agent(message.room_id))
-        else {
+        let Some(agent) = self.bridges.get().and_then(|b| {
+            let none = std::collections::BTreeSet::new();
+            let mentions = message.mentions.as_ref().map_or(&none, |m| &m.user_ids);
+            b.portal_agent(message.room_id, mentions)
+        }) else {
             return decision;
         };
         if !facts

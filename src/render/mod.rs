@@ -5,6 +5,7 @@
 //! for the HTML subset clients render.
 
 pub mod mrkdwn;
+pub mod telegram;
 
 use std::ops::Range;
 
