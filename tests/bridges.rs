@@ -7,7 +7,6 @@
 mod support;
 
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
@@ -180,24 +179,6 @@ async fn shop_bridge(llm_url: &str, outbound_url: &str, follower: &Human) -> (Ag
     (bus, port)
 }
 
-/// Waits for `human`'s first invitation to a room and joins it: a new portal.
-async fn join_first_invite(human: &Human) -> matrix_sdk::ruma::OwnedRoomId {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    let portal = loop {
-        if let Some(room) = human.client.invited_rooms().first() {
-            break room.room_id().to_owned();
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{} was never invited to a portal",
-            human.localpart
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    human.client.join_room_by_id(&portal).await.unwrap();
-    portal
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_webhook_chat_is_a_portal_where_the_bound_agent_answers_and_both_sides_go_out_once() {
     let _one_at_a_time = exclusive().await;
@@ -230,7 +211,7 @@ async fn a_webhook_chat_is_a_portal_where_the_bound_agent_answers_and_both_sides
     assert_eq!((status, &answer["status"]), (200, &json!("duplicate")));
 
     // The portal invites the account's follower; it carries the m.bridge state.
-    let portal = join_first_invite(&alice).await;
+    let portal = alice.join_next_invite(&[]).await;
     let state_key = "io.agentbus://webhook/shop/c-1";
     let url = format!(
         "{}/_matrix/client/v3/rooms/{portal}/state/m.bridge/{}",
@@ -399,7 +380,7 @@ async fn a_message_acknowledged_before_a_crash_is_posted_once_after_the_restart(
         (200, &json!("duplicate")),
         "the record survived the crash"
     );
-    let portal = join_first_invite(&alice).await;
+    let portal = alice.join_next_invite(&[]).await;
     alice
         .wait_for("the message from before the crash", |s| {
             s.room_id == portal && s.body() == "said just before the crash"

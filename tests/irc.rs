@@ -329,18 +329,7 @@ async fn an_irc_channel_is_a_portal_both_ways_and_the_bridge_comes_back_after_th
     // A line in the channel: a portal (alice, the account's follower, is invited) where
     // carol's puppet says it, and damon, the account's agent, answers it.
     carol.say(CHANNEL, "hello from irc");
-    let deadline = tokio::time::Instant::now() + WAIT;
-    let portal = loop {
-        if let Some(room) = alice.client.invited_rooms().first() {
-            break room.room_id().to_owned();
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "alice was never invited to the channel's portal"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    alice.client.join_room_by_id(&portal).await.unwrap();
+    let portal = alice.join_next_invite(&[]).await;
     let puppet = format!("@_bridge_irc_carol:{SERVER_NAME}");
     let said = alice
         .wait_for("carol's line from her puppet", |s| {

@@ -321,18 +321,7 @@ async fn a_slack_mention_reaches_the_bound_agent_whose_answer_is_posted_once_as_
     assert_eq!((status, &answer["status"]), (200, &json!("duplicate")));
 
     // The portal, named after the channel, invites the account's follower.
-    let deadline = tokio::time::Instant::now() + WAIT;
-    let portal = loop {
-        if let Some(room) = alice.client.invited_rooms().first() {
-            break room.room_id().to_owned();
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "alice was never invited to a portal"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    };
-    alice.client.join_room_by_id(&portal).await.unwrap();
+    let portal = alice.join_next_invite(&[]).await;
     let name: Value = reqwest::Client::new()
         .get(format!(
             "{}/_matrix/client/v3/rooms/{portal}/state/m.room.name/",
@@ -457,23 +446,7 @@ async fn a_slack_mention_reaches_the_bound_agent_whose_answer_is_posted_once_as_
     );
     let (status, answer) = post(port, "acme", &elsewhere, None, None).await;
     assert_eq!((status, &answer["status"]), (200, &json!("accepted")));
-    let deadline = tokio::time::Instant::now() + WAIT;
-    let left = loop {
-        if let Some(room) = alice
-            .client
-            .invited_rooms()
-            .into_iter()
-            .find(|r| r.room_id() != portal)
-        {
-            break room.room_id().to_owned();
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "alice was never invited to the second portal"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    };
-    alice.client.join_room_by_id(&left).await.unwrap();
+    let left = alice.join_next_invite(std::slice::from_ref(&portal)).await;
     let notice = alice
         .wait_for("the undelivered notice", |s| {
             s.room_id == left && s.content["msgtype"] == "m.notice"

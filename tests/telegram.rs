@@ -17,7 +17,6 @@ use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use ruma::OwnedRoomId;
 use serde_json::{Value, json};
 use support::{Agentbus, Human, Script, Scripted, WAIT, agent_id, content_text, exclusive};
 use tokio::sync::Notify;
@@ -246,29 +245,6 @@ async fn post(port: u16, account: &str, update: &Value, secret: Option<&str>) ->
     (status, response.json().await.unwrap_or(Value::Null))
 }
 
-/// Waits for an invitation of `human` to a room other than `known`, and joins it.
-async fn join_next_portal(human: &Human, known: &[OwnedRoomId]) -> OwnedRoomId {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    let room = loop {
-        if let Some(room) = human
-            .client
-            .invited_rooms()
-            .into_iter()
-            .find(|r| !known.iter().any(|k| k == r.room_id()))
-        {
-            break room.room_id().to_owned();
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{} was never invited to a new portal",
-            human.user_id
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    human.client.join_room_by_id(&room).await.unwrap();
-    room
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn telegram_bots_bridge_by_webhook_and_polling_and_answer_when_addressed() {
     let _one_at_a_time = exclusive().await;
@@ -349,7 +325,7 @@ async fn telegram_bots_bridge_by_webhook_and_polling_and_answer_when_addressed()
     let (status, answer) = post(port, "support", &hello, Some(SECRET_TOKEN)).await;
     assert_eq!((status, &answer["status"]), (200, &json!("duplicate")));
 
-    let dm = join_next_portal(&alice, &[]).await;
+    let dm = alice.join_next_invite(&[]).await;
     let puppet = format!("@_bridge_telegram_42:{}", support::SERVER_NAME);
     alice
         .wait_for("the puppet's message", |s| {
@@ -412,7 +388,7 @@ async fn telegram_bots_bridge_by_webhook_and_polling_and_answer_when_addressed()
     );
     let (status, _) = post(port, "support", &asking, Some(SECRET_TOKEN)).await;
     assert_eq!(status, 200);
-    let group = join_next_portal(&alice, std::slice::from_ref(&dm)).await;
+    let group = alice.join_next_invite(std::slice::from_ref(&dm)).await;
     alice
         .wait_for("the unaddressed group message", |s| {
             s.room_id == group && s.body() == "just chatting among ourselves"

@@ -27,6 +27,7 @@
 //! sent), and a Matrix person's message as `Name: text` (relay mode). Puppets' own
 //! messages never go back out, and nor does the bot's.
 
+mod http;
 pub mod irc;
 pub mod names;
 pub mod slack;

@@ -47,6 +47,7 @@ use subtle::ConstantTimeEq;
 use tokio::sync::OnceCell;
 use url::Url;
 
+use super::http::{self, refuse, status};
 use super::{
     Addressing, BridgeState, Capabilities, Channel, Inbound, InboundMessage, OutboundMessage,
     Received, RemoteChat, RemoteUser, SendError, TextFormat,
@@ -55,7 +56,7 @@ use crate::config::{ChannelId, Config, SlackAccountConfig};
 use crate::render::mrkdwn;
 
 /// The largest request body accepted.
-pub const MAX_BODY: usize = 1024 * 1024;
+pub const MAX_BODY: usize = http::MAX_BODY;
 /// How far a request's timestamp may be from our clock.
 pub const WINDOW: Duration = Duration::from_secs(300);
 pub const TIMESTAMP_HEADER: &str = "x-slack-request-timestamp";
@@ -664,14 +665,6 @@ pub fn routes(channels: &[Arc<SlackChannel>]) -> Router {
         .layer(axum::middleware::map_response(crate::net::error_body))
 }
 
-fn refuse(status: StatusCode, reason: impl Into<String>) -> Response {
-    (status, axum::Json(json!({ "error": reason.into() }))).into_response()
-}
-
-fn status(status: &str) -> Response {
-    (StatusCode::OK, axum::Json(json!({ "status": status }))).into_response()
-}
-
 async fn receive(
     State(routes): State<Routes>,
     Path(account): Path<String>,
@@ -681,21 +674,11 @@ async fn receive(
     let Some(channel) = routes.accounts.get(&account) else {
         return refuse(StatusCode::NOT_FOUND, "no such slack account");
     };
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > MAX_BODY as u64) {
-        return refuse(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!("the body is over {MAX_BODY} bytes"),
-        );
+    if http::declared_too_large(&headers) {
+        return http::too_large();
     }
-    let Ok(body) = axum::body::to_bytes(body, MAX_BODY).await else {
-        return refuse(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!("the body is over {MAX_BODY} bytes"),
-        );
+    let Some(body) = http::read(body).await else {
+        return http::too_large();
     };
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
     if let Err(reason) = verify(

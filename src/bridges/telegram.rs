@@ -35,8 +35,8 @@ use async_trait::async_trait;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode, header};
-use axum::response::{IntoResponse, Response};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::Response;
 use axum::routing::post;
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -45,6 +45,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use url::Url;
 
+use super::http::{self, refuse, status};
 use super::{
     Addressing, BridgeState, Capabilities, Channel, Inbound, InboundMessage, OutboundMessage,
     Received, RemoteChat, RemoteUser, SendError, TextFormat,
@@ -53,7 +54,7 @@ use crate::config::{ChannelId, Config, TelegramMode};
 use crate::render;
 
 /// The largest webhook body accepted.
-pub const MAX_BODY: usize = 1024 * 1024;
+pub const MAX_BODY: usize = http::MAX_BODY;
 /// The header Telegram sends the webhook's `secret_token` in.
 pub const SECRET_HEADER: &str = "x-telegram-bot-api-secret-token";
 /// The longest text of one message (`sendMessage`: "1-4096 characters after entities
@@ -782,14 +783,6 @@ pub fn routes(channels: &[Arc<TelegramChannel>]) -> Router {
         })
 }
 
-fn refuse(status: StatusCode, reason: impl Into<String>) -> Response {
-    (status, axum::Json(json!({ "error": reason.into() }))).into_response()
-}
-
-fn status(status: &str) -> Response {
-    (StatusCode::OK, axum::Json(json!({ "status": status }))).into_response()
-}
-
 async fn receive(
     State(routes): State<Routes>,
     Path(account): Path<String>,
@@ -799,18 +792,8 @@ async fn receive(
     let Some(channel) = routes.accounts.get(&account) else {
         return refuse(StatusCode::NOT_FOUND, "no such telegram webhook account");
     };
-    let too_large = || {
-        refuse(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!("the body is over {MAX_BODY} bytes"),
-        )
-    };
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > MAX_BODY as u64) {
-        return too_large();
+    if http::declared_too_large(&headers) {
+        return http::too_large();
     }
     let given = headers.get(SECRET_HEADER).map(|v| v.as_bytes());
     let expected = channel.secret_token.as_deref().unwrap_or_default();
@@ -824,8 +807,8 @@ async fn receive(
         tracing::info!(account, reason, "telegram webhook request refused");
         return refuse(StatusCode::UNAUTHORIZED, reason);
     }
-    let Ok(body) = axum::body::to_bytes(body, MAX_BODY).await else {
-        return too_large();
+    let Some(body) = http::read(body).await else {
+        return http::too_large();
     };
     let update: Update = match serde_json::from_slice(&body) {
         Ok(update) => update,

@@ -31,6 +31,7 @@ use subtle::ConstantTimeEq;
 use tokio::sync::OnceCell;
 use url::Url;
 
+use super::http::{self, refuse};
 use super::{
     Addressing, BridgeState, Capabilities, Channel, Inbound, InboundMessage, OutboundMessage,
     Received, RemoteChat, RemoteUser, SendError, TextFormat,
@@ -38,7 +39,7 @@ use super::{
 use crate::config::{ChannelId, Config};
 
 /// The largest request body accepted.
-pub const MAX_BODY: usize = 1024 * 1024;
+pub const MAX_BODY: usize = http::MAX_BODY;
 /// How far a request's timestamp may be from our clock.
 pub const WINDOW: Duration = Duration::from_secs(300);
 pub const TIMESTAMP_HEADER: &str = "x-agentbus-timestamp";
@@ -270,10 +271,6 @@ pub fn routes(channels: &[Arc<WebhookChannel>]) -> Router {
         })
 }
 
-fn refuse(status: StatusCode, reason: impl Into<String>) -> Response {
-    (status, axum::Json(json!({ "error": reason.into() }))).into_response()
-}
-
 async fn receive(
     State(routes): State<Routes>,
     Path(account): Path<String>,
@@ -283,21 +280,11 @@ async fn receive(
     let Some(channel) = routes.accounts.get(&account) else {
         return refuse(StatusCode::NOT_FOUND, "no such webhook account");
     };
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > MAX_BODY as u64) {
-        return refuse(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!("the body is over {MAX_BODY} bytes"),
-        );
+    if http::declared_too_large(&headers) {
+        return http::too_large();
     }
-    let Ok(body) = axum::body::to_bytes(body, MAX_BODY).await else {
-        return refuse(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!("the body is over {MAX_BODY} bytes"),
-        );
+    let Some(body) = http::read(body).await else {
+        return http::too_large();
     };
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
     if let Err(reason) = verify(

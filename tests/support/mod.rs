@@ -1197,6 +1197,30 @@ impl Human {
     }
 
     /// Waits until `user` is joined to `room` (asked over the REST API).
+    /// Waits for an invitation to a room other than `known` (a new portal, say) and
+    /// joins it.
+    pub async fn join_next_invite(&self, known: &[OwnedRoomId]) -> OwnedRoomId {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        let room = loop {
+            if let Some(room) = self
+                .client
+                .invited_rooms()
+                .into_iter()
+                .find(|r| !known.iter().any(|k| k == r.room_id()))
+            {
+                break room.room_id().to_owned();
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{} was never invited to a new room",
+                self.user_id
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        self.client.join_room_by_id(&room).await.unwrap();
+        room
+    }
+
     pub async fn wait_joined(&self, room: &OwnedRoomId, user: &OwnedUserId) {
         let path = format!("rooms/{room}/joined_members");
         self.poll(&path, &format!("{user} joined {room}"), |members| {
