@@ -60,6 +60,25 @@ impl BridgesConfig {
             || !self.telegram.accounts.is_empty()
     }
 
+    /// Every configured account of every platform: platform, account ID, binding.
+    pub fn accounts(&self) -> Vec<(&'static str, &str, AccountBinding<'_>)> {
+        let mut all = Vec::new();
+        for platform in ["webhook", "irc", "slack", "telegram"] {
+            let ids: Vec<&String> = match platform {
+                "webhook" => self.webhook.accounts.keys().collect(),
+                "irc" => self.irc.accounts.keys().collect(),
+                "slack" => self.slack.accounts.keys().collect(),
+                _ => self.telegram.accounts.keys().collect(),
+            };
+            for id in ids {
+                if let Some(binding) = self.binding(platform, id) {
+                    all.push((platform, id.as_str(), binding));
+                }
+            }
+        }
+        all
+    }
+
     /// The agent and followers of `platform`'s `account`, whatever the platform.
     pub fn binding(&self, platform: &str, account: &str) -> Option<AccountBinding<'_>> {
         match platform {

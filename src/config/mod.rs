@@ -684,19 +684,23 @@ impl Config {
                 }
             }
         }
-        for (id, account) in &self.bridges.webhook.accounts {
-            let at = format!("bridges.webhook.accounts.{id}");
+        for (platform, id, binding) in self.bridges.accounts() {
+            let at = format!("bridges.{platform}.accounts.{id}");
             if !is_bridge_id(id) {
                 problem(
                     at.clone(),
-                    "an account ID uses a-z, 0-9, - and _ only (it is a URL path segment)".into(),
+                    "an account ID uses a-z, 0-9, - and _ only (it is part of URLs and of portals' state keys)"
+                        .into(),
                 );
             }
-            if let Some(agent) = &account.agent
+            if let Some(agent) = binding.agent
                 && !self.agents.iter().any(|a| a.id == *agent)
             {
                 problem(format!("{at}.agent"), format!("unknown agent {agent:?}"));
             }
+        }
+        for (id, account) in &self.bridges.webhook.accounts {
+            let at = format!("bridges.webhook.accounts.{id}");
             if account.secret_env.trim().is_empty() {
                 problem(
                     format!("{at}.secret_env"),
@@ -712,17 +716,6 @@ impl Config {
         }
         for (id, account) in &self.bridges.irc.accounts {
             let at = format!("bridges.irc.accounts.{id}");
-            if !is_bridge_id(id) {
-                problem(
-                    at.clone(),
-                    "an account ID uses a-z, 0-9, - and _ only".into(),
-                );
-            }
-            if let Some(agent) = &account.agent
-                && !self.agents.iter().any(|a| a.id == *agent)
-            {
-                problem(format!("{at}.agent"), format!("unknown agent {agent:?}"));
-            }
             if account.server.trim().is_empty() || account.server.contains(char::is_whitespace) {
                 problem(format!("{at}.server"), "names the IRC server's host".into());
             }
@@ -755,17 +748,6 @@ impl Config {
 
         for (id, account) in &self.bridges.slack.accounts {
             let at = format!("bridges.slack.accounts.{id}");
-            if !is_bridge_id(id) {
-                problem(
-                    at.clone(),
-                    "an account ID uses a-z, 0-9, - and _ only (it is a URL path segment)".into(),
-                );
-            }
-            if let Some(agent) = &account.agent
-                && !self.agents.iter().any(|a| a.id == *agent)
-            {
-                problem(format!("{at}.agent"), format!("unknown agent {agent:?}"));
-            }
             for (key, env, what) in [
                 ("bot_token_env", &account.bot_token_env, "the bot token"),
                 (
@@ -791,17 +773,6 @@ impl Config {
 
         for (id, account) in &self.bridges.telegram.accounts {
             let at = format!("bridges.telegram.accounts.{id}");
-            if !is_bridge_id(id) {
-                problem(
-                    at.clone(),
-                    "an account ID uses a-z, 0-9, - and _ only (it is a URL path segment)".into(),
-                );
-            }
-            if let Some(agent) = &account.agent
-                && !self.agents.iter().any(|a| a.id == *agent)
-            {
-                problem(format!("{at}.agent"), format!("unknown agent {agent:?}"));
-            }
             if account.token_env.trim().is_empty() {
                 problem(
                     format!("{at}.token_env"),
