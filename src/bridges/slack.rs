@@ -39,11 +39,8 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
-use hmac::{Hmac, Mac};
 use serde::Deserialize;
 use serde_json::{Value, json};
-use sha2::Sha256;
-use subtle::ConstantTimeEq;
 use tokio::sync::OnceCell;
 use url::Url;
 
@@ -58,7 +55,7 @@ use crate::render::mrkdwn;
 /// The largest request body accepted.
 pub const MAX_BODY: usize = http::MAX_BODY;
 /// How far a request's timestamp may be from our clock.
-pub const WINDOW: Duration = Duration::from_secs(300);
+pub const WINDOW: Duration = http::WINDOW;
 pub const TIMESTAMP_HEADER: &str = "x-slack-request-timestamp";
 pub const SIGNATURE_HEADER: &str = "x-slack-signature";
 pub const RETRY_NUM_HEADER: &str = "x-slack-retry-num";
@@ -76,12 +73,10 @@ pub fn platform() -> ChannelId {
 
 /// `v0=<hex>` of HMAC-SHA256(`secret`, `v0:timestamp:body`).
 pub fn sign(secret: &[u8], timestamp: &str, body: &[u8]) -> String {
-    let mut mac = Hmac::<Sha256>::new_from_slice(secret).expect("HMAC takes a key of any length");
-    mac.update(b"v0:");
-    mac.update(timestamp.as_bytes());
-    mac.update(b":");
-    mac.update(body);
-    format!("v0={}", hex::encode(mac.finalize().into_bytes()))
+    format!(
+        "v0={}",
+        http::hmac_hex(secret, &[b"v0:", timestamp.as_bytes(), b":", body])
+    )
 }
 
 /// Checks a request's signature and timestamp against `secret` at `now` (unix seconds);
@@ -93,20 +88,16 @@ pub fn verify(
     body: &[u8],
     now: u64,
 ) -> Result<(), &'static str> {
-    let timestamp = timestamp.ok_or("missing X-Slack-Request-Timestamp")?;
-    let signature = signature.ok_or("missing X-Slack-Signature")?;
-    let at: u64 = timestamp
-        .parse()
-        .map_err(|_| "X-Slack-Request-Timestamp is not unix seconds")?;
-    if now.abs_diff(at) > WINDOW.as_secs() {
-        return Err("X-Slack-Request-Timestamp is more than five minutes off");
-    }
-    let expected = sign(secret, timestamp, body);
-    if bool::from(expected.as_bytes().ct_eq(signature.as_bytes())) {
-        Ok(())
-    } else {
-        Err("wrong X-Slack-Signature")
-    }
+    const ERRORS: http::SignatureErrors = http::SignatureErrors {
+        missing_timestamp: "missing X-Slack-Request-Timestamp",
+        missing_signature: "missing X-Slack-Signature",
+        not_seconds: "X-Slack-Request-Timestamp is not unix seconds",
+        stale: "X-Slack-Request-Timestamp is more than five minutes off",
+        wrong: "wrong X-Slack-Signature",
+    };
+    http::verify_signed(timestamp, signature, now, &ERRORS, |timestamp| {
+        sign(secret, timestamp, body)
+    })
 }
 
 fn now_secs() -> u64 {

@@ -23,11 +23,8 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
-use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use sha2::Sha256;
-use subtle::ConstantTimeEq;
 use tokio::sync::OnceCell;
 use url::Url;
 
@@ -41,7 +38,7 @@ use crate::config::{ChannelId, Config};
 /// The largest request body accepted.
 pub const MAX_BODY: usize = http::MAX_BODY;
 /// How far a request's timestamp may be from our clock.
-pub const WINDOW: Duration = Duration::from_secs(300);
+pub const WINDOW: Duration = http::WINDOW;
 pub const TIMESTAMP_HEADER: &str = "x-agentbus-timestamp";
 pub const SIGNATURE_HEADER: &str = "x-agentbus-signature";
 /// How long one outbound POST may take.
@@ -54,11 +51,10 @@ pub fn platform() -> ChannelId {
 
 /// `sha256=<hex>` of HMAC-SHA256(`secret`, `timestamp.body`).
 pub fn sign(secret: &[u8], timestamp: &str, body: &[u8]) -> String {
-    let mut mac = Hmac::<Sha256>::new_from_slice(secret).expect("HMAC takes a key of any length");
-    mac.update(timestamp.as_bytes());
-    mac.update(b".");
-    mac.update(body);
-    format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+    format!(
+        "sha256={}",
+        http::hmac_hex(secret, &[timestamp.as_bytes(), b".", body])
+    )
 }
 
 /// Checks a request's signature and timestamp against `secret` at `now` (unix seconds);
@@ -70,20 +66,16 @@ pub fn verify(
     body: &[u8],
     now: u64,
 ) -> Result<(), &'static str> {
-    let timestamp = timestamp.ok_or("missing X-Agentbus-Timestamp")?;
-    let signature = signature.ok_or("missing X-Agentbus-Signature")?;
-    let at: u64 = timestamp
-        .parse()
-        .map_err(|_| "X-Agentbus-Timestamp is not unix seconds")?;
-    if now.abs_diff(at) > WINDOW.as_secs() {
-        return Err("X-Agentbus-Timestamp is more than five minutes off");
-    }
-    let expected = sign(secret, timestamp, body);
-    if bool::from(expected.as_bytes().ct_eq(signature.as_bytes())) {
-        Ok(())
-    } else {
-        Err("wrong X-Agentbus-Signature")
-    }
+    const ERRORS: http::SignatureErrors = http::SignatureErrors {
+        missing_timestamp: "missing X-Agentbus-Timestamp",
+        missing_signature: "missing X-Agentbus-Signature",
+        not_seconds: "X-Agentbus-Timestamp is not unix seconds",
+        stale: "X-Agentbus-Timestamp is more than five minutes off",
+        wrong: "wrong X-Agentbus-Signature",
+    };
+    http::verify_signed(timestamp, signature, now, &ERRORS, |timestamp| {
+        sign(secret, timestamp, body)
+    })
 }
 
 fn now_secs() -> u64 {
